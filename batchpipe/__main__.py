@@ -1,0 +1,5 @@
+"""`python -m batchpipe` runs the CLI."""
+
+from batchpipe.cli import main
+
+main()

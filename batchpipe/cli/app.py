@@ -1,0 +1,79 @@
+"""The root click group, shared options and the error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from batchpipe import __version__, log
+from batchpipe.errors import EXIT_INTERRUPTED, BatchpipeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    """What the root group hands to every command."""
+
+    def __init__(self, *, database_url: str | None, log_format: str, debug: bool) -> None:
+        self.database_url = database_url
+        self.log_format = log_format
+        self.debug = debug
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchpipe")
+@click.option(
+    "--db",
+    "database_url",
+    metavar="URL",
+    default=None,
+    help="State database as a SQLAlchemy URL (sqlite:///state.db, postgresql+psycopg://…). "
+    "Env: BATCHPIPE_DATABASE_URL. Default: sqlite:///batchpipe.db",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "console", "json"]),
+    default=None,
+    help="Log style on stderr: console on a TTY, JSON lines otherwise (auto). Env: BATCHPIPE_LOG_FORMAT.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, log_format: str | None, debug: bool) -> None:
+    """Push a dataset through Anthropic's Message Batches API and join the answers back.
+
+    \b
+    Typical use:
+      batchpipe run reviews.parquet --prompt 'Classify: {{ body }}' \\
+          --model claude-haiku-4-5 --max-tokens 16 -o labels.parquet
+    Try it offline with --emulate (a built-in local emulator of the API; no key needed).
+    """
+    import logging
+    import os
+
+    fmt = log_format or os.environ.get("BATCHPIPE_LOG_FORMAT") or "auto"
+    log.configure(fmt, level=logging.DEBUG if debug else logging.INFO)
+    ctx.obj = State(database_url=database_url, log_format=fmt, debug=debug)
+
+
+def handle_errors(func: F) -> F:
+    """Turn BatchpipeError into one stderr line and its exit code (tracebacks with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        state = click.get_current_context().find_object(State)
+        try:
+            return func(*args, **kwargs)
+        except BatchpipeError as exc:
+            if state is not None and state.debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; state is saved, run the same command again to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]

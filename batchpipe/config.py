@@ -1,0 +1,121 @@
+"""Settings and job specs, merged from four layers: CLI flag > BATCHPIPE_* env > TOML job file > defaults.
+
+Secrets come only from the environment (``ANTHROPIC_API_KEY``); they are never read from a
+job file, never stored with a job and never printed (``SecretStr`` hides them in reprs).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from batchpipe.errors import UsageError
+from batchpipe.models import JobSpec
+
+ENV_PREFIX = "BATCHPIPE_"
+DEFAULT_DATABASE_URL = "sqlite:///batchpipe.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings: where state lives and how to reach the API."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    log_format: str = "auto"  # auto | console | json
+    max_retries: int = 4  # the SDK's own transport retries per call
+    request_timeout: float = 600.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        database_url: str | None = None,
+        log_format: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Build settings from explicit values, then the environment, then defaults."""
+        env = os.environ if env is None else env
+        key = env.get("ANTHROPIC_API_KEY")
+        return cls(
+            database_url=database_url or env.get(f"{ENV_PREFIX}DATABASE_URL") or DEFAULT_DATABASE_URL,
+            api_key=SecretStr(key) if key else None,
+            base_url=env.get("ANTHROPIC_BASE_URL") or None,
+            log_format=log_format or env.get(f"{ENV_PREFIX}LOG_FORMAT") or "auto",
+        )
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    """BATCHPIPE_<FIELD> variables for JobSpec fields (values parsed by pydantic)."""
+    out: dict[str, Any] = {}
+    for name in JobSpec.model_fields:
+        value = env.get(f"{ENV_PREFIX}{name.upper()}")
+        if value is not None and value != "":
+            out[name] = value
+    return out
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    """Read a TOML job file: top-level keys are JobSpec fields, plus an optional [params] table."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"job file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
+    if "api_key" in data or "anthropic_api_key" in data:
+        raise UsageError(
+            f"job file {path}: an API key does not belong in a job file; "
+            "set ANTHROPIC_API_KEY in the environment"
+        )
+    data.pop("name", None)  # a job file may name its job; the CLI reads that separately
+    data.pop("database_url", None)
+    return data
+
+
+def job_file_settings(path: Path) -> dict[str, Any]:
+    """The non-spec keys a job file may carry (`name`, `database_url`)."""
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    return {k: data[k] for k in ("name", "database_url") if k in data}
+
+
+def build_job_spec(
+    flags: Mapping[str, Any],
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> JobSpec:
+    """Merge the layers into a validated JobSpec. Flags that are None count as not given."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(read_job_file(config_file))
+        base = config_file.parent
+        # Relative paths in a job file are relative to the file, as users expect.
+        for key in ("input", "output"):
+            value = merged.get(key)
+            if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+                merged[key] = str(base / value)
+    merged.update(_env_layer(env))
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    missing = [k for k in ("input", "prompt", "model", "max_tokens") if k not in merged]
+    if missing:
+        flags_needed = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise UsageError(f"missing {flags_needed} (give them as flags, in --config or as BATCHPIPE_* variables)")
+    try:
+        return JobSpec.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise UsageError(f"invalid job settings: {problems}") from None

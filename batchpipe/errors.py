@@ -1,0 +1,99 @@
+"""The exception tree. Every error batchpipe raises on purpose is one of these.
+
+Each class carries the process exit code the CLI uses for it, because exit codes are an
+interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "skip")::
+
+    BatchpipeError                 1  terminal failure
+    ├── UsageError                 2  bad flags, config file or environment; fix and re-run
+    ├── InputError                 1  the dataset itself is bad (names file, line/row, column)
+    │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
+    │   └── InputChangedError      1  the input changed since submission; refusing to mislabel
+    ├── StoreError                 1  the state database is unusable or out of date
+    ├── JobLocked                 75  another process is working on this job; try later
+    ├── APIError                   1  the Message Batches API said no
+    │   ├── AuthenticationFailed   2  missing or rejected API key
+    │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
+    ├── NeedsAttention             1  a state batchpipe will not guess its way out of
+    └── Interrupted              130  Ctrl-C / SIGTERM; the job resumes on the next run
+
+Messages name the ids involved and the next step, e.g.
+``job 7: 3 rows failed permanently; see `batchpipe status 7```.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75
+EXIT_INTERRUPTED = 130
+
+
+class BatchpipeError(Exception):
+    """Root of every error batchpipe raises deliberately."""
+
+    exit_code: ClassVar[int] = EXIT_FAILURE
+
+
+class UsageError(BatchpipeError):
+    """Bad command line, job file or environment."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(BatchpipeError):
+    """The input dataset cannot be used as it is."""
+
+
+class PreflightFailed(InputError):
+    """Pre-flight validation found bad rows; nothing was submitted."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class InputChangedError(InputError):
+    """The input's fingerprint differs from the one recorded when the job was submitted."""
+
+
+class StoreError(BatchpipeError):
+    """The state database is unusable (unreachable, not migrated, inconsistent)."""
+
+
+class JobLocked(BatchpipeError):
+    """Another process holds this job's lease."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class APIError(BatchpipeError):
+    """The Message Batches API refused a call for a reason retrying will not fix."""
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class AuthenticationFailed(APIError):
+    """The API key is missing or was rejected."""
+
+    exit_code = EXIT_USAGE
+
+
+class TransientAPIError(APIError):
+    """The API is overloaded, rate limiting or unreachable; the next run will retry."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class NeedsAttention(BatchpipeError):
+    """batchpipe found a state it cannot resolve safely on its own (e.g. ambiguous orphans)."""
+
+
+class Interrupted(BatchpipeError):
+    """The run was interrupted; state is consistent and the next run resumes."""
+
+    exit_code = EXIT_INTERRUPTED

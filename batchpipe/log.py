@@ -1,0 +1,56 @@
+"""The one place that configures structlog.
+
+Logs go to stderr (stdout is for data, so ``status --json | jq`` works): a readable console
+renderer on a TTY, JSON lines otherwise (cron, Airflow). Event names look like
+``batch.submitted``; ids are bound as context. Callers log ids, counts, token usage, latency,
+error types and request ids -- never API keys, prompts or answers. As a last line of defence a
+processor redacts anything that looks like an API key.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_KEY_RE = re.compile(r"sk-ant-[A-Za-z0-9_\-]+|sk-[A-Za-z0-9_\-]{16,}")
+
+
+def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str) and _KEY_RE.search(value):
+            event[key] = _KEY_RE.sub("[redacted]", value)
+    return event
+
+
+def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    """Configure structlog for the process. ``fmt`` is auto, console or json."""
+    out = stream if stream is not None else sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger tagged with the module name."""
+    return structlog.get_logger(logger=name)

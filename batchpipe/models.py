@@ -1,0 +1,203 @@
+"""Value types shared by every layer: the job spec, statuses and result records.
+
+Statuses are ``StrEnum`` so they read well in the database, logs and JSON, and each knows
+whether it is terminal. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# The API's hard limits for one batch (reference §4.1).
+API_MAX_BATCH_REQUESTS = 100_000
+API_MAX_BATCH_BYTES = 256 * 1024 * 1024
+# What we aim for by default: a little under the byte limit, so JSON framing and the SDK's
+# own re-serialisation can never push a planned batch over it.
+DEFAULT_MAX_BATCH_BYTES = 250 * 1000 * 1000
+CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+# The result columns added to every exported row, named exactly (and in this order).
+RESULT_COLUMNS: tuple[str, ...] = (
+    "custom_id",
+    "result_status",
+    "response_text",
+    "stop_reason",
+    "input_tokens",
+    "output_tokens",
+    "error_type",
+    "error_message",
+    "attempts",
+    "batch_id",
+    "model",
+)
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life."""
+
+    RUNNING = "running"  # items still pending, in flight or uncollected
+    DONE = "done"  # every item has a final status; export possible
+    CANCELED = "canceled"  # the user canceled it; in-flight batches were canceled
+    FAILED = "failed"  # stopped for good (e.g. pre-flight failure); see the job's error
+    NEEDS_ATTENTION = "needs_attention"  # an ambiguous orphan batch; a human must look
+
+    def is_terminal(self) -> bool:
+        """True once nothing more will happen to the job without a human."""
+        return self in {JobStatus.DONE, JobStatus.CANCELED, JobStatus.FAILED}
+
+
+class BatchStatus(StrEnum):
+    """A batch as batchpipe tracks it (a superset of the API's processing_status)."""
+
+    PLANNED = "planned"  # intent recorded; create not confirmed (maybe an orphan)
+    IN_PROGRESS = "in_progress"
+    CANCELING = "canceling"
+    ENDED = "ended"  # the API says ended; results not yet collected
+    COLLECTED = "collected"  # every result line is in the store
+    REJECTED = "rejected"  # the API refused the create; its items went back to pending
+    ARCHIVED = "archived"  # ended, but results were archived before we collected them
+
+    def is_terminal(self) -> bool:
+        """True when the batch needs no more calls to the API."""
+        return self in {BatchStatus.COLLECTED, BatchStatus.REJECTED, BatchStatus.ARCHIVED}
+
+    def is_in_flight(self) -> bool:
+        """True while the API is (or may be) processing the batch."""
+        return self in {BatchStatus.PLANNED, BatchStatus.IN_PROGRESS, BatchStatus.CANCELING}
+
+
+class ItemStatus(StrEnum):
+    """One input row's state. The final ones map 1:1 onto the exported result_status."""
+
+    PENDING = "pending"  # to be (re)submitted
+    SUBMITTED = "submitted"  # in a batch the API has (or may have) accepted
+    SUCCEEDED = "succeeded"
+    ERRORED = "errored"  # fatal error, or transient errors until max attempts
+    EXPIRED = "expired"  # expired until max attempts
+    CANCELED = "canceled"
+    INVALID = "invalid"  # failed pre-flight validation (with --skip-invalid); never sent
+
+    def is_terminal(self) -> bool:
+        """True when the row has its final answer (or final failure)."""
+        return self not in {ItemStatus.PENDING, ItemStatus.SUBMITTED}
+
+
+class ResultType(StrEnum):
+    """The API's per-request result types (``result.type`` in the results file)."""
+
+    SUCCEEDED = "succeeded"
+    ERRORED = "errored"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+# Error types inside errored results that are worth resubmitting. Everything else
+# (invalid_request_error, authentication_error, permission_error, billing_error,
+# not_found_error, request_too_large) is the request's own fault and final at once.
+TRANSIENT_ERROR_TYPES = frozenset(
+    {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
+)
+
+
+def is_transient_error(error_type: str | None) -> bool:
+    """Whether an errored result of this type may succeed if sent again."""
+    return error_type in TRANSIENT_ERROR_TYPES
+
+
+class JobSpec(BaseModel):
+    """Everything that defines a job. Stored with the job (never holds secrets)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="Path or pyarrow filesystem URI of a JSONL or Parquet file")
+    input_format: Literal["jsonl", "parquet"] | None = Field(
+        default=None, description="Format of the input; guessed from the extension if unset"
+    )
+    prompt: str = Field(description="User message template with {{ column }} placeholders")
+    system: str | None = Field(default=None, description="System prompt (also a template)")
+    model: str
+    max_tokens: int = Field(gt=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Other Messages params passed through unchanged"
+    )
+    id_column: str | None = Field(
+        default=None, description="Column holding a unique row key; default: the row number"
+    )
+    output: str | None = None
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    poll_interval: float | None = Field(
+        default=None, gt=0, description="Seconds between polls; unset: back off 30 s to 5 min"
+    )
+    max_batch_requests: int = Field(default=API_MAX_BATCH_REQUESTS, ge=1, le=API_MAX_BATCH_REQUESTS)
+    max_batch_bytes: int = Field(default=DEFAULT_MAX_BATCH_BYTES, ge=1024, le=API_MAX_BATCH_BYTES)
+    skip_invalid: bool = False
+
+    @field_validator("params")
+    @classmethod
+    def _params_do_not_shadow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"model", "max_tokens", "messages", "system", "temperature", "stream"}
+        clash = sorted(reserved & value.keys())
+        if clash:
+            raise ValueError(f"params may not set {', '.join(clash)}; use the dedicated option")
+        return value
+
+    def request_fields(self) -> dict[str, Any]:
+        """The spec fields that shape every request (the rest only steer batchpipe)."""
+        return self.model_dump(include={"prompt", "system", "model", "max_tokens", "temperature", "params"})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCounts:
+    """The API's per-batch request counts."""
+
+    processing: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+
+    @property
+    def total(self) -> int:
+        """All requests in the batch, whatever their state."""
+        return self.processing + self.succeeded + self.errored + self.canceled + self.expired
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """What the API says about one batch (decoupled from the SDK's classes)."""
+
+    id: str
+    processing_status: str  # in_progress | canceling | ended
+    request_counts: RequestCounts
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    cancel_initiated_at: datetime | None
+    archived_at: datetime | None
+    results_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """One line of a results file, flattened to what batchpipe keeps."""
+
+    custom_id: str
+    result_type: ResultType
+    response_text: str | None = None
+    stop_reason: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    # Raw content blocks, kept only when a caller asked for them (tool_use inputs for
+    # structured output); None otherwise so memory stays flat.
+    content: list[dict[str, Any]] | None = None

@@ -1,0 +1,12 @@
+# Sourced by scripts/*: create .venv and install batchpipe with its dev extras when missing or stale.
+VENV="${BATCHPIPE_VENV:-.venv}"
+stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [[ ! -f "$stamp" ]]; then
+  echo "== setting up $VENV (first run only)" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q -e '.[dev]' >&2
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
