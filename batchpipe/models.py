@@ -42,13 +42,18 @@ class JobStatus(StrEnum):
 
     RUNNING = "running"  # items still pending, in flight or uncollected
     DONE = "done"  # every item has a final status; export possible
-    CANCELED = "canceled"  # the user canceled it; in-flight batches were canceled
+    CANCELING = "canceling"  # the user canceled it; in-flight batches are being drained
+    CANCELED = "canceled"  # canceled and drained: every item has a final status
     FAILED = "failed"  # stopped for good (e.g. pre-flight failure); see the job's error
     NEEDS_ATTENTION = "needs_attention"  # an ambiguous orphan batch; a human must look
 
     def is_terminal(self) -> bool:
         """True once nothing more will happen to the job without a human."""
         return self in {JobStatus.DONE, JobStatus.CANCELED, JobStatus.FAILED}
+
+    def is_active(self) -> bool:
+        """True while `tick` should keep advancing the job."""
+        return self in {JobStatus.RUNNING, JobStatus.CANCELING}
 
 
 class BatchStatus(StrEnum):
