@@ -1,0 +1,197 @@
+"""The writing half of the joined export (used by :func:`batchpipe.dataset.write_joined`).
+
+Part of the dataset side: pyarrow lives here too. Two small pieces:
+
+- :class:`ResultCursor` lines up the caller's result chunks (any size) with the input's
+  chunks, and notices when there are too few or too many results.
+- :class:`JoinedWriter` appends result columns to each input chunk and streams it to a
+  temporary file as Parquet or JSONL; ``abort`` removes the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import decimal
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchpipe.errors import InputChangedError, UsageError
+from batchpipe.jsonl import encode_json_columns
+
+# zstd: answers are text, which it packs much tighter than the default snappy, about as fast.
+_PARQUET_COMPRESSION = "zstd"
+
+
+class ResultCursor:
+    """Hands out exactly ``n`` result tuples at a time from chunks of any size."""
+
+    def __init__(self, results: Iterable[Sequence[tuple[Any, ...]]], uri: str) -> None:
+        self._chunks = iter(results)
+        self._current: Sequence[tuple[Any, ...]] = ()
+        self._offset = 0
+        self._taken = 0
+        self._uri = uri
+
+    def take(self, n: int) -> Sequence[tuple[Any, ...]]:
+        """The next ``n`` results; :class:`InputChangedError` if they run out first."""
+        # Common case: the caller's chunk lines up with ours; hand it over without copying.
+        if self._offset == 0 and len(self._current) == n:
+            out, self._current = self._current, ()
+            self._taken += n
+            return out
+        collected: list[tuple[Any, ...]] = []
+        while len(collected) < n:
+            if self._offset >= len(self._current):
+                nxt = next(self._chunks, None)
+                if nxt is None:
+                    raise InputChangedError(
+                        f"{self._uri} has more rows than there are results (they ended after "
+                        f"{self._taken + len(collected)} rows): the input changed since the job "
+                        "was submitted; export from the original file"
+                    )
+                self._current, self._offset = nxt, 0
+                if not collected and len(nxt) == n:
+                    self._current = ()
+                    self._taken += n
+                    return nxt
+                continue
+            end = min(len(self._current), self._offset + n - len(collected))
+            collected.extend(self._current[self._offset : end])
+            self._offset = end
+        self._taken += n
+        return collected
+
+    def finish(self) -> None:
+        """:class:`InputChangedError` if results are left once the input has ended."""
+        leftover = len(self._current) - self._offset
+        while leftover <= 0:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return
+            leftover = len(nxt)
+        raise InputChangedError(
+            f"{self._uri} has {self._taken} rows but there are more results than that: the "
+            "input changed since the job was submitted; export from the original file"
+        )
+
+
+def dumps_row(row: dict[str, Any]) -> bytes:
+    """One compact JSON object for a row that may hold Parquet-only types."""
+    return orjson.dumps(row, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # exact; a float would silently round
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+class JoinedWriter:
+    """Streams input chunks plus result columns into ``tmp`` (Parquet, or JSONL if no schema).
+
+    ``schema`` is the input's Arrow schema and its JSON-string columns (see
+    :class:`batchpipe.jsonl.TypeInference`); ``None`` means write JSONL.
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        *,
+        tmp: str,
+        dest: str,
+        names: list[str],
+        types: list[pa.DataType],
+        schema: tuple[pa.Schema, frozenset[str]] | None,
+    ) -> None:
+        self._fs, self._tmp, self._dest = fs, tmp, dest
+        self._names, self._types = names, types
+        self._parquet: pq.ParquetWriter | None = None
+        self._stream: Any = None
+        self._json_columns: frozenset[str] = frozenset()
+        try:
+            if schema is None:
+                self._stream = fs.open_output_stream(tmp, compression=None)
+            else:
+                self._in_schema, self._json_columns = schema
+                out = self._in_schema
+                for name, typ in zip(names, types, strict=True):
+                    out = out.append(pa.field(name, typ))
+                self._out_schema = out
+                self._parquet = pq.ParquetWriter(
+                    tmp, out, filesystem=fs, compression=_PARQUET_COMPRESSION
+                )
+        except (pa.ArrowException, OSError) as exc:
+            self.abort()
+            raise UsageError(f"cannot write {dest}: {exc}") from None
+
+    def _result_arrays(self, results: Sequence[tuple[Any, ...]]) -> list[pa.Array]:
+        width = len(self._names)
+        columns: list[Sequence[Any]] = list(zip(*results, strict=True)) if results else []
+        if not columns:
+            columns = [() for _ in range(width)]
+        if len(columns) != width:
+            raise ValueError(f"result tuples have {len(columns)} fields, expected {width}")
+        arrays = []
+        for name, typ, values in zip(self._names, self._types, columns, strict=True):
+            try:
+                arrays.append(pa.array(values, type=typ))
+            except (pa.ArrowException, OverflowError, TypeError) as exc:
+                raise ValueError(f"result column {name!r} is typed {typ}: {exc}") from None
+        return arrays
+
+    def write_batch(self, batch: pa.RecordBatch, results: Sequence[tuple[Any, ...]]) -> None:
+        """Append one Parquet input batch (Parquet output only)."""
+        assert self._parquet is not None
+        arrays = [*batch.columns, *self._result_arrays(results)]
+        self._parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._out_schema))
+
+    def write_rows(self, rows: list[dict[str, Any]], results: Sequence[tuple[Any, ...]]) -> None:
+        """Append one chunk of row dicts (JSONL input, or any input to JSONL output)."""
+        if self._parquet is None:
+            names = self._names
+            lines = []
+            for row, result in zip(rows, results, strict=True):
+                row.update(zip(names, result, strict=True))
+                lines.append(dumps_row(row))
+            lines.append(b"")  # so the chunk ends with a newline
+            self._stream.write(b"\n".join(lines))
+            return
+        if self._json_columns:
+            encode_json_columns(rows, self._json_columns)
+        try:
+            inputs = pa.RecordBatch.from_pylist(rows, schema=self._in_schema)
+        except (pa.ArrowException, OverflowError, TypeError) as exc:
+            # The schema came from a full pass over this file; a value that no longer fits
+            # means the file changed underneath us.
+            raise InputChangedError(
+                f"the input no longer matches the column types read from it a moment ago "
+                f"({exc}); was it modified during the export? export again"
+            ) from None
+        arrays = [*inputs.columns, *self._result_arrays(results)]
+        self._parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._out_schema))
+
+    def close(self) -> None:
+        """Finish the file (it is still at the temporary name)."""
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._stream is not None:
+            self._stream.close()
+
+    def abort(self) -> None:
+        """Close whatever is open and delete the temporary file; never raises."""
+        for closable in (self._parquet, self._stream):
+            if closable is not None:
+                # Already failing: the original error is the one worth reporting.
+                with contextlib.suppress(Exception):
+                    closable.close()
+        # The file may never have been created.
+        with contextlib.suppress(pa.ArrowException, OSError):
+            self._fs.delete_file(self._tmp)

@@ -1,0 +1,282 @@
+"""Datasets in and out: stream JSONL/Parquet rows; join results back; write atomically.
+
+This is pyarrow's one home (with its helper :mod:`batchpipe.jsonl`). Everything streams:
+rows come out in chunks of ``batch_rows`` and the joined export is written chunk by chunk,
+so memory stays flat however big the input is. Inputs are local paths or pyarrow filesystem
+URIs (``s3://…``, ``gs://…``, ``file://…``).
+
+Every error about the input names the file and, for JSONL, the line (and column where it
+applies): users fix their data from the message alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchpipe._export import JoinedWriter, ResultCursor
+from batchpipe.errors import InputError, UsageError
+from batchpipe.jsonl import TypeInference, iter_row_chunks
+
+Format = Literal["jsonl", "parquet"]
+
+_EXTENSIONS: dict[str, Format] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+# JSONL may be compressed; pyarrow decompresses these on the fly when reading.
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+_HASH_BLOCK_BYTES = 1 << 20
+
+_RESULT_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+}
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A filesystem and path for a local path or a pyarrow filesystem URI."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)  # type: ignore[no-any-return]
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise InputError(f"cannot read {uri}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def guess_format(uri: str) -> Format:
+    """The input format from the file extension, or :class:`UsageError`."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            break
+    fmt = _EXTENSIONS.get(posixpath.splitext(name)[1])
+    if fmt is None:
+        known = ", ".join(_EXTENSIONS)
+        raise UsageError(
+            f"cannot tell the format of {uri} from its extension (known: {known}); "
+            "pass --input-format jsonl or --input-format parquet"
+        )
+    return fmt
+
+
+class Dataset:
+    """One input file, read as a stream of row dicts in input order.
+
+    ``Dataset("rows.jsonl")``, ``Dataset("s3://bucket/rows.parquet")``. The constructor
+    checks that the file exists and can be opened, so a typo fails at once.
+    """
+
+    def __init__(self, uri: str, fmt: Format | None = None) -> None:
+        self.uri = uri
+        self._fs, self._path = _resolve(uri)
+        try:
+            info = self._fs.get_file_info(self._path)
+            if info.type == pafs.FileType.NotFound:
+                raise InputError(f"cannot read {uri}: no such file")
+            if info.type == pafs.FileType.Directory:
+                raise InputError(f"cannot read {uri}: it is a directory, not a file")
+            # Opening catches permission problems now rather than halfway through a job.
+            self._fs.open_input_stream(self._path, compression=None).close()
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read {uri}: {exc}") from None
+        self.format: Format = fmt if fmt is not None else guess_format(uri)
+        # Filled by one full pass over a JSONL file, on first need (see _scan_jsonl).
+        self._columns: list[str] | None = None
+        self._count: int | None = None
+        self._schema: tuple[pa.Schema, frozenset[str]] | None = None
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.uri!r}, fmt={self.format!r})"
+
+    # ------------------------------------------------------------ whole-file facts
+
+    def fingerprint(self) -> str:
+        """``blake2b:<hex>:<size>`` of the raw bytes; changes when any byte changes."""
+        digest = hashlib.blake2b(digest_size=20)
+        size = 0
+        try:
+            with self._fs.open_input_stream(self._path, compression=None) as stream:
+                while block := stream.read(_HASH_BLOCK_BYTES):
+                    digest.update(block)
+                    size += len(block)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read {self.uri}: {exc}") from None
+        return f"blake2b:{digest.hexdigest()}:{size}"
+
+    def columns(self) -> list[str]:
+        """Column names: the Parquet schema's, or for JSONL every key in first-seen order."""
+        if self.format == "parquet":
+            return list(self._parquet_file().schema_arrow.names)
+        if self._columns is None:
+            self._scan_jsonl(infer_types=False)
+        assert self._columns is not None
+        return list(self._columns)
+
+    def count_rows(self) -> int:
+        """Number of rows (blank JSONL lines do not count)."""
+        if self.format == "parquet":
+            return int(self._parquet_file().metadata.num_rows)
+        if self._count is None:
+            self._scan_jsonl(infer_types=False)
+        assert self._count is not None
+        return self._count
+
+    # ------------------------------------------------------------ streaming
+
+    def iter_rows(self, batch_rows: int = 8192) -> Iterator[list[dict[str, Any]]]:
+        """Rows as dicts, in input order, in lists of at most ``batch_rows``."""
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, not {batch_rows}")
+        if self.format == "jsonl":
+            with self._open_text() as stream:
+                yield from iter_row_chunks(stream, self.uri, batch_rows)
+            return
+        for batch in self.iter_batches(batch_rows):
+            yield batch.to_pylist()
+
+    def iter_batches(self, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
+        """Parquet only: the input as Arrow record batches (no Python conversion)."""
+        if self.format != "parquet":
+            raise TypeError("iter_batches reads Parquet; use iter_rows for JSONL")
+        parquet = self._parquet_file()
+        done = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                done += batch.num_rows
+                yield batch
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(
+                f"{self.uri}: cannot read Parquet data after row {done}: {exc}; "
+                "the file looks damaged"
+            ) from None
+
+    def arrow_schema(self) -> tuple[pa.Schema, frozenset[str]]:
+        """The schema to write this input with, and its JSON-string columns (JSONL only).
+
+        For JSONL this costs a full pass the first time; see :class:`jsonl.TypeInference`.
+        """
+        if self.format == "parquet":
+            return self._parquet_file().schema_arrow, frozenset()
+        if self._schema is None:
+            self._scan_jsonl(infer_types=True)
+        assert self._schema is not None
+        return self._schema
+
+    # ------------------------------------------------------------ internals
+
+    def _open_text(self) -> Any:
+        """The JSONL byte stream, decompressed when the extension says so."""
+        try:
+            return self._fs.open_input_stream(self._path, compression="detect")
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"cannot read {self.uri}: {exc}") from None
+
+    def _parquet_file(self) -> pq.ParquetFile:
+        try:
+            source = self._fs.open_input_file(self._path)
+            parquet = pq.ParquetFile(source)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(
+                f"cannot read {self.uri} as Parquet: {exc}; is it really a Parquet file?"
+            ) from None
+        if parquet.metadata.num_rows == 0:
+            raise InputError(f"{self.uri} has no rows")
+        return parquet
+
+    def _scan_jsonl(self, *, infer_types: bool) -> None:
+        """One full pass: columns in first-seen order, the row count, optionally types."""
+        seen: dict[str, None] = {}
+        known: set[str] = set()
+        count = 0
+        inference = TypeInference() if infer_types else None
+        for rows in self.iter_rows():
+            count += len(rows)
+            for row in rows:
+                # Set comparison runs in C; the Python loop only runs for new keys.
+                if not row.keys() <= known:
+                    for key in row:
+                        if key not in known:
+                            known.add(key)
+                            seen[key] = None
+            if inference is not None:
+                inference.add_chunk(rows, seen)
+        self._columns = list(seen)
+        self._count = count
+        if inference is not None:
+            self._schema = inference.schema(self._columns)
+
+
+# ---------------------------------------------------------------- the joined export
+
+
+def write_joined(
+    dataset: Dataset,
+    results: Iterable[Sequence[tuple[Any, ...]]],
+    result_columns: Sequence[tuple[str, str]],
+    dest: str,
+) -> int:
+    """Write every input row followed by its result columns to ``dest``; return the row count.
+
+    ``results`` yields chunks (any size) of tuples, one tuple per input row in input order,
+    fields in ``result_columns`` order (``(name, type)``, type one of string, int64, float64,
+    bool). Input columns keep their types. Output is Parquet, or JSONL when ``dest`` ends
+    with ``.jsonl``. The file appears at ``dest`` complete or not at all: it is written
+    beside it under a temporary name and renamed into place; on any error (including too
+    few or too many results: :class:`InputChangedError`) the temporary file is removed.
+    """
+    names = [name for name, _ in result_columns]
+    types: list[pa.DataType] = []
+    for name, type_name in result_columns:
+        if type_name not in _RESULT_TYPES:
+            raise ValueError(f"result column {name!r}: unknown type {type_name!r}")
+        types.append(_RESULT_TYPES[type_name])
+    clash = [c for c in dataset.columns() if c in set(names)]
+    if clash:
+        raise InputError(
+            f"{dataset.uri} already has column(s) {', '.join(map(repr, clash))}, which the "
+            "export adds; rename them in the input"
+        )
+    as_jsonl = dest.lower().endswith(".jsonl")
+    # Schema inference (a full JSONL pass) happens before any file is created.
+    schema = None if as_jsonl else dataset.arrow_schema()
+    cursor = ResultCursor(results, dataset.uri)
+    fs, path = _resolve(dest)
+    tmp = posixpath.join(
+        posixpath.dirname(path), f".{posixpath.basename(path)}.{secrets.token_hex(4)}.tmp"
+    )
+    writer = JoinedWriter(fs, tmp=tmp, dest=dest, names=names, types=types, schema=schema)
+    written = 0
+    try:
+        if dataset.format == "parquet" and not as_jsonl:
+            # Parquet to Parquet never converts input values to Python objects.
+            for batch in dataset.iter_batches():
+                writer.write_batch(batch, cursor.take(batch.num_rows))
+                written += batch.num_rows
+        else:
+            for rows in dataset.iter_rows():
+                writer.write_rows(rows, cursor.take(len(rows)))
+                written += len(rows)
+        cursor.finish()
+        writer.close()
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.replace(tmp, path)
+        else:
+            fs.move(tmp, path)
+    except BaseException:
+        writer.abort()
+        raise
+    return written
