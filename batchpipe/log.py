@@ -53,4 +53,5 @@ def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | 
 
 def get_logger(name: str) -> Any:
     """A structlog logger tagged with the module name."""
-    return structlog.get_logger(logger=name)
+    # Not ``logger=name``: ``logger`` is a parameter of structlog's wrap_logger (TypeError).
+    return structlog.get_logger(name, logger_name=name)
