@@ -18,6 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -111,3 +112,54 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 # ---------------------------------------------------------------- emulator
 # (fixtures for the in-process and loopback emulator live here too)
+# The emulator and the SDK are imported inside the fixtures, so tests that never use them
+# do not pay for the imports.
+
+if TYPE_CHECKING:
+    import anthropic
+
+    from batchpipe.emulator import Emulator, EmulatorServer
+
+
+@pytest.fixture
+def emulator() -> Emulator:
+    """A fresh in-memory emulator (seed 0; batches end 2 s after create on its clock)."""
+    from batchpipe.emulator import Emulator, EmulatorConfig
+
+    return Emulator(EmulatorConfig(seed=0))
+
+
+@pytest.fixture
+def emulator_server(emulator: Emulator) -> Iterator[EmulatorServer]:
+    """The ``emulator`` fixture served over real HTTP on 127.0.0.1 (``.url``)."""
+    from batchpipe.emulator import EmulatorServer
+
+    with EmulatorServer(emulator, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+@pytest.fixture
+def anthropic_client(emulator_server: EmulatorServer) -> Iterator[anthropic.Anthropic]:
+    """An official SDK client pointed at ``emulator_server`` over loopback (no retries)."""
+    import anthropic
+
+    client = anthropic.Anthropic(api_key="test", base_url=emulator_server.url, max_retries=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def inprocess_client(emulator: Emulator) -> Iterator[anthropic.Anthropic]:
+    """An official SDK client calling ``emulator`` in-process (httpx2 WSGI transport)."""
+    import anthropic
+
+    from batchpipe.emulator import IN_PROCESS_BASE_URL
+
+    client = anthropic.Anthropic(
+        api_key="test",
+        base_url=IN_PROCESS_BASE_URL,
+        http_client=emulator.http_client(),
+        max_retries=0,
+    )
+    yield client
+    client.close()
