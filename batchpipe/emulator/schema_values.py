@@ -28,6 +28,8 @@ from typing import Any
 # Nesting below this depth only produces what the schema requires (required properties,
 # minItems elements, null where allowed), so recursive schemas terminate.
 _MAX_DEPTH = 8
+# A schema that requires nesting deeper than this has no finite instance; stop there.
+_GIVE_UP_DEPTH = 64
 
 # Words for generated strings. Fixed, so values are stable across releases of Python.
 _WORDS = (
@@ -75,6 +77,9 @@ class _Generator:
         self._draws = draws
 
     def value(self, schema: object, depth: int) -> Any:
+        if depth > _GIVE_UP_DEPTH:
+            # Only a schema that requires infinite nesting gets here; no value can satisfy it.
+            return None
         if not isinstance(schema, dict):
             # ``true`` (or garbage): anything goes; a word is the most readable "anything".
             return self._word()
@@ -87,9 +92,13 @@ class _Generator:
         for key in ("anyOf", "oneOf"):
             branches = schema.get(key)
             if isinstance(branches, list) and branches:
-                # The first branch, but keep sibling keywords (e.g. a description or default).
+                # The first branch, keeping sibling keywords; past the depth cap a null branch
+                # if there is one, so recursive schemas (child: Item | None) terminate.
+                branch = branches[0]
+                if depth >= _MAX_DEPTH:
+                    branch = next((b for b in branches if _is_null(b)), branch)
                 rest = {k: v for k, v in schema.items() if k != key}
-                return self.value({**rest, **self._resolve(branches[0])}, depth)
+                return self.value({**rest, **self._resolve(branch)}, depth)
         all_of = schema.get("allOf")
         if isinstance(all_of, list) and all_of:
             return self.value(self._merge(schema, all_of), depth)
@@ -270,6 +279,12 @@ class _Generator:
 
     def _word(self) -> str:
         return _WORDS[self._draws.below(len(_WORDS))]
+
+
+def _is_null(schema: object) -> bool:
+    return isinstance(schema, dict) and (
+        schema.get("type") == "null" or schema.get("const", 0) is None
+    )
 
 
 def _int_or(value: object, default: int) -> int:
