@@ -1,0 +1,30 @@
+"""batchpipe's state database: schema, migrations and the Store.
+
+SQLAlchemy and alembic are imported only inside this package. Modules:
+
+- ``schema``: the tables (SQLAlchemy Core)
+- ``rows``: the frozen records the Store returns and takes
+- ``connect``: engines per dialect, masked URLs
+- ``migrate``: alembic upgrade/downgrade/revisions, driven from code
+- ``store``: :class:`Store`, built from ``jobs``, ``items`` and ``batches``
+"""
+
+from batchpipe.db.base import JobNameTaken
+from batchpipe.db.connect import mask_url
+from batchpipe.db.migrate import current_revision, downgrade, head_revision, upgrade
+from batchpipe.db.rows import BatchRow, ItemRow, ItemUpdate, JobRow
+from batchpipe.db.store import Store
+
+__all__ = [
+    "BatchRow",
+    "ItemRow",
+    "ItemUpdate",
+    "JobNameTaken",
+    "JobRow",
+    "Store",
+    "current_revision",
+    "downgrade",
+    "head_revision",
+    "mask_url",
+    "upgrade",
+]

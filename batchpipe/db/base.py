@@ -1,0 +1,110 @@
+"""What every part of the Store shares: the engine, the clock, transactions, value cleaning.
+
+The Store is split by table into mixins (``jobs.py``, ``items.py``, ``batches.py``) so each
+file keeps one job; they all build on :class:`StoreBase`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from batchpipe.db.connect import describe_error, mask_url
+from batchpipe.errors import StoreError
+
+E = TypeVar("E", bound=Enum)
+
+
+class JobNameTaken(StoreError):
+    """``create_job`` was given a name another job already has."""
+
+
+def utcnow() -> datetime:
+    """The current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def plain(value: Any) -> Any:
+    """Enums as their stored string value; everything else unchanged."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def status_values(statuses: E | Collection[E]) -> list[str]:
+    """One status or a collection of them, as the strings stored in the database."""
+    if isinstance(statuses, Enum):
+        return [str(statuses.value)]
+    return [str(s.value) for s in statuses]
+
+
+class StoreBase:
+    """The engine plus helpers; see :class:`batchpipe.db.store.Store` for the public API."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self._engine = engine
+        self._url = url
+        # Injected in tests that need to move time (lease expiry); always aware UTC.
+        self.clock: Callable[[], datetime] = utcnow
+
+    @property
+    def url(self) -> str:
+        """The database URL, password masked (safe for messages)."""
+        return mask_url(self._url)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._engine.dialect.name
+
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        """One transaction: committed on success, rolled back on any exception.
+
+        Lost connections, lock timeouts and the like become StoreError with the masked URL;
+        integrity errors pass through so callers can translate the ones they expect.
+        """
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(f"database {self.url}: {describe_error(exc, self._url)}") from exc
+        except sa.exc.StatementError as exc:
+            # A value our own types refused (e.g. a naive datetime): the caller's bug, shown
+            # as the plain ValueError rather than wrapped in SQLAlchemy's statement dump.
+            if isinstance(exc.orig, ValueError) and not isinstance(exc, sa.exc.DBAPIError):
+                raise exc.orig from None
+            raise
+
+    def _cas_update(
+        self,
+        table: sa.Table,
+        row_id: int,
+        expected: Enum | Collection[Enum] | None,
+        fields: Mapping[str, Any],
+        *,
+        touch: bool,
+    ) -> bool:
+        """``UPDATE table SET fields WHERE id = :id [AND status IN (:expected)]``.
+
+        Returns whether a row changed, so two workers racing on the same transition see
+        exactly one success.
+        """
+        unknown = set(fields) - set(table.c.keys())
+        if unknown or "id" in fields:
+            bad = sorted(unknown | ({"id"} & set(fields)))
+            raise ValueError(f"cannot update {table.name}.{', '.join(bad)}")
+        values = {name: plain(value) for name, value in fields.items()}
+        if touch:
+            values.setdefault("updated_at", self.clock())
+        if not values:
+            raise ValueError(f"update of {table.name} {row_id} without fields")
+        stmt = sa.update(table).where(table.c.id == row_id).values(values)
+        if expected is not None:
+            stmt = stmt.where(table.c.status.in_(status_values(expected)))
+        with self._begin() as conn:
+            return conn.execute(stmt).rowcount == 1

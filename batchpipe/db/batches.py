@@ -1,0 +1,285 @@
+"""Batches: the submit intent, the API's confirmation, results applied to items.
+
+The intent is written before the API is called (``plan_batch``), so a crash between create
+and store leaves a ``planned`` batch to recover instead of a double submission. Applying
+results is idempotent: an item changes only while it is ``submitted`` under that exact
+custom_id, and the attempts history is keyed by (job, row, attempt) with ON CONFLICT DO
+NOTHING, so re-reading a results file changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.rows import RESULT_FIELDS, BatchRow, ItemUpdate
+from batchpipe.db.schema import attempts, batches
+from batchpipe.db.schema import items as item_table
+from batchpipe.errors import StoreError
+from batchpipe.models import BatchStatus, ItemStatus
+
+SUBMITTED = ItemStatus.SUBMITTED.value
+PENDING = ItemStatus.PENDING.value
+
+# Bound parameter names are prefixed so they never clash with the columns being SET
+# (SQLAlchemy reserves a column's own name for its SET value in executemany).
+_ITEM_KEY = sa.and_(
+    item_table.c.job_id == sa.bindparam("p_job_id"),
+    item_table.c.row_index == sa.bindparam("p_row_index"),
+)
+
+# plan_batch: claim pending items for a new batch.
+_CLAIM = (
+    sa.update(item_table)
+    .where(_ITEM_KEY, item_table.c.status == PENDING)
+    .values(
+        status=SUBMITTED,
+        custom_id=sa.bindparam("p_custom_id"),
+        attempts=sa.bindparam("p_attempt"),
+        batch_id=sa.bindparam("p_batch_id"),
+        updated_at=sa.bindparam("p_now", type_=item_table.c.updated_at.type),
+    )
+)
+
+
+def _apply_statement(*, transient: bool) -> sa.Update:
+    """UPDATE for one result line; a transient failure also leaves its batch (pending again)."""
+    values: dict[str, Any] = {
+        f: sa.bindparam(f"p_{f}", type_=item_table.c[f].type) for f in RESULT_FIELDS
+    }
+    values["status"] = sa.bindparam("p_status")
+    values["updated_at"] = sa.bindparam("p_now", type_=item_table.c.updated_at.type)
+    if transient:
+        values["batch_id"] = None
+    return (
+        sa.update(item_table)
+        .where(
+            _ITEM_KEY,
+            item_table.c.custom_id == sa.bindparam("p_custom_id"),
+            item_table.c.status == SUBMITTED,
+        )
+        .values(values)
+    )
+
+
+_APPLY_FINAL = _apply_statement(transient=False)
+_APPLY_TRANSIENT = _apply_statement(transient=True)
+
+
+class BatchesMixin(StoreBase):
+    """Store methods for the ``batches`` table and the result paths into ``items``."""
+
+    def plan_batch(
+        self,
+        job_id: int,
+        *,
+        round: int,
+        items: Sequence[tuple[int, str, int]],
+        request_bytes: int,
+    ) -> BatchRow:
+        """Record the intent to submit ``items`` (``(row_index, custom_id, attempt)``).
+
+        One transaction: a ``planned`` batch, and every item moved pending → submitted with
+        its new custom_id and attempt. If any item was not pending the whole intent is rolled
+        back and StoreError raised, so no item can end up in two batches.
+        """
+        if not items:
+            raise ValueError("plan_batch needs at least one item")
+        now = self.clock()
+        batch = {
+            "job_id": job_id,
+            "status": BatchStatus.PLANNED.value,
+            "round": round,
+            "request_count": len(items),
+            "request_bytes": request_bytes,
+            "first_custom_id": items[0][1],
+            "last_custom_id": items[-1][1],
+            "intent_at": now,
+        }
+        with self._begin() as conn:
+            batch_id = conn.execute(
+                sa.insert(batches).values(batch).returning(batches.c.id)
+            ).scalar_one()
+            params = [
+                {
+                    "p_job_id": job_id,
+                    "p_row_index": row_index,
+                    "p_custom_id": custom_id,
+                    "p_attempt": attempt,
+                    "p_batch_id": batch_id,
+                    "p_now": now,
+                }
+                for row_index, custom_id, attempt in items
+            ]
+            claimed = conn.execute(_CLAIM, params).rowcount
+            if claimed != len(items):
+                # Raising inside the block rolls back the batch row and every claim.
+                raise StoreError(
+                    f"job {job_id}: only {claimed} of {len(items)} items were pending when "
+                    "planning a batch; another process may be submitting this job"
+                )
+            row = conn.execute(sa.select(batches).where(batches.c.id == batch_id)).one()
+        return BatchRow.from_row(row)
+
+    def mark_batch_created(
+        self, batch_id: int, *, api_batch_id: str, created_at: datetime, expires_at: datetime
+    ) -> bool:
+        """The API accepted the batch: store its id; planned → in_progress (compare-and-set)."""
+        try:
+            return self._cas_update(
+                batches,
+                batch_id,
+                BatchStatus.PLANNED,
+                {
+                    "api_batch_id": api_batch_id,
+                    "created_at": created_at,
+                    "expires_at": expires_at,
+                    "status": BatchStatus.IN_PROGRESS,
+                },
+                touch=False,
+            )
+        except sa.exc.IntegrityError:
+            raise StoreError(
+                f"batch {batch_id}: API batch {api_batch_id} is already recorded for another "
+                "batch; refusing to adopt it twice"
+            ) from None
+
+    def update_batch(
+        self,
+        batch_id: int,
+        *,
+        expected_status: BatchStatus | Collection[BatchStatus] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Set ``fields``; compare-and-set on status when ``expected_status`` is given."""
+        return self._cas_update(batches, batch_id, expected_status, fields, touch=False)
+
+    def get_batch(self, batch_id: int) -> BatchRow | None:
+        """One batch by its (local) id."""
+        with self._begin() as conn:
+            row = conn.execute(sa.select(batches).where(batches.c.id == batch_id)).first()
+        return None if row is None else BatchRow.from_row(row)
+
+    def list_batches(
+        self, job_id: int, statuses: Collection[BatchStatus] | None = None
+    ) -> list[BatchRow]:
+        """The job's batches in id order, optionally only those in ``statuses``."""
+        stmt = sa.select(batches).where(batches.c.job_id == job_id).order_by(batches.c.id)
+        if statuses is not None:
+            stmt = stmt.where(batches.c.status.in_(status_values(statuses)))
+        with self._begin() as conn:
+            return [BatchRow.from_row(r) for r in conn.execute(stmt)]
+
+    def known_api_batch_ids(self) -> set[str]:
+        """Every API batch id already stored, across jobs (so no orphan is adopted twice)."""
+        stmt = sa.select(batches.c.api_batch_id).where(batches.c.api_batch_id.is_not(None))
+        with self._begin() as conn:
+            return set(conn.execute(stmt).scalars())
+
+    def release_batch_items(self, batch_id: int) -> int:
+        """The API refused the create: return the batch's items to pending; batch → rejected.
+
+        Undoes plan_batch (attempts - 1, custom_id and batch_id cleared) in one transaction.
+        Only a ``planned`` batch can be rejected; anything else raises StoreError.
+        """
+        now = self.clock()
+        with self._begin() as conn:
+            rejected = conn.execute(
+                sa.update(batches)
+                .where(batches.c.id == batch_id, batches.c.status == BatchStatus.PLANNED.value)
+                .values(status=BatchStatus.REJECTED.value)
+            ).rowcount
+            if rejected != 1:
+                raise StoreError(f"batch {batch_id} is not planned; cannot mark it rejected")
+            released = conn.execute(
+                sa.update(item_table)
+                .where(item_table.c.batch_id == batch_id, item_table.c.status == SUBMITTED)
+                .values(
+                    status=PENDING,
+                    attempts=sa.func.max(item_table.c.attempts - 1, 0)
+                    if self.dialect == "sqlite"
+                    else sa.func.greatest(item_table.c.attempts - 1, 0),
+                    custom_id=None,
+                    batch_id=None,
+                    updated_at=now,
+                )
+            ).rowcount
+        return int(released)
+
+    def requeue_batch_leftovers(self, batch_id: int) -> int:
+        """Items still submitted in a collected batch (its results omitted them) → pending.
+
+        The attempt counts as used, so attempts stays; the next submission gets a new id.
+        """
+        stmt = (
+            sa.update(item_table)
+            .where(item_table.c.batch_id == batch_id, item_table.c.status == SUBMITTED)
+            .values(status=PENDING, batch_id=None, updated_at=self.clock())
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def apply_results(self, job_id: int, batch_id: int, updates: Sequence[ItemUpdate]) -> int:
+        """Apply result lines of one batch; return how many items changed.
+
+        Idempotent: an item changes only while submitted under the line's custom_id, and the
+        attempts history ignores (job, row, attempt) it already has. A transient failure
+        arrives with status pending (the pipeline decided): attempts are kept and the item
+        leaves the batch so it can be planned again.
+        """
+        if not updates:
+            return 0
+        now = self.clock()
+        final: list[dict[str, Any]] = []
+        transient: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
+        for u in updates:
+            status = ItemStatus(u.status)
+            if status is ItemStatus.SUBMITTED:
+                raise ValueError(f"row {u.row_index}: a result cannot leave an item submitted")
+            params = {f"p_{f}": getattr(u, f) for f in RESULT_FIELDS}
+            params.update(
+                p_job_id=job_id,
+                p_row_index=u.row_index,
+                p_custom_id=u.custom_id,
+                p_status=status.value,
+                p_now=now,
+            )
+            (transient if status is ItemStatus.PENDING else final).append(params)
+            history.append(
+                {
+                    "job_id": job_id,
+                    "row_index": u.row_index,
+                    "attempt": u.attempt,
+                    "custom_id": u.custom_id,
+                    "batch_id": batch_id,
+                    "result_type": u.result_type,
+                    "error_type": u.error_type,
+                    "error_message": u.error_message,
+                    "input_tokens": u.input_tokens,
+                    "output_tokens": u.output_tokens,
+                    "recorded_at": now,
+                }
+            )
+        changed = 0
+        with self._begin() as conn:
+            if final:
+                changed += conn.execute(_APPLY_FINAL, final).rowcount
+            if transient:
+                changed += conn.execute(_APPLY_TRANSIENT, transient).rowcount
+            conn.execute(self._insert_ignore_attempts(), history)
+        return int(changed)
+
+    def _insert_ignore_attempts(self) -> sa.Insert:
+        """INSERT INTO attempts … ON CONFLICT (job_id, row_index, attempt) DO NOTHING."""
+        keys = [attempts.c.job_id, attempts.c.row_index, attempts.c.attempt]
+        if self.dialect == "postgresql":
+            return postgresql.insert(attempts).on_conflict_do_nothing(index_elements=keys)
+        if self.dialect == "sqlite":
+            return sqlite.insert(attempts).on_conflict_do_nothing(index_elements=keys)
+        raise StoreError(f"unsupported database dialect {self.dialect!r}")

@@ -1,0 +1,93 @@
+"""Engines for SQLite and PostgreSQL, and URLs that are safe to show.
+
+Every message that names a database goes through :func:`mask_url`, and every driver error
+that reaches a user goes through :func:`describe_error`, which also scrubs the password in
+case a driver echoes it back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+
+from batchpipe.errors import StoreError
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except sa.exc.ArgumentError:
+        # Unparseable: show only the scheme, never the rest (it may hold a password).
+        text = str(url)
+        return text.split("://", 1)[0] + "://***" if "://" in text else "***"
+    return parsed.render_as_string(hide_password=True)
+
+
+def describe_error(exc: BaseException, url: str | URL) -> str:
+    """A one-line reason for a driver error, with the URL's password scrubbed out."""
+    orig = getattr(exc, "orig", None)
+    reason = str(orig if orig is not None else exc).strip().splitlines()
+    text = " ".join(line.strip() for line in reason if line.strip()) or type(exc).__name__
+    try:
+        password = (make_url(url) if isinstance(url, str) else url).password
+    except sa.exc.ArgumentError:
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return text
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file behind a SQLite URL; None for other dialects and in-memory databases."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Per-connection SQLite settings: WAL (readers never block the writer), a generous busy
+    timeout (several workers may share a file) and enforced foreign keys (off by default)."""
+    assert isinstance(dbapi_connection, sqlite3.Connection)
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        # WAL makes NORMAL durable against application crashes; only power loss can drop
+        # the last transactions, which the pipeline redoes idempotently anyway.
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+def create_engine(url: str) -> Engine:
+    """An engine with batchpipe's per-dialect settings. Does not connect yet."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise StoreError(f"invalid database URL {mask_url(url)}: {exc}") from None
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if backend == "sqlite":
+        # The sqlite3 module's own timeout is its busy handler; keep it in step with the pragma.
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    elif backend == "postgresql":
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise StoreError(f"cannot use database {mask_url(parsed)}: {exc}") from None
+    if backend == "sqlite":
+        sa.event.listen(engine, "connect", _on_sqlite_connect)
+    return engine

@@ -1,0 +1,224 @@
+"""Items: bulk insert, paged reads, counts, retries and the export join.
+
+Everything here scales with the dataset (a million rows is normal), so writes are
+``executemany`` of one Core statement per chunk, and reads are keyset-paginated
+(``row_index > :last … LIMIT :page``), each page in its own short transaction: memory stays
+flat and no cursor or snapshot is held open while the caller works.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.rows import RESULT_FIELDS, ItemRow
+from batchpipe.db.schema import batches, items
+from batchpipe.models import ItemStatus
+
+INSERT_CHUNK = 10_000
+# How many row indexes find_duplicate_keys reports per duplicated key.
+DUPLICATE_EXAMPLES = 5
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+# What export_rows yields, in this order.
+EXPORT_FIELDS: tuple[str, ...] = (
+    "row_index",
+    "row_key",
+    "custom_id",
+    "status",
+    "response_text",
+    "stop_reason",
+    "input_tokens",
+    "output_tokens",
+    "error_type",
+    "error_message",
+    "attempts",
+    "api_batch_id",
+    "model",
+)
+_ITEM_COLUMNS = [items.c[f] for f in ItemRow.__dataclass_fields__]
+
+
+class ItemsMixin(StoreBase):
+    """Store methods for the ``items`` table."""
+
+    def insert_items(
+        self, job_id: int, rows: Iterable[tuple[int, str, ItemStatus, str | None]]
+    ) -> int:
+        """Insert ``(row_index, row_key, status, error_message)`` rows; return how many.
+
+        The iterable is pulled lazily in chunks of INSERT_CHUNK, each sent as one executemany,
+        all inside one transaction: a failure half way (a duplicate row_index, a dead
+        connection) leaves no items at all, so ingest can simply run again.
+        """
+        now = self.clock()
+        stmt = sa.insert(items)
+        total = 0
+        source = iter(rows)
+        with self._begin() as conn:
+            while chunk := list(itertools.islice(source, INSERT_CHUNK)):
+                conn.execute(
+                    stmt,
+                    [
+                        {
+                            "job_id": job_id,
+                            "row_index": row_index,
+                            "row_key": row_key,
+                            "status": ItemStatus(status).value,
+                            "error_message": error_message,
+                            "attempts": 0,
+                            "updated_at": now,
+                        }
+                        for row_index, row_key, status, error_message in chunk
+                    ],
+                )
+                total += len(chunk)
+        return total
+
+    def find_duplicate_keys(self, job_id: int, limit: int = 20) -> list[tuple[str, list[int]]]:
+        """Row keys used by more than one row, each with its first few row indexes."""
+        dupes = (
+            sa.select(items.c.row_key)
+            .where(items.c.job_id == job_id)
+            .group_by(items.c.row_key)
+            .having(sa.func.count() > 1)
+            .order_by(sa.func.min(items.c.row_index))
+            .limit(limit)
+        )
+        with self._begin() as conn:
+            keys = list(conn.execute(dupes).scalars())
+            if not keys:
+                return []
+            # Rank within each key so only the first few indexes of each come back.
+            rank = (
+                sa.func.row_number()
+                .over(partition_by=items.c.row_key, order_by=items.c.row_index)
+                .label("rank")
+            )
+            ranked = (
+                sa.select(items.c.row_key, items.c.row_index, rank)
+                .where(items.c.job_id == job_id, items.c.row_key.in_(keys))
+                .subquery()
+            )
+            rows = conn.execute(
+                sa.select(ranked.c.row_key, ranked.c.row_index)
+                .where(ranked.c.rank <= DUPLICATE_EXAMPLES)
+                .order_by(ranked.c.row_index)
+            ).all()
+        found: dict[str, list[int]] = {key: [] for key in keys}
+        for key, row_index in rows:
+            found[key].append(row_index)
+        return list(found.items())
+
+    def iter_items(
+        self,
+        job_id: int,
+        *,
+        statuses: Collection[ItemStatus] | None = None,
+        start: int = 0,
+        page: int = 10_000,
+    ) -> Iterator[ItemRow]:
+        """Items with ``row_index >= start`` in row order, optionally only some statuses."""
+        base = sa.select(*_ITEM_COLUMNS).where(items.c.job_id == job_id)
+        if statuses is not None:
+            base = base.where(items.c.status.in_(status_values(statuses)))
+        for row in self._keyset(base, items.c.row_index, start, page):
+            yield ItemRow.from_row(row)
+
+    def count_items(self, job_id: int) -> dict[ItemStatus, int]:
+        """How many items are in each status (every status present, zeros included)."""
+        stmt = (
+            sa.select(items.c.status, sa.func.count())
+            .where(items.c.job_id == job_id)
+            .group_by(items.c.status)
+        )
+        counts = dict.fromkeys(ItemStatus, 0)
+        with self._begin() as conn:
+            for status, count in conn.execute(stmt):
+                counts[ItemStatus(status)] = int(count)
+        return counts
+
+    def usage_totals(self, job_id: int) -> dict[str, int]:
+        """Token sums over the job's items: input, output and both cache kinds."""
+        stmt = sa.select(
+            *(sa.func.coalesce(sa.func.sum(items.c[f]), 0).label(f) for f in TOKEN_FIELDS)
+        ).where(items.c.job_id == job_id)
+        with self._begin() as conn:
+            row = conn.execute(stmt).one()
+        return {f: int(row._mapping[f]) for f in TOKEN_FIELDS}
+
+    def requeue_items(
+        self,
+        job_id: int,
+        *,
+        statuses: Collection[ItemStatus],
+        error_types: Collection[str] | None = None,
+        reset_attempts: bool = True,
+    ) -> int:
+        """Put final items back to pending for another try (``batchpipe retry``).
+
+        Only final statuses other than ``invalid`` qualify: requeueing a submitted item would
+        orphan its in-flight request, and invalid rows are never sent. Result fields are
+        cleared; attempts restart at 0 when ``reset_attempts``. Returns the count requeued.
+        """
+        wanted = {ItemStatus(s) for s in statuses}
+        refused = {s for s in wanted if not s.is_terminal() or s is ItemStatus.INVALID}
+        if refused:
+            raise ValueError(f"cannot requeue items that are {', '.join(sorted(refused))}")
+        values: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+        values.update(
+            status=ItemStatus.PENDING.value, custom_id=None, batch_id=None, updated_at=self.clock()
+        )
+        if reset_attempts:
+            values["attempts"] = 0
+        stmt = (
+            sa.update(items)
+            .where(items.c.job_id == job_id, items.c.status.in_(status_values(wanted)))
+            .values(values)
+        )
+        if error_types is not None:
+            stmt = stmt.where(items.c.error_type.in_(list(error_types)))
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def export_rows(self, job_id: int, *, page: int = 10_000) -> Iterator[tuple[Any, ...]]:
+        """The joined output rows, in row order, as tuples of :data:`EXPORT_FIELDS`.
+
+        ``status`` is the stored string; ``api_batch_id`` is the API's id of the item's last
+        batch (None while pending or never sent).
+        """
+        cols = [
+            batches.c.api_batch_id if f == "api_batch_id" else items.c[f] for f in EXPORT_FIELDS
+        ]
+        base = (
+            sa.select(*cols)
+            .select_from(items.outerjoin(batches, items.c.batch_id == batches.c.id))
+            .where(items.c.job_id == job_id)
+        )
+        for row in self._keyset(base, items.c.row_index, 0, page):
+            yield tuple(row)
+
+    def _keyset(
+        self, base: sa.Select[Any], key: sa.ColumnElement[int], start: int, page: int
+    ) -> Iterator[sa.Row[Any]]:
+        """Page through ``base`` ordered by ``key`` (which must be selected and unique)."""
+        if page < 1:
+            raise ValueError("page must be at least 1")
+        stmt = base.order_by(key).limit(page)
+        with self._begin() as conn:
+            rows = conn.execute(stmt.where(key >= start)).all()
+        while rows:
+            yield from rows
+            if len(rows) < page:
+                return
+            last = rows[-1]._mapping[key]
+            with self._begin() as conn:
+                rows = conn.execute(stmt.where(key > last)).all()

@@ -1,0 +1,184 @@
+"""Immutable records the Store hands out (and takes in), decoupled from SQLAlchemy rows.
+
+Callers never see a SQLAlchemy ``Row``: statuses come back as the enums from
+:mod:`batchpipe.models`, timestamps as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One row of ``jobs``."""
+
+    id: int
+    name: str
+    token: str
+    status: JobStatus
+    spec: dict[str, Any]
+    input_fingerprint: str | None
+    row_count: int
+    invalid_count: int
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    lease_owner: str | None
+    lease_until: datetime | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> JobRow:
+        """Build from a ``SELECT * FROM jobs`` row."""
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            name=m["name"],
+            token=m["token"],
+            status=JobStatus(m["status"]),
+            spec=dict(m["spec"] or {}),
+            input_fingerprint=m["input_fingerprint"],
+            row_count=m["row_count"],
+            invalid_count=m["invalid_count"],
+            error=m["error"],
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+            lease_owner=m["lease_owner"],
+            lease_until=m["lease_until"],
+        )
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One row of ``batches``."""
+
+    id: int
+    job_id: int
+    api_batch_id: str | None
+    status: BatchStatus
+    round: int
+    request_count: int
+    request_bytes: int
+    first_custom_id: str
+    last_custom_id: str
+    intent_at: datetime
+    created_at: datetime | None
+    expires_at: datetime | None
+    ended_at: datetime | None
+    collected_at: datetime | None
+    api_counts: dict[str, int] | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> BatchRow:
+        """Build from a ``SELECT * FROM batches`` row."""
+        m = row._mapping
+        counts = m["api_counts"]
+        return cls(
+            id=m["id"],
+            job_id=m["job_id"],
+            api_batch_id=m["api_batch_id"],
+            status=BatchStatus(m["status"]),
+            round=m["round"],
+            request_count=m["request_count"],
+            request_bytes=m["request_bytes"],
+            first_custom_id=m["first_custom_id"],
+            last_custom_id=m["last_custom_id"],
+            intent_at=m["intent_at"],
+            created_at=m["created_at"],
+            expires_at=m["expires_at"],
+            ended_at=m["ended_at"],
+            collected_at=m["collected_at"],
+            api_counts=None if counts is None else {str(k): int(v) for k, v in counts.items()},
+            error=m["error"],
+        )
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """One row of ``items`` (one input row's state and latest result)."""
+
+    job_id: int
+    row_index: int
+    row_key: str
+    custom_id: str | None
+    status: ItemStatus
+    attempts: int
+    batch_id: int | None
+    response_text: str | None
+    stop_reason: str | None
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_creation_input_tokens: int | None
+    cache_read_input_tokens: int | None
+    error_type: str | None
+    error_message: str | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> ItemRow:
+        """Build from a row selecting (at least) every field of this class."""
+        m = row._mapping
+        return cls(
+            job_id=m["job_id"],
+            row_index=m["row_index"],
+            row_key=m["row_key"],
+            custom_id=m["custom_id"],
+            status=ItemStatus(m["status"]),
+            attempts=m["attempts"],
+            batch_id=m["batch_id"],
+            response_text=m["response_text"],
+            stop_reason=m["stop_reason"],
+            model=m["model"],
+            input_tokens=m["input_tokens"],
+            output_tokens=m["output_tokens"],
+            cache_creation_input_tokens=m["cache_creation_input_tokens"],
+            cache_read_input_tokens=m["cache_read_input_tokens"],
+            error_type=m["error_type"],
+            error_message=m["error_message"],
+        )
+
+
+@dataclass(frozen=True)
+class ItemUpdate:
+    """One applied result line: the new state of one item plus its attempt's outcome.
+
+    ``status`` is decided by the pipeline: a final status, or ``pending`` for a transient
+    failure that still has attempts left. ``result_type`` is the API's result type and goes
+    into the attempts history.
+    """
+
+    row_index: int
+    custom_id: str
+    status: ItemStatus
+    result_type: str
+    attempt: int
+    response_text: str | None = None
+    stop_reason: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+# The item columns an ItemUpdate writes (besides status), and the ones a requeue clears.
+RESULT_FIELDS: tuple[str, ...] = (
+    "response_text",
+    "stop_reason",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "error_type",
+    "error_message",
+)

@@ -1,0 +1,73 @@
+"""The Store: every read and write of batchpipe's state, on SQLite or PostgreSQL.
+
+Opening checks the schema revision before anything else touches the database: a missing or
+blank SQLite file is migrated on the spot (the zero-setup default), anything else that is not
+at head is refused with the command that fixes it. The per-table methods live in the mixins.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from batchpipe.db.batches import BatchesMixin
+from batchpipe.db.connect import create_engine, describe_error, mask_url, sqlite_path
+from batchpipe.db.items import ItemsMixin
+from batchpipe.db.jobs import JobsMixin
+from batchpipe.db.migrate import head_revision, revision_of, upgrade
+from batchpipe.errors import StoreError
+
+
+class Store(JobsMixin, ItemsMixin, BatchesMixin):
+    """batchpipe's state database. Thread-safe (one engine, pooled connections)."""
+
+    @classmethod
+    def open(cls, url: str, *, auto_migrate: bool = True) -> Store:
+        """Connect to ``url`` and make sure its schema is the one this code needs.
+
+        Raises StoreError (with the password masked) when the database is unreachable or
+        not at the head revision.
+        """
+        path = sqlite_path(url)
+        blank_file = path is not None and (not path.exists() or path.stat().st_size == 0)
+        if path is not None and not path.parent.is_dir():
+            raise StoreError(f"database {mask_url(url)}: directory {path.parent} does not exist")
+        engine = create_engine(url)
+        try:
+            current, has_tables = _inspect(engine)
+        except sa.exc.SQLAlchemyError as exc:
+            engine.dispose()
+            raise StoreError(
+                f"cannot open database {mask_url(url)}: {describe_error(exc, url)}"
+            ) from None
+        head = head_revision()
+        if current != head:
+            # A file with no tables at all is as blank as a missing one (e.g. `touch`ed).
+            if auto_migrate and path is not None and (blank_file or not has_tables):
+                try:
+                    upgrade(url)
+                except BaseException:
+                    engine.dispose()
+                    raise
+            else:
+                engine.dispose()
+                raise StoreError(
+                    f"database {mask_url(url)} is at revision {current or 'none (empty)'}, "
+                    f"batchpipe needs {head}: run `batchpipe db upgrade`"
+                )
+        return cls(engine, url)
+
+    def close(self) -> None:
+        """Close every pooled connection. The Store must not be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _inspect(engine: sa.Engine) -> tuple[str | None, bool]:
+    """The database's revision, and whether it has any tables at all."""
+    with engine.connect() as conn:
+        return revision_of(conn), bool(sa.inspect(conn).get_table_names())

@@ -1,0 +1,61 @@
+"""Alembic environment for batchpipe.
+
+The database URL comes from the alembic Config's ``sqlalchemy.url`` (set programmatically by
+``batchpipe.db.upgrade``), else from BATCHPIPE_DATABASE_URL when alembic is run by hand. The
+engine is batchpipe's own, so SQLite gets the same pragmas (WAL, busy timeout, foreign keys)
+as at run time. Logging is left alone: the application configures it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from alembic import context
+
+from batchpipe.db.connect import create_engine
+from batchpipe.db.schema import metadata
+
+config = context.config
+
+
+def _database_url() -> str:
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get("BATCHPIPE_DATABASE_URL")
+    if not url:
+        raise RuntimeError("set BATCHPIPE_DATABASE_URL (or sqlalchemy.url) to run migrations")
+    return url
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL to stdout instead of running it (``alembic upgrade head --sql``)."""
+    context.configure(
+        url=_database_url(),
+        target_metadata=metadata,
+        literal_binds=True,
+        render_as_batch=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    """Run the migrations on a live connection, in one transaction where the dialect can."""
+    engine = create_engine(_database_url())
+    try:
+        with engine.connect() as connection:
+            context.configure(
+                connection=connection,
+                target_metadata=metadata,
+                # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
+                render_as_batch=connection.dialect.name == "sqlite",
+                compare_type=True,
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,473 @@
+"""The Store's whole API, each test on a SQLite file and on a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from batchpipe.db import ItemRow, ItemUpdate, JobNameTaken, Store, upgrade
+from batchpipe.db.schema import attempts
+from batchpipe.errors import StoreError
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus
+
+P, S = ItemStatus.PENDING, ItemStatus.SUBMITTED
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    upgrade(db_url)  # Store.open migrates only SQLite files by itself
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+def new_job(store: Store, name: str = "j1", token: str = "0123456789") -> int:
+    return store.create_job(name=name, token=token, spec={"model": "m"}, input_fingerprint="fp").id
+
+
+def cid(row: int, attempt: int = 1) -> str:
+    return f"0123456789-{row}-{attempt}"
+
+
+def with_items(store: Store, n: int) -> int:
+    job = new_job(store)
+    store.insert_items(job, ((i, f"k{i}", P, None) for i in range(n)))
+    return job
+
+
+def plan(store: Store, job: int, rows: list[int], attempt: int = 1) -> int:
+    batch = store.plan_batch(
+        job, round=attempt, items=[(r, cid(r, attempt), attempt) for r in rows], request_bytes=99
+    )
+    return batch.id
+
+
+def succeeded(row: int, attempt: int = 1, **kw: object) -> ItemUpdate:
+    fields: dict[str, object] = {"response_text": f"answer {row}", "input_tokens": 10}
+    fields.update(kw)
+    return ItemUpdate(
+        row_index=row,
+        custom_id=cid(row, attempt),
+        status=ItemStatus.SUCCEEDED,
+        result_type="succeeded",
+        attempt=attempt,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def errored(row: int, error_type: str, status: ItemStatus, attempt: int = 1) -> ItemUpdate:
+    return ItemUpdate(
+        row_index=row,
+        custom_id=cid(row, attempt),
+        status=status,
+        result_type="errored",
+        attempt=attempt,
+        error_type=error_type,
+        error_message="boom",
+    )
+
+
+def by_row(store: Store, job: int) -> dict[int, ItemRow]:
+    return {i.row_index: i for i in store.iter_items(job)}
+
+
+# ------------------------------------------------------------------ jobs
+
+
+def test_create_get_list_jobs(store: Store) -> None:
+    a = store.create_job(name="a", token="aaaaaaaaaa", spec={"x": [1, 2]}, input_fingerprint=None)
+    b = store.create_job(name="b", token="bbbbbbbbbb", spec={}, input_fingerprint="f")
+    assert a.status is JobStatus.RUNNING
+    assert a.spec == {"x": [1, 2]}
+    assert a.created_at.tzinfo is not None
+    assert a.created_at.utcoffset() == timedelta(0)
+    assert abs(a.created_at - datetime.now(UTC)) < timedelta(minutes=1)
+    assert store.get_job(a.id) == a
+    assert store.get_job(str(b.id)) == b
+    assert store.get_job("b") == b
+    assert store.get_job("nope") is None
+    assert store.get_job(9999) is None
+    assert [j.name for j in store.list_jobs()] == ["b", "a"]
+    store.update_job(a.id, status=JobStatus.DONE)
+    assert [j.name for j in store.list_jobs([JobStatus.DONE])] == ["a"]
+    with pytest.raises(JobNameTaken, match="'a' already exists"):
+        store.create_job(name="a", token="cccccccccc", spec={}, input_fingerprint=None)
+    assert isinstance(JobNameTaken("x"), StoreError)
+
+
+def test_update_job_compare_and_set(store: Store) -> None:
+    job = new_job(store)
+    before = store.get_job(job)
+    assert before is not None
+    assert store.update_job(job, expected_status=JobStatus.RUNNING, status=JobStatus.DONE)
+    # A second worker that still believes the job is running loses.
+    assert not store.update_job(job, expected_status=JobStatus.RUNNING, status=JobStatus.FAILED)
+    assert store.update_job(
+        job, expected_status=[JobStatus.DONE, JobStatus.FAILED], row_count=5, error="e"
+    )
+    after = store.get_job(job)
+    assert after is not None
+    assert (after.status, after.row_count, after.error) == (JobStatus.DONE, 5, "e")
+    assert after.updated_at >= before.updated_at
+    assert not store.update_job(12345, status=JobStatus.DONE)
+    with pytest.raises(ValueError, match="nonsense"):
+        store.update_job(job, nonsense=1)
+
+
+# ------------------------------------------------------------------ leases
+
+
+def test_leases(store: Store) -> None:
+    job = new_job(store)
+    assert store.acquire_lease(job, "w1", 60)
+    assert store.acquire_lease(job, "w1", 60)  # re-entrant for its owner
+    assert not store.acquire_lease(job, "w2", 60)
+    assert store.renew_lease(job, "w1", 60)
+    assert not store.renew_lease(job, "w2", 60)
+    store.release_lease(job, "w2")  # not the owner: nothing happens
+    assert not store.acquire_lease(job, "w2", 60)
+    store.release_lease(job, "w1")
+    row = store.get_job(job)
+    assert row is not None
+    assert (row.lease_owner, row.lease_until) == (None, None)
+    assert store.acquire_lease(job, "w2", 60)
+    row = store.get_job(job)
+    assert row is not None
+    assert row.lease_owner == "w2"
+    assert row.lease_until is not None
+    assert row.lease_until > datetime.now(UTC) + timedelta(seconds=50)
+
+
+def test_expired_lease_is_taken_over(store: Store) -> None:
+    job = new_job(store)
+    assert store.acquire_lease(job, "w1", 30)
+    assert not store.acquire_lease(job, "w2", 30)
+    store.clock = lambda: datetime.now(UTC) + timedelta(seconds=31)
+    assert store.acquire_lease(job, "w2", 30)
+    # The old owner notices it lost the job when it tries to renew.
+    assert not store.renew_lease(job, "w1", 30)
+    assert store.renew_lease(job, "w2", 30)
+
+
+def test_two_engines_race_for_one_lease(db_url: str) -> None:
+    upgrade(db_url)
+    setup = Store.open(db_url)
+    job = new_job(setup)
+    setup.close()
+    stores = [Store.open(db_url) for _ in range(2)]
+    barrier = threading.Barrier(len(stores))
+    results: dict[str, bool] = {}
+
+    def contend(store: Store, owner: str) -> None:
+        barrier.wait()
+        results[owner] = store.acquire_lease(job, owner, 60)
+
+    threads = [threading.Thread(target=contend, args=(s, f"w{n}")) for n, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == [False, True]
+    winner = next(o for o, won in results.items() if won)
+    row = stores[0].get_job(job)
+    assert row is not None
+    assert row.lease_owner == winner
+    for s in stores:
+        s.close()
+
+
+# ------------------------------------------------------------------ items
+
+
+def test_insert_many_items_and_iterate_in_pages(store: Store) -> None:
+    job = new_job(store)
+    n = 20_000
+    consumed = 0
+
+    def rows() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
+        nonlocal consumed
+        for i in reversed(range(n)):  # insert order must not matter for read order
+            consumed += 1
+            yield i, f"key-{i}", ItemStatus.INVALID if i % 1000 == 7 else P, None
+        assert consumed == n
+
+    assert store.insert_items(job, rows()) == n
+    got = [item.row_index for item in store.iter_items(job, page=777)]
+    assert got == list(range(n))
+    assert [i.row_index for i in store.iter_items(job, start=19_990, page=3)] == list(
+        range(19_990, n)
+    )
+    invalid = list(store.iter_items(job, statuses=[ItemStatus.INVALID], page=4))
+    assert [i.row_index for i in invalid] == [i for i in range(n) if i % 1000 == 7]
+    counts = store.count_items(job)
+    assert counts[P] == n - 20
+    assert counts[ItemStatus.INVALID] == 20
+    assert counts[ItemStatus.SUCCEEDED] == 0
+
+
+def test_insert_items_is_all_or_nothing(store: Store) -> None:
+    job = new_job(store)
+
+    def rows() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
+        yield from ((i, str(i), P, None) for i in range(15_000))
+        yield 3, "again", P, None  # duplicate primary key in the second chunk
+
+    with pytest.raises(sa.exc.IntegrityError):
+        store.insert_items(job, rows())
+    assert list(store.iter_items(job)) == []
+
+
+def test_find_duplicate_keys(store: Store) -> None:
+    job = new_job(store)
+    keys = ["a", "b", "a", "c", "b", "a", "d", "a", "a", "a", "a"]
+    store.insert_items(job, ((i, k, P, None) for i, k in enumerate(keys)))
+    assert store.find_duplicate_keys(job) == [("a", [0, 2, 5, 7, 8]), ("b", [1, 4])]
+    assert store.find_duplicate_keys(job, limit=1) == [("a", [0, 2, 5, 7, 8])]
+    other = new_job(store, "j2", "abcdefabcd")
+    store.insert_items(other, [(0, "x", P, None), (1, "y", P, None)])
+    assert store.find_duplicate_keys(other) == []
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_plan_batch_claims_items_and_records_intent(store: Store) -> None:
+    job = with_items(store, 5)
+    batch = store.plan_batch(
+        job, round=1, items=[(1, cid(1), 1), (3, cid(3), 1)], request_bytes=1234
+    )
+    assert batch.status is BatchStatus.PLANNED
+    assert (batch.request_count, batch.request_bytes, batch.round) == (2, 1234, 1)
+    assert (batch.first_custom_id, batch.last_custom_id) == (cid(1), cid(3))
+    assert batch.api_batch_id is None
+    assert batch.intent_at.tzinfo is not None
+    items = by_row(store, job)
+    assert (items[1].status, items[1].custom_id) == (S, cid(1))
+    assert (items[1].batch_id, items[1].attempts) == (batch.id, 1)
+    assert items[0].status is P
+
+
+def test_plan_batch_is_atomic(store: Store) -> None:
+    job = with_items(store, 5)
+    plan(store, job, [2])
+    before = by_row(store, job)
+    with pytest.raises(StoreError, match="only 2 of 3 items were pending"):
+        plan(store, job, [0, 2, 4])
+    assert by_row(store, job) == before
+    assert len(store.list_batches(job)) == 1
+
+
+def test_mark_created_update_and_list_batches(store: Store) -> None:
+    job = with_items(store, 4)
+    b1, b2 = plan(store, job, [0, 1]), plan(store, job, [2, 3])
+    created = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert store.mark_batch_created(
+        b1, api_batch_id="msgbatch_1", created_at=created, expires_at=created + timedelta(days=1)
+    )
+    assert not store.mark_batch_created(
+        b1, api_batch_id="msgbatch_x", created_at=created, expires_at=created
+    )
+    with pytest.raises(StoreError, match="adopt it twice"):
+        store.mark_batch_created(
+            b2, api_batch_id="msgbatch_1", created_at=created, expires_at=created
+        )
+    row = store.get_batch(b1)
+    assert row is not None
+    assert (row.status, row.api_batch_id, row.created_at) == (
+        BatchStatus.IN_PROGRESS,
+        "msgbatch_1",
+        created,
+    )
+    counts = {"processing": 0, "succeeded": 2}
+    assert store.update_batch(
+        b1, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.ENDED, api_counts=counts
+    )
+    assert not store.update_batch(
+        b1, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
+    )
+    row = store.get_batch(b1)
+    assert row is not None
+    assert (row.status, row.api_counts) == (BatchStatus.ENDED, counts)
+    assert [b.id for b in store.list_batches(job)] == [b1, b2]
+    assert [b.id for b in store.list_batches(job, [BatchStatus.PLANNED])] == [b2]
+    assert store.known_api_batch_ids() == {"msgbatch_1"}
+    assert store.get_batch(999) is None
+    with pytest.raises(ValueError, match="naive"):
+        store.update_batch(b1, ended_at=datetime(2024, 1, 1))
+
+
+def test_release_batch_items(store: Store) -> None:
+    job = with_items(store, 3)
+    first = plan(store, job, [0, 1])
+    store.apply_results(job, first, [errored(0, "overloaded_error", P)])
+    store.requeue_batch_leftovers(first)  # row 1 was never mentioned
+    retry = plan(store, job, [0, 1], attempt=2)
+    assert store.release_batch_items(retry) == 2
+    items = by_row(store, job)
+    for row in (0, 1):
+        item = items[row]
+        assert item.status is P
+        assert item.attempts == 1
+        assert (item.custom_id, item.batch_id) == (None, None)
+    batch = store.get_batch(retry)
+    assert batch is not None
+    assert batch.status is BatchStatus.REJECTED
+    with pytest.raises(StoreError, match="not planned"):
+        store.release_batch_items(retry)
+
+
+# ------------------------------------------------------------------ results
+
+
+def test_apply_results_is_idempotent(store: Store) -> None:
+    job = with_items(store, 4)
+    batch = plan(store, job, [0, 1, 2, 3])
+    updates = [
+        succeeded(0, model="claude", output_tokens=5, cache_read_input_tokens=3),
+        errored(1, "invalid_request_error", ItemStatus.ERRORED),
+        errored(2, "overloaded_error", P),  # transient: back to pending
+    ]
+    assert store.apply_results(job, batch, updates) == 3
+    assert store.apply_results(job, batch, updates) == 0
+    items = by_row(store, job)
+    ok, bad, again, untouched = (items[i] for i in range(4))
+    assert (ok.status, ok.response_text, ok.model) == (
+        ItemStatus.SUCCEEDED,
+        "answer 0",
+        "claude",
+    )
+    assert ok.batch_id == batch
+    assert (bad.status, bad.error_type) == (
+        ItemStatus.ERRORED,
+        "invalid_request_error",
+    )
+    assert (again.status, again.attempts, again.batch_id) == (P, 1, None)
+    assert untouched.status is S
+    # A line for an id the item no longer carries (a stale file) changes nothing.
+    assert store.apply_results(job, batch, [succeeded(3, attempt=7)]) == 0
+
+    # The transient row goes out again and succeeds on attempt 2.
+    retry = plan(store, job, [2], attempt=2)
+    assert store.apply_results(job, retry, [succeeded(2, attempt=2)]) == 1
+    assert store.requeue_batch_leftovers(batch) == 1  # row 3 never came back
+    assert by_row(store, job)[3].status is P
+
+    with store._engine.connect() as conn:
+        history = conn.execute(
+            sa.select(attempts.c.row_index, attempts.c.attempt, attempts.c.result_type)
+            .where(attempts.c.job_id == job)
+            .order_by(attempts.c.row_index, attempts.c.attempt)
+        ).all()
+    assert [tuple(h) for h in history] == [
+        (0, 1, "succeeded"),
+        (1, 1, "errored"),
+        (2, 1, "errored"),
+        (2, 2, "succeeded"),
+        (3, 7, "succeeded"),  # recorded as history even though the item ignored it
+    ]
+
+
+def test_requeue_items_by_error_type(store: Store) -> None:
+    job = with_items(store, 4)
+    batch = plan(store, job, [0, 1, 2, 3])
+    store.apply_results(
+        job,
+        batch,
+        [
+            succeeded(0),
+            errored(1, "invalid_request_error", ItemStatus.ERRORED),
+            errored(2, "overloaded_error", ItemStatus.ERRORED),
+            errored(3, "overloaded_error", ItemStatus.ERRORED),
+        ],
+    )
+    n = store.requeue_items(job, statuses=[ItemStatus.ERRORED], error_types=["overloaded_error"])
+    assert n == 2
+    items = by_row(store, job)
+    assert [items[i].status for i in range(4)] == [
+        ItemStatus.SUCCEEDED,
+        ItemStatus.ERRORED,
+        P,
+        P,
+    ]
+    assert (items[2].attempts, items[2].error_type, items[2].custom_id) == (0, None, None)
+    assert store.requeue_items(job, statuses=[ItemStatus.ERRORED], reset_attempts=False) == 1
+    assert by_row(store, job)[1].attempts == 1
+    with pytest.raises(ValueError, match="submitted"):
+        store.requeue_items(job, statuses=[ItemStatus.SUBMITTED])
+
+
+def test_export_rows_order_join_and_usage(store: Store) -> None:
+    job = with_items(store, 5)
+    batch = plan(store, job, [1, 3])
+    store.mark_batch_created(
+        batch, api_batch_id="msgbatch_9", created_at=datetime.now(UTC), expires_at=datetime.now(UTC)
+    )
+    store.apply_results(
+        job,
+        batch,
+        [
+            succeeded(1, output_tokens=7, model="m1", cache_creation_input_tokens=2),
+            succeeded(3, output_tokens=1, cache_read_input_tokens=4),
+        ],
+    )
+    rows = list(store.export_rows(job, page=2))
+    assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0] == (0, "k0", None, "pending", None, None, None, None, None, None, 0, None, None)
+    assert rows[1] == (
+        1, "k1", cid(1), "succeeded", "answer 1", None, 10, 7, None, None, 1, "msgbatch_9", "m1"
+    )  # fmt: skip
+    assert rows[3][11] == "msgbatch_9"
+    assert store.usage_totals(job) == {
+        "input_tokens": 20,
+        "output_tokens": 8,
+        "cache_creation_input_tokens": 2,
+        "cache_read_input_tokens": 4,
+    }
+    empty = new_job(store, "empty", "ffffffffff")
+    assert store.usage_totals(empty) == dict.fromkeys(
+        ["input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"],
+        0,
+    )
+    assert list(store.export_rows(empty)) == []
+
+
+def test_bulk_paths_use_executemany(store: Store) -> None:
+    """One round trip per chunk, not per row: count the statements the driver sees."""
+    job = new_job(store)
+    calls: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        calls.append((statement.split()[0].upper(), executemany))
+
+    sa.event.listen(store._engine, "before_cursor_execute", record)
+    try:
+        store.insert_items(job, ((i, str(i), P, None) for i in range(2_500)))
+        inserts = [c for c in calls if c[0] == "INSERT"]
+        # Postgres batches executemany into multi-row VALUES pages; SQLite is one call.
+        assert 1 <= len(inserts) <= 5, inserts
+        calls.clear()
+        batch = plan(store, job, list(range(2_000)))
+        updates = [c for c in calls if c[0] == "UPDATE"]
+        assert updates == [("UPDATE", True)]
+        calls.clear()
+        store.apply_results(job, batch, [succeeded(i) for i in range(2_000)])
+        assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", True)]
+        assert len([c for c in calls if c[0] == "INSERT"]) <= 5
+    finally:
+        sa.event.remove(store._engine, "before_cursor_execute", record)
+
+
+def test_timestamps_come_back_aware_utc(store: Store) -> None:
+    job = with_items(store, 1)
+    batch = plan(store, job, [0])
+    when = datetime(2024, 6, 1, 14, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=5)))
+    store.mark_batch_created(batch, api_batch_id="b", created_at=when, expires_at=when)
+    row = store.get_batch(batch)
+    assert row is not None
+    assert row.created_at == when
+    assert row.created_at is not None
+    assert row.created_at.utcoffset() == timedelta(0)
