@@ -86,6 +86,10 @@ def test_answer_is_pinned() -> None:
     assert expected_text(req("Translate 'good morning' into French, please.")) == (
         "Answer 6d2f3e4e6442: Translate good morning into French."
     )
+    assert expected_text({**req("hello there number 4"), "model": "m"}) == (
+        "Answer 689b2784b728: hello there number in is plus form so about and it topic reply "
+        "with short."
+    )
 
 
 def test_distinct_prompts_get_distinct_answers_of_varied_length(respond: Any) -> None:

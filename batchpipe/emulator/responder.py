@@ -58,11 +58,17 @@ __all__ = [
 ]
 
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-# Filler for answers; fixed so answers never change between releases.
+# Byte -> base58 character (b % 58: a slight bias towards the first characters is harmless
+# for ids that only need to be unique and look right).
+_BASE58_TABLE = bytes(ord(_BASE58[b % 58]) for b in range(256))
+# Filler for answers, as one long text built by fixed arithmetic (never from ``random``), so
+# answers are the same in every release; answers take whole words from it by slicing.
 _FILLER = (
     "noted", "and", "the", "reply", "is", "brief", "so", "here", "it", "goes", "with",
     "care", "plus", "detail", "about", "that", "topic", "in", "short", "form",
 )  # fmt: skip
+_FILLER_TEXT = " ".join(_FILLER[(i * 7 + i // 3) % len(_FILLER)] for i in range(600))
+_FILLER_SPAN = len(_FILLER_TEXT) - 400  # room after any start for the longest filler
 _ECHO_STRIP = ".,;:!?\"'()[]{}<>`*"
 
 
@@ -191,21 +197,20 @@ def _answer_text(prompt: _Prompt) -> str:
     # 12 hex digits (48 bits): distinct prompts in a 100k batch collide with p ~ 2e-5.
     parts = [f"Answer {digest[:6].hex()}:"]
     echo_count = 1 + digest[6] % 5
-    for word in prompt.echo.split()[:12]:
+    for word in prompt.echo.split(maxsplit=12)[:12]:
         cleaned = word.strip(_ECHO_STRIP)[:24]
         if cleaned:
             parts.append(cleaned)
             if len(parts) > echo_count:
                 break
-    target_chars = 4 * (6 + digest[7] % 35)
-    length = sum(len(p) + 1 for p in parts)
-    i = 8
-    while length < target_chars:
-        word = _FILLER[(digest[i % 32] + i) % len(_FILLER)]
-        parts.append(word)
-        length += len(word) + 1
-        i += 1
-    return " ".join(parts) + "."
+    head = " ".join(parts)
+    need = 4 * (6 + digest[7] % 35) - len(head) - 2  # natural length: 6 to 40 tokens
+    if need > 0:
+        # Whole words of the filler text, from a word start picked by the hash.
+        start = _FILLER_TEXT.find(" ", int.from_bytes(digest[8:10]) % _FILLER_SPAN) + 1
+        end = _FILLER_TEXT.find(" ", start + need)
+        head = f"{head} {_FILLER_TEXT[start:end]}"
+    return head + "."
 
 
 def expected_text(params: dict[str, Any]) -> str:
@@ -220,13 +225,8 @@ def count_tokens(body: dict[str, Any]) -> int:
 
 
 def _base58_id(prefix: str, digest: bytes) -> str:
-    """``prefix`` + 22 base58 characters from 16 bytes (58**22 > 2**128, so no information lost)."""
-    n = int.from_bytes(digest[:16], "big")
-    chars = []
-    for _ in range(22):
-        n, r = divmod(n, 58)
-        chars.append(_BASE58[r])
-    return prefix + "".join(chars)
+    """``prefix`` + 22 base58 characters, one per digest byte (via a translation table: fast)."""
+    return prefix + digest[:22].translate(_BASE58_TABLE).decode()
 
 
 def _params_digest(params: dict[str, Any]) -> bytes:
@@ -297,7 +297,7 @@ def respond(params: dict[str, Any], *, cache: PromptCache) -> dict[str, Any]:
         content = [
             {
                 "type": "tool_use",
-                "id": _base58_id("toolu_01", ids[16:]),
+                "id": _base58_id("toolu_01", ids[10:]),
                 "name": tool["name"],
                 "input": tool_input,
                 "caller": {"type": "direct"},
