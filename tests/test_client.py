@@ -8,6 +8,7 @@ from datetime import UTC, timedelta
 from typing import Any
 
 import anthropic
+import httpx2
 import orjson
 import pytest
 from pydantic import SecretStr
@@ -372,6 +373,63 @@ def test_broken_results_stream_in_process_is_transient(client: BatchClient, emu:
     assert len(got) == 2
     emu.configure(results_break_rate=0.0)
     assert len(list(client.results(batch.id))) == 6  # the next download is whole
+
+
+def _truncating_app(emu: Emulator, keep: bytes) -> Any:
+    """The emulator behind a proxy that ends every results download cleanly but early.
+
+    ``keep`` is applied to the whole body: b"2" keeps two whole lines, b"2.5" also half
+    of the third (a last line cut short without a newline).
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = b"".join(emu.wsgi_app(environ, start_response))
+        if not environ["PATH_INFO"].endswith("/results"):
+            return [body]
+        lines = body.splitlines(keepends=True)
+        whole, _, half = keep.partition(b".")
+        out = b"".join(lines[: int(whole)])
+        if half:
+            out += lines[int(whole)][:20]
+        return [out]
+
+    return app
+
+
+@pytest.mark.parametrize(("keep", "why"), [(b"2", "2 of 5 lines"), (b"2.5", "cut short")])
+def test_results_ending_early_is_transient(emu: Emulator, keep: bytes, why: str) -> None:
+    emu.configure(processing_seconds=0.0)
+    proxy = httpx2.Client(
+        transport=httpx2.WSGITransport(app=_truncating_app(emu, keep)), base_url=IN_PROCESS_BASE_URL
+    )
+    client = BatchClient(_settings(), http_client=proxy, base_url=IN_PROCESS_BASE_URL)
+    batch = client.create(_body(5)[0], count=5)
+    got: list[ResultRecord] = []
+    with pytest.raises(errors.TransientAPIError, match=why):
+        got.extend(client.results(batch.id))
+    assert len(got) == 2
+    client.close()
+
+
+def test_key_echoed_by_a_server_is_redacted() -> None:
+    """A misbehaving proxy that echoes the credential in its error message: still no key."""
+
+    def echo(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = {
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": environ["HTTP_AUTHORIZATION"]},
+        }
+        start_response("400 Bad Request", [("content-type", "application/json")])
+        return [orjson.dumps(body)]
+
+    proxy = httpx2.Client(transport=httpx2.WSGITransport(app=echo))
+    client = BatchClient(_settings(), http_client=proxy, base_url=IN_PROCESS_BASE_URL)
+    with capture_logs() as logs, pytest.raises(errors.APIError) as info:
+        client.cancel("msgbatch_x")
+    assert "Bearer [redacted]" in str(info.value)
+    assert "request id unknown" in str(info.value)
+    _assert_no_key(info.value, *logs)
+    client.close()
 
 
 def test_cancel_ended_batch_is_api_error(client: BatchClient, emu: Emulator) -> None:
