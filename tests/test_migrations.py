@@ -1,0 +1,160 @@
+"""Migrations are explicit and tested: blank → head matches the models, down and up again,
+one head; Store.open's revision checks; no password in any error message."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from batchpipe.db import (
+    Store,
+    current_revision,
+    downgrade,
+    head_revision,
+    mask_url,
+    upgrade,
+)
+from batchpipe.db.migrate import MIGRATIONS_DIR, alembic_config
+from batchpipe.db.schema import metadata
+from batchpipe.errors import StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = {"jobs", "batches", "items", "attempts"}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def table_names(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def schema_diff(url: str) -> list[object]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": True}
+            )
+            return list(compare_metadata(ctx, metadata))
+    finally:
+        engine.dispose()
+
+
+def test_exactly_one_head() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == ["0001"]
+    assert head_revision() == "0001"
+    assert MIGRATIONS_DIR == REPO / "migrations"
+
+
+def test_upgrade_matches_models_then_down_and_up_again(db_url: str) -> None:
+    assert current_revision(db_url) is None
+    upgrade(db_url)
+    assert current_revision(db_url) == head_revision()
+    assert table_names(db_url) == TABLES | {"alembic_version"}
+    assert schema_diff(db_url) == []
+
+    downgrade(db_url)
+    assert current_revision(db_url) is None
+    assert table_names(db_url) == {"alembic_version"}
+
+    upgrade(db_url)
+    assert current_revision(db_url) == "0001"
+    assert schema_diff(db_url) == []
+    upgrade(db_url)  # already at head: a no-op, not an error
+    assert current_revision(db_url) == "0001"
+
+
+def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing.db", tmp_path / "touched.db"):
+        if path.name == "touched.db":
+            path.touch()
+        url = f"sqlite:///{path}"
+        with Store.open(url) as store:
+            assert store.list_jobs() == []
+        assert current_revision(url) == head_revision()
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+
+
+def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
+    with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
+        Store.open(db_url, auto_migrate=False)
+    assert "revision none" in str(err.value)
+    assert "needs 0001" in str(err.value)
+    assert current_revision(db_url) is None  # refused without touching it
+
+
+def test_store_open_never_auto_migrates_postgres(postgres_url: str) -> None:
+    with pytest.raises(StoreError, match=r"batchpipe db upgrade"):
+        Store.open(postgres_url)
+    upgrade(postgres_url)
+    Store.open(postgres_url, auto_migrate=False).close()
+
+
+def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
+    upgrade(sqlite_url)
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'old0'")
+    engine.dispose()
+    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0001"):
+        Store.open(sqlite_url)  # auto_migrate applies to blank files only
+
+
+@pytest.mark.postgres
+def test_errors_never_show_the_password() -> None:
+    secret = "s3cr3t-Pa55"
+    port = closed_port()
+    url = f"postgresql+psycopg://batch:{secret}@127.0.0.1:{port}/state"
+    assert mask_url(url) == f"postgresql+psycopg://batch:***@127.0.0.1:{port}/state"
+    for attempt in (
+        lambda: Store.open(url),
+        lambda: current_revision(url),
+        lambda: upgrade(url),
+    ):
+        with pytest.raises(StoreError) as err:
+            attempt()
+        message = str(err.value)
+        assert secret not in message
+        assert "batch:***@127.0.0.1" in message
+        assert err.value.__cause__ is None or secret not in str(err.value.__cause__)
+
+
+def test_mask_url_without_password() -> None:
+    assert mask_url("sqlite:///state.db") == "sqlite:///state.db"
+    assert mask_url("not a url") == "***"
+
+
+def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
+    """By hand: `alembic upgrade head` from the repo with BATCHPIPE_DATABASE_URL set."""
+    url = f"sqlite:///{tmp_path / 'by-hand.db'}"
+    env = {**os.environ, "BATCHPIPE_DATABASE_URL": url}
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert current_revision(url) == "0001"
