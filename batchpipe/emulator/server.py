@@ -176,7 +176,11 @@ class EmulatorServer:
         """Start serving in a daemon thread."""
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._httpd.serve_forever, name="batchpipe-emulator", daemon=True
+                # A short poll interval makes stop() quick (tests start many servers).
+                target=self._httpd.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name="batchpipe-emulator",
+                daemon=True,
             )
             self._thread.start()
         return self
