@@ -665,3 +665,49 @@ def test_count_tokens_matches_respond_and_validates(respond: Any) -> None:
     ]:
         with pytest.raises(InvalidParams, match=message):
             count_tokens(broken)
+
+
+# ---------------------------------------------------------------- schema_values edge cases
+
+EDGE_SCHEMAS: list[dict[str, Any]] = [
+    {"type": "number", "multipleOf": 0.1, "minimum": 0, "maximum": 3},
+    {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.02},
+    {"type": "number", "exclusiveMaximum": -5},
+    {"type": "integer", "minimum": 7, "maximum": 7},
+    {"type": "integer", "exclusiveMinimum": 0.5, "maximum": 3},
+    {"type": "integer", "multipleOf": 5, "minimum": 3, "maximum": 30},
+    {"type": "string", "minLength": 50},
+    {"type": "string", "maxLength": 1},
+    {"type": "string", "format": "uuid"},
+    {"type": "string", "format": "email"},
+    {
+        "type": "array",
+        "items": {"type": "boolean"},
+        "minItems": 2,
+        "maxItems": 2,
+        "uniqueItems": True,
+    },
+    {"type": "array", "minItems": 6, "items": {"type": ["null", "integer"]}},
+    {"const": {"nested": [1, 2]}},
+    {"enum": [1, "two", None, {"three": 3}]},
+    {"type": "object", "properties": {"x": {"type": "integer"}}, "allOf": [{"required": ["x"]}]},
+    {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "integer"}]},
+    {},
+]
+
+
+@pytest.mark.parametrize("schema", EDGE_SCHEMAS, ids=[json.dumps(s)[:50] for s in EDGE_SCHEMAS])
+def test_schema_values_edge_cases(schema: dict[str, Any]) -> None:
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    for i in range(300):
+        seed = i.to_bytes(2, "little") * 4
+        value = value_for(schema, seed)
+        validator.validate(value)
+        assert value == value_for(schema, seed)
+
+
+def test_schema_values_infinite_schema_terminates() -> None:
+    # A required, non-nullable self-reference has no finite instance: stop, do not crash.
+    schema = {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}
+    value = value_for(schema, b"seedseed")
+    assert isinstance(value, dict)

@@ -229,12 +229,14 @@ class _Generator:
         if isinstance(step, int | float) and not isinstance(step, bool) and step > 0:
             first = math.ceil(low / step)
             slots = max(0, math.floor(high / step) - first + 1)
-            n = first + self._draws.below(slots)
-            if _exclusive(schema, "Minimum", low) and n * step <= low:
-                n += 1
-            if _exclusive(schema, "Maximum", high) and n * step >= high:
-                n -= 1
-            return n * step if isinstance(step, int) else round(n * step, 10)
+            if isinstance(step, int):
+                n = first + self._draws.below(slots)
+                if _exclusive(schema, "Minimum", low) and n * step <= low:
+                    n += 1
+                if _exclusive(schema, "Maximum", high) and n * step >= high:
+                    n -= 1
+                return n * step
+            return self._float_multiple(schema, step, first, slots, (low, high))
         # Hundredths inside the bounds, nudged off an exclusive edge.
         span = max(0, math.floor((high - low) * 100))
         value = low + self._draws.below(span + 1) / 100
@@ -243,6 +245,31 @@ class _Generator:
         if _exclusive(schema, "Maximum", high) and value >= high:
             value = low + (high - low) / 2
         return round(value, 6)
+
+    def _float_multiple(
+        self,
+        schema: dict[str, Any],
+        step: float,
+        first: int,
+        slots: int,
+        bounds: tuple[float, float],
+    ) -> float:
+        """A multiple of a fractional step that validators accept as one.
+
+        Validators test ``value / step`` for integrality in binary floating point, where
+        2.4 / 0.1 is 23.999999999999996; so walk from a drawn slot to one that divides exactly
+        (for steps like 0.1 every few slots do) and is inside any exclusive bound.
+        """
+        low, high = bounds
+        start = self._draws.below(slots)
+        for k in range(min(max(slots, 1), 1000)):  # bounded: never a long search
+            value = round((first + (start + k) % max(slots, 1)) * step, 10)
+            if (value / step).is_integer() and not (
+                (_exclusive(schema, "Minimum", low) and value <= low)
+                or (_exclusive(schema, "Maximum", high) and value >= high)
+            ):
+                return value
+        return round(first * step, 10)
 
     def _string(self, schema: dict[str, Any]) -> str:
         fmt = schema.get("format")
