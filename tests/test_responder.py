@@ -47,6 +47,7 @@ def respond(message_validator: Draft202012Validator) -> Any:
         before = copy.deepcopy(params)
         message = responder.respond(params, cache=cache if cache is not None else PromptCache())
         message_validator.validate(message)
+        assert json.loads(json.dumps(message)) == message  # plain JSON, ready for a result line
         assert params == before, "respond() must not mutate the request"
         return message
 
