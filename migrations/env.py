@@ -12,7 +12,7 @@ import os
 
 from alembic import context
 
-from batchpipe.db.connect import create_engine
+from batchpipe.db.connect import BEGIN_IMMEDIATE, create_engine
 from batchpipe.db.schema import metadata
 
 config = context.config
@@ -42,6 +42,9 @@ def run_migrations_online() -> None:
     engine = create_engine(_database_url())
     try:
         with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Hold the write lock from the start: concurrent migrators queue up.
+                connection.execution_options(**{BEGIN_IMMEDIATE: True})
             context.configure(
                 connection=connection,
                 target_metadata=metadata,

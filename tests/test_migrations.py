@@ -97,6 +97,19 @@ def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
         engine.dispose()
 
 
+def test_concurrent_processes_open_one_new_sqlite_file(tmp_path: Path) -> None:
+    """Several workers starting at once on a fresh file: one migrates, the others wait."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    code = f"from batchpipe.db import Store; Store.open({url!r}).close()"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    outcomes = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
+    assert [(err, rc) for err, rc in outcomes if rc != 0] == []
+    assert current_revision(url) == head_revision()
+
+
 def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
     with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
         Store.open(db_url, auto_migrate=False)

@@ -59,6 +59,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     """Per-connection SQLite settings: WAL (readers never block the writer), a generous busy
     timeout (several workers may share a file) and enforced foreign keys (off by default)."""
     assert isinstance(dbapi_connection, sqlite3.Connection)
+    # Take transaction control away from the sqlite3 module (which never BEGINs before DDL
+    # or SELECT): _on_sqlite_begin emits BEGIN itself, so migrations are atomic and a
+    # transaction's reads see one snapshot.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
@@ -69,6 +73,23 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()
+
+
+# Execution option asking for BEGIN IMMEDIATE (take the write lock up front).
+BEGIN_IMMEDIATE = "batchpipe_begin_immediate"
+
+
+def _on_sqlite_begin(conn: sa.Connection) -> None:
+    """Start every SQLAlchemy transaction with an explicit BEGIN.
+
+    Deferred is enough for the Store: each of its write transactions starts with its write,
+    so it waits on the busy timeout for the lock rather than failing on a stale snapshot.
+    Migrations read the version table before writing, so they ask for BEGIN IMMEDIATE
+    (see migrations/env.py): a second process migrating the same new file then waits and
+    finds it already at head, instead of failing with "database is locked".
+    """
+    immediate = conn.get_execution_options().get(BEGIN_IMMEDIATE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def create_engine(url: str) -> Engine:
@@ -90,4 +111,5 @@ def create_engine(url: str) -> Engine:
         raise StoreError(f"cannot use database {mask_url(parsed)}: {exc}") from None
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _on_sqlite_connect)
+        sa.event.listen(engine, "begin", _on_sqlite_begin)
     return engine

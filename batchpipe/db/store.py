@@ -45,6 +45,12 @@ class Store(JobsMixin, ItemsMixin, BatchesMixin):
             if auto_migrate and path is not None and (blank_file or not has_tables):
                 try:
                     upgrade(url)
+                except StoreError:
+                    # Another process may have migrated the same new file first; if so,
+                    # its work is ours too.
+                    if _revision_or_none(engine) != head:
+                        engine.dispose()
+                        raise
                 except BaseException:
                     engine.dispose()
                     raise
@@ -71,3 +77,11 @@ def _inspect(engine: sa.Engine) -> tuple[str | None, bool]:
     """The database's revision, and whether it has any tables at all."""
     with engine.connect() as conn:
         return revision_of(conn), bool(sa.inspect(conn).get_table_names())
+
+
+def _revision_or_none(engine: sa.Engine) -> str | None:
+    """The revision, or None when it cannot even be read."""
+    try:
+        return _inspect(engine)[0]
+    except sa.exc.SQLAlchemyError:
+        return None
