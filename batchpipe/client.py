@@ -93,9 +93,9 @@ class BatchClient:
             http_client=http_client,
         )
         # Right after a create the real service has been seen answering 404 for a moment
-        # (reference §2.2), so retrieve retries a 404 this many times before believing it.
+        # (reference §2.2), so retrieve and results retry a 404 this many times first.
         self.not_found_retries = 3
-        self.not_found_delay = 1.0
+        self.not_found_delay = 1.0  # seconds; grows linearly per retry
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,21 +132,13 @@ class BatchClient:
 
     def retrieve(self, batch_id: str) -> BatchInfo:
         """The batch's current state; a 404 is retried a few times before it counts."""
-        attempts = self.not_found_retries + 1
-        for attempt in range(attempts):
-            try:
-                batch = self._call(
-                    "retrieve",
-                    f"retrieve batch {batch_id}",
-                    lambda: self._sdk.messages.batches.retrieve(batch_id),
-                    batch_id=batch_id,
-                    remap_not_found=attempt == attempts - 1,
-                )
-            except anthropic.NotFoundError:
-                time.sleep(self.not_found_delay * (attempt + 1))
-                continue
-            return _batch_info(batch)
-        raise AssertionError("unreachable: the last attempt maps NotFoundError")  # pragma: no cover
+        batch = self._call_tolerating_404(
+            "retrieve",
+            f"retrieve batch {batch_id}",
+            lambda: self._sdk.messages.batches.retrieve(batch_id),
+            batch_id=batch_id,
+        )
+        return _batch_info(batch)
 
     def list_batches(
         self, *, created_after: datetime | None = None, page_size: int = 100
@@ -181,10 +173,28 @@ class BatchClient:
                 f"results of batch {batch_id} failed: it has not ended yet "
                 f"(processing_status {info.processing_status})"
             )
+        if info.archived_at is not None:
+            raise errors.APIError(
+                f"results of batch {batch_id} failed: they were archived at "
+                f"{info.archived_at.isoformat()} and can no longer be downloaded"
+            )
         url = info.results_url
         op = f"results of batch {batch_id}"
         started = time.perf_counter()
-        response = self._open_results(url, op, batch_id)
+        # A 404 just after the batch ended is ridden out as in retrieve. The SDK's get() with
+        # cast_to=httpx2.Response and stream=True hands back the unread response.
+        response = self._call_tolerating_404(
+            "results",
+            op,
+            lambda: self._sdk.get(
+                url,
+                cast_to=httpx2.Response,
+                stream=True,
+                options={"headers": {"Accept": "application/binary"}},
+            ),
+            batch_id=batch_id,
+            log_success=False,  # one line is logged below, once the stream has been read
+        )
         request_id = response.headers.get("request-id")
         lines = 0
         try:
@@ -286,26 +296,18 @@ class BatchClient:
         )
         return result
 
-    def _open_results(self, url: str, op: str, batch_id: str) -> httpx2.Response:
-        """Open the results stream; a 404 just after the batch ended is retried, as in retrieve."""
-        for attempt in range(self.not_found_retries + 1):
+    def _call_tolerating_404(
+        self, event: str, op: str, fn: Callable[[], T], *, batch_id: str, log_success: bool = True
+    ) -> T:
+        """``_call``, but a 404 only counts once it persists over a few short waits."""
+        for attempt in range(self.not_found_retries):
             try:
                 return self._call(
-                    "results",
-                    op,
-                    lambda: self._sdk.get(
-                        url,
-                        cast_to=httpx2.Response,
-                        stream=True,
-                        options={"headers": {"Accept": "application/binary"}},
-                    ),
-                    batch_id=batch_id,
-                    remap_not_found=attempt == self.not_found_retries,
-                    log_success=False,  # results() logs one line once the stream is read
+                    event, op, fn, batch_id=batch_id, remap_not_found=False, log_success=log_success
                 )
             except anthropic.NotFoundError:
                 time.sleep(self.not_found_delay * (attempt + 1))
-        raise AssertionError("unreachable: the last attempt maps NotFoundError")  # pragma: no cover
+        return self._call(event, op, fn, batch_id=batch_id, log_success=log_success)
 
     def _map_error(self, op: str, exc: anthropic.AnthropicError) -> errors.APIError:
         """Translate an SDK exception; the message never holds the key or a request body."""

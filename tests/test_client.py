@@ -363,6 +363,15 @@ def test_results_before_the_end_is_api_error(client: BatchClient) -> None:
         list(client.results(batch.id))
 
 
+def test_archived_results_fail_without_retrying(client: BatchClient, emu: Emulator) -> None:
+    batch = client.create(_body(1)[0], count=1)
+    emu.advance(30 * 24 * 3600)
+    assert client.retrieve(batch.id).archived_at is not None
+    with pytest.raises(errors.APIError, match="archived"):
+        list(client.results(batch.id))
+    assert emu.stats()["calls"].get("results", 0) == 0
+
+
 def test_broken_results_stream_in_process_is_transient(client: BatchClient, emu: Emulator) -> None:
     batch = client.create(_body(6)[0], count=6)
     _wait_ended(client, emu, batch.id)
