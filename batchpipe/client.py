@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, TypeVar
 
 import anthropic
@@ -47,18 +46,10 @@ NO_KEY_MESSAGE = (
 )
 # The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
 # max_tokens, temperature, metadata ... which that endpoint would reject.
-COUNT_TOKENS_KEYS = frozenset(
-    {
-        "model",
-        "messages",
-        "system",
-        "tools",
-        "tool_choice",
-        "thinking",
-        "cache_control",
-        "output_config",
-    }
-)
+COUNT_TOKENS_KEYS = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
+    "output_config",
+})  # fmt: skip
 # Statuses the SDK already retried (its policy) and that a later run may get past.
 _TRANSIENT_SDK_ERRORS: tuple[type[Exception], ...] = (
     anthropic.RateLimitError,
@@ -106,12 +97,7 @@ class BatchClient:
     def __enter__(self) -> BatchClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ operations
@@ -119,15 +105,18 @@ class BatchClient:
     def create(self, body: bytes, *, count: int) -> BatchInfo:
         """Create a batch from a serialised body ``{"requests": [...]}`` holding ``count`` items."""
 
-        def call() -> MessageBatch:
-            return self._sdk.post(
+        batch = self._call(
+            "create",
+            "create batch",
+            lambda: self._sdk.post(
                 "/v1/messages/batches",
                 cast_to=MessageBatch,
-                content=body,
+                content=body,  # sent as is: no re-serialising (see the module docstring)
                 options={"headers": {"Content-Type": "application/json"}},
-            )
-
-        batch = self._call("create", "create batch", call, count=count, bytes=len(body))
+            ),
+            count=count,
+            bytes=len(body),
+        )
         return _batch_info(batch)
 
     def retrieve(self, batch_id: str) -> BatchInfo:
