@@ -471,3 +471,18 @@ def test_timestamps_come_back_aware_utc(store: Store) -> None:
     assert row.created_at == when
     assert row.created_at is not None
     assert row.created_at.utcoffset() == timedelta(0)
+
+
+def test_cancel_pending_and_delete_items(store: Store) -> None:
+    job = with_items(store, 4)
+    plan(store, job, [1])
+    assert store.cancel_pending(job) == 3
+    statuses = [i.status for i in store.iter_items(job)]
+    assert statuses == [ItemStatus.CANCELED, S, ItemStatus.CANCELED, ItemStatus.CANCELED]
+    with pytest.raises(StoreError, match="already submitted"):
+        store.delete_items(job)
+    fresh = new_job(store, "fresh", "eeeeeeeeee")
+    store.insert_items(fresh, [(0, "a", P, None), (1, "a", P, None)])
+    assert store.delete_items(fresh) == 2
+    assert list(store.iter_items(fresh)) == []
+    assert len(list(store.iter_items(job))) == 4  # other jobs untouched

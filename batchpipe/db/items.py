@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, status_values
 from batchpipe.db.rows import RESULT_FIELDS, ItemRow
-from batchpipe.db.schema import batches, items
+from batchpipe.db.schema import attempts, batches, items
+from batchpipe.errors import StoreError
 from batchpipe.models import ItemStatus
 
 INSERT_CHUNK = 10_000
@@ -188,6 +189,35 @@ class ItemsMixin(StoreBase):
             stmt = stmt.where(items.c.error_type.in_(list(error_types)))
         with self._begin() as conn:
             return int(conn.execute(stmt).rowcount)
+
+    def cancel_pending(self, job_id: int) -> int:
+        """The job is being canceled: its pending items become canceled (never sent).
+
+        Submitted items are left alone; their batch's results say how each one ended.
+        """
+        stmt = (
+            sa.update(items)
+            .where(items.c.job_id == job_id, items.c.status == ItemStatus.PENDING.value)
+            .values(status=ItemStatus.CANCELED.value, updated_at=self.clock())
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def delete_items(self, job_id: int) -> int:
+        """Remove every item (and attempt) of a job, e.g. after ingest found duplicate keys.
+
+        Refuses while any item is in a batch: those rows are the record of what was sent.
+        """
+        with self._begin() as conn:
+            sent = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(items)
+                .where(items.c.job_id == job_id, items.c.batch_id.is_not(None))
+            ).scalar_one()
+            if sent:
+                raise StoreError(f"job {job_id}: {sent} items were already submitted; not deleting")
+            conn.execute(sa.delete(attempts).where(attempts.c.job_id == job_id))
+            return int(conn.execute(sa.delete(items).where(items.c.job_id == job_id)).rowcount)
 
     def export_rows(self, job_id: int, *, page: int = 10_000) -> Iterator[tuple[Any, ...]]:
         """The joined output rows, in row order, as tuples of :data:`EXPORT_FIELDS`.
