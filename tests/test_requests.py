@@ -1,0 +1,284 @@
+"""Rendering rows into requests, the custom_id scheme and batch packing (batchpipe.requests)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jinja2
+import orjson
+import pytest
+
+from batchpipe.errors import InputError, UsageError
+from batchpipe.models import CUSTOM_ID_PATTERN, RESULT_COLUMNS, JobSpec
+from batchpipe.requests import (
+    BatchPacker,
+    RequestRenderer,
+    RowProblem,
+    check_result_column_clash,
+    check_row_key,
+    format_custom_id,
+    new_job_token,
+    parse_custom_id,
+)
+
+
+def make_spec(**overrides: Any) -> JobSpec:
+    fields: dict[str, Any] = {
+        "input": "in.jsonl",
+        "prompt": "Summarise: {{ body }}",
+        "model": "claude-test",
+        "max_tokens": 100,
+    }
+    fields.update(overrides)
+    return JobSpec(**fields)
+
+
+# ---------------------------------------------------------------- custom ids
+
+
+def test_custom_id_round_trip() -> None:
+    token = new_job_token()
+    assert re.fullmatch(r"[0-9a-f]{10}", token)
+    assert new_job_token() != token
+    for row_index, attempt in [(0, 1), (41, 1), (99_999, 3)]:
+        cid = format_custom_id(token, row_index, attempt)
+        assert cid == f"{token}-{row_index}-{attempt}"
+        assert parse_custom_id(cid) == (token, row_index, attempt)
+
+
+def test_custom_id_stays_within_the_api_limits() -> None:
+    cid = format_custom_id("3f9a0c1b2d", 2**63 - 1, 20)
+    assert len(cid) <= 64
+    assert re.match(CUSTOM_ID_PATTERN, cid)
+    assert parse_custom_id(cid) == ("3f9a0c1b2d", 2**63 - 1, 20)
+    with pytest.raises(ValueError, match="not a valid custom_id"):
+        format_custom_id("x" * 60, 123_456, 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        format_custom_id("3f9a0c1b2d", -1, 1)
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    ["request-1", "3f9a0c1b2d-01-1", "3f9a0c1b2d-1", "3f9a0c1b2d-1-x", "a b-1-1", "", "x" * 70],
+)
+def test_foreign_custom_ids_are_not_ours(foreign: str) -> None:
+    assert parse_custom_id(foreign) is None
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_render_builds_messages_params() -> None:
+    spec = make_spec(
+        prompt="Title: {{ title }}\n{{ body }}",
+        system="Answer in {{ lang }}.",
+        temperature=0.3,
+        params={"metadata": {"user_id": "u1"}, "stop_sequences": ["END"]},
+    )
+    renderer = RequestRenderer(spec)
+    assert renderer.template_columns() == {"title", "body", "lang"}
+    params = renderer.render({"title": "T", "body": "B", "lang": "French", "extra": 1}, 0)
+    assert params == {
+        "model": "claude-test",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Title: T\nB"}],
+        "system": "Answer in French.",
+        "temperature": 0.3,
+        "metadata": {"user_id": "u1"},
+        "stop_sequences": ["END"],
+    }
+
+
+def test_render_without_system_or_temperature_leaves_them_out() -> None:
+    params = RequestRenderer(make_spec()).render({"body": "x"}, 0)
+    assert isinstance(params, dict)
+    assert "system" not in params
+    assert "temperature" not in params
+
+
+def test_non_string_values_are_rendered() -> None:
+    renderer = RequestRenderer(make_spec(prompt="{{ n }} {{ f }} {{ ok }} {{ tags }} {{ obj }}"))
+    params = renderer.render({"n": 3, "f": 2.5, "ok": True, "tags": ["a"], "obj": {"k": 1}}, 0)
+    assert isinstance(params, dict)
+    # Objects and arrays go in as JSON, not Python's repr.
+    assert params["messages"][0]["content"] == '3 2.5 True ["a"] {"k":1}'
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "Plain {{ a }} and {{ b }}!\n",
+        "  {{- a -}}  \n{{ b }}",
+        "{% if a %}yes {{ a }}{% endif %}{{ b | upper }}",
+        "{{ a }}{# comment #}{{ b }}{% for i in range(2) %}{{ i }}{% endfor %}",
+    ],
+)
+def test_rendering_matches_jinja2(template: str) -> None:
+    """Simple templates skip jinja2's render call; the text must be exactly jinja2's."""
+    row = {"a": 7, "b": {"x": [1, None]}}
+    params = RequestRenderer(make_spec(prompt=template)).render(row, 0)
+    assert isinstance(params, dict)
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        finalize=lambda v: orjson.dumps(v).decode() if isinstance(v, dict | list) else v,
+    )
+    assert params["messages"][0]["content"] == env.from_string(template).render(row)
+
+
+def test_missing_and_null_columns_are_row_problems() -> None:
+    renderer = RequestRenderer(make_spec(prompt="{{ title }}: {{ body }}", system="{{ lang }}"))
+    assert renderer.render({"title": "t", "lang": "en"}, 4) == RowProblem(
+        4, None, "column 'body' is missing"
+    )
+    problem = renderer.render({"title": "t", "body": "b", "lang": None}, 9)
+    assert problem == RowProblem(9, None, "column 'lang' is null")
+    assert isinstance(problem, RowProblem)
+    assert problem._replace(row_key="k9").describe() == "row 9 (key 'k9'): column 'lang' is null"
+
+
+def test_empty_prompt_is_a_row_problem() -> None:
+    renderer = RequestRenderer(make_spec(prompt="{{ body }}"))
+    assert renderer.render({"body": "  \n"}, 2) == RowProblem(
+        2, None, "prompt renders to empty text"
+    )
+
+
+def test_failing_template_expression_is_a_row_problem() -> None:
+    renderer = RequestRenderer(make_spec(prompt="{{ body.missing_attr }} {{ n / 0 }}"))
+    problem = renderer.render({"body": {"a": 1}, "n": 1}, 3)
+    assert isinstance(problem, RowProblem)
+    assert problem.row_index == 3
+    assert "missing_attr" in problem.message
+
+
+def test_oversized_request_is_a_row_problem() -> None:
+    renderer = RequestRenderer(make_spec(max_batch_bytes=10_000))
+    assert isinstance(renderer.render({"body": "x" * 9_000}, 0), dict)
+    problem = renderer.render({"body": "x" * 11_000}, 1)
+    assert problem == RowProblem(
+        1, None, "request is 11 kB, over the 10 kB batch limit; shorten the prompt"
+    )
+
+
+@pytest.mark.parametrize("which", ["prompt", "system"])
+def test_template_syntax_error_names_template_and_line(which: str) -> None:
+    broken = "line one\nline two {{ body "
+    overrides = {"prompt": broken} if which == "prompt" else {"system": broken}
+    with pytest.raises(UsageError, match=rf"{which} template, line 2: "):
+        RequestRenderer(make_spec(**overrides))
+
+
+def test_templates_run_in_a_sandbox() -> None:
+    renderer = RequestRenderer(make_spec(prompt="{{ body.__class__.__mro__ }}"))
+    assert isinstance(renderer.render({"body": "x"}, 0), RowProblem)
+
+
+def test_request_bytes_and_hash() -> None:
+    renderer = RequestRenderer(make_spec(params={"metadata": {"user_id": "u", "a": 1}}))
+    params = renderer.render({"body": "é"}, 0)
+    assert isinstance(params, dict)
+    raw = renderer.request_bytes("tok-0-1", params)
+    assert orjson.loads(raw) == {"custom_id": "tok-0-1", "params": params}
+    digest = renderer.request_hash(params)
+    # Stable: same params in another key order give the same hash.
+    assert renderer.request_hash(dict(reversed(list(params.items())))) == digest
+    changed = renderer.render({"body": "e"}, 0)
+    assert isinstance(changed, dict)
+    assert renderer.request_hash(changed) != digest
+    other_model = RequestRenderer(make_spec(model="claude-other")).render({"body": "é"}, 0)
+    assert isinstance(other_model, dict)
+    assert renderer.request_hash(other_model) != digest
+
+
+# ---------------------------------------------------------------- row checks
+
+
+def test_row_key() -> None:
+    assert check_row_key({"a": 1}, None, 17) == "17"
+    assert check_row_key({"id": 42}, "id", 0) == "42"
+    assert check_row_key({"id": "abc"}, "id", 0) == "abc"
+    for row, word in [({}, "missing"), ({"id": None}, "null"), ({"id": " "}, "empty")]:
+        problem = check_row_key(row, "id", 5)
+        assert isinstance(problem, RowProblem)
+        assert problem.row_index == 5
+        assert f"column 'id' (the id column) is {word}" in problem.message
+
+
+def test_result_column_clash() -> None:
+    check_result_column_clash(["body", "title"], RESULT_COLUMNS)
+    with pytest.raises(InputError, match=r"'custom_id', 'model'.*rename"):
+        check_result_column_clash(["custom_id", "body", "model"], RESULT_COLUMNS)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack(packer: BatchPacker, payloads: list[bytes]) -> list[Any]:
+    batches = []
+    for i, payload in enumerate(payloads):
+        full = packer.add(i, f"t-{i}-1", 1, payload)
+        if full is not None:
+            batches.append(full)
+    last = packer.flush()
+    if last is not None:
+        batches.append(last)
+    return batches
+
+
+def payload_of(size: int, i: int) -> bytes:
+    head = orjson.dumps({"custom_id": f"t-{i}-1", "params": {"t": ""}})
+    return head[:-3] + b"x" * (size - len(head)) + head[-3:]
+
+
+@pytest.mark.parametrize("max_bytes", [1000, 1015, 1016, 4096])
+def test_packer_respects_byte_limit_exactly(max_bytes: int) -> None:
+    payloads = [payload_of(100 + (i * 37) % 400, i) for i in range(200)]
+    batches = pack(BatchPacker(max_requests=1000, max_bytes=max_bytes), payloads)
+    seen = []
+    for n, batch in enumerate(batches):
+        body = batch.body()
+        assert batch.count > 0
+        assert len(body) == batch.nbytes <= max_bytes
+        decoded = orjson.loads(body)["requests"]
+        assert [r["custom_id"] for r in decoded] == [cid for _, cid, _ in batch.items]
+        if n + 1 < len(batches):
+            # Greedy: the next request would not have fitted.
+            assert batch.nbytes + 1 + len(batches[n + 1].payloads[0]) > max_bytes
+        seen.extend(batch.items)
+    assert [i for i, _, _ in seen] == list(range(200))
+
+
+def test_packer_fills_a_batch_to_exactly_the_byte_limit() -> None:
+    # 10 payloads of 99 bytes: 13 + 10 * 99 + 9 commas + 2 = 1014 bytes.
+    payloads = [payload_of(99, i) for i in range(20)]
+    batches = pack(BatchPacker(max_requests=1000, max_bytes=1014), payloads)
+    assert [b.count for b in batches] == [10, 10]
+    assert [b.nbytes for b in batches] == [1014, 1014]
+
+
+def test_packer_respects_request_limit() -> None:
+    payloads = [payload_of(50, i) for i in range(25)]
+    batches = pack(BatchPacker(max_requests=10, max_bytes=10**6), payloads)
+    assert [b.count for b in batches] == [10, 10, 5]
+
+
+def test_packer_never_emits_an_empty_batch() -> None:
+    packer = BatchPacker(max_requests=1, max_bytes=10**6)
+    assert packer.flush() is None
+    assert packer.add(0, "t-0-1", 1, payload_of(50, 0)) is None
+    first = packer.add(1, "t-1-1", 1, payload_of(50, 1))
+    assert first is not None
+    assert first.items == [(0, "t-0-1", 1)]
+    last = packer.flush()
+    assert last is not None
+    assert last.items == [(1, "t-1-1", 1)]
+    assert packer.flush() is None
+
+
+def test_packer_refuses_a_request_bigger_than_a_batch() -> None:
+    packer = BatchPacker(max_requests=10, max_bytes=1000)
+    with pytest.raises(ValueError, match="no batch of 1000 bytes holds it"):
+        packer.add(0, "t-0-1", 1, payload_of(990, 0))
+    assert packer.flush() is None
