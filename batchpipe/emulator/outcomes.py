@@ -43,14 +43,15 @@ class Outcome:
     """A finished request: result type, JSONL line, params hash if billed, injected fault kind."""
 
     result_type: str
-    line: bytes
+    line: str
     billed_hash: bytes | None = None
     fault: str | None = None
 
 
-def _line(custom_id: str, result: dict[str, Any]) -> bytes:
+def _line(custom_id: str, result: dict[str, Any]) -> str:
     # Compact JSON with no newline inside (orjson escapes control characters in strings).
-    return orjson.dumps({"custom_id": custom_id, "result": result})
+    # Kept as str: orjson's bytes keep their growth buffer (~8 KiB each), a str is exact.
+    return orjson.dumps({"custom_id": custom_id, "result": result}).decode()
 
 
 def _errored(custom_id: str, error_type: str, message: str, fault: str | None) -> Outcome:
@@ -73,7 +74,7 @@ def expired(custom_id: str) -> Outcome:
 
 
 def process(
-    custom_id: str, params_json: bytes, cfg: EmulatorConfig, cache: responder.PromptCache
+    custom_id: str, params_json: str, cfg: EmulatorConfig, cache: responder.PromptCache
 ) -> Outcome:
     """Run one request in its turn: an injected fault, an invalid-params error or a Message."""
     draw = unit(cfg.seed, "outcome", custom_id)

@@ -316,7 +316,7 @@ def _limit(raw: str) -> int:
     return limit
 
 
-def _stream_lines(lines: list[bytes], break_after: int | None) -> Iterator[bytes]:
+def _stream_lines(lines: list[str], break_after: int | None) -> Iterator[bytes]:
     """Yield the lines, newline-terminated, in chunks; maybe drop the stream after K lines."""
     chunk: list[bytes] = []
     size = 0
@@ -325,9 +325,10 @@ def _stream_lines(lines: list[bytes], break_after: int | None) -> Iterator[bytes
             if chunk:
                 yield b"".join(chunk)
             raise ResultsStreamBroken(f"emulator fault: results stream dropped after {index} lines")
-        chunk.append(line)
+        data = line.encode()
+        chunk.append(data)
         chunk.append(b"\n")
-        size += len(line) + 1
+        size += len(data) + 1
         if size >= _CHUNK_BYTES:
             yield b"".join(chunk)
             chunk, size = [], 0
