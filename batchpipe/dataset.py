@@ -244,15 +244,15 @@ def write_joined(
         if type_name not in _RESULT_TYPES:
             raise ValueError(f"result column {name!r}: unknown type {type_name!r}")
         types.append(_RESULT_TYPES[type_name])
-    clash = [c for c in dataset.columns() if c in set(names)]
-    if clash:
-        raise InputError(
-            f"{dataset.uri} already has column(s) {', '.join(map(repr, clash))}, which the "
-            "export adds; rename them in the input"
-        )
     as_jsonl = dest.lower().endswith(".jsonl")
     # Schema inference (a full JSONL pass) happens before any file is created.
     schema = None if as_jsonl else dataset.arrow_schema()
+    added = frozenset(names)
+    # JSONL to JSONL needs no full pass for anything else, so rather than pay one just to
+    # learn the columns, each row is checked as it streams past.
+    check_each_row = dataset.format == "jsonl" and dataset._columns is None
+    if not check_each_row:
+        _refuse_clash(dataset.uri, [c for c in dataset.columns() if c in added])
     cursor = ResultCursor(results, dataset.uri)
     fs, path = _resolve(dest)
     tmp = posixpath.join(
@@ -268,6 +268,10 @@ def write_joined(
                 written += batch.num_rows
         else:
             for rows in dataset.iter_rows():
+                if check_each_row:
+                    for row in rows:
+                        if not added.isdisjoint(row):
+                            _refuse_clash(dataset.uri, [c for c in row if c in added])
                 writer.write_rows(rows, cursor.take(len(rows)))
                 written += len(rows)
         cursor.finish()
@@ -280,3 +284,11 @@ def write_joined(
         writer.abort()
         raise
     return written
+
+
+def _refuse_clash(uri: str, clash: list[str]) -> None:
+    if clash:
+        raise InputError(
+            f"{uri} already has column(s) {', '.join(map(repr, clash))}, which the export "
+            "adds; rename them in the input"
+        )

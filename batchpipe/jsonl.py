@@ -33,26 +33,26 @@ class ByteStream(Protocol):
     def read(self, nbytes: int, /) -> bytes: ...
 
 
-def iter_lines(stream: ByteStream) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, line)`` for every line, 1-based, without the ``\\n``."""
-    lineno = 0
+def iter_line_blocks(stream: ByteStream) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(number of the first line, lines)`` per block read; lines lack their ``\\n``.
+
+    Lines come a block at a time because a generator step per line cost more than parsing.
+    """
+    lineno = 1
     pending = b""
     first = True
-    while True:
-        block = stream.read(READ_BLOCK_BYTES)
-        if not block:
-            break
+    while block := stream.read(READ_BLOCK_BYTES):
         if first:
             # A UTF-8 byte-order mark is legal at the very start of a file and nowhere else.
             block = block.removeprefix(_BOM)
             first = False
         lines = (pending + block).split(b"\n") if pending else block.split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            lineno += 1
-            yield lineno, line
+        pending = lines.pop()  # the (possibly empty) start of the next block's first line
+        if lines:
+            yield lineno, lines
+            lineno += len(lines)
     if pending:
-        yield lineno + 1, pending
+        yield lineno, [pending]
 
 
 def iter_row_chunks(
@@ -67,23 +67,24 @@ def iter_row_chunks(
     decode_error = orjson.JSONDecodeError
     rows: list[dict[str, Any]] = []
     total = 0
-    for lineno, line in iter_lines(stream):
-        try:
-            obj = loads(line)
-        except decode_error as exc:
-            if not line.strip():
-                continue  # blank (or whitespace-only) line: skipped, still counted
-            raise line_error(name, lineno, line, exc) from None
-        if type(obj) is not dict:
-            raise InputError(
-                f"{name}, line {lineno}: expected a JSON object ({{...}}), got "
-                f"{_json_kind(obj)}; every non-blank line must be one object"
-            )
-        rows.append(obj)
-        if len(rows) >= batch_rows:
-            total += len(rows)
-            yield rows
-            rows = []
+    for first_lineno, lines in iter_line_blocks(stream):
+        for offset, line in enumerate(lines):
+            try:
+                obj = loads(line)
+            except decode_error as exc:
+                if not line.strip():
+                    continue  # blank (or whitespace-only) line: skipped, still counted
+                raise line_error(name, first_lineno + offset, line, exc) from None
+            if type(obj) is not dict:
+                raise InputError(
+                    f"{name}, line {first_lineno + offset}: expected a JSON object ({{...}}), "
+                    f"got {_json_kind(obj)}; every non-blank line must be one object"
+                )
+            rows.append(obj)
+            if len(rows) >= batch_rows:
+                total += len(rows)
+                yield rows
+                rows = []
     if rows:
         total += len(rows)
         yield rows

@@ -130,6 +130,17 @@ def test_line_numbers_count_blank_lines(tmp_path: Path) -> None:
         read_all(path)
 
 
+def test_line_numbers_across_read_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tiny read blocks: lines straddle blocks and some lines are longer than a block.
+    monkeypatch.setattr("batchpipe.jsonl.READ_BLOCK_BYTES", 7)
+    rows = [{"i": i, "pad": "x" * (i % 13)} for i in range(300)]
+    path = write_jsonl(tmp_path / "blocks.jsonl", rows)
+    assert [r for c in Dataset(str(path)).iter_rows(batch_rows=64) for r in c] == rows
+    path.write_bytes(path.read_bytes() + b"\n" + b'{"i": nope}')
+    with pytest.raises(InputError, match=r"blocks\.jsonl, line 302: invalid JSON"):
+        read_all(path)
+
+
 def test_non_utf8_names_byte_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"a": "ok"}\n{"a": "caf\xe9"}\n')
@@ -341,10 +352,13 @@ def test_row_count_mismatch_is_refused(tmp_path: Path, fmt: str, results: int) -
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
 
 
-def test_input_column_named_like_a_result_column(tmp_path: Path) -> None:
-    data = Dataset(str(write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "mine", "a": 1}])))
-    with pytest.raises(InputError, match=r"'custom_id'.*rename"):
-        write_joined(data, results_for(1), RESULT_COLUMNS, str(tmp_path / "out.parquet"))
+@pytest.mark.parametrize("dest", ["out.parquet", "out.jsonl"])
+def test_input_column_named_like_a_result_column(tmp_path: Path, dest: str) -> None:
+    rows = [{"a": 1}, {"a": 2, "custom_id": "mine"}]
+    data = Dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
+    with pytest.raises(InputError, match=r"in\.jsonl already has column\(s\) 'custom_id'.*rename"):
+        write_joined(data, results_for(2), RESULT_COLUMNS, str(tmp_path / dest))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 def test_output_directory_missing(tmp_path: Path) -> None:
