@@ -1,3 +1,3 @@
-"""batchpipe: push large datasets through Anthropic's Message Batches API and join the answers back."""
+"""batchpipe: push datasets through the Message Batches API and join the answers back."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Settings and job specs, merged from four layers: CLI flag > BATCHPIPE_* env > TOML job file > defaults.
+"""Settings and job specs, merged: CLI flag > BATCHPIPE_* env > TOML job file > defaults.
 
 Secrets come only from the environment (``ANTHROPIC_API_KEY``); they are never read from a
 job file, never stored with a job and never printed (``SecretStr`` hides them in reprs).
@@ -46,7 +46,9 @@ class Settings:
         env = os.environ if env is None else env
         key = env.get("ANTHROPIC_API_KEY")
         return cls(
-            database_url=database_url or env.get(f"{ENV_PREFIX}DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url=database_url
+            or env.get(f"{ENV_PREFIX}DATABASE_URL")
+            or DEFAULT_DATABASE_URL,
             api_key=SecretStr(key) if key else None,
             base_url=env.get("ANTHROPIC_BASE_URL") or None,
             log_format=log_format or env.get(f"{ENV_PREFIX}LOG_FORMAT") or "auto",
@@ -111,7 +113,9 @@ def build_job_spec(
     missing = [k for k in ("input", "prompt", "model", "max_tokens") if k not in merged]
     if missing:
         flags_needed = ", ".join("--" + k.replace("_", "-") for k in missing)
-        raise UsageError(f"missing {flags_needed} (give them as flags, in --config or as BATCHPIPE_* variables)")
+        raise UsageError(
+            f"missing {flags_needed} (give them as flags, in --config or as BATCHPIPE_* variables)"
+        )
     try:
         return JobSpec.model_validate(merged)
     except ValidationError as exc:

@@ -135,7 +135,7 @@ class JobSpec(BaseModel):
         default=None, description="Column holding a unique row key; default: the row number"
     )
     output: str | None = None
-    max_attempts: int = Field(default=3, ge=1, le=20)
+    max_attempts: int = Field(default=3, ge=1, le=1000)
     poll_interval: float | None = Field(
         default=None, gt=0, description="Seconds between polls; unset: back off 30 s to 5 min"
     )
@@ -154,7 +154,9 @@ class JobSpec(BaseModel):
 
     def request_fields(self) -> dict[str, Any]:
         """The spec fields that shape every request (the rest only steer batchpipe)."""
-        return self.model_dump(include={"prompt", "system", "model", "max_tokens", "temperature", "params"})
+        return self.model_dump(
+            include={"prompt", "system", "model", "max_tokens", "temperature", "params"}
+        )
 
 
 @dataclass(frozen=True, slots=True)

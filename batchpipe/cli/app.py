@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -38,7 +40,8 @@ class State:
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
     default=None,
-    help="Log style on stderr: console on a TTY, JSON lines otherwise (auto). Env: BATCHPIPE_LOG_FORMAT.",
+    help="Log style on stderr: console on a TTY, JSON lines otherwise (auto). "
+    "Env: BATCHPIPE_LOG_FORMAT.",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
@@ -51,9 +54,6 @@ def cli(ctx: click.Context, database_url: str | None, log_format: str | None, de
           --model claude-haiku-4-5 --max-tokens 16 -o labels.parquet
     Try it offline with --emulate (a built-in local emulator of the API; no key needed).
     """
-    import logging
-    import os
-
     fmt = log_format or os.environ.get("BATCHPIPE_LOG_FORMAT") or "auto"
     log.configure(fmt, level=logging.DEBUG if debug else logging.INFO)
     ctx.obj = State(database_url=database_url, log_format=fmt, debug=debug)
@@ -73,7 +73,9 @@ def handle_errors(func: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; state is saved, run the same command again to resume", err=True)
+            click.echo(
+                "interrupted; state is saved, run the same command again to resume", err=True
+            )
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]

@@ -1,0 +1,273 @@
+"""Commands that create and advance jobs: run, submit, tick, export, cancel, retry."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchpipe import pipeline
+from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
+from batchpipe.config import build_job_spec, job_file_settings
+from batchpipe.db import JobRow
+from batchpipe.errors import EXIT_TEMPFAIL, UsageError
+from batchpipe.models import ItemStatus, JobSpec
+
+
+def _parse_param(values: tuple[str, ...]) -> dict[str, Any] | None:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r}: expected KEY=VALUE (VALUE as JSON, e.g. top_k=5)")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params or None
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that define a job, shared by `run` and `submit`."""
+    options = [
+        click.argument("input", required=False, metavar="INPUT"),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path),
+            help="TOML job file; flags and BATCHPIPE_* variables override it.",
+        ),
+        click.option(
+            "--job",
+            "job_name",
+            metavar="NAME",
+            help="Job name; the same name resumes the job. Default: input stem + settings hash.",
+        ),
+        click.option("--prompt", help="User message template, e.g. 'Classify: {{ body }}'."),
+        click.option("--system", help="System prompt (a template too)."),
+        click.option("--model", help="Model id, e.g. claude-haiku-4-5."),
+        click.option("--max-tokens", type=int, help="max_tokens for every request."),
+        click.option("--temperature", type=float, help="Sampling temperature (0-1)."),
+        click.option(
+            "--param",
+            "params",
+            multiple=True,
+            metavar="KEY=JSON",
+            help="Any other Messages parameter, passed through (repeatable).",
+        ),
+        click.option("--id-column", help="Column with a unique row id (default: the row number)."),
+        click.option("-o", "--output", help="Write the joined results here (.parquet or .jsonl)."),
+        click.option(
+            "--input-format",
+            type=click.Choice(["jsonl", "parquet"]),
+            help="Input format, when the extension does not say.",
+        ),
+        click.option("--max-attempts", type=int, help="Tries per row for transient failures [3]."),
+        click.option(
+            "--poll-interval",
+            type=float,
+            help="Seconds between polls (fractions allowed) [back off 30 s to 5 min].",
+        ),
+        click.option("--max-batch-requests", type=int, help="Requests per batch [100000]."),
+        click.option("--max-batch-bytes", type=int, help="Bytes per batch body [250000000]."),
+        click.option(
+            "--skip-invalid",
+            is_flag=True,
+            default=None,
+            help="Send the valid rows; export invalid ones as result_status=invalid.",
+        ),
+        click.option(
+            "--emulate",
+            is_flag=True,
+            help="Use the built-in emulator of the API instead of Anthropic (no key needed).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _spec_from(kwargs: dict[str, Any]) -> tuple[str | None, JobSpec]:
+    config_file: Path | None = kwargs.pop("config_file")
+    job_name: str | None = kwargs.pop("job_name")
+    kwargs["params"] = _parse_param(kwargs.pop("params"))
+    if kwargs.get("emulate") and kwargs.get("poll_interval") is None:
+        kwargs["poll_interval"] = EMULATE_POLL_INTERVAL
+    kwargs.pop("emulate")
+    if config_file is not None and job_name is None:
+        job_name = job_file_settings(config_file).get("name")
+    spec = build_job_spec(kwargs, config_file=config_file)
+    return job_name, spec
+
+
+def _echo_job(job: JobRow, verb: str) -> None:
+    click.echo(
+        f"{verb} job {job.id} ({job.name}): {job.status.value}, {job.row_count} rows", err=True
+    )
+
+
+@cli.command()
+@job_options
+@click.pass_obj
+@handle_errors
+def run(state: State, /, emulate: bool, **kwargs: Any) -> None:
+    """Run a job to the end: validate, submit, wait, collect, resubmit, export.
+
+    Blocking and resumable: after Ctrl-C, kill -9 or a reboot, the same command picks the job
+    up where it stopped and pays for nothing twice.
+    """
+    name, spec = _spec_from({**kwargs, "emulate": emulate})
+    with pipeline_context(state, emulate=emulate) as ctx:
+        job = pipeline.prepare(ctx, name or pipeline.default_job_name(spec), spec)
+        job = pipeline.run(ctx, job)
+        summary = pipeline.job_summary(ctx, job, with_batches=False)
+    _echo_job(job, "finished")
+    counts = {k: v for k, v in summary["counts"].items() if v}
+    click.echo(f"  rows by status: {counts}", err=True)
+    if spec.output:
+        click.echo(f"  output: {spec.output}", err=True)
+
+
+@cli.command()
+@job_options
+@click.pass_obj
+@handle_errors
+def submit(state: State, /, emulate: bool, **kwargs: Any) -> None:
+    """Validate and submit a job, then exit (advance it later with `tick`).
+
+    Prints the job's name on stdout, for scripts.
+    """
+    name, spec = _spec_from({**kwargs, "emulate": emulate})
+    with pipeline_context(state, emulate=emulate) as ctx:
+        job = pipeline.prepare(ctx, name or pipeline.default_job_name(spec), spec)
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)
+    _echo_job(job, "submitted")
+    click.echo(job.name)
+
+
+@cli.command()
+@click.option(
+    "--job",
+    "job_refs",
+    multiple=True,
+    metavar="JOB",
+    help="Only these jobs (name or id; repeatable). Default: every unfinished job.",
+)
+@click.option("--emulate", is_flag=True, help="Use the built-in emulator of the API.")
+@click.pass_obj
+@handle_errors
+def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
+    """Advance every unfinished job one step without waiting (for cron).
+
+    Polls, collects, resubmits and exports when a job is done. Safe when runs overlap: a job
+    another process is working on is skipped. Exit codes: 0 done or nothing to do, 1 a job
+    failed, 75 the API is unavailable or the asked-for job is busy (try later).
+    """
+    with pipeline_context(state, emulate=emulate) as ctx:
+        jobs = [_find_job(ctx, ref) for ref in job_refs] if job_refs else None
+        report = pipeline.tick(ctx, jobs)
+    for job in report.advanced:
+        _echo_job(job, "ticked")
+    for job, path in report.exported:
+        click.echo(f"exported job {job.id} ({job.name}) to {path}", err=True)
+    for job in report.locked:
+        click.echo(
+            f"job {job.id} ({job.name}) is being worked on by another process; skipped", err=True
+        )
+    for job, why in report.unavailable:
+        click.echo(f"job {job.id} ({job.name}): API unavailable, will retry: {why}", err=True)
+    for job, why in report.failed:
+        click.echo(f"error: job {job.id} ({job.name}): {why}", err=True)
+    if report.failed:
+        sys.exit(1)
+    if report.unavailable or (job_refs and report.locked):
+        sys.exit(EXIT_TEMPFAIL)
+
+
+def _find_job(ctx: pipeline.Context, ref: str) -> JobRow:
+    job = ctx.store.get_job(ref)
+    if job is None:
+        raise UsageError(f"no job {ref!r}; `batchpipe jobs` lists them")
+    return job
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option("-o", "--output", help="Destination (.parquet or .jsonl). Default: the job's -o.")
+@click.pass_obj
+@handle_errors
+def export(state: State, job_ref: str, output: str | None) -> None:
+    """Write a finished job's results joined to its input rows, in input order."""
+    with pipeline_context(state) as ctx:
+        job = _find_job(ctx, job_ref)
+        path, rows = pipeline.export(ctx, job, output)
+    click.echo(f"wrote {rows} rows to {path}", err=True)
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option("--emulate", is_flag=True, help="Use the built-in emulator of the API.")
+@click.pass_obj
+@handle_errors
+def cancel(state: State, job_ref: str, emulate: bool) -> None:
+    """Cancel a job: unsent rows are dropped and in-flight batches canceled at the API.
+
+    Already-finished answers are kept; `tick` drains the canceled batches and records every
+    row's final status.
+    """
+    with pipeline_context(state, emulate=emulate) as ctx:
+        job = pipeline.cancel(ctx, _find_job(ctx, job_ref))
+    _echo_job(job, "canceling" if not job.status.is_terminal() else "canceled")
+
+
+_RETRY_STATUSES = ["errored", "expired", "canceled", "invalid"]
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(_RETRY_STATUSES),
+    help="Which final statuses to send again (repeatable) [errored, expired].",
+)
+@click.option(
+    "--error-type",
+    "error_types",
+    multiple=True,
+    metavar="TYPE",
+    help="Only errored rows with this error type, e.g. invalid_request_error (repeatable).",
+)
+@click.option(
+    "--max-tokens", type=int, help="Use this max_tokens from now on (e.g. after truncation)."
+)
+@click.pass_obj
+@handle_errors
+def retry(
+    state: State,
+    job_ref: str,
+    statuses: tuple[str, ...],
+    error_types: tuple[str, ...],
+    max_tokens: int | None,
+) -> None:
+    """Send a finished job's failed rows round again, with fresh attempts.
+
+    For failures that a change fixed: credit topped up, a larger --max-tokens, an outage over.
+    Then `tick` or `run` the job as usual.
+    """
+    chosen = {ItemStatus(s) for s in (statuses or ("errored", "expired"))}
+    with pipeline_context(state) as ctx:
+        job = _find_job(ctx, job_ref)
+        count = pipeline.retry(
+            ctx, job, statuses=chosen, error_types=error_types or None, max_tokens=max_tokens
+        )
+    click.echo(
+        f"job {job.id} ({job.name}): {count} row(s) queued again; run `batchpipe tick`", err=True
+    )

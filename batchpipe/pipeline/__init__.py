@@ -1,0 +1,29 @@
+"""The pipeline: dataset → requests → batches → results → joined output.
+
+Each step reads what it needs from the store, does one thing, and commits, so a process can
+die anywhere and the next run continues. Nothing here prints; the CLI renders.
+"""
+
+from batchpipe.pipeline.context import Context, NullProgress, Progress, default_owner
+from batchpipe.pipeline.export import RESULT_COLUMN_TYPES, export
+from batchpipe.pipeline.ingest import default_job_name
+from batchpipe.pipeline.runner import TickReport, cancel, prepare, retry, run, step, tick
+from batchpipe.pipeline.status import job_summary
+
+__all__ = [
+    "RESULT_COLUMN_TYPES",
+    "Context",
+    "NullProgress",
+    "Progress",
+    "TickReport",
+    "cancel",
+    "default_job_name",
+    "default_owner",
+    "export",
+    "job_summary",
+    "prepare",
+    "retry",
+    "run",
+    "step",
+    "tick",
+]

@@ -1,0 +1,202 @@
+"""Poll batches until they end, then stream their results into the store.
+
+Collecting is idempotent: each result line updates its item only while the item is still
+`submitted` under that very custom_id, so a download that breaks off and is started again,
+or a batch collected twice, neither duplicates nor drops anything. Transient failures go
+back to `pending` (the next submit resends them) until the job's attempt limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import timedelta
+
+from batchpipe.db import BatchRow, ItemUpdate, JobRow
+from batchpipe.errors import APIError, NeedsAttention, TransientAPIError
+from batchpipe.models import (
+    BatchStatus,
+    ItemStatus,
+    JobStatus,
+    ResultRecord,
+    ResultType,
+    is_transient_error,
+)
+from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.requests import parse_custom_id
+
+_APPLY_CHUNK = 5_000
+EXPIRY_WARNING = timedelta(hours=2)
+ARCHIVE_AFTER = timedelta(days=29)
+ARCHIVE_WARNING = timedelta(days=2)
+
+
+def classify(
+    record: ResultRecord, attempt: int, max_attempts: int, user_canceled: bool
+) -> ItemStatus:
+    """The item status a result leads to: final, or `pending` to be sent again."""
+    retry_left = attempt < max_attempts
+    if record.result_type is ResultType.SUCCEEDED:
+        return ItemStatus.SUCCEEDED
+    if record.result_type is ResultType.ERRORED:
+        transient = is_transient_error(record.error_type)
+        return (
+            ItemStatus.PENDING
+            if transient and retry_left and not user_canceled
+            else ItemStatus.ERRORED
+        )
+    if record.result_type is ResultType.EXPIRED:
+        return ItemStatus.PENDING if retry_left and not user_canceled else ItemStatus.EXPIRED
+    # Canceled: final when the user canceled the job; someone else's cancel is retried.
+    return ItemStatus.PENDING if retry_left and not user_canceled else ItemStatus.CANCELED
+
+
+def poll(ctx: Context, job: JobRow) -> int:
+    """Refresh every in-flight batch from the API. Returns how many have ended."""
+    ended = 0
+    now = ctx.clock()
+    for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING}):
+        assert batch.api_batch_id is not None
+        info = ctx.client.retrieve(batch.api_batch_id)
+        counts = asdict(info.request_counts)
+        logger = bind(job, batch_id=batch.id, api_batch_id=info.id)
+        if info.processing_status == "ended":
+            ctx.store.update_batch(
+                batch.id,
+                expected_status=batch.status,
+                status=BatchStatus.ENDED,
+                ended_at=info.ended_at,
+                api_counts=counts,
+            )
+            logger.info("batch.ended", **counts)
+            ended += 1
+            continue
+        status = BatchStatus.CANCELING if info.processing_status == "canceling" else batch.status
+        ctx.store.update_batch(
+            batch.id, expected_status=batch.status, status=status, api_counts=counts
+        )
+        left = info.expires_at - now
+        if left < EXPIRY_WARNING:
+            logger.warning(
+                "batch.near_expiry",
+                hours_left=round(left.total_seconds() / 3600, 2),
+                processing=info.request_counts.processing,
+            )
+    return ended
+
+
+def collect(ctx: Context, job: JobRow) -> int:
+    """Stream the results of every ended batch into the store. Returns items updated."""
+    spec = job_spec(job)
+    user_canceled = job.status in {JobStatus.CANCELING, JobStatus.CANCELED}
+    total = 0
+    for batch in ctx.store.list_batches(job.id, {BatchStatus.ENDED}):
+        total += _collect_batch(ctx, job, batch, spec.max_attempts, user_canceled)
+    return total
+
+
+def _collect_batch(
+    ctx: Context, job: JobRow, batch: BatchRow, max_attempts: int, user_canceled: bool
+) -> int:
+    assert batch.api_batch_id is not None
+    logger = bind(job, batch_id=batch.id, api_batch_id=batch.api_batch_id)
+    if batch.created_at and ctx.clock() - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
+        logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
+    buf: list[ItemUpdate] = []
+    applied = foreign = lines = 0
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    ctx.progress.start("downloading", batch.request_count)
+    try:
+        for record in ctx.client.results(batch.api_batch_id):
+            lines += 1
+            parsed = parse_custom_id(record.custom_id)
+            if parsed is None or parsed[0] != job.token:
+                foreign += 1
+                continue
+            _, row_index, attempt = parsed
+            status = classify(record, attempt, max_attempts, user_canceled)
+            buf.append(_update(record, row_index, attempt, status))
+            usage["input_tokens"] += record.input_tokens or 0
+            usage["output_tokens"] += record.output_tokens or 0
+            if len(buf) >= _APPLY_CHUNK:
+                applied += ctx.store.apply_results(job.id, batch.id, buf)
+                ctx.progress.advance(len(buf))
+                buf.clear()
+                ctx.heartbeat(job.id)
+                failpoint("mid_collect")
+    except TransientAPIError:
+        # Keep what arrived (it is committed per chunk); the next run downloads again and
+        # the already-applied lines change nothing.
+        if buf:
+            applied += ctx.store.apply_results(job.id, batch.id, buf)
+        raise
+    except APIError as exc:
+        info = ctx.client.retrieve(batch.api_batch_id)
+        if info.archived_at is None:
+            raise
+        return _archived(ctx, job, batch, exc)
+    if buf:
+        applied += ctx.store.apply_results(job.id, batch.id, buf)
+        ctx.progress.advance(len(buf))
+    ctx.progress.finish()
+    if foreign:
+        message = (
+            f"job {job.id}: batch {batch.api_batch_id} holds {foreign} result(s) that are not "
+            "this job's; it was adopted as an orphan by mistake. Check it at the API"
+        )
+        ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
+        raise NeedsAttention(message)
+    leftovers = ctx.store.requeue_batch_leftovers(batch.id)
+    ctx.store.update_batch(
+        batch.id,
+        expected_status=BatchStatus.ENDED,
+        status=BatchStatus.COLLECTED,
+        collected_at=ctx.clock(),
+    )
+    logger.info("batch.collected", lines=lines, applied=applied, missing=leftovers, **usage)
+    return applied
+
+
+def _update(record: ResultRecord, row_index: int, attempt: int, status: ItemStatus) -> ItemUpdate:
+    return ItemUpdate(
+        row_index=row_index,
+        custom_id=record.custom_id,
+        status=status,
+        result_type=record.result_type.value,
+        attempt=attempt,
+        response_text=record.response_text,
+        stop_reason=record.stop_reason,
+        model=record.model,
+        input_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+        cache_creation_input_tokens=record.cache_creation_input_tokens,
+        cache_read_input_tokens=record.cache_read_input_tokens,
+        error_type=record.error_type,
+        error_message=record.error_message,
+    )
+
+
+def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:
+    """Results were archived before we collected them: say so loudly, never resend silently."""
+    logger = bind(job, batch_id=batch.id, api_batch_id=batch.api_batch_id)
+    updates: list[ItemUpdate] = []
+    for item in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED}):
+        if item.batch_id == batch.id and item.custom_id is not None:
+            updates.append(
+                ItemUpdate(
+                    row_index=item.row_index,
+                    custom_id=item.custom_id,
+                    status=ItemStatus.ERRORED,
+                    result_type="errored",
+                    attempt=item.attempts,
+                    error_type="results_archived",
+                    error_message="results were archived (29 days after creation) before "
+                    "batchpipe collected them; `batchpipe retry` with --error-type "
+                    "results_archived sends them again (and pays again)",
+                )
+            )
+    applied = ctx.store.apply_results(job.id, batch.id, updates) if updates else 0
+    ctx.store.update_batch(
+        batch.id, expected_status=BatchStatus.ENDED, status=BatchStatus.ARCHIVED, error=str(exc)
+    )
+    logger.error("batch.archived_before_collection", items=applied)
+    return applied

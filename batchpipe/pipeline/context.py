@@ -1,0 +1,171 @@
+"""What every pipeline step needs: the store, the API client, the clock, the job lease.
+
+Steps never print. They report progress through a `Progress` sink (the CLI draws bars on a
+TTY) and log one canonical structlog line per step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from batchpipe.client import BatchClient
+from batchpipe.db import JobRow, Store
+from batchpipe.errors import JobLocked
+from batchpipe.log import get_logger
+from batchpipe.models import JobSpec
+
+log = get_logger(__name__)
+
+LEASE_TTL_SECONDS = 300.0
+# A planned batch with no matching batch at the API is only re-created once the intent is
+# this old: a create that was still on the wire when its process died may yet appear.
+DEFAULT_ORPHAN_GRACE_SECONDS = 60.0
+
+
+class Progress(Protocol):
+    """Where long steps report progress. The CLI renders it; tests and cron ignore it."""
+
+    def start(self, task: str, total: int | None = None) -> None:
+        """A step with `total` units of work begins."""
+
+    def advance(self, n: int = 1) -> None:
+        """`n` more units are done."""
+
+    def finish(self) -> None:
+        """The current step is over."""
+
+
+class NullProgress:
+    """Progress that goes nowhere (not a TTY, tests, library use)."""
+
+    def start(self, task: str, total: int | None = None) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def default_owner() -> str:
+    """A lease owner id: host, pid and a nonce (the pid lets a restart spot a dead holder)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def failpoint(name: str) -> None:
+    """Die like `kill -9` here when BATCHPIPE_FAILPOINT names this point (crash tests only).
+
+    The crash-consistency tests use this to stop a real process at an exact step (e.g. right
+    after the API accepted a batch, before its id is stored) instead of hoping a random
+    SIGKILL lands there.
+    """
+    if os.environ.get("BATCHPIPE_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _holder_is_dead(owner: str) -> bool:
+    """True when the lease holder ran on this host and its process is gone."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class Context:
+    """The pipeline's dependencies. Build one per process (the CLI does)."""
+
+    store: Store
+    client_factory: Callable[[], BatchClient]
+    owner: str = field(default_factory=default_owner)
+    clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep
+    progress: Progress = field(default_factory=NullProgress)
+    orphan_grace_seconds: float = DEFAULT_ORPHAN_GRACE_SECONDS
+    lease_ttl_seconds: float = LEASE_TTL_SECONDS
+    _client: BatchClient | None = None
+    _renewed: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def client(self) -> BatchClient:
+        """The API client, created on first use (ingest and export never need one)."""
+        if self._client is None:
+            self._client = self.client_factory()
+        return self._client
+
+    def close(self) -> None:
+        """Close the client (the store belongs to the caller)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # ------------------------------------------------------------------ leases
+
+    def try_lease(self, job: JobRow) -> bool:
+        """Take the job's lease; break it first if its holder died on this host."""
+        if self.store.acquire_lease(job.id, self.owner, self.lease_ttl_seconds):
+            self._renewed[job.id] = time.monotonic()
+            return True
+        current = self.store.get_job(job.id)
+        if current and current.lease_owner and _holder_is_dead(current.lease_owner):
+            log.warning("lease.taken_over", job_id=job.id, dead_owner=current.lease_owner)
+            self.store.release_lease(job.id, current.lease_owner)
+            if self.store.acquire_lease(job.id, self.owner, self.lease_ttl_seconds):
+                self._renewed[job.id] = time.monotonic()
+                return True
+        return False
+
+    @contextmanager
+    def lease(self, job: JobRow) -> Iterator[None]:
+        """Hold the job's lease for the block, or raise JobLocked."""
+        if not self.try_lease(job):
+            raise JobLocked(
+                f"job {job.id} ({job.name}) is being worked on by another process; "
+                "try again later (tick skips it until that process is done)"
+            )
+        try:
+            yield
+        finally:
+            self.store.release_lease(job.id, self.owner)
+            self._renewed.pop(job.id, None)
+
+    def heartbeat(self, job_id: int) -> None:
+        """Renew the lease during long work; raise JobLocked if another process took it."""
+        last = self._renewed.get(job_id)
+        if last is None or time.monotonic() - last < self.lease_ttl_seconds / 4:
+            return
+        if not self.store.renew_lease(job_id, self.owner, self.lease_ttl_seconds):
+            raise JobLocked(f"job {job_id}: lost the lease to another process; stopping")
+        self._renewed[job_id] = time.monotonic()
+
+
+def job_spec(job: JobRow) -> JobSpec:
+    """The JobSpec stored with a job."""
+    return JobSpec.model_validate(job.spec)
+
+
+def bind(job: JobRow, **extra: Any) -> Any:
+    """A logger bound to the job's id and name."""
+    return log.bind(job_id=job.id, job=job.name, **extra)

@@ -1,0 +1,93 @@
+"""Export: join the stored results back to the input rows, in input order, atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from batchpipe.dataset import Dataset, write_joined
+from batchpipe.db import JobRow
+from batchpipe.errors import UsageError
+from batchpipe.models import ItemStatus, JobStatus
+from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.submit import check_fingerprint
+
+# The exported result columns and their types, in order (names fixed by models.RESULT_COLUMNS).
+RESULT_COLUMN_TYPES: list[tuple[str, str]] = [
+    ("custom_id", "string"),
+    ("result_status", "string"),
+    ("response_text", "string"),
+    ("stop_reason", "string"),
+    ("input_tokens", "int64"),
+    ("output_tokens", "int64"),
+    ("error_type", "string"),
+    ("error_message", "string"),
+    ("attempts", "int64"),
+    ("batch_id", "string"),
+    ("model", "string"),
+]
+_PAGE = 10_000
+
+
+def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for (
+        _row_index,
+        _row_key,
+        custom_id,
+        status,
+        text,
+        stop_reason,
+        input_tokens,
+        output_tokens,
+        error_type,
+        error_message,
+        attempts,
+        api_batch_id,
+        model,
+    ) in ctx.store.export_rows(job.id, page=_PAGE):
+        chunk.append(
+            (
+                custom_id,
+                str(status),
+                text,
+                stop_reason,
+                input_tokens,
+                output_tokens,
+                error_type,
+                error_message,
+                attempts,
+                api_batch_id,
+                model,
+            )
+        )
+        if len(chunk) >= _PAGE:
+            ctx.progress.advance(len(chunk))
+            yield chunk
+            chunk = []
+    if chunk:
+        ctx.progress.advance(len(chunk))
+        yield chunk
+
+
+def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int]:
+    """Write the joined output for a finished job. Returns (path, rows written)."""
+    spec = job_spec(job)
+    target = dest or spec.output
+    if target is None:
+        raise UsageError(f"job {job.id} ({job.name}) has no output path; pass -o PATH")
+    counts = ctx.store.count_items(job.id)
+    unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
+    if unfinished or job.status not in {JobStatus.DONE, JobStatus.CANCELED}:
+        raise UsageError(
+            f"job {job.id} ({job.name}) is not finished ({unfinished} row(s) still pending or "
+            f"in flight); run `batchpipe tick --job {job.name}` or wait for `batchpipe run`"
+        )
+    dataset = Dataset(spec.input, spec.input_format)
+    check_fingerprint(dataset, job)
+    ctx.progress.start("exporting", job.row_count)
+    rows = write_joined(dataset, _result_chunks(ctx, job), RESULT_COLUMN_TYPES, target)
+    ctx.progress.finish()
+    failpoint("after_export")
+    bind(job).info("job.exported", rows=rows, path=target)
+    return target, rows

@@ -1,0 +1,204 @@
+"""Ingest: create or resume a job, validate every row, and record one item per row.
+
+Validation happens before anything is sent: ids, duplicate keys, template rendering and
+request size. By default one bad row fails the job with a list of the bad rows; with
+`skip_invalid` the bad rows become `invalid` items that are exported but never sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+import orjson
+
+from batchpipe.dataset import Dataset
+from batchpipe.db import JobNameTaken, JobRow
+from batchpipe.errors import InputError, PreflightFailed, UsageError
+from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline.context import Context, bind, job_spec
+from batchpipe.requests import (
+    RequestRenderer,
+    RowProblem,
+    check_result_column_clash,
+    check_row_key,
+    format_custom_id,
+    new_job_token,
+)
+
+# Spec fields that may change between runs of the same job without changing any request.
+_NON_IDENTITY_FIELDS = {
+    "output",
+    "poll_interval",
+    "skip_invalid",
+    "max_attempts",
+    "max_batch_requests",
+    "max_batch_bytes",
+}
+_SHOWN_PROBLEMS = 20
+# The create body wraps requests in {"requests":[...]}: 14 bytes of framing plus commas.
+_FRAMING_BYTES = 16
+
+
+def default_job_name(spec: JobSpec) -> str:
+    """A stable name for a spec: the input's stem plus a hash of everything that shapes requests.
+
+    Running the same command again therefore resumes the same job.
+    """
+    identity = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
+    digest = hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), digest_size=4)
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", PurePosixPath(spec.input.split("?")[0]).stem)[:40]
+    return f"{stem or 'job'}-{digest.hexdigest()}"
+
+
+def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
+    """Return the job called `name`, creating it if new; refuse a clashing spec for a known name."""
+    job = ctx.store.get_job(name)
+    if job is None:
+        try:
+            return ctx.store.create_job(
+                name=name, token=new_job_token(), spec=spec.model_dump(), input_fingerprint=None
+            )
+        except JobNameTaken:  # another worker created it a moment ago
+            job = ctx.store.get_job(name)
+            assert job is not None
+    existing = job_spec(job)
+    old = existing.model_dump(exclude=_NON_IDENTITY_FIELDS)
+    new = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
+    changed = sorted(k for k in new if new[k] != old.get(k))
+    if changed:
+        raise UsageError(
+            f"job {job.id} ({job.name}) already exists with different {', '.join(changed)}; "
+            "give this run a new --job name, or run the original settings to resume it"
+        )
+    if existing.output != spec.output and spec.output is not None:
+        ctx.store.update_job(
+            job.id, spec=existing.model_copy(update={"output": spec.output}).model_dump()
+        )
+        job = ctx.store.get_job(job.id)
+        assert job is not None
+    return job
+
+
+def _describe(problem: RowProblem) -> str:
+    who = f"row {problem.row_index + 1}"
+    if problem.row_key is not None:
+        who += f" (id {problem.row_key!r})"
+    return f"{who}: {problem.message}"
+
+
+def _preflight_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) -> None:
+    """Column-level checks that need no row: clashes, unknown template or id columns."""
+    columns = dataset.columns()
+    check_result_column_clash(columns, RESULT_COLUMNS)
+    missing = sorted(renderer.template_columns() - set(columns))
+    if missing:
+        raise InputError(
+            f"{dataset.uri}: the template uses column(s) {', '.join(map(repr, missing))}, "
+            f"which the input does not have (it has: {', '.join(columns)})"
+        )
+    if spec.id_column is not None and spec.id_column not in columns:
+        raise InputError(
+            f"{dataset.uri}: --id-column {spec.id_column!r} is not a column of the input "
+            f"(it has: {', '.join(columns)})"
+        )
+
+
+def ingest(ctx: Context, job: JobRow) -> JobRow:
+    """Validate every row and insert the job's items; a no-op when already ingested."""
+    if job.row_count > 0:
+        return job
+    spec = job_spec(job)
+    dataset = Dataset(spec.input, spec.input_format)
+    renderer = RequestRenderer(spec)
+    _preflight_columns(dataset, spec, renderer)
+    fingerprint = dataset.fingerprint()
+    logger = bind(job)
+    problems: list[RowProblem] = []
+    counts = {"rows": 0, "invalid": 0}
+
+    def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
+        ctx.progress.start("validating rows")
+        row_index = -1
+        for chunk in dataset.iter_rows():
+            for row in chunk:
+                row_index += 1
+                problem = _check_row(renderer, spec, job.token, row, row_index)
+                if isinstance(problem, RowProblem):
+                    counts["invalid"] += 1
+                    if len(problems) < _SHOWN_PROBLEMS:
+                        problems.append(problem)
+                    key = problem.row_key if problem.row_key is not None else f"<row {row_index}>"
+                    yield row_index, key, ItemStatus.INVALID, problem.message
+                else:
+                    yield row_index, problem, ItemStatus.PENDING, None
+            ctx.progress.advance(len(chunk))
+            ctx.heartbeat(job.id)
+        counts["rows"] = row_index + 1
+        ctx.progress.finish()
+        if counts["invalid"] and not spec.skip_invalid:
+            # Raising inside the generator rolls back the whole insert: nothing is stored.
+            raise _preflight_error(dataset, counts["invalid"], problems)
+
+    inserted = ctx.store.insert_items(job.id, items())
+    if counts["rows"] == 0:
+        raise InputError(f"{dataset.uri} has no rows")
+    duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column else []
+    if duplicates:
+        ctx.store.delete_items(job.id)
+        shown = "; ".join(
+            f"{key!r} in rows {', '.join(str(i + 1) for i in rows)}" for key, rows in duplicates
+        )
+        raise PreflightFailed(
+            f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
+            f"duplicates: {shown}; nothing was submitted",
+            [shown],
+        )
+    ctx.store.update_job(
+        job.id,
+        row_count=inserted,
+        invalid_count=counts["invalid"],
+        input_fingerprint=fingerprint,
+        status=JobStatus.RUNNING,
+        error=None,
+    )
+    logger.info("job.ingested", rows=inserted, invalid=counts["invalid"])
+    refreshed = ctx.store.get_job(job.id)
+    assert refreshed is not None
+    return refreshed
+
+
+def _check_row(
+    renderer: RequestRenderer, spec: JobSpec, token: str, row: dict[str, object], row_index: int
+) -> str | RowProblem:
+    """The row's key if it can be sent, else what is wrong with it."""
+    key = check_row_key(row, spec.id_column, row_index)
+    if isinstance(key, RowProblem):
+        return key
+    params = renderer.render(row, row_index)
+    if isinstance(params, RowProblem):
+        return params._replace(row_key=key if spec.id_column else None)
+    # Size with the longest custom_id this row can get, so no attempt can overflow a batch.
+    size = len(renderer.request_bytes(format_custom_id(token, row_index, 99), params))
+    if size + _FRAMING_BYTES > spec.max_batch_bytes:
+        return RowProblem(
+            row_index,
+            key if spec.id_column else None,
+            f"request is {size:,} bytes, over the {spec.max_batch_bytes:,}-byte batch limit",
+        )
+    return key
+
+
+def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:
+    lines = [_describe(p) for p in problems]
+    more = f"\n  … and {invalid - len(problems)} more" if invalid > len(problems) else ""
+    return PreflightFailed(
+        f"{dataset.uri}: {invalid} row(s) failed validation; nothing was submitted:\n  "
+        + "\n  ".join(lines)
+        + more
+        + "\nfix them, or pass --skip-invalid to send the rest and export these as "
+        "result_status=invalid",
+        lines,
+    )

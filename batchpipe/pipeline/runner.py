@@ -1,0 +1,235 @@
+"""Drive jobs: one non-blocking `step`, a blocking `run`, `tick` over all jobs, cancel, retry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from batchpipe.db import JobRow
+from batchpipe.errors import (
+    BatchpipeError,
+    InputError,
+    JobLocked,
+    NeedsAttention,
+    TransientAPIError,
+)
+from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline.collect import collect, poll
+from batchpipe.pipeline.context import Context, bind, job_spec
+from batchpipe.pipeline.export import export
+from batchpipe.pipeline.ingest import ingest, open_job
+from batchpipe.pipeline.submit import recover_planned, submit_pending
+
+_IN_FLIGHT = {
+    BatchStatus.PLANNED,
+    BatchStatus.IN_PROGRESS,
+    BatchStatus.CANCELING,
+    BatchStatus.ENDED,
+}
+MIN_POLL, MAX_POLL = 30.0, 300.0
+
+
+def _reload(ctx: Context, job: JobRow) -> JobRow:
+    fresh = ctx.store.get_job(job.id)
+    assert fresh is not None
+    return fresh
+
+
+def prepare(ctx: Context, name: str, spec: JobSpec) -> JobRow:
+    """Create or resume the job and make sure it is ingested (validated rows stored)."""
+    job = open_job(ctx, name, spec)
+    with ctx.lease(job):
+        try:
+            return ingest(ctx, _reload(ctx, job))
+        except InputError as exc:
+            ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
+            raise
+
+
+def step(ctx: Context, job: JobRow) -> JobRow:
+    """Advance a job once without waiting: recover, poll, collect, resubmit, finish.
+
+    The caller holds the job's lease.
+    """
+    job = _reload(ctx, job)
+    if not job.status.is_active():
+        return job
+    recover_planned(ctx, job)
+    poll(ctx, job)
+    collect(ctx, job)
+    job = _reload(ctx, job)
+    if job.status == JobStatus.CANCELING:
+        ctx.store.cancel_pending(job.id)
+    else:
+        submit_pending(ctx, job)
+    return _finish_if_done(ctx, job)
+
+
+def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
+    counts = ctx.store.count_items(job.id)
+    unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
+    if unfinished or ctx.store.list_batches(job.id, _IN_FLIGHT):
+        return job
+    final = JobStatus.CANCELED if job.status == JobStatus.CANCELING else JobStatus.DONE
+    if ctx.store.update_job(job.id, expected_status=job.status, status=final):
+        usage = ctx.store.usage_totals(job.id)
+        bind(job).info(
+            "job.finished", status=final.value, **{k.value: v for k, v in counts.items()}, **usage
+        )
+    return _reload(ctx, job)
+
+
+class Backoff:
+    """Poll interval: fixed when the user set one, else 30 s growing to 5 min while idle."""
+
+    def __init__(self, fixed: float | None) -> None:
+        self.fixed = fixed
+        self.current = MIN_POLL
+
+    def next(self, progressed: bool) -> float:
+        """Seconds to sleep before the next poll."""
+        if self.fixed is not None:
+            return self.fixed
+        self.current = MIN_POLL if progressed else min(self.current * 1.5, MAX_POLL)
+        return self.current
+
+
+def _fingerprint(ctx: Context, job: JobRow) -> tuple[int, ...]:
+    counts = ctx.store.count_items(job.id)
+    batches = ctx.store.list_batches(job.id)
+    return (*sorted(counts.values()), *(len(b.status) for b in batches), len(batches))
+
+
+def run(ctx: Context, job: JobRow) -> JobRow:
+    """Work on a job until it is finished, sleeping between polls. Holds the lease throughout.
+
+    Transient API trouble never ends the run: it waits and tries again.
+    """
+    spec = job_spec(job)
+    backoff = Backoff(spec.poll_interval)
+    with ctx.lease(job):
+        while True:
+            before = _fingerprint(ctx, job)
+            try:
+                job = step(ctx, job)
+            except TransientAPIError as exc:
+                bind(job).warning("job.api_unavailable", error=str(exc))
+                ctx.sleep(backoff.next(progressed=False))
+                continue
+            if job.status.is_terminal():
+                break
+            if job.status == JobStatus.NEEDS_ATTENTION:
+                raise NeedsAttention(job.error or f"job {job.id} needs attention")
+            ctx.heartbeat(job.id)
+            ctx.sleep(backoff.next(progressed=_fingerprint(ctx, job) != before))
+        if job.status == JobStatus.DONE and spec.output:
+            export(ctx, job)
+    return job
+
+
+@dataclass
+class TickReport:
+    """What one `tick` did, for the CLI's summary and exit code."""
+
+    advanced: list[JobRow] = field(default_factory=list)
+    exported: list[tuple[JobRow, str]] = field(default_factory=list)
+    locked: list[JobRow] = field(default_factory=list)
+    unavailable: list[tuple[JobRow, str]] = field(default_factory=list)
+    failed: list[tuple[JobRow, str]] = field(default_factory=list)
+
+
+def _needs_export(job: JobRow) -> bool:
+    output = job_spec(job).output
+    return (
+        job.status == JobStatus.DONE
+        and output is not None
+        and "://" not in output
+        and not os.path.exists(output)
+    )
+
+
+def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
+    """Advance every active job one step (or the given ones), never blocking on another worker."""
+    report = TickReport()
+    if jobs is None:
+        candidates = ctx.store.list_jobs({JobStatus.RUNNING, JobStatus.CANCELING})
+        candidates += [j for j in ctx.store.list_jobs({JobStatus.DONE}) if _needs_export(j)]
+    else:
+        candidates = list(jobs)
+    for candidate in candidates:
+        job = candidate
+        if not ctx.try_lease(job):
+            report.locked.append(job)
+            continue
+        try:
+            job = step(ctx, job)
+            report.advanced.append(job)
+            if _needs_export(job):
+                path, _ = export(ctx, job)
+                report.exported.append((job, path))
+        except TransientAPIError as exc:
+            report.unavailable.append((job, str(exc)))
+        except BatchpipeError as exc:
+            if isinstance(exc, JobLocked):
+                report.locked.append(job)
+            else:
+                report.failed.append((job, str(exc)))
+        finally:
+            ctx.store.release_lease(job.id, ctx.owner)
+    return report
+
+
+def cancel(ctx: Context, job: JobRow) -> JobRow:
+    """Cancel a job: pending rows are never sent, in-flight batches are canceled at the API.
+
+    The job drains (its canceled batches are collected) on the next `tick`/`run` and ends as
+    `canceled`, with every item's final status recorded.
+    """
+    with ctx.lease(job):
+        job = _reload(ctx, job)
+        if job.status.is_terminal():
+            return job
+        ctx.store.update_job(job.id, expected_status=job.status, status=JobStatus.CANCELING)
+        recover_planned(ctx, _reload(ctx, job))
+        for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS}):
+            assert batch.api_batch_id is not None
+            ctx.client.cancel(batch.api_batch_id)
+            ctx.store.update_batch(
+                batch.id, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
+            )
+        canceled = ctx.store.cancel_pending(job.id)
+        bind(job).info("job.cancel_requested", pending_canceled=canceled)
+        return step(ctx, _reload(ctx, job))
+
+
+def retry(
+    ctx: Context,
+    job: JobRow,
+    *,
+    statuses: Collection[ItemStatus],
+    error_types: Collection[str] | None = None,
+    max_tokens: int | None = None,
+) -> int:
+    """Send finished-but-failed items round again (attempts start over). Returns how many."""
+    with ctx.lease(job):
+        job = _reload(ctx, job)
+        if job.status in {JobStatus.CANCELING}:
+            raise InputError(f"job {job.id} is being canceled; wait until it is canceled")
+        spec = job_spec(job)
+        # Attempts keep counting (custom_ids encode them and must never repeat); the job's
+        # cap grows instead, so every requeued row gets a full set of fresh tries.
+        highest = max(
+            (i.attempts for i in ctx.store.iter_items(job.id, statuses=statuses)), default=0
+        )
+        updates: dict[str, object] = {"max_attempts": highest + spec.max_attempts}
+        if max_tokens is not None:
+            updates["max_tokens"] = max_tokens
+        ctx.store.update_job(job.id, spec={**spec.model_dump(), **updates})
+        count = ctx.store.requeue_items(
+            job.id, statuses=statuses, error_types=error_types, reset_attempts=False
+        )
+        if count:
+            ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None)
+        bind(job).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
+        return count

@@ -1,0 +1,78 @@
+"""Summaries of jobs for `status` and `jobs`: plain data, rendered by the CLI as a table or JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchpipe.db import BatchRow, JobRow
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus
+from batchpipe.pipeline.context import Context
+
+
+def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[BatchRow]) -> str:
+    if job.status == JobStatus.NEEDS_ATTENTION:
+        return "read the error, resolve it, then `batchpipe tick`"
+    if job.status == JobStatus.FAILED:
+        return "fix the cause in the error, then run the same command again"
+    if job.status in {JobStatus.DONE, JobStatus.CANCELED}:
+        failed = sum(counts.get(s, 0) for s in (ItemStatus.ERRORED, ItemStatus.EXPIRED))
+        return (
+            f"export; {failed} row(s) failed (`batchpipe retry` sends them again)"
+            if failed
+            else "export"
+        )
+    statuses = {b.status for b in batches}
+    if BatchStatus.PLANNED in statuses:
+        return "recover a batch whose create was interrupted"
+    if BatchStatus.ENDED in statuses:
+        return "collect results"
+    if counts.get(ItemStatus.PENDING):
+        return "submit pending rows"
+    return "wait for the API to finish processing"
+
+
+def _batch_summary(batch: BatchRow, now: Any) -> dict[str, Any]:
+    expires_in = None
+    if batch.expires_at is not None and batch.status in {
+        BatchStatus.IN_PROGRESS,
+        BatchStatus.CANCELING,
+    }:
+        expires_in = max(0, int((batch.expires_at - now).total_seconds()))
+    return {
+        "id": batch.id,
+        "api_batch_id": batch.api_batch_id,
+        "status": batch.status.value,
+        "round": batch.round,
+        "requests": batch.request_count,
+        "bytes": batch.request_bytes,
+        "api_counts": batch.api_counts,
+        "age_seconds": int((now - batch.intent_at).total_seconds()),
+        "expires_in_seconds": expires_in,
+        "error": batch.error,
+    }
+
+
+def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict[str, Any]:
+    """Everything `status` shows about a job, as JSON-ready data (schema in the README)."""
+    counts = ctx.store.count_items(job.id)
+    batches = ctx.store.list_batches(job.id)
+    now = ctx.clock()
+    attempts_total = sum(b.request_count for b in batches if b.status != BatchStatus.REJECTED)
+    summary: dict[str, Any] = {
+        "id": job.id,
+        "name": job.name,
+        "status": job.status.value,
+        "input": job.spec.get("input"),
+        "output": job.spec.get("output"),
+        "model": job.spec.get("model"),
+        "rows": job.row_count,
+        "counts": {s.value: counts.get(s, 0) for s in ItemStatus},
+        "requests_sent": attempts_total,
+        "usage": ctx.store.usage_totals(job.id),
+        "age_seconds": int((now - job.created_at).total_seconds()),
+        "next_action": _next_action(job, counts, batches),
+        "error": job.error,
+    }
+    if with_batches:
+        summary["batches"] = [_batch_summary(b, now) for b in batches]
+    return summary

@@ -1,0 +1,212 @@
+"""End to end: dataset in, joined output out, through the official SDK against the emulator.
+
+Every test here runs the real pipeline with a real `BatchClient` (the anthropic SDK over
+loopback HTTP) against the emulator, and a real database (SQLite file, and PostgreSQL where
+the test takes `db_url`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+from pydantic import SecretStr
+
+from batchpipe import db, pipeline
+from batchpipe.client import BatchClient
+from batchpipe.config import Settings
+from batchpipe.db import Store
+from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
+from batchpipe.emulator.responder import expected_text
+from batchpipe.errors import UsageError
+from batchpipe.models import RESULT_COLUMNS, JobSpec
+
+PROMPT = "Classify the sentiment of: {{ body }}"
+
+
+def write_docs(path: Path, n: int) -> list[dict[str, Any]]:
+    """n rows with an id, a body and a numeric column, as JSONL or Parquet by extension."""
+    rows = [
+        {
+            "doc_id": f"d{i:05d}",
+            "body": f"review {i}: the product was {'good' if i % 3 else 'bad'}",
+            "stars": i % 5,
+        }
+        for i in range(n)
+    ]
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)
+    else:
+        path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return rows
+
+
+def request_params(spec: JobSpec, row: dict[str, Any]) -> dict[str, Any]:
+    """The params batchpipe sends for a row (what the emulator's answer derives from)."""
+    return {
+        "model": spec.model,
+        "max_tokens": spec.max_tokens,
+        "messages": [{"role": "user", "content": spec.prompt.replace("{{ body }}", row["body"])}],
+    }
+
+
+def attempt_history(db_url: str) -> dict[int, list[tuple[int, str | None]]]:
+    """Every row's attempts as (attempt, error_type), read from the store's history table."""
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("select row_index, attempt, error_type from attempts")).all()
+    engine.dispose()
+    history: dict[int, list[tuple[int, str | None]]] = {}
+    for row_index, attempt, error_type in rows:
+        history.setdefault(row_index, []).append((attempt, error_type))
+    return history
+
+
+class Harness:
+    """A store, an emulator served over loopback, and contexts wired to both."""
+
+    def __init__(self, db_url: str, server: EmulatorServer, emulator: Emulator) -> None:
+        self.db_url = db_url
+        self.server = server
+        self.emulator = emulator
+        db.upgrade(db_url)  # as `batchpipe db upgrade` would; only SQLite files self-migrate
+        self.store = Store.open(db_url)
+        self.settings = Settings(database_url=db_url, api_key=SecretStr("sk-test-key"))
+
+    def context(self) -> pipeline.Context:
+        return pipeline.Context(
+            store=self.store,
+            client_factory=lambda: BatchClient(
+                self.settings, base_url=self.server.url, max_retries=3
+            ),
+            sleep=lambda s: __import__("time").sleep(min(s, 0.05)),
+            orphan_grace_seconds=0.0,
+        )
+
+    def run(self, spec: JobSpec, name: str = "job") -> Any:
+        ctx = self.context()
+        try:
+            job = pipeline.prepare(ctx, name, spec)
+            return pipeline.run(ctx, job)
+        finally:
+            ctx.close()
+
+
+@pytest.fixture
+def harness(db_url: str) -> Iterator[Harness]:
+    emu = Emulator(EmulatorConfig(seed=7, processing_seconds=0.2))
+    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
+        h = Harness(db_url, server, emu)
+        yield h
+        h.store.close()
+
+
+def spec_for(tmp_path: Path, src: Path, **overrides: Any) -> JobSpec:
+    values: dict[str, Any] = {
+        "input": str(src),
+        "prompt": PROMPT,
+        "model": "claude-haiku-4-5",
+        "max_tokens": 256,
+        "id_column": "doc_id",
+        "output": str(tmp_path / "out.parquet"),
+        "poll_interval": 0.05,
+        "max_batch_requests": 2_000,
+    }
+    values.update(overrides)
+    return JobSpec(**values)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_ten_thousand_rows_round_trip_in_order(harness: Harness, tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / f"docs.{fmt}"
+    rows = write_docs(src, 10_000)
+    spec = spec_for(tmp_path, src)
+    job = harness.run(spec)
+
+    assert job.status == "done"
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.num_rows == len(rows)
+    assert out.column_names == ["doc_id", "body", "stars", *RESULT_COLUMNS]
+    table = out.to_pylist()
+    assert [r["doc_id"] for r in table] == [r["doc_id"] for r in rows]
+    for got, row in zip(table, rows, strict=True):
+        assert got["result_status"] == "succeeded"
+        assert got["response_text"] == expected_text(request_params(spec, row))
+        assert got["attempts"] == 1
+        assert got["stars"] == row["stars"]
+    batches = {r["batch_id"] for r in table}
+    assert len(batches) >= 5
+    assert harness.emulator.stats()["batches_created"] == len(batches)
+    assert harness.emulator.stats()["duplicate_successes"] == 0
+
+
+def test_transient_failures_are_resubmitted_fatal_ones_never(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 600)
+    harness.emulator.configure(errored_rate=0.2, expired_rate=0.1, invalid_rate=0.05)
+    spec = spec_for(tmp_path, src, max_attempts=6, max_batch_requests=250)
+    job = harness.run(spec)
+
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    fatal = [r for r in table if r["error_type"] == "invalid_request_error"]
+    assert fatal, "the emulator should have produced some invalid_request_error results"
+    assert all(r["result_status"] == "errored" for r in fatal)
+    # No row was ever sent again after a fatal error: its fatal attempt is its last one.
+    history = attempt_history(harness.db_url)
+    for row_index, attempts in history.items():
+        fatal_at = [n for n, error in attempts if error == "invalid_request_error"]
+        if fatal_at:
+            assert fatal_at == [max(n for n, _ in attempts)], (row_index, attempts)
+    first_try_fatal = [i for i, a in history.items() if (1, "invalid_request_error") in a]
+    assert first_try_fatal
+    assert all(table[i]["attempts"] == 1 for i in first_try_fatal)
+    retried_ok = [r for r in table if r["attempts"] > 1 and r["result_status"] == "succeeded"]
+    assert len(retried_ok) > 50
+    for r in table:
+        # Anything that did not succeed either failed fatally or used up every attempt.
+        if r["result_status"] != "succeeded" and r["error_type"] != "invalid_request_error":
+            assert r["attempts"] == 6, r
+    assert job.status == "done"
+    assert harness.emulator.stats()["duplicate_successes"] == 0
+
+
+def test_max_attempts_is_honoured(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 50)
+    harness.emulator.configure(expired_rate=1.0)
+    spec = spec_for(tmp_path, src, max_attempts=2)
+    harness.run(spec)
+
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in table} == {"expired"}
+    assert {r["attempts"] for r in table} == {2}
+    assert harness.emulator.stats()["requests_received"] == 100
+
+
+def test_rerun_of_a_finished_job_sends_nothing(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.parquet"
+    write_docs(src, 300)
+    spec = spec_for(tmp_path, src)
+    harness.run(spec)
+    first = (tmp_path / "out.parquet").read_bytes()
+    created = harness.emulator.stats()["batches_created"]
+
+    harness.run(spec)
+    assert harness.emulator.stats()["batches_created"] == created
+    assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(pa.BufferReader(first)))
+
+
+def test_same_name_with_different_settings_is_refused(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 20)
+    harness.run(spec_for(tmp_path, src))
+    with pytest.raises(UsageError, match="different max_tokens"):
+        harness.run(spec_for(tmp_path, src, max_tokens=5))
