@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from batchpipe.db import BatchRow, ItemUpdate, JobRow
 from batchpipe.errors import APIError, NeedsAttention, TransientAPIError
+from batchpipe.log import get_logger
 from batchpipe.models import (
     BatchStatus,
     ItemStatus,
@@ -28,6 +29,8 @@ _APPLY_CHUNK = 5_000
 EXPIRY_WARNING = timedelta(hours=2)
 ARCHIVE_AFTER = timedelta(days=29)
 ARCHIVE_WARNING = timedelta(days=2)
+
+log = get_logger(__name__)
 
 
 def classify(
@@ -58,7 +61,7 @@ def poll(ctx: Context, job: JobRow) -> int:
         assert batch.api_batch_id is not None
         info = ctx.client.retrieve(batch.api_batch_id)
         counts = asdict(info.request_counts)
-        logger = bind(job, batch_id=batch.id, api_batch_id=info.id)
+        logger = bind(job, log, batch_id=batch.id, api_batch_id=info.id)
         if info.processing_status == "ended":
             ctx.store.update_batch(
                 batch.id,
@@ -98,7 +101,7 @@ def _collect_batch(
     ctx: Context, job: JobRow, batch: BatchRow, max_attempts: int, user_canceled: bool
 ) -> int:
     assert batch.api_batch_id is not None
-    logger = bind(job, batch_id=batch.id, api_batch_id=batch.api_batch_id)
+    logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     if batch.created_at and ctx.clock() - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
         logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
     buf: list[ItemUpdate] = []
@@ -177,7 +180,7 @@ def _update(record: ResultRecord, row_index: int, attempt: int, status: ItemStat
 
 def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:
     """Results were archived before we collected them: say so loudly, never resend silently."""
-    logger = bind(job, batch_id=batch.id, api_batch_id=batch.api_batch_id)
+    logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     updates: list[ItemUpdate] = []
     for item in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED}):
         if item.batch_id == batch.id and item.custom_id is not None:

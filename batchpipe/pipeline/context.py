@@ -166,6 +166,6 @@ def job_spec(job: JobRow) -> JobSpec:
     return JobSpec.model_validate(job.spec)
 
 
-def bind(job: JobRow, **extra: Any) -> Any:
-    """A logger bound to the job's id and name."""
-    return log.bind(job_id=job.id, job=job.name, **extra)
+def bind(job: JobRow, logger: Any = None, **extra: Any) -> Any:
+    """`logger` (default: this module's) bound to the job's id and name."""
+    return (logger or log).bind(job_id=job.id, job=job.name, **extra)

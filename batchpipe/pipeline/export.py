@@ -8,6 +8,7 @@ from typing import Any
 from batchpipe.dataset import Dataset, write_joined
 from batchpipe.db import JobRow
 from batchpipe.errors import UsageError
+from batchpipe.log import get_logger
 from batchpipe.models import ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.submit import check_fingerprint
@@ -27,6 +28,8 @@ RESULT_COLUMN_TYPES: list[tuple[str, str]] = [
     ("model", "string"),
 ]
 _PAGE = 10_000
+
+log = get_logger(__name__)
 
 
 def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
@@ -89,5 +92,5 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     rows = write_joined(dataset, _result_chunks(ctx, job), RESULT_COLUMN_TYPES, target)
     ctx.progress.finish()
     failpoint("after_export")
-    bind(job).info("job.exported", rows=rows, path=target)
+    bind(job, log).info("job.exported", rows=rows, path=target)
     return target, rows

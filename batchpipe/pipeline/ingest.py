@@ -17,6 +17,7 @@ import orjson
 from batchpipe.dataset import Dataset
 from batchpipe.db import JobNameTaken, JobRow
 from batchpipe.errors import InputError, PreflightFailed, UsageError
+from batchpipe.log import get_logger
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, job_spec
 from batchpipe.requests import (
@@ -40,6 +41,8 @@ _NON_IDENTITY_FIELDS = {
 _SHOWN_PROBLEMS = 20
 # The create body wraps requests in {"requests":[...]}: 14 bytes of framing plus commas.
 _FRAMING_BYTES = 16
+
+log = get_logger(__name__)
 
 
 def default_job_name(spec: JobSpec) -> str:
@@ -115,7 +118,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     renderer = RequestRenderer(spec)
     _preflight_columns(dataset, spec, renderer)
     fingerprint = dataset.fingerprint()
-    logger = bind(job)
+    logger = bind(job, log)
     problems: list[RowProblem] = []
     counts = {"rows": 0, "invalid": 0}
 

@@ -14,6 +14,7 @@ from batchpipe.errors import (
     NeedsAttention,
     TransientAPIError,
 )
+from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.collect import collect, poll
 from batchpipe.pipeline.context import Context, bind, job_spec
@@ -28,6 +29,8 @@ _IN_FLIGHT = {
     BatchStatus.ENDED,
 }
 MIN_POLL, MAX_POLL = 30.0, 300.0
+
+log = get_logger(__name__)
 
 
 def _reload(ctx: Context, job: JobRow) -> JobRow:
@@ -74,7 +77,7 @@ def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
     final = JobStatus.CANCELED if job.status == JobStatus.CANCELING else JobStatus.DONE
     if ctx.store.update_job(job.id, expected_status=job.status, status=final):
         usage = ctx.store.usage_totals(job.id)
-        bind(job).info(
+        bind(job, log).info(
             "job.finished", status=final.value, **{k.value: v for k, v in counts.items()}, **usage
         )
     return _reload(ctx, job)
@@ -114,7 +117,7 @@ def run(ctx: Context, job: JobRow) -> JobRow:
             try:
                 job = step(ctx, job)
             except TransientAPIError as exc:
-                bind(job).warning("job.api_unavailable", error=str(exc))
+                bind(job, log).warning("job.api_unavailable", error=str(exc))
                 ctx.sleep(backoff.next(progressed=False))
                 continue
             if job.status.is_terminal():
@@ -199,7 +202,7 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
                 batch.id, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
             )
         canceled = ctx.store.cancel_pending(job.id)
-        bind(job).info("job.cancel_requested", pending_canceled=canceled)
+        bind(job, log).info("job.cancel_requested", pending_canceled=canceled)
         return step(ctx, _reload(ctx, job))
 
 
@@ -231,5 +234,5 @@ def retry(
         )
         if count:
             ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None)
-        bind(job).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
+        bind(job, log).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
         return count

@@ -20,6 +20,7 @@ from batchpipe.errors import (
     NeedsAttention,
     TransientAPIError,
 )
+from batchpipe.log import get_logger
 from batchpipe.models import BatchInfo, BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.requests import (
@@ -32,6 +33,8 @@ from batchpipe.requests import (
 
 # Clocks differ between us and the API; widen the window in which an orphan may have been created.
 _CLOCK_SKEW = timedelta(minutes=5)
+
+log = get_logger(__name__)
 
 
 def check_fingerprint(dataset: Dataset, job: JobRow) -> None:
@@ -116,7 +119,7 @@ def _create(ctx: Context, job: JobRow, spec: JobSpec, planned: PlannedBatch) -> 
 
 
 def _send(ctx: Context, job: JobRow, batch: BatchRow, body: bytes, count: int) -> BatchInfo:
-    logger = bind(job, batch_id=batch.id)
+    logger = bind(job, log, batch_id=batch.id)
     try:
         info = ctx.client.create(body, count=count)
     except TransientAPIError:
@@ -147,7 +150,7 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
     planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
     if not planned:
         return
-    logger = bind(job)
+    logger = bind(job, log)
     known = ctx.store.known_api_batch_ids()
     since = min(b.intent_at for b in planned) - _CLOCK_SKEW
     unclaimed = [b for b in ctx.client.list_batches(created_after=since) if b.id not in known]
