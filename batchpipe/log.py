@@ -27,7 +27,9 @@ def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
-def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | None = None) -> None:
+def configure(
+    fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | None = None
+) -> None:
     """Configure structlog for the process. ``fmt`` is auto, console or json."""
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
