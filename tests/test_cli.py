@@ -1,0 +1,180 @@
+"""The command line as a user meets it: help, docs, bad input, and a whole run with --emulate."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from batchpipe.cli import cli
+from batchpipe.emulator import Emulator
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Classify: {{ body }}"
+
+
+def invoke(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    return CliRunner().invoke(
+        cli,
+        ["--db", db, "--log-format", "json", *args],
+        env={"ANTHROPIC_API_KEY": "", **(env or {})},
+    )
+
+
+def run_args(src: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "run", str(src), "--emulate", "--prompt", PROMPT, "--model", "claude-haiku-4-5",
+        "--max-tokens", "64", "--id-column", "doc_id", "-o", str(out), *extra,
+    ]  # fmt: skip
+
+
+def batches_created(tmp_path: Path) -> int:
+    state = tmp_path / "state.db.emulator.json"
+    return int(Emulator.load(state).stats()["batches_created"]) if state.exists() else 0
+
+
+def all_commands() -> list[str]:
+    names = []
+    for name, command in cli.commands.items():
+        sub = getattr(command, "commands", None)
+        names += [f"{name} {s}" for s in sub] if sub else [name]
+    return sorted(names)
+
+
+def test_every_command_has_help_and_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in all_commands():
+        result = CliRunner().invoke(cli, [*name.split(), "--help"])
+        assert result.exit_code == 0, name
+        assert len(result.output.splitlines()) > 3, name
+        assert f"batchpipe {name}" in readme, f"`batchpipe {name}` is not documented in README.md"
+
+
+def test_readme_set_up_commands_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for script in re.findall(r"^\./(scripts/\w+)", readme, re.M):
+        assert (ROOT / script).stat().st_mode & 0o111, script
+    assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def rows(n: int) -> list[dict[str, object]]:
+    return [{"doc_id": f"d{i}", "body": f"text {i}"} for i in range(n)]
+
+
+def test_run_with_emulate_writes_joined_output(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(30))
+    out = tmp_path / "out.parquet"
+    result = invoke(tmp_path, *run_args(src, out, "--max-batch-requests", "10"))
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column("doc_id").to_pylist() == [f"d{i}" for i in range(30)]
+    assert set(table.column("result_status").to_pylist()) == {"succeeded"}
+    assert batches_created(tmp_path) == 3
+
+    status = invoke(tmp_path, "status", "--json")
+    assert status.exit_code == 0
+    (job,) = json.loads(status.stdout)["jobs"]
+    assert job["status"] == "done"
+    assert job["counts"]["succeeded"] == 30
+    assert len(job["batches"]) == 3
+
+
+BAD_INPUTS = {
+    "malformed JSON line": (
+        b'{"doc_id": "a", "body": "x"}\n{"doc_id": "b", "body": \n{"doc_id": "c", "body": "z"}\n',
+        r"in\.jsonl, line 2: invalid JSON",
+    ),
+    "not UTF-8": (b'{"doc_id": "a", "body": "caf\xe9"}\n', r"in\.jsonl, line 1: not valid UTF-8"),
+    "empty file": (b"", r"in\.jsonl has no rows"),
+    "missing template column": (
+        b'{"doc_id": "a", "text": "x"}\n',
+        r"template uses column\(s\) 'body', which the input does not have",
+    ),
+    "null template value": (
+        b'{"doc_id": "a", "body": "x"}\n{"doc_id": "b", "body": null}\n',
+        r"row 2 \(id 'b'\): column 'body' is null",
+    ),
+    "duplicate ids": (
+        b'{"doc_id": "a", "body": "x"}\n{"doc_id": "a", "body": "y"}\n',
+        r"duplicates: 'a' in rows 1, 2",
+    ),
+    "result column clash": (b'{"doc_id": "a", "body": "x", "custom_id": 1}\n', r"custom_id"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_cleanly(tmp_path: Path, case: str) -> None:
+    content, message = BAD_INPUTS[case]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    out = tmp_path / "out.parquet"
+    result = invoke(tmp_path, *run_args(src, out))
+    assert result.exit_code == 1, result.output
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert batches_created(tmp_path) == 0
+
+
+def test_unreadable_path_names_it(tmp_path: Path) -> None:
+    result = invoke(tmp_path, *run_args(tmp_path / "nope.parquet", tmp_path / "out.parquet"))
+    assert result.exit_code == 1
+    assert "nope.parquet" in result.stderr
+    assert batches_created(tmp_path) == 0
+
+
+def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": "a", "body": "x"}, {"doc_id": "b", "body": None}]), src
+    )
+    out = tmp_path / "out.jsonl"
+    result = invoke(tmp_path, *run_args(src, out, "--skip-invalid"))
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["result_status"] for r in lines] == ["succeeded", "invalid"]
+    assert "column 'body' is null" in lines[1]["error_message"]
+
+
+def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)
+    assert result.exit_code == 2
+    assert "--model" in result.stderr
+    assert "--max-tokens" in result.stderr
+
+
+def test_no_api_key_says_what_to_do(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    args = [a for a in run_args(src, tmp_path / "out.parquet") if a != "--emulate"]
+    result = invoke(tmp_path, *args, env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    assert result.exit_code == 2
+    assert "ANTHROPIC_API_KEY" in result.stderr
+
+
+def test_job_file_with_flags_overriding(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", rows(4))
+    (tmp_path / "job.toml").write_text(
+        'name = "nightly"\ninput = "in.jsonl"\nprompt = "Say: {{ body }}"\nmodel = "m"\n'
+        'max_tokens = 8\nid_column = "doc_id"\noutput = "out.jsonl"\n'
+    )
+    result = invoke(tmp_path, "run", "--emulate", "--config", str(tmp_path / "job.toml"),
+                    "--max-tokens", "32")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+    job = json.loads(invoke(tmp_path, "status", "nightly", "--json").stdout)["jobs"][0]
+    assert job["name"] == "nightly"
+    assert job["status"] == "done"
