@@ -9,13 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import SecretStr
-from sqlalchemy.engine import make_url
 
 from batchpipe.cli.app import State
 from batchpipe.cli.progress import make_progress
 from batchpipe.client import BatchClient
 from batchpipe.config import Settings
-from batchpipe.db import Store
+from batchpipe.db import Store, sqlite_path
 from batchpipe.pipeline import Context, NullProgress
 
 # In emulator mode batches end after this long, so a demo shows progress without waiting.
@@ -30,9 +29,9 @@ def settings_for(state: State) -> Settings:
 
 def emulator_state_path(database_url: str) -> Path:
     """Where `--emulate` keeps the emulator's state between processes: beside a SQLite file."""
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        return Path(url.database + ".emulator.json")
+    path = sqlite_path(database_url)
+    if path is not None:
+        return path.with_name(path.name + ".emulator.json")
     return Path("batchpipe-emulator.json")
 
 

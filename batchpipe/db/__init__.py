@@ -10,7 +10,7 @@ SQLAlchemy and alembic are imported only inside this package. Modules:
 """
 
 from batchpipe.db.base import JobNameTaken
-from batchpipe.db.connect import mask_url
+from batchpipe.db.connect import mask_url, sqlite_path
 from batchpipe.db.migrate import current_revision, downgrade, head_revision, upgrade
 from batchpipe.db.rows import BatchRow, ItemRow, ItemUpdate, JobRow
 from batchpipe.db.store import Store
@@ -26,5 +26,6 @@ __all__ = [
     "downgrade",
     "head_revision",
     "mask_url",
+    "sqlite_path",
     "upgrade",
 ]
