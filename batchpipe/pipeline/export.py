@@ -34,36 +34,9 @@ log = get_logger(__name__)
 
 def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
     chunk: list[tuple[Any, ...]] = []
-    for (
-        _row_index,
-        _row_key,
-        custom_id,
-        status,
-        text,
-        stop_reason,
-        input_tokens,
-        output_tokens,
-        error_type,
-        error_message,
-        attempts,
-        api_batch_id,
-        model,
-    ) in ctx.store.export_rows(job.id, page=_PAGE):
-        chunk.append(
-            (
-                custom_id,
-                str(status),
-                text,
-                stop_reason,
-                input_tokens,
-                output_tokens,
-                error_type,
-                error_message,
-                attempts,
-                api_batch_id,
-                model,
-            )
-        )
+    # export_rows yields (row_index, row_key, *result columns in RESULT_COLUMNS order).
+    for row in ctx.store.export_rows(job.id, page=_PAGE):
+        chunk.append(row[2:])
         if len(chunk) >= _PAGE:
             ctx.progress.advance(len(chunk))
             yield chunk
