@@ -61,7 +61,9 @@ def postgres_server() -> Iterator[str]:
     bindir = _pg_bindir()
     if bindir is None:
         if os.environ.get("BATCHPIPE_REQUIRE_POSTGRES") == "1":
-            pytest.fail("PostgreSQL is required (BATCHPIPE_REQUIRE_POSTGRES=1) but initdb was not found")
+            pytest.fail(
+                "PostgreSQL is required (BATCHPIPE_REQUIRE_POSTGRES=1) but initdb was not found"
+            )
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     root = Path(tempfile.mkdtemp(prefix="batchpipe-pg-"))
     data = root / "data"
@@ -69,13 +71,27 @@ def postgres_server() -> Iterator[str]:
         shutil.chown(root, "postgres", "postgres")
     port = free_port()
     subprocess.run(
-        _as_pg_user([f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]),
+        _as_pg_user(
+            [f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]
+        ),
         check=True,
         capture_output=True,
     )
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
     subprocess.run(
-        _as_pg_user([f"{bindir}/pg_ctl", "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"]),
+        _as_pg_user(
+            [
+                f"{bindir}/pg_ctl",
+                "-D",
+                str(data),
+                "-o",
+                opts,
+                "-l",
+                str(root / "log"),
+                "-w",
+                "start",
+            ]
+        ),
         check=True,
         capture_output=True,
     )
@@ -85,6 +101,7 @@ def postgres_server() -> Iterator[str]:
         subprocess.run(
             _as_pg_user([f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"]),
             capture_output=True,
+            check=False,  # best effort: the data directory is removed either way
         )
         shutil.rmtree(root, ignore_errors=True)
 

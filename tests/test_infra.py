@@ -10,7 +10,12 @@ import sqlalchemy as sa
 def test_postgres_fixture_gives_a_fresh_database(postgres_url: str) -> None:
     engine = sa.create_engine(postgres_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("select count(*) from pg_tables where schemaname='public'")).scalar() == 0
+        assert (
+            conn.execute(
+                sa.text("select count(*) from pg_tables where schemaname='public'")
+            ).scalar()
+            == 0
+        )
         version = conn.execute(sa.text("show server_version")).scalar()
     engine.dispose()
     assert version is not None
