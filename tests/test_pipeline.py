@@ -24,8 +24,8 @@ from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import expected_text
-from batchpipe.errors import UsageError
-from batchpipe.models import RESULT_COLUMNS, JobSpec
+from batchpipe.errors import InputChangedError, UsageError
+from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec
 
 PROMPT = "Classify the sentiment of: {{ body }}"
 
@@ -210,3 +210,41 @@ def test_same_name_with_different_settings_is_refused(harness: Harness, tmp_path
     harness.run(spec_for(tmp_path, src))
     with pytest.raises(UsageError, match="different max_tokens"):
         harness.run(spec_for(tmp_path, src, max_tokens=5))
+
+
+def test_retry_sends_failed_rows_again_with_new_custom_ids(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 40)
+    harness.emulator.configure(invalid_rate=1.0)  # e.g. a credit or quota problem, later fixed
+    job = harness.run(spec_for(tmp_path, src))
+    first = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["error_type"] for r in first} == {"invalid_request_error"}
+
+    harness.emulator.configure(invalid_rate=0.0)
+    ctx = harness.context()
+    count = pipeline.retry(
+        ctx, job, statuses={ItemStatus.ERRORED}, error_types=["invalid_request_error"]
+    )
+    assert count == 40
+    pipeline.run(ctx, job)
+    ctx.close()
+
+    second = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in second} == {"succeeded"}
+    assert {r["attempts"] for r in second} == {2}
+    old_ids = {r["custom_id"] for r in first}
+    assert not old_ids & {r["custom_id"] for r in second}
+
+
+def test_export_refuses_an_input_that_changed(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 10)
+    job = harness.run(spec_for(tmp_path, src, output=None))
+    with src.open("ab") as fh:
+        fh.write(orjson.dumps({"doc_id": "new", "body": "late row", "stars": 1}) + b"\n")
+    ctx = harness.context()
+    with pytest.raises(InputChangedError, match="changed since the job was ingested"):
+        pipeline.export(ctx, job, str(tmp_path / "late.parquet"))
+    assert not (tmp_path / "late.parquet").exists()
