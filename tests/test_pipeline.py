@@ -24,7 +24,7 @@ from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import expected_text
-from batchpipe.errors import InputChangedError, UsageError
+from batchpipe.errors import BatchpipeError, InputChangedError, UsageError
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec
 
 PROMPT = "Classify the sentiment of: {{ body }}"
@@ -248,3 +248,23 @@ def test_export_refuses_an_input_that_changed(harness: Harness, tmp_path: Path) 
     with pytest.raises(InputChangedError, match="changed since the job was ingested"):
         pipeline.export(ctx, job, str(tmp_path / "late.parquet"))
     assert not (tmp_path / "late.parquet").exists()
+
+
+def test_a_refused_create_fails_the_run_and_the_same_command_resumes(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 30)
+    spec = spec_for(tmp_path, src, max_batch_requests=10)
+    harness.emulator.configure(fail_next=[400])  # the first create is refused outright
+    with pytest.raises(BatchpipeError, match="400 invalid_request_error"):
+        harness.run(spec)
+    assert not (tmp_path / "out.parquet").exists()
+    assert harness.store.get_job("job").status == "failed"
+
+    job = harness.run(spec)  # e.g. after lowering the batch size; here the API recovered
+    assert job.status == "done"
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in table} == {"succeeded"}
+    assert {r["attempts"] for r in table} == {1}  # a refused create is not an attempt
+    assert harness.emulator.stats()["batches_created"] == 3

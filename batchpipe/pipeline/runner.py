@@ -43,6 +43,13 @@ def prepare(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     """Create or resume the job and make sure it is ingested (validated rows stored)."""
     job = open_job(ctx, name, spec)
     with ctx.lease(job):
+        job = _reload(ctx, job)
+        if job.status == JobStatus.FAILED and job.row_count > 0:
+            # Running the same command again after fixing the cause resumes the job.
+            ctx.store.update_job(
+                job.id, expected_status=JobStatus.FAILED, status=JobStatus.RUNNING, error=None
+            )
+            bind(job, log).info("job.resumed_after_failure")
         try:
             return ingest(ctx, _reload(ctx, job))
         except InputError as exc:
@@ -126,6 +133,8 @@ def run(ctx: Context, job: JobRow) -> JobRow:
                 raise NeedsAttention(job.error or f"job {job.id} needs attention")
             ctx.heartbeat(job.id)
             ctx.sleep(backoff.next(progressed=_fingerprint(ctx, job) != before))
+        if job.status == JobStatus.FAILED:
+            raise BatchpipeError(job.error or f"job {job.id} ({job.name}) failed")
         if job.status == JobStatus.DONE and spec.output:
             export(ctx, job)
     return job
