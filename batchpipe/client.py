@@ -16,12 +16,14 @@ SDK client (auth headers, retries, timeouts, error classes):
 Errors map onto the tree in ``batchpipe.errors``: rejected credentials become
 ``AuthenticationFailed``; what a later run may get past (429, 5xx incl. 529, 408, 409,
 connection failures and timeouts, a results stream that breaks off) becomes
-``TransientAPIError``; everything else ``APIError``. Messages carry the operation, status,
+``TransientAPIError``; everything else ``APIError``. ``create`` alone does not let the SDK
+retry (a resent create may bill twice); see its docstring. Messages carry the operation, status,
 error type, the API's message and the request id -- never the API key or any body.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -58,6 +60,9 @@ _TRANSIENT_SDK_ERRORS: tuple[type[Exception], ...] = (
     anthropic.ConflictError,
     anthropic.RequestTimeoutError,
 )
+# Answers to a create that mean the API did not create the batch, so sending again is safe.
+_CREATE_REFUSED = frozenset({429, 503, 529})
+_MAX_RETRY_DELAY = 60.0
 
 
 class BatchClient:
@@ -76,10 +81,11 @@ class BatchClient:
         if settings.api_key is None or not settings.api_key.get_secret_value():
             raise errors.AuthenticationFailed(NO_KEY_MESSAGE)
         self._key = settings.api_key.get_secret_value()
+        self._max_retries = settings.max_retries if max_retries is None else max_retries
         self._sdk = anthropic.Anthropic(
             api_key=self._key,
             base_url=base_url or settings.base_url,
-            max_retries=settings.max_retries if max_retries is None else max_retries,
+            max_retries=self._max_retries,
             timeout=settings.request_timeout if timeout is None else timeout,
             http_client=http_client,
         )
@@ -87,6 +93,9 @@ class BatchClient:
         # (reference §2.2), so retrieve and results retry a 404 this many times first.
         self.not_found_retries = 3
         self.not_found_delay = 1.0  # seconds; grows linearly per retry
+        # create's own retries: exponential from this base when no retry-after is given.
+        self.create_retry_base = 0.5
+        self.sleep: Callable[[float], None] = time.sleep
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,21 +112,45 @@ class BatchClient:
     # ------------------------------------------------------------------ operations
 
     def create(self, body: bytes, *, count: int) -> BatchInfo:
-        """Create a batch from a serialised body ``{"requests": [...]}`` holding ``count`` items."""
+        """Create a batch from a serialised body ``{"requests": [...]}`` holding ``count`` items.
 
-        batch = self._call(
-            "create",
-            "create batch",
-            lambda: self._sdk.post(
-                "/v1/messages/batches",
-                cast_to=MessageBatch,
-                content=body,  # sent as is: no re-serialising (see the module docstring)
-                options={"headers": {"Content-Type": "application/json"}},
-            ),
-            count=count,
-            bytes=len(body),
-        )
-        return _batch_info(batch)
+        The SDK's own retries are off for this one call: it resends after a 500, a timeout or
+        a dropped connection, when the first request may already have created a batch, so one
+        call could create (and bill) two. Only answers that say nothing was created (429, 503,
+        529) are retried here, honouring retry-after. Any other transient failure raises
+        ``TransientAPIError`` at once; the caller keeps its intent and recovery looks for the
+        batch at the API before sending again.
+        """
+        for attempt in range(self._max_retries + 1):
+            try:
+                batch = self._call(
+                    "create",
+                    "create batch",
+                    lambda: self._sdk.post(
+                        "/v1/messages/batches",
+                        cast_to=MessageBatch,
+                        content=body,  # sent as is: no re-serialising (see the module docstring)
+                        options={
+                            "headers": {"Content-Type": "application/json"},
+                            "max_retries": 0,
+                        },
+                    ),
+                    count=count,
+                    bytes=len(body),
+                    attempt=attempt,
+                )
+            except errors.TransientAPIError as exc:
+                refused = exc.__cause__
+                if (
+                    not isinstance(refused, anthropic.APIStatusError)
+                    or refused.status_code not in _CREATE_REFUSED
+                    or attempt == self._max_retries
+                ):
+                    raise
+                self.sleep(_retry_delay(refused.response, attempt, self.create_retry_base))
+                continue
+            return _batch_info(batch)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def retrieve(self, batch_id: str) -> BatchInfo:
         """The batch's current state; a 404 is retried a few times before it counts."""
@@ -338,6 +371,20 @@ def _broke_off(op: str, lines: int, request_id: str | None, why: str) -> errors.
         f"{op} broke off after {lines} lines ({why}); the next run downloads them again",
         request_id=request_id,
     )
+
+
+def _retry_delay(response: httpx2.Response, attempt: int, base: float) -> float:
+    """Seconds to wait before retrying a refused create: the server's word, else backoff."""
+    headers = response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            value = float(headers.get(name, "")) * scale
+        except ValueError:
+            continue
+        if value >= 0:
+            return min(value, _MAX_RETRY_DELAY)
+    # Jitter spreads out many workers that were refused at the same moment.
+    return min(base * 2.0**attempt, 8.0) * random.uniform(0.75, 1.0)
 
 
 def _ms(started: float) -> int:

@@ -8,7 +8,7 @@ by finding the orphan at the API instead of paying for the same requests twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import timedelta
 
 from batchpipe.dataset import Dataset
@@ -146,7 +146,17 @@ def _send(ctx: Context, job: JobRow, batch: BatchRow, body: bytes, count: int) -
 
 
 def recover_planned(ctx: Context, job: JobRow) -> None:
-    """Resolve batches whose create may or may not have reached the API (see module doc)."""
+    """Resolve batches whose create may or may not have reached the API.
+
+    For each `planned` batch, the API's batches created since its intent that no job has
+    claimed and that hold as many requests are candidates. An ended candidate is judged by
+    its results: one of this batch's custom_ids confirms it, anything else rules it out.
+    Then: a confirmed candidate is adopted; else a single open candidate (still running) is
+    adopted, and collect checks every custom_id; several open ones wait until they end and
+    can be told apart; none at all past the grace period means the create never arrived, so
+    the same custom_ids are sent again. Only a state no later look can settle (several
+    candidates whose results can no longer be read) stops the job as `needs_attention`.
+    """
     planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
     if not planned:
         return
@@ -162,24 +172,47 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
             if info.request_counts.total == batch.request_count
             and info.created_at >= batch.intent_at - _CLOCK_SKEW
         ]
-        confirmed = [c for c in candidates if _results_confirm(ctx, job, batch, c)]
-        if len(confirmed) == 1 or (len(candidates) == 1 and not confirmed):
-            found = confirmed[0] if confirmed else candidates[0]
-            # A single unconfirmed candidate is adopted now; collect checks every custom_id.
-            ctx.store.mark_batch_created(
-                batch.id,
-                api_batch_id=found.id,
-                created_at=found.created_at,
-                expires_at=found.expires_at,
-            )
-            unclaimed.remove(found)
-            logger.warning("batch.orphan_adopted", batch_id=batch.id, api_batch_id=found.id)
-        elif len(candidates) > 1:
-            ids = ", ".join(c.id for c in candidates)
+        members: set[str] | None = None
+        confirmed: list[BatchInfo] = []
+        running: list[BatchInfo] = []
+        unreadable: list[BatchInfo] = []
+        for info in candidates:
+            if info.processing_status != "ended":
+                running.append(info)
+                continue
+            if members is None:
+                members = _member_ids(ctx, job, batch)
+            verdict = _results_confirm(ctx, info, members)
+            if verdict is None:
+                unreadable.append(info)
+            elif verdict:
+                confirmed.append(info)
+        if confirmed:
+            # Two confirmed copies mean the API already ran these requests twice; either
+            # holds the answers, so take the oldest and say so.
+            found = min(confirmed, key=lambda c: c.created_at)
+            if len(confirmed) > 1:
+                logger.error(
+                    "batch.orphan_duplicate",
+                    batch_id=batch.id,
+                    api_batch_ids=[c.id for c in confirmed],
+                )
+            _adopt(ctx, job, batch, found, unclaimed, confirmed=True)
+        elif len(running) + len(unreadable) == 1 and running:
+            _adopt(ctx, job, batch, running[0], unclaimed, confirmed=False)
+        elif running:
+            logger.warning(
+                "batch.orphan_ambiguous",
+                batch_id=batch.id,
+                candidates=[c.id for c in running + unreadable],
+            )  # decided once they end and their results can be read
+        elif unreadable:
+            ids = ", ".join(c.id for c in unreadable)
             message = (
-                f"job {job.id}: batch {batch.id} may have been created as any of {ids}; "
-                "batchpipe will not guess. Cancel the ones that are not this job's at the API "
-                f"and run `batchpipe tick --job {job.name}` again"
+                f"job {job.id}: batch {batch.id} may have been created as {ids}, whose results "
+                "can no longer be read (archived); batchpipe will not guess whether they hold "
+                "this job's rows or send them again. Check at the API; `batchpipe status "
+                f"{job.name}` shows the rows affected"
             )
             ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
             raise NeedsAttention(message)
@@ -187,24 +220,62 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
             logger.warning(
                 "batch.orphan_not_found", batch_id=batch.id, requests=batch.request_count
             )
-            resend_planned(ctx, job, batch)
+            if job.status == JobStatus.CANCELING:
+                ctx.store.release_batch_items(batch.id)  # never sent: cancel_pending drops them
+            else:
+                resend_planned(ctx, job, batch)
         else:
             logger.info("batch.orphan_pending", batch_id=batch.id)
 
 
-def _results_confirm(ctx: Context, job: JobRow, batch: BatchRow, info: BatchInfo) -> bool:
-    """True when an ended candidate's first result line carries one of this batch's custom_ids."""
-    if info.processing_status != "ended" or info.archived_at is not None:
-        return False
-    first = next(iter(ctx.client.results(info.id)), None)
-    if first is None:
-        return False
-    items = {
+def _adopt(
+    ctx: Context,
+    job: JobRow,
+    batch: BatchRow,
+    found: BatchInfo,
+    unclaimed: list[BatchInfo],
+    *,
+    confirmed: bool,
+) -> None:
+    ctx.store.mark_batch_created(
+        batch.id, api_batch_id=found.id, created_at=found.created_at, expires_at=found.expires_at
+    )
+    unclaimed.remove(found)
+    bind(job, log).warning(
+        "batch.orphan_adopted", batch_id=batch.id, api_batch_id=found.id, confirmed=confirmed
+    )
+
+
+def _member_ids(ctx: Context, job: JobRow, batch: BatchRow) -> set[str]:
+    """The custom_ids recorded in a planned batch's intent."""
+    return {
         i.custom_id
         for i in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED})
-        if i.batch_id == batch.id
+        if i.batch_id == batch.id and i.custom_id is not None
     }
-    return first.custom_id in items
+
+
+def _results_confirm(ctx: Context, info: BatchInfo, members: set[str]) -> bool | None:
+    """Whether an ended candidate's first result line is one of ``members``.
+
+    None when its results cannot be read (archived, or refused): nothing can be told from it.
+    Custom_ids carry the job's random token, row and attempt, so one line is proof either way.
+    """
+    if info.archived_at is not None:
+        return None
+    lines = ctx.client.results(info.id)
+    try:
+        first = next(lines, None)
+    except TransientAPIError:
+        raise
+    except APIError:
+        return None
+    finally:
+        if isinstance(lines, Generator):
+            lines.close()  # one line is all we need: hang up on the rest of the download
+    if first is None:
+        return None
+    return first.custom_id in members
 
 
 def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
@@ -218,6 +289,11 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
         for i in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED})
         if i.batch_id == batch.id
     )
+    # The wait for a late-appearing orphan starts over from this send.
+    if not ctx.store.update_batch(
+        batch.id, expected_status=BatchStatus.PLANNED, intent_at=ctx.clock()
+    ):
+        return
     payloads: list[bytes] = []
     for item, params in _rows_for(dataset, renderer, job, members):
         assert item.custom_id is not None
