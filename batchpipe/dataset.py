@@ -43,6 +43,11 @@ _RESULT_TYPES: dict[str, pa.DataType] = {
     "int64": pa.int64(),
     "float64": pa.float64(),
     "bool": pa.bool_(),
+    # Structured-output array fields (batchpipe.structured): lists of one scalar type.
+    "list<string>": pa.list_(pa.string()),
+    "list<int64>": pa.list_(pa.int64()),
+    "list<float64>": pa.list_(pa.float64()),
+    "list<bool>": pa.list_(pa.bool_()),
 }
 
 
@@ -233,7 +238,7 @@ def write_joined(
 
     ``results`` yields chunks (any size) of tuples, one tuple per input row in input order,
     fields in ``result_columns`` order (``(name, type)``, type one of string, int64, float64,
-    bool). Input columns keep their types. Output is Parquet, or JSONL when ``dest`` ends
+    bool, or list<one of those>). Input columns keep their types. Output is Parquet, or JSONL when ``dest`` ends
     with ``.jsonl``. The file appears at ``dest`` complete or not at all: it is written
     beside it under a temporary name and renamed into place; on any error (including too
     few or too many results: :class:`InputChangedError`) the temporary file is removed.

@@ -1,0 +1,87 @@
+"""What tokens cost: a versioned price table per model and the Message Batches discount.
+
+Prices are Anthropic's public list prices in US dollars per million tokens (MTok), as
+published on the pricing page on **2025-11-24** (table version ``2025-11-24``). Prompt cache
+writes are priced at the 5-minute TTL rate (1.25x input); cache reads at 0.1x input.
+Message Batches bill every kind of token at 50% of these prices, cache tokens included.
+
+Model ids are matched by their longest known prefix, so dated snapshots
+(``claude-haiku-4-5-20251001``) and aliases (``claude-haiku-4-5``) price alike. An unknown
+model has no price: callers report its cost as unknown rather than guess.
+
+No I/O here; the pipeline and the CLI use it to estimate, cap and report spend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PRICE_TABLE_VERSION = "2025-11-24"
+BATCH_DISCOUNT = 0.5  # Message Batches cost half the standard price
+_PER = 1_000_000.0
+# A rough tokenizer for offline estimates: English text averages about four characters per
+# token with Claude's tokenizers; JSON framing makes request bytes overstate it slightly.
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """Standard (non-batch) prices of one model family in USD per million tokens."""
+
+    input: float
+    output: float
+    cache_write: float
+    cache_read: float
+
+
+# Longest-prefix match on the model id. Keep the list sorted by family for review.
+PRICES: dict[str, ModelPrice] = {
+    "claude-opus-4-5": ModelPrice(5.0, 25.0, 6.25, 0.50),
+    "claude-opus-4-1": ModelPrice(15.0, 75.0, 18.75, 1.50),
+    "claude-opus-4": ModelPrice(15.0, 75.0, 18.75, 1.50),
+    "claude-3-opus": ModelPrice(15.0, 75.0, 18.75, 1.50),
+    "claude-sonnet-4-5": ModelPrice(3.0, 15.0, 3.75, 0.30),
+    "claude-sonnet-4": ModelPrice(3.0, 15.0, 3.75, 0.30),
+    "claude-3-7-sonnet": ModelPrice(3.0, 15.0, 3.75, 0.30),
+    "claude-3-5-sonnet": ModelPrice(3.0, 15.0, 3.75, 0.30),
+    "claude-haiku-4-5": ModelPrice(1.0, 5.0, 1.25, 0.10),
+    "claude-3-5-haiku": ModelPrice(0.80, 4.0, 1.0, 0.08),
+    "claude-3-haiku": ModelPrice(0.25, 1.25, 0.30, 0.03),
+}
+
+
+def price_for(model: str | None) -> ModelPrice | None:
+    """The price of ``model`` (longest matching prefix), or None when it is not in the table."""
+    if not model:
+        return None
+    best = max((p for p in PRICES if model.startswith(p)), key=len, default=None)
+    return PRICES[best] if best is not None else None
+
+
+def cost_usd(
+    model: str | None,
+    *,
+    input_tokens: int | None = 0,
+    output_tokens: int | None = 0,
+    cache_creation_input_tokens: int | None = 0,
+    cache_read_input_tokens: int | None = 0,
+    batch: bool = True,
+) -> float | None:
+    """Dollars for one request's usage (None for an unknown model); batch discount by default."""
+    price = price_for(model)
+    if price is None:
+        return None
+    dollars = (
+        (input_tokens or 0) * price.input
+        + (output_tokens or 0) * price.output
+        + (cache_creation_input_tokens or 0) * price.cache_write
+        + (cache_read_input_tokens or 0) * price.cache_read
+    ) / _PER
+    return dollars * BATCH_DISCOUNT if batch else dollars
+
+
+def approx_tokens(text_or_bytes: str | bytes | int) -> int:
+    """Offline token estimate for a text, a serialised request, or a length in characters."""
+    n = text_or_bytes if isinstance(text_or_bytes, int) else len(text_or_bytes)
+    return math.ceil(n / CHARS_PER_TOKEN)

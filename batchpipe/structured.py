@@ -1,0 +1,173 @@
+"""Structured output: a JSON Schema (or a list of labels) in, typed answer columns out.
+
+A job may carry an output schema. Each request then asks for it in one of two ways:
+
+- ``tool`` (default): one tool, ``record_answer``, whose ``input_schema`` is the schema, forced
+  with ``tool_choice = {"type": "tool", "name": "record_answer"}``; the answer is the tool
+  call's ``input``.
+- ``json``: the API's JSON output format, ``output_config.format = {"type": "json_schema",
+  "schema": …}``; the answer is the text block, parsed as JSON.
+
+Every answer is validated against the schema (``jsonschema``, draft 2020-12). A valid answer is
+stored as compact JSON in ``response_text``; one that does not fit (no tool call, not JSON,
+a missing field, a label outside the enum, an answer cut off at ``max_tokens``) becomes
+``invalid_output`` with the reason in ``error_message`` and the raw answer kept.
+
+Each top-level property becomes one export column named after it, typed by the schema:
+string and enum → ``string``, integer → ``int64``, number → ``float64``, boolean → ``bool``,
+an array of one of those → a list column (``list<string>`` …), anything else (objects, mixed
+arrays) → a ``string`` column holding JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jsonschema
+import orjson
+
+from batchpipe.errors import UsageError
+
+TOOL_NAME = "record_answer"
+LABEL_FIELD = "label"
+_SCALAR_TYPES = {"string": "string", "integer": "int64", "number": "float64", "boolean": "bool"}
+_MAX_REASON = 300
+
+
+def labels_schema(labels: Sequence[str]) -> dict[str, Any]:
+    """The schema for ``--labels a,b,c``: one required field ``label`` from that enum."""
+    clean = [label.strip() for label in labels if label.strip()]
+    if not clean:
+        raise UsageError("--labels needs at least one label, e.g. --labels positive,negative")
+    if len(set(clean)) != len(clean):
+        raise UsageError(f"--labels has duplicates: {', '.join(clean)}")
+    return {
+        "type": "object",
+        "properties": {LABEL_FIELD: {"type": "string", "enum": clean}},
+        "required": [LABEL_FIELD],
+        "additionalProperties": False,
+    }
+
+
+def check_schema(schema: dict[str, Any]) -> None:
+    """UsageError unless ``schema`` is a valid JSON Schema for an object with properties."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise UsageError(f"output schema is not a valid JSON Schema: {exc.message}") from None
+    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
+        raise UsageError(
+            'output schema must be {"type": "object", "properties": {...}}: each property '
+            "becomes an output column"
+        )
+    if not schema["properties"]:
+        raise UsageError("output schema has no properties; name at least one field")
+
+
+def _column_type(prop: Any) -> str:
+    if not isinstance(prop, dict):
+        return "json"
+    kind = prop.get("type")
+    if kind is None and "enum" in prop:
+        values = prop["enum"]
+        kind = "string" if all(isinstance(v, str) for v in values) else None
+    if isinstance(kind, str) and kind in _SCALAR_TYPES:
+        return _SCALAR_TYPES[kind]
+    if kind == "array":
+        inner = _column_type(prop.get("items"))
+        if inner in _SCALAR_TYPES.values():
+            return f"list<{inner}>"
+    return "json"
+
+
+class OutputSchema:
+    """One job's output schema: the request params that ask for it, validation, columns."""
+
+    def __init__(self, schema: dict[str, Any], mode: str = "tool") -> None:
+        check_schema(schema)
+        if mode not in {"tool", "json"}:
+            raise UsageError(f"output mode must be tool or json, not {mode!r}")
+        self.schema = schema
+        self.mode = mode
+        self._validator = jsonschema.Draft202012Validator(schema)
+        self._fields: list[tuple[str, str]] = [
+            (name, _column_type(prop)) for name, prop in schema["properties"].items()
+        ]
+
+    def request_params(self) -> dict[str, Any]:
+        """What every request adds to ask for this schema."""
+        if self.mode == "json":
+            return {"output_config": {"format": {"type": "json_schema", "schema": self.schema}}}
+        tool = {
+            "name": TOOL_NAME,
+            "description": "Record the answer for this input. Always call this tool.",
+            "input_schema": self.schema,
+        }
+        return {"tools": [tool], "tool_choice": {"type": "tool", "name": TOOL_NAME}}
+
+    def columns(self) -> list[tuple[str, str]]:
+        """``(name, export type)`` per field; ``json`` fields are exported as JSON strings."""
+        return [(name, "string" if kind == "json" else kind) for name, kind in self._fields]
+
+    def field_names(self) -> list[str]:
+        """The answer's top-level fields, in schema order."""
+        return [name for name, _ in self._fields]
+
+    def extract(
+        self, content: list[dict[str, Any]] | None, text: str | None, stop_reason: str | None
+    ) -> tuple[str | None, str | None]:
+        """``(answer as JSON text, None)`` if it fits the schema, else ``(raw answer, reason)``."""
+        raw: Any = None
+        reason: str | None = None
+        if self.mode == "tool":
+            calls = [
+                b
+                for b in content or []
+                if b.get("type") == "tool_use" and b.get("name") == TOOL_NAME
+            ]
+            if calls:
+                raw = calls[0].get("input")
+            else:
+                reason = f"the answer has no {TOOL_NAME} tool call"
+        elif text is None:
+            reason = "the answer has no text"
+        else:
+            try:
+                raw = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                reason = f"the answer is not JSON ({exc})"
+        if reason is None:
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(raw))
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path)
+                reason = f"{where + ': ' if where else ''}{error.message}"
+        stored = text if raw is None else orjson.dumps(raw).decode()
+        if reason is None:
+            return stored, None
+        if stop_reason == "max_tokens":
+            reason = f"cut off at max_tokens before the answer was complete ({reason})"
+        return stored, f"answer does not fit the output schema: {reason}"[:_MAX_REASON]
+
+    def row_values(self, answer: str | None) -> tuple[Any, ...]:
+        """The typed column values of a stored valid answer (Nones when there is none)."""
+        if answer is None:
+            return (None,) * len(self._fields)
+        try:
+            obj = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            return (None,) * len(self._fields)
+        if not isinstance(obj, dict):
+            return (None,) * len(self._fields)
+        out: list[Any] = []
+        for name, kind in self._fields:
+            value = obj.get(name)
+            if value is None:
+                out.append(None)
+            elif kind == "json":
+                out.append(orjson.dumps(value).decode())
+            elif kind == "float64" and isinstance(value, int | float):
+                out.append(float(value))
+            else:
+                out.append(value)
+        return tuple(out)
