@@ -238,10 +238,11 @@ def write_joined(
 
     ``results`` yields chunks (any size) of tuples, one tuple per input row in input order,
     fields in ``result_columns`` order (``(name, type)``, type one of string, int64, float64,
-    bool, or list<one of those>). Input columns keep their types. Output is Parquet, or JSONL when ``dest`` ends
-    with ``.jsonl``. The file appears at ``dest`` complete or not at all: it is written
-    beside it under a temporary name and renamed into place; on any error (including too
-    few or too many results: :class:`InputChangedError`) the temporary file is removed.
+    bool, or ``list<…>`` of one of those). Input columns keep their types. Output is Parquet,
+    or JSONL when ``dest`` ends with ``.jsonl``. The file appears at ``dest`` complete or not
+    at all: it is written beside it under a temporary name and renamed into place; on any
+    error (including too few or too many results: :class:`InputChangedError`) the temporary
+    file is removed.
     """
     names = [name for name, _ in result_columns]
     types: list[pa.DataType] = []
