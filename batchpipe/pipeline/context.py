@@ -160,6 +160,18 @@ class Context:
             raise JobLocked(f"job {job_id}: lost the lease to another process; stopping")
         self._renewed[job_id] = time.monotonic()
 
+    def pause(self, job_id: int, seconds: float) -> None:
+        """Sleep between polls while keeping the lease: a 5-minute idle wait is as long as
+        the lease, so the wait is cut into slices with a renewal before each."""
+        slice_ = max(self.lease_ttl_seconds / 4, 0.01)
+        left = seconds
+        while True:
+            self.heartbeat(job_id)
+            if left <= 0:
+                return
+            self.sleep(min(slice_, left))
+            left -= slice_
+
 
 def job_spec(job: JobRow) -> JobSpec:
     """The JobSpec stored with a job."""

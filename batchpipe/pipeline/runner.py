@@ -125,14 +125,13 @@ def run(ctx: Context, job: JobRow) -> JobRow:
                 job = step(ctx, job)
             except TransientAPIError as exc:
                 bind(job, log).warning("job.api_unavailable", error=str(exc))
-                ctx.sleep(backoff.next(progressed=False))
+                ctx.pause(job.id, backoff.next(progressed=False))
                 continue
             if job.status.is_terminal():
                 break
             if job.status == JobStatus.NEEDS_ATTENTION:
                 raise NeedsAttention(job.error or f"job {job.id} needs attention")
-            ctx.heartbeat(job.id)
-            ctx.sleep(backoff.next(progressed=_fingerprint(ctx, job) != before))
+            ctx.pause(job.id, backoff.next(progressed=_fingerprint(ctx, job) != before))
         if job.status == JobStatus.FAILED:
             raise BatchpipeError(job.error or f"job {job.id} ({job.name}) failed")
         if job.status == JobStatus.DONE and spec.output:
