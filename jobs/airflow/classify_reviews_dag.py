@@ -1,0 +1,120 @@
+"""Airflow 3 DAG: classify product reviews through the Message Batches API with batchpipe.
+
+submit → wait (a sensor in reschedule mode: no worker slot is held while the API works,
+which takes minutes to 24 hours) → export.
+
+- batchpipe runs as a subprocess (``$BATCHPIPE_BIN``, default ``batchpipe`` on PATH), so
+  Airflow's interpreter never imports it and the two can pin different libraries.
+- The job name derives from the DAG run (dag_id + run_id, sanitised). batchpipe's database is
+  the source of truth: a retried or re-run ``submit`` with the same name resumes the job (and
+  recovers a batch whose create was interrupted) instead of submitting again, so Airflow
+  retries never pay twice.
+- Settings come from the environment, else Airflow Variables: ``BATCHPIPE_CLASSIFY_INPUT`` /
+  ``batchpipe_classify_input`` (default: the job file's input), ``BATCHPIPE_OUTPUT_DIR`` /
+  ``batchpipe_output_dir`` (default ``/tmp/batchpipe``). ``BATCHPIPE_POKE_SECONDS`` (env,
+  default 300) sets how often the sensor looks; it is read when the DAG is parsed, where
+  Variables are best left alone. The subprocess inherits the environment:
+  ``BATCHPIPE_DATABASE_URL`` (use PostgreSQL when workers run on several machines),
+  ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``.
+- Exit codes: 75 from ``tick`` means "try again later" (the sensor pokes again); 1 means the
+  job failed for good (the task fails without retrying).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.exceptions import AirflowFailException
+from airflow.sdk import PokeReturnValue, Variable, dag, get_current_context, task
+
+JOB_FILE = Path(__file__).resolve().parent.parent / "examples" / "classify_reviews.toml"
+EXIT_TEMPFAIL = 75
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _setting(name: str, env: str, default: str) -> str:
+    """An environment variable, else an Airflow Variable, else the default."""
+    # Env first: Variable.get logs an error for every missing Variable, even with a default.
+    if env in os.environ:
+        return os.environ[env]
+    return str(Variable.get(name, default=default))
+
+
+def _batchpipe(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+    """Run the batchpipe CLI; its log lines go to the task log. Raise on an unexpected exit."""
+    cmd = [os.environ.get("BATCHPIPE_BIN", "batchpipe"), "--log-format", "json", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+    if proc.stderr:
+        print(proc.stderr.rstrip())  # the task log is where Airflow users look
+    if proc.returncode == 1:
+        # Terminal: retrying the same command cannot help; fail without using up retries.
+        raise AirflowFailException(f"batchpipe {args[0]} failed (exit 1); see the log above")
+    if proc.returncode not in ok:
+        raise RuntimeError(f"batchpipe {args[0]} exited {proc.returncode}")
+    return proc
+
+
+def job_name_for_run() -> str:
+    """A batchpipe job name unique to this DAG run and stable across its task retries."""
+    ctx = get_current_context()
+    raw = f"{ctx['dag'].dag_id}-{ctx['run_id']}"
+    return _UNSAFE.sub("-", raw).strip("-")[:120]
+
+
+@dag(
+    dag_id="classify_reviews",
+    schedule=None,
+    catchup=False,
+    tags=["batchpipe"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+)
+def classify_reviews() -> None:
+    """Label every review positive/negative/mixed and write a Parquet file per run."""
+
+    @task
+    def submit() -> str:
+        """Validate and submit (or resume) this run's job; return its name."""
+        name = job_name_for_run()
+        args = ["submit", "--config", str(JOB_FILE), "--job", name]
+        input_path = _setting("batchpipe_classify_input", "BATCHPIPE_CLASSIFY_INPUT", "")
+        if input_path:
+            args.insert(1, input_path)
+        # Exit 75 (API unavailable, job busy) raises and Airflow retries; the retry resumes
+        # the same job by name.
+        proc = _batchpipe(*args)
+        return proc.stdout.strip().splitlines()[-1]
+
+    @task.sensor(
+        poke_interval=float(os.environ.get("BATCHPIPE_POKE_SECONDS", "300")),
+        timeout=timedelta(hours=30).total_seconds(),  # the API expires batches after 24 h
+        mode="reschedule",
+    )
+    def wait(name: str) -> PokeReturnValue:
+        """Advance the job one step; done when batchpipe says it is finished."""
+        _batchpipe("tick", "--job", name, ok=(0, EXIT_TEMPFAIL))
+        status: dict[str, Any] = json.loads(_batchpipe("status", name, "--json").stdout)
+        job = status["jobs"][0]
+        print(f"job {name}: {job['status']}, rows {job['counts']}, next: {job['next_action']}")
+        if job["status"] in {"failed", "needs_attention"}:
+            raise AirflowFailException(f"job {name} is {job['status']}: {job['error']}")
+        return PokeReturnValue(is_done=job["status"] in {"done", "canceled"}, xcom_value=name)
+
+    @task
+    def export(name: str) -> str:
+        """Write the joined results; return the file's path."""
+        out_dir = _setting("batchpipe_output_dir", "BATCHPIPE_OUTPUT_DIR", "/tmp/batchpipe")  # noqa: S108
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = str(Path(out_dir) / f"{name}.parquet")
+        _batchpipe("export", name, "-o", path)
+        return path
+
+    export(wait(submit()))
+
+
+classify_reviews()
