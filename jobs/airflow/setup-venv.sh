@@ -17,8 +17,8 @@ if [[ -f "$stamp" ]]; then
   exit 0
 fi
 # Another process (a parallel test worker) may be building it: wait for its lock.
-mkdir -p "$(dirname "$VENV")"
-exec 9>"$VENV.lock"
+mkdir -p "$VENV"
+exec 9>"$VENV/.setup.lock"
 flock 9
 if [[ -f "$stamp" ]]; then
   exit 0
