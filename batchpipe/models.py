@@ -34,6 +34,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "attempts",
     "batch_id",
     "model",
+    "truncated",  # the answer stopped at max_tokens
+    "cost_usd",  # what the row cost, every attempt included (batch prices)
 )
 
 
@@ -86,6 +88,7 @@ class ItemStatus(StrEnum):
     EXPIRED = "expired"  # expired until max attempts
     CANCELED = "canceled"
     INVALID = "invalid"  # failed pre-flight validation (with --skip-invalid); never sent
+    INVALID_OUTPUT = "invalid_output"  # answered, but the answer does not fit the output schema
 
     def is_terminal(self) -> bool:
         """True when the row has its final answer (or final failure)."""
@@ -142,6 +145,21 @@ class JobSpec(BaseModel):
     max_batch_requests: int = Field(default=API_MAX_BATCH_REQUESTS, ge=1, le=API_MAX_BATCH_REQUESTS)
     max_batch_bytes: int = Field(default=DEFAULT_MAX_BATCH_BYTES, ge=1024, le=API_MAX_BATCH_BYTES)
     skip_invalid: bool = False
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the answer; each property becomes a column"
+    )
+    output_mode: Literal["tool", "json"] = Field(
+        default="tool", description="Ask for the schema by a forced tool or JSON output"
+    )
+    cache_system: bool = Field(
+        default=False, description="Send the system prompt as a cacheable (ephemeral) block"
+    )
+    retry_truncated_max_tokens: int | None = Field(
+        default=None, gt=0, description="Retry answers cut at max_tokens once with this many"
+    )
+    max_cost: float | None = Field(
+        default=None, gt=0, description="Budget in USD; submitting stops before passing it"
+    )
 
     @field_validator("params")
     @classmethod
@@ -155,7 +173,17 @@ class JobSpec(BaseModel):
     def request_fields(self) -> dict[str, Any]:
         """The spec fields that shape every request (the rest only steer batchpipe)."""
         return self.model_dump(
-            include={"prompt", "system", "model", "max_tokens", "temperature", "params"}
+            include={
+                "prompt",
+                "system",
+                "model",
+                "max_tokens",
+                "temperature",
+                "params",
+                "output_schema",
+                "output_mode",
+                "cache_system",
+            }
         )
 
 

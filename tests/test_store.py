@@ -416,9 +416,12 @@ def test_export_rows_order_join_and_usage(store: Store) -> None:
     )
     rows = list(store.export_rows(job, page=2))
     assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
-    assert rows[0] == (0, "k0", None, "pending", None, None, None, None, None, None, 0, None, None)
+    assert rows[0] == (
+        0, "k0", None, "pending", None, None, None, None, None, None, 0, None, None, None
+    )  # fmt: skip
     assert rows[1] == (
-        1, "k1", cid(1), "succeeded", "answer 1", None, 10, 7, None, None, 1, "msgbatch_9", "m1"
+        1, "k1", cid(1), "succeeded", "answer 1", None, 10, 7, None, None, 1, "msgbatch_9", "m1",
+        None,
     )  # fmt: skip
     assert rows[3][11] == "msgbatch_9"
     assert store.usage_totals(job) == {

@@ -53,6 +53,12 @@ def _apply_statement(*, transient: bool) -> sa.Update:
         f: sa.bindparam(f"p_{f}", type_=item_table.c[f].type) for f in RESULT_FIELDS
     }
     values["status"] = sa.bindparam("p_status")
+    # Each attempt's price adds to what the row has cost (an unpriced one leaves it as it is).
+    cost = sa.bindparam("p_cost_usd", type_=item_table.c.cost_usd.type)
+    values["cost_usd"] = sa.case(
+        (cost.is_(None), item_table.c.cost_usd),
+        else_=sa.func.coalesce(item_table.c.cost_usd, 0.0) + cost,
+    )
     values["updated_at"] = sa.bindparam("p_now", type_=item_table.c.updated_at.type)
     if transient:
         values["batch_id"] = None
@@ -248,6 +254,7 @@ class BatchesMixin(StoreBase):
                 p_row_index=u.row_index,
                 p_custom_id=u.custom_id,
                 p_status=status.value,
+                p_cost_usd=u.cost_usd,
                 p_now=now,
             )
             (transient if status is ItemStatus.PENDING else final).append(params)

@@ -44,6 +44,7 @@ EXPORT_FIELDS: tuple[str, ...] = (
     "attempts",
     "api_batch_id",
     "model",
+    "cost_usd",
 )
 _ITEM_COLUMNS = [items.c[f] for f in ItemRow.__dataclass_fields__]
 
@@ -51,10 +52,11 @@ _ITEM_COLUMNS = [items.c[f] for f in ItemRow.__dataclass_fields__]
 class ItemsMixin(StoreBase):
     """Store methods for the ``items`` table."""
 
-    def insert_items(
-        self, job_id: int, rows: Iterable[tuple[int, str, ItemStatus, str | None]]
-    ) -> int:
-        """Insert ``(row_index, row_key, status, error_message)`` rows; return how many.
+    def insert_items(self, job_id: int, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Insert ``(row_index, row_key, status, error_message[, request_hash])`` rows.
+
+        Returns how many. The optional fifth field is the hash of the row's rendered request
+        (what a later change of template or model is compared against).
 
         The iterable is pulled lazily in chunks of INSERT_CHUNK, each sent as one executemany,
         all inside one transaction: a failure half way (a duplicate row_index, a dead
@@ -77,8 +79,9 @@ class ItemsMixin(StoreBase):
                             "error_message": error_message,
                             "attempts": 0,
                             "updated_at": now,
+                            "request_hash": rest[0] if rest else None,
                         }
-                        for row_index, row_key, status, error_message in chunk
+                        for row_index, row_key, status, error_message, *rest in chunk
                     ],
                 )
                 total += len(chunk)

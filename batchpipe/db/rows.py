@@ -120,6 +120,8 @@ class ItemRow:
     cache_read_input_tokens: int | None
     error_type: str | None
     error_message: str | None
+    request_hash: str | None = None
+    cost_usd: float | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> ItemRow:
@@ -142,6 +144,8 @@ class ItemRow:
             cache_read_input_tokens=m["cache_read_input_tokens"],
             error_type=m["error_type"],
             error_message=m["error_message"],
+            request_hash=m["request_hash"],
+            cost_usd=m["cost_usd"],
         )
 
 
@@ -168,6 +172,8 @@ class ItemUpdate:
     cache_read_input_tokens: int | None = None
     error_type: str | None = None
     error_message: str | None = None
+    # This attempt's price; added to the item's running total (never cleared by a requeue).
+    cost_usd: float | None = None
 
 
 # The item columns an ItemUpdate writes (besides status), and the ones a requeue clears.

@@ -13,11 +13,12 @@ from batchpipe.db.batches import BatchesMixin
 from batchpipe.db.connect import create_engine, describe_error, mask_url, sqlite_path
 from batchpipe.db.items import ItemsMixin
 from batchpipe.db.jobs import JobsMixin
+from batchpipe.db.ledger import LedgerMixin
 from batchpipe.db.migrate import head_revision, revision_of, upgrade
 from batchpipe.errors import StoreError
 
 
-class Store(JobsMixin, ItemsMixin, BatchesMixin):
+class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
     """batchpipe's state database. Thread-safe (one engine, pooled connections)."""
 
     @classmethod
