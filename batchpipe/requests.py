@@ -25,6 +25,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from batchpipe.errors import InputError, UsageError
 from batchpipe.models import CUSTOM_ID_PATTERN, JobSpec
+from batchpipe.structured import OutputSchema
 
 _CUSTOM_ID_RE = re.compile(CUSTOM_ID_PATTERN)
 # Ours exactly: no leading zeros, so parse(format(x)) == x and each id has one spelling.
@@ -204,6 +205,9 @@ class RequestRenderer:
         if spec.temperature is not None:
             self._tail["temperature"] = spec.temperature
         self._tail.update(spec.params)
+        if spec.output_schema is not None:
+            # After params: the schema's tool or JSON format is what the answer is read from.
+            self._tail.update(OutputSchema(spec.output_schema, spec.output_mode).request_params())
         # Largest params JSON that still fits one request into one batch body.
         self._max_params_bytes = spec.max_batch_bytes - _FRAME_BYTES - _REQUEST_WRAPPER_BYTES
         fixed = {**self._head, "messages": [{"role": "user", "content": ""}], **self._tail}
@@ -254,7 +258,13 @@ class RequestRenderer:
         params = {**self._head, "messages": [{"role": "user", "content": text}]}
         # A system prompt that renders to nothing is left out: the API rejects empty text.
         if system is not None and system.strip():
-            params["system"] = system
+            # A cacheable system prompt is sent as one text block marked for the prompt cache,
+            # so rows sharing it pay the cache-read price for it after the first.
+            params["system"] = (
+                [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+                if self._spec.cache_system
+                else system
+            )
         params.update(self._tail)
         problem = self._check_size(params, text, system, row_index)
         return problem if problem is not None else params
