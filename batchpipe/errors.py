@@ -14,6 +14,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │   ├── AuthenticationFailed   2  missing or rejected API key
     │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
+    ├── BudgetExceeded             1  sending more would pass the job's --max-cost
     └── Interrupted              130  Ctrl-C / SIGTERM; the job resumes on the next run
 
 Messages name the ids involved and the next step, e.g.
@@ -91,6 +92,10 @@ class TransientAPIError(APIError):
 
 class NeedsAttention(BatchpipeError):
     """batchpipe found a state it cannot resolve safely on its own (e.g. ambiguous orphans)."""
+
+
+class BudgetExceeded(BatchpipeError):
+    """The job's estimate or spend would pass its budget (``--max-cost``); nothing more is sent."""
 
 
 class Interrupted(BatchpipeError):
