@@ -12,7 +12,8 @@ which takes minutes to 24 hours) → export.
 - Settings come from the environment, else Airflow Variables: ``BATCHPIPE_CLASSIFY_INPUT`` /
   ``batchpipe_classify_input`` (default: the job file's input), ``BATCHPIPE_OUTPUT_DIR`` /
   ``batchpipe_output_dir`` (default ``/tmp/batchpipe``). ``BATCHPIPE_POKE_SECONDS`` (env,
-  default 300) sets how often the sensor looks; it is read when the DAG is parsed, where
+  default 300) sets how often the sensor looks and ``BATCHPIPE_RETRY_SECONDS`` (default 60)
+  how long a failed task waits before its retry; both are read when the DAG is parsed, where
   Variables are best left alone. The subprocess inherits the environment:
   ``BATCHPIPE_DATABASE_URL`` (use PostgreSQL when workers run on several machines),
   ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``.
@@ -72,7 +73,10 @@ def job_name_for_run() -> str:
     schedule=None,
     catchup=False,
     tags=["batchpipe"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(seconds=float(os.environ.get("BATCHPIPE_RETRY_SECONDS", "60"))),
+    },
 )
 def classify_reviews() -> None:
     """Label every review positive/negative/mixed and write a Parquet file per run."""

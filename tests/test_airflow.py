@@ -1,0 +1,168 @@
+"""The Airflow DAG in jobs/airflow, run by real Airflow 3 (`airflow dags test`) in its own venv.
+
+Airflow lives in `.venv-airflow` (built once per machine by jobs/airflow/setup-venv.sh; its
+pins clash with ours), with a SQLite metadata database in a temporary AIRFLOW_HOME. The DAG
+calls the batchpipe CLI from our venv by subprocess and talks to an emulator on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
+
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / ".venv-airflow"
+BATCHPIPE = str(Path(sys.executable).with_name("batchpipe"))
+ROWS = sum(1 for _ in (REPO / "examples" / "reviews.jsonl").open())
+
+
+@pytest.fixture(scope="session")
+def airflow_bin() -> Path:
+    """The `airflow` executable, installing Airflow into .venv-airflow on first use."""
+    subprocess.run([str(REPO / "jobs" / "airflow" / "setup-venv.sh"), str(VENV)], check=True)
+    return VENV / "bin" / "airflow"
+
+
+@pytest.fixture(scope="module")
+def airflow_env(airflow_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for an Airflow whose metadata database is migrated and dags folder is ours."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW", "BATCHPIPE", "ANTHROPIC"))
+    }
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "jobs" / "airflow"),
+        AIRFLOW__CORE__UNIT_TEST_MODE="False",
+        BATCHPIPE_BIN=BATCHPIPE,
+        BATCHPIPE_POKE_SECONDS="1",
+        BATCHPIPE_RETRY_SECONDS="1",
+    )
+    subprocess.run(
+        [str(airflow_bin), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300
+    )
+    return env
+
+
+@pytest.fixture
+def slow_emulator() -> Iterator[tuple[Emulator, str]]:
+    """An emulator on loopback whose batches take 6 s, so the sensor has to reschedule."""
+    emulator = Emulator(EmulatorConfig(seed=0, processing_seconds=6))
+    with EmulatorServer(emulator, host="127.0.0.1", port=0) as server:
+        yield emulator, server.url
+
+
+def _dags_test(airflow_bin: Path, env: dict[str, str], log_path: Path) -> tuple[int, str]:
+    """Run the DAG once; return the exit code and the whole log (also kept in `log_path`)."""
+    proc = subprocess.run(
+        [str(airflow_bin), "dags", "test", "classify_reviews"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    log_path.write_text(proc.stdout)
+    return proc.returncode, proc.stdout
+
+
+def _run_env(
+    airflow_env: dict[str, str], tmp_path: Path, emulator_url: str
+) -> tuple[dict[str, str], Path]:
+    out_dir = tmp_path / "out"
+    env = {
+        **airflow_env,
+        "ANTHROPIC_BASE_URL": emulator_url,
+        "ANTHROPIC_API_KEY": "sk-ant-test-airflow",
+        "BATCHPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+        "BATCHPIPE_OUTPUT_DIR": str(out_dir),
+    }
+    return env, out_dir
+
+
+def _only_parquet(out_dir: Path) -> Path:
+    files = list(out_dir.glob("*.parquet"))
+    assert len(files) == 1, files
+    assert files[0].name.startswith("classify_reviews-manual")  # named after the DAG run
+    return files[0]
+
+
+def test_dag_runs_to_success_and_writes_the_output(
+    airflow_bin: Path,
+    airflow_env: dict[str, str],
+    slow_emulator: tuple[Emulator, str],
+    tmp_path: Path,
+) -> None:
+    emulator, url = slow_emulator
+    env, out_dir = _run_env(airflow_env, tmp_path, url)
+
+    rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+
+    assert rc == 0, f"DAG run failed; log in {tmp_path / 'airflow.log'}"
+    assert "state=success" in logs
+    # Reschedule mode: the sensor is started afresh for each poke, holding no slot between.
+    assert logs.count("[DAG TEST] starting task_id=wait") >= 2
+    table = pq.read_table(_only_parquet(out_dir))
+    assert table.num_rows == ROWS
+    assert set(table.column("result_status").to_pylist()) == {"succeeded"}
+    assert emulator.stats()["batches_created"] == 1
+
+
+def test_submit_killed_after_create_is_retried_without_a_second_submission(
+    airflow_bin: Path,
+    airflow_env: dict[str, str],
+    slow_emulator: tuple[Emulator, str],
+    tmp_path: Path,
+) -> None:
+    """The first submit dies (kill -9) right after a batch was created; Airflow retries it."""
+    emulator, url = slow_emulator
+    env, out_dir = _run_env(airflow_env, tmp_path, url)
+    env["BATCHPIPE_MAX_BATCH_REQUESTS"] = "200"  # 3 batches: the kill lands after the first
+    # A stand-in for the batchpipe executable that arms the failpoint for the first submit only.
+    marker = tmp_path / "failpoint-fired"
+    wrapper = tmp_path / "batchpipe"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$3" = submit ] && [ ! -e "{marker}" ]; then\n'
+        f'  touch "{marker}"; export BATCHPIPE_FAILPOINT=after_mark_created\n'
+        "fi\n"
+        f'exec "{BATCHPIPE}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env["BATCHPIPE_BIN"] = str(wrapper)
+
+    rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+
+    assert rc == 0, f"DAG run failed; log in {tmp_path / 'airflow.log'}"
+    assert marker.exists()
+    assert "batchpipe submit exited -9" in logs
+    assert logs.count("[DAG TEST] starting task_id=submit") == 2
+    assert "state=success" in logs
+    stats = emulator.stats()
+    assert stats["batches_created"] == 3  # 500 rows / 200 per batch: none sent twice
+    assert stats["requests_received"] == ROWS
+    assert stats.get("duplicate_successes", 0) == 0
+    table = pq.read_table(_only_parquet(out_dir))
+    assert table.num_rows == ROWS
+    assert set(table.column("attempts").to_pylist()) == {1}
+    status = subprocess.run(
+        [BATCHPIPE, "status", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    (job,) = json.loads(status.stdout)["jobs"]
+    assert job["status"] == "done"
+    assert len(job["batches"]) == 3
