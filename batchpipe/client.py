@@ -144,9 +144,11 @@ class BatchClient:
                 if (
                     not isinstance(refused, anthropic.APIStatusError)
                     or refused.status_code not in _CREATE_REFUSED
-                    or attempt == self._max_retries
                 ):
                     raise
+                if attempt == self._max_retries:
+                    # Say "nothing was created", so the caller can release its intent.
+                    raise errors.CreateRefused(str(exc), request_id=exc.request_id) from refused
                 self.sleep(_retry_delay(refused.response, attempt, self.create_retry_base))
                 continue
             return _batch_info(batch)

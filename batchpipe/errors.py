@@ -13,6 +13,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key
     │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
+    │       └── CreateRefused     75  a create refused for now (429/503/529): nothing created
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
     ├── BudgetExceeded             1  sending more would pass the job's --max-cost
     └── Interrupted              130  Ctrl-C / SIGTERM; the job resumes on the next run
@@ -88,6 +89,10 @@ class TransientAPIError(APIError):
     """The API is overloaded, rate limiting or unreachable; the next run will retry."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+class CreateRefused(TransientAPIError):
+    """The API turned a create away (rate limit, overload): certainly no batch was created."""
 
 
 class NeedsAttention(BatchpipeError):

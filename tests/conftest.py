@@ -180,3 +180,30 @@ def inprocess_client(emulator: Emulator) -> Iterator[anthropic.Anthropic]:
     )
     yield client
     client.close()
+
+
+# ---------------------------------------------------------------- batchpipe subprocesses
+
+
+def batchpipe_argv(db_url: str, *args: str) -> list[str]:
+    """argv that runs the real `batchpipe` CLI (this interpreter) on the state database."""
+    import sys
+
+    return [sys.executable, "-m", "batchpipe", "--db", db_url, "--log-format", "json", *args]
+
+
+def write_rows(path: Path, n: int) -> None:
+    """n JSONL rows with a unique ``doc_id`` and a ``body`` to prompt with."""
+    import orjson
+
+    rows = ({"doc_id": f"d{i:05d}", "body": f"review {i}: {'good' if i % 3 else 'bad'}"}
+            for i in range(n))
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+
+
+@pytest.fixture
+def cli_env(emulator_server: EmulatorServer) -> dict[str, str]:
+    """Environment for `batchpipe` subprocesses talking to ``emulator_server`` over loopback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
+    env.update(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test-key")
+    return env

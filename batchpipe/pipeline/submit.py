@@ -16,6 +16,7 @@ from batchpipe.db import BatchRow, ItemRow, JobRow
 from batchpipe.errors import (
     APIError,
     AuthenticationFailed,
+    CreateRefused,
     InputChangedError,
     NeedsAttention,
     TransientAPIError,
@@ -122,6 +123,12 @@ def _send(ctx: Context, job: JobRow, batch: BatchRow, body: bytes, count: int) -
     logger = bind(job, log, batch_id=batch.id)
     try:
         info = ctx.client.create(body, count=count)
+    except CreateRefused:
+        # Turned away for now (429/529/503): certainly not created, so no orphan to wait
+        # for; the items go back to pending and the next submit sends them.
+        ctx.store.release_batch_items(batch.id)
+        logger.warning("batch.create_refused", requests=count)
+        raise
     except TransientAPIError:
         # Maybe created, maybe not: the batch stays `planned` and recovery decides.
         logger.warning("batch.create_uncertain", requests=count)
