@@ -1,0 +1,157 @@
+"""Crash consistency: real `batchpipe` processes killed with SIGKILL, then run again.
+
+The emulator runs in the test process over loopback; its counters tell whether anything
+was created or paid for twice. Failpoints (BATCHPIPE_FAILPOINT) stop a process at one
+exact step; the chaos test kills at seeded random moments instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import batchpipe_argv, write_rows
+
+from batchpipe.db import Store
+from batchpipe.emulator import Emulator
+from batchpipe.models import BatchStatus, ItemStatus
+
+ROWS = 100
+PER_BATCH = 20
+
+
+def _job_args(src: Path, name: str, output: Path | None = None) -> list[str]:
+    args = [
+        str(src),
+        "--job", name,
+        "--prompt", "Classify: {{ body }}",
+        "--model", "claude-haiku-4-5",
+        "--max-tokens", "32",
+        "--id-column", "doc_id",
+        "--poll-interval", "0.1",
+        "--max-batch-requests", str(PER_BATCH),
+    ]  # fmt: skip
+    return [*args, "-o", str(output)] if output else args
+
+
+def _run(
+    db_url: str, env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        batchpipe_argv(db_url, *args),
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def _final_counts(db_url: str, name: str) -> dict[ItemStatus, int]:
+    with Store.open(db_url) as store:
+        job = store.get_job(name)
+        assert job is not None
+        return {k: v for k, v in store.count_items(job.id).items() if v}
+
+
+@pytest.fixture
+def fast_emulator(emulator: Emulator) -> Emulator:
+    emulator.configure(processing_seconds=0.3, seed=3)
+    return emulator
+
+
+@pytest.mark.parametrize("point", ["after_intent", "after_create", "after_mark_created"])
+def test_crash_at_each_submit_step_never_creates_twice(
+    fast_emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path, point: str
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    killed = _run(
+        sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": point}, "submit", *_job_args(src, "j")
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    created_before = fast_emulator.stats()["batches_created"]
+    assert created_before == (0 if point == "after_intent" else 1)
+
+    # No grace period: whatever recovery finds at the API it must adopt, not resend.
+    done = _run(sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run", *_job_args(src, "j"))
+    assert done.returncode == 0, done.stderr
+    assert _final_counts(sqlite_url, "j") == {ItemStatus.SUCCEEDED: ROWS}
+    stats = fast_emulator.stats()
+    assert stats["batches_created"] == ROWS // PER_BATCH
+    assert stats["requests_received"] == ROWS
+    assert stats["duplicate_successes"] == 0
+    if point == "after_create":
+        assert '"batch.orphan_adopted"' in done.stderr
+
+
+def test_crash_mid_download_resumes_without_duplicates(
+    fast_emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, 12_000)  # more than one apply chunk (5 000) in one batch
+    args = [*_job_args(src, "big"), "--max-batch-requests", "12000"]
+    assert _run(sqlite_url, cli_env, "submit", *args).returncode == 0
+    time.sleep(0.5)
+    killed = _run(sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": "mid_collect"}, "tick")
+    assert killed.returncode == -signal.SIGKILL
+    partial = _final_counts(sqlite_url, "big")
+    assert 0 < partial.get(ItemStatus.SUCCEEDED, 0) < 12_000  # some lines were stored
+    assert _run(sqlite_url, cli_env, "run", *args).returncode == 0
+    assert _final_counts(sqlite_url, "big") == {ItemStatus.SUCCEEDED: 12_000}
+    assert fast_emulator.stats()["requests_received"] == 12_000
+
+
+def _export(path: Path) -> list[dict[str, object]]:
+    # custom_id and batch_id carry a job's random token and the API's ids: they differ
+    # between any two runs; every other column must match.
+    rows = pq.read_table(path).to_pylist()
+    return [{k: v for k, v in r.items() if k not in {"custom_id", "batch_id"}} for r in rows]
+
+
+@pytest.mark.slow
+def test_chaos_random_sigkills_until_done(
+    fast_emulator: Emulator, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Kill `batchpipe run` at random moments, restart it, until the job is done."""
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    reference = tmp_path / "reference.parquet"
+    ref_db = f"sqlite:///{tmp_path / 'ref.db'}"
+    assert _run(ref_db, cli_env, "run", *_job_args(src, "ref", reference)).returncode == 0
+    before = fast_emulator.stats()
+
+    chaos_db = f"sqlite:///{tmp_path / 'chaos.db'}"
+    out = tmp_path / "chaos.parquet"
+    # A create still on the wire when its process died may land a moment later: a short
+    # grace keeps the restart from sending it again.
+    env = {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "2"}
+    rng = random.Random(20240601)
+    kills = 0
+    deadline = time.monotonic() + 60
+    while kills < 8 and time.monotonic() < deadline:
+        proc = subprocess.Popen(
+            batchpipe_argv(chaos_db, "run", *_job_args(src, "chaos", out)),
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(rng.uniform(1.0, 5.0))  # start-up takes ~1-3 s; then work
+        if proc.poll() is not None:
+            break  # it finished before the kill
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()  # reaped, so the next process sees the lease holder is dead
+        kills += 1
+    final = _run(chaos_db, env, "run", *_job_args(src, "chaos", out))
+    assert final.returncode == 0, final.stderr
+    assert kills >= 3
+
+    assert _final_counts(chaos_db, "chaos") == {ItemStatus.SUCCEEDED: ROWS}
+    assert _export(out) == _export(reference)
+    after = fast_emulator.stats()
+    assert after["duplicate_successes"] == 0
+    assert after["requests_received"] - before["requests_received"] == ROWS
+    with Store.open(chaos_db) as store:
+        job = store.get_job("chaos")
+        assert job is not None
+        assert not store.list_batches(job.id, {BatchStatus.PLANNED, BatchStatus.IN_PROGRESS})
