@@ -10,7 +10,8 @@
 # (batchpipe's job leases protect the jobs anyway, even across machines; the lock just keeps
 # slow ticks from piling up.)
 #
-# Logs: batchpipe's JSON lines (stderr) and its messages are appended to $BATCHPIPE_TICK_LOG.
+# Logs: JSON lines appended to $BATCHPIPE_TICK_LOG: batchpipe's own log lines, its messages
+# wrapped as {"event": "cli.message"}, and a tick.exit (or tick.skipped) line per run.
 #
 # Exit codes (batchpipe's own, passed through unchanged):
 #   0    every job advanced, or nothing to do
@@ -43,8 +44,16 @@ if ! flock --nonblock 9; then
   exit 75
 fi
 
-"$bin" --log-format json tick "$@" </dev/null >>"$logfile" 2>&1
-rc=$?
+# batchpipe's log lines are JSON already; its one-line messages (and a traceback, should one
+# ever escape) become {"event": "cli.message"} lines, so the whole file is JSON lines.
+as_json_lines() {
+  sed -u -e '/^{.*}$/b' \
+    -e 's/\\/\\\\/g; s/"/\\"/g; s/\t/\\t/g; s/[[:cntrl:]]//g' \
+    -e 's/^/{"event": "cli.message", "message": "/; s/$/", "level": "info"}/'
+}
+
+"$bin" --log-format json tick "$@" </dev/null 2>&1 | as_json_lines >>"$logfile"
+rc=${PIPESTATUS[0]}
 printf '{"event": "tick.exit", "exit_code": %d, "level": "info", "timestamp": "%s"}\n' \
   "$rc" "$(now)" >>"$logfile"
 exit "$rc"

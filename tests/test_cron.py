@@ -1,0 +1,168 @@
+"""jobs/cron: the crontab line and the tick wrapper, run as cron would run them (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchpipe.emulator import EmulatorServer
+
+REPO = Path(__file__).resolve().parent.parent
+WRAPPER = REPO / "jobs" / "cron" / "batchpipe-tick.sh"
+BATCHPIPE = str(Path(sys.executable).with_name("batchpipe"))
+ROWS = 10
+# minute hour day-of-month month day-of-week, each a number, range, list, step or '*'.
+_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+
+
+def _crontab() -> tuple[dict[str, str], str, str]:
+    """The crontab's variables, its schedule and its command."""
+    env: dict[str, str] = {}
+    jobs = []
+    for line in (REPO / "jobs" / "cron" / "crontab").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if re.match(r"^[A-Z_]+=", line):
+            key, _, value = line.partition("=")
+            env[key] = value
+        else:
+            jobs.append(line)
+    assert len(jobs) == 1, jobs
+    fields = jobs[0].split(None, 5)
+    return env, " ".join(fields[:5]), fields[5]
+
+
+@pytest.fixture
+def cron_env(tmp_path: Path, emulator_server: EmulatorServer) -> dict[str, str]:
+    """The crontab's environment with its paths moved into tmp_path and the API at the emulator."""
+    variables, _, _ = _crontab()
+    home = tmp_path / "home"
+    (home / ".config" / "batchpipe").mkdir(parents=True)
+    (home / ".config" / "batchpipe" / "env").write_text(
+        f"export ANTHROPIC_BASE_URL={emulator_server.url}\n"
+        "export ANTHROPIC_API_KEY=sk-ant-test-cron\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHPIPE", "ANTHROPIC"))}
+    env["HOME"] = str(home)
+    for key, value in variables.items():
+        env[key] = value.replace("/var/", f"{tmp_path}/var/").replace("/opt/batchpipe", str(REPO))
+    env["BATCHPIPE_BIN"] = BATCHPIPE  # the crontab's /opt path, here our venv's
+    return env
+
+
+def _submit(tmp_path: Path, env: dict[str, str]) -> Path:
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"doc_id": f"d{i}", "body": f"text {i}"}) + "\n" for i in range(ROWS))
+    )
+    out = tmp_path / "out.jsonl"
+    subprocess.run(
+        [BATCHPIPE, "submit", str(source), "--job", "nightly", "--prompt", "Label: {{ body }}",
+         "--model", "claude-haiku-4-5", "--max-tokens", "8", "--id-column", "doc_id",
+         "--max-batch-requests", "4", "-o", str(out)],
+        env={**env, **_api_env(env)}, check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def _api_env(env: dict[str, str]) -> dict[str, str]:
+    """What the crontab line sources from ~/.config/batchpipe/env, for direct CLI calls."""
+    text = (Path(env["HOME"]) / ".config" / "batchpipe" / "env").read_text()
+    return dict(re.findall(r"export (\w+)=(\S+)", text))
+
+
+def _cron_command(env: dict[str, str]) -> list[str]:
+    _, _, command = _crontab()
+    return [env.get("SHELL", "/bin/sh"), "-c", command.replace("/opt/batchpipe", str(REPO))]
+
+
+def test_crontab_line_is_a_valid_schedule_calling_the_wrapper() -> None:
+    variables, schedule, command = _crontab()
+    assert all(_CRON_FIELD.match(f) for f in schedule.split()), schedule
+    assert command.endswith("jobs/cron/batchpipe-tick.sh")
+    assert "ANTHROPIC_API_KEY" not in variables  # the key stays out of the crontab
+    assert {"BATCHPIPE_DATABASE_URL", "BATCHPIPE_TICK_LOG"} <= variables.keys()
+
+
+def test_overlapping_cron_runs_finish_the_job_without_double_submission(
+    tmp_path: Path, cron_env: dict[str, str], emulator_server: EmulatorServer
+) -> None:
+    Path(cron_env["BATCHPIPE_DATABASE_URL"].removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    out = _submit(tmp_path, cron_env)
+    created = emulator_server.emulator.stats()["batches_created"]
+    assert created == 3  # 10 rows, 4 per batch
+
+    codes: list[int] = []
+    deadline = time.monotonic() + 60
+    while not out.exists():
+        assert time.monotonic() < deadline, "the job never finished under cron"
+        # Two cron runs at the same moment, as when one run overlaps the next.
+        procs = [subprocess.Popen(_cron_command(cron_env), env=cron_env) for _ in range(2)]
+        codes += [p.wait(timeout=60) for p in procs]
+        if 1 in codes or 2 in codes:
+            break
+        time.sleep(0.5)
+
+    assert set(codes) <= {0, 75}, codes
+    stats = emulator_server.emulator.stats()
+    assert stats["batches_created"] == created
+    assert stats["requests_received"] == ROWS
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["doc_id"] for r in lines] == [f"d{i}" for i in range(ROWS)]
+    assert {r["result_status"] for r in lines} == {"succeeded"}
+    # The log is JSON lines, one per event; overlapping runs left their mark in it.
+    log_lines = Path(cron_env["BATCHPIPE_TICK_LOG"]).read_text().splitlines()
+    events = [json.loads(x)["event"] for x in log_lines]
+    assert "tick.skipped" in events
+    assert "job.exported" in events
+    assert events.count("tick.exit") == codes.count(0) + codes.count(1) + codes.count(2)
+
+
+def test_ticks_that_bypass_the_lock_still_never_submit_twice(
+    tmp_path: Path, cron_env: dict[str, str], emulator_server: EmulatorServer
+) -> None:
+    """Without the wrapper's lock (e.g. two machines), batchpipe's job lease keeps them apart."""
+    Path(cron_env["BATCHPIPE_DATABASE_URL"].removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    out = _submit(tmp_path, cron_env)
+    deadline = time.monotonic() + 60
+    codes: list[int] = []
+    while not out.exists():
+        assert time.monotonic() < deadline
+        procs = [
+            subprocess.Popen(
+                [str(WRAPPER), "--job", "nightly"],
+                env={**cron_env, **_api_env(cron_env), "BATCHPIPE_TICK_LOCK": str(tmp_path / n)},
+            )
+            for n in ("a.lock", "b.lock")
+        ]
+        codes += [p.wait(timeout=60) for p in procs]
+        if 1 in codes or 2 in codes:
+            break
+        time.sleep(0.5)
+    assert set(codes) <= {0, 75}, codes
+    assert emulator_server.emulator.stats()["batches_created"] == 3
+    assert len(out.read_text().splitlines()) == ROWS
+
+
+def test_wrapper_passes_the_exit_code_through_and_logs_the_error(
+    tmp_path: Path, cron_env: dict[str, str]
+) -> None:
+    Path(cron_env["BATCHPIPE_DATABASE_URL"].removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    proc = subprocess.run(
+        [str(WRAPPER), "--job", "no-such-job"], env=cron_env, capture_output=True, check=False
+    )
+    assert proc.returncode == 2  # usage error, as `batchpipe tick` itself exits
+    assert proc.stdout == b""
+    assert proc.stderr == b""  # cron mails any output; everything goes to the log
+    log = [json.loads(x) for x in Path(cron_env["BATCHPIPE_TICK_LOG"]).read_text().splitlines()]
+    assert {"event": "cli.message", "message": "error: no job 'no-such-job'; `batchpipe jobs` "
+            "lists them", "level": "info"} in log  # fmt: skip
+    assert log[-1]["event"] == "tick.exit"
+    assert log[-1]["exit_code"] == 2
