@@ -5,20 +5,35 @@ die anywhere and the next run continues. Nothing here prints; the CLI renders.
 """
 
 from batchpipe.pipeline.context import Context, NullProgress, Progress, default_owner
+from batchpipe.pipeline.estimate import Estimate, estimate
 from batchpipe.pipeline.export import RESULT_COLUMN_TYPES, export
 from batchpipe.pipeline.ingest import default_job_name
-from batchpipe.pipeline.runner import TickReport, cancel, prepare, retry, run, step, tick
+from batchpipe.pipeline.rerun import RerunPlan
+from batchpipe.pipeline.runner import (
+    TickReport,
+    cancel,
+    check_rerun,
+    prepare,
+    retry,
+    run,
+    step,
+    tick,
+)
 from batchpipe.pipeline.status import job_summary
 
 __all__ = [
     "RESULT_COLUMN_TYPES",
     "Context",
+    "Estimate",
     "NullProgress",
     "Progress",
+    "RerunPlan",
     "TickReport",
     "cancel",
+    "check_rerun",
     "default_job_name",
     "default_owner",
+    "estimate",
     "export",
     "job_summary",
     "prepare",

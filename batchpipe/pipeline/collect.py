@@ -17,12 +17,14 @@ from batchpipe.log import get_logger
 from batchpipe.models import (
     BatchStatus,
     ItemStatus,
+    JobSpec,
     JobStatus,
     ResultRecord,
     ResultType,
     is_transient_error,
 )
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.outcome import output_schema, refine
 from batchpipe.requests import parse_custom_id
 
 _APPLY_CHUNK = 5_000
@@ -93,14 +95,15 @@ def collect(ctx: Context, job: JobRow) -> int:
     user_canceled = job.status in {JobStatus.CANCELING, JobStatus.CANCELED}
     total = 0
     for batch in ctx.store.list_batches(job.id, {BatchStatus.ENDED}):
-        total += _collect_batch(ctx, job, batch, spec.max_attempts, user_canceled)
+        total += _collect_batch(ctx, job, batch, spec, user_canceled)
     return total
 
 
 def _collect_batch(
-    ctx: Context, job: JobRow, batch: BatchRow, max_attempts: int, user_canceled: bool
+    ctx: Context, job: JobRow, batch: BatchRow, spec: JobSpec, user_canceled: bool
 ) -> int:
     assert batch.api_batch_id is not None
+    outputs = output_schema(spec)
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     if batch.created_at and ctx.clock() - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
         logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
@@ -109,15 +112,17 @@ def _collect_batch(
     usage = {"input_tokens": 0, "output_tokens": 0}
     ctx.progress.start("downloading", batch.request_count)
     try:
-        for record in ctx.client.results(batch.api_batch_id):
+        # Raw content blocks only when a schema needs them (the tool call's input).
+        for record in ctx.client.results(batch.api_batch_id, keep_content=outputs is not None):
             lines += 1
             parsed = parse_custom_id(record.custom_id)
             if parsed is None or parsed[0] != job.token:
                 foreign += 1
                 continue
             _, row_index, attempt = parsed
-            status = classify(record, attempt, max_attempts, user_canceled)
-            buf.append(_update(record, row_index, attempt, status))
+            status = classify(record, attempt, spec.max_attempts, user_canceled)
+            update = _update(record, row_index, attempt, status)
+            buf.append(refine(update, record, spec, outputs, user_canceled=user_canceled))
             usage["input_tokens"] += record.input_tokens or 0
             usage["output_tokens"] += record.output_tokens or 0
             if len(buf) >= _APPLY_CHUNK:

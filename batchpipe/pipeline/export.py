@@ -11,6 +11,7 @@ from batchpipe.errors import UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.outcome import TRUNCATED, output_schema
 from batchpipe.pipeline.submit import check_fingerprint
 
 # The exported result columns and their types, in order (names fixed by models.RESULT_COLUMNS).
@@ -26,17 +27,33 @@ RESULT_COLUMN_TYPES: list[tuple[str, str]] = [
     ("attempts", "int64"),
     ("batch_id", "string"),
     ("model", "string"),
+    ("truncated", "bool"),
+    ("cost_usd", "float64"),
 ]
+# Appended after these: one typed column per field of the job's output schema, if any.
 _PAGE = 10_000
 
 log = get_logger(__name__)
 
 
+def result_columns(job: JobRow) -> list[tuple[str, str]]:
+    """The result columns a job's export adds, with their types, in order."""
+    outputs = output_schema(job_spec(job))
+    return RESULT_COLUMN_TYPES + (outputs.columns() if outputs is not None else [])
+
+
 def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
     chunk: list[tuple[Any, ...]] = []
-    # export_rows yields (row_index, row_key, *result columns in RESULT_COLUMNS order).
+    outputs = output_schema(job_spec(job))
+    # export_rows yields (row_index, row_key, *the first 11 result columns, cost_usd).
     for row in ctx.store.export_rows(job.id, page=_PAGE):
-        chunk.append(row[2:])
+        status, text, stop_reason = row[3], row[4], row[5]
+        truncated = None if stop_reason is None else stop_reason == TRUNCATED
+        values = (*row[2:13], truncated, row[13])
+        if outputs is not None:
+            answer = text if status == ItemStatus.SUCCEEDED.value else None
+            values += outputs.row_values(answer)
+        chunk.append(values)
         if len(chunk) >= _PAGE:
             ctx.progress.advance(len(chunk))
             yield chunk
@@ -62,7 +79,7 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     ctx.progress.start("exporting", job.row_count)
-    rows = write_joined(dataset, _result_chunks(ctx, job), RESULT_COLUMN_TYPES, target)
+    rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)
     ctx.progress.finish()
     failpoint("after_export")
     bind(job, log).info("job.exported", rows=rows, path=target)

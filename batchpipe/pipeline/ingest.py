@@ -37,7 +37,24 @@ _NON_IDENTITY_FIELDS = {
     "max_attempts",
     "max_batch_requests",
     "max_batch_bytes",
+    "retry_truncated_max_tokens",
+    "max_cost",
 }
+# Settings a later run may change for a known job without changing its requests.
+_CARRIED_FIELDS = ("output", "max_cost", "retry_truncated_max_tokens")
+# Spec fields that shape requests: changing them re-runs the rows whose request changed.
+REQUEST_FIELDS = (
+    frozenset(JobSpec.model_fields)
+    - _NON_IDENTITY_FIELDS
+    - {
+        "input",
+        "input_format",
+        "id_column",
+    }
+)
+# Newer request fields, left out of the default job name at their defaults, so the names
+# of jobs started before they existed stay the same.
+_NAME_NEUTRAL_DEFAULTS = {"output_schema": None, "output_mode": "tool", "cache_system": False}
 _SHOWN_PROBLEMS = 20
 # The create body wraps requests in {"requests":[...]}: 14 bytes of framing plus commas.
 _FRAMING_BYTES = 16
@@ -51,6 +68,9 @@ def default_job_name(spec: JobSpec) -> str:
     Running the same command again therefore resumes the same job.
     """
     identity = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
+    for key, default in _NAME_NEUTRAL_DEFAULTS.items():
+        if identity.get(key) == default:
+            del identity[key]
     digest = hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), digest_size=4)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", PurePosixPath(spec.input.split("?")[0]).stem)[:40]
     return f"{stem or 'job'}-{digest.hexdigest()}"
@@ -71,18 +91,34 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     old = existing.model_dump(exclude=_NON_IDENTITY_FIELDS)
     new = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
     changed = sorted(k for k in new if new[k] != old.get(k))
+    if changed and REQUEST_FIELDS.issuperset(changed):
+        raise RequestsChanged(job, changed)
     if changed:
         raise UsageError(
             f"job {job.id} ({job.name}) already exists with different {', '.join(changed)}; "
             "give this run a new --job name, or run the original settings to resume it"
         )
-    if existing.output != spec.output and spec.output is not None:
-        ctx.store.update_job(
-            job.id, spec=existing.model_copy(update={"output": spec.output}).model_dump()
-        )
+    carried = {
+        k: getattr(spec, k)
+        for k in _CARRIED_FIELDS
+        if getattr(spec, k) is not None and getattr(spec, k) != getattr(existing, k)
+    }
+    if carried:
+        ctx.store.update_job(job.id, spec=existing.model_copy(update=carried).model_dump())
         job = ctx.store.get_job(job.id)
         assert job is not None
     return job
+
+
+class RequestsChanged(UsageError):
+    """A known job was given settings that change its requests (template, model …)."""
+
+    def __init__(self, job: JobRow, fields: list[str]) -> None:
+        super().__init__(
+            f"job {job.id} ({job.name}) already exists with different {', '.join(fields)}"
+        )
+        self.job = job
+        self.fields = fields
 
 
 def _describe(problem: RowProblem) -> str:
@@ -95,7 +131,8 @@ def _describe(problem: RowProblem) -> str:
 def _preflight_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) -> None:
     """Column-level checks that need no row: clashes, unknown template or id columns."""
     columns = dataset.columns()
-    check_result_column_clash(columns, RESULT_COLUMNS)
+    outputs = spec.output_schema or {}
+    check_result_column_clash(columns, (*RESULT_COLUMNS, *outputs.get("properties", {})))
     missing = sorted(renderer.template_columns() - set(columns))
     if missing:
         raise InputError(
@@ -122,7 +159,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     problems: list[RowProblem] = []
     counts = {"rows": 0, "invalid": 0}
 
-    def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
+    def items() -> Iterator[tuple[int, str, ItemStatus, str | None, str | None]]:
         ctx.progress.start("validating rows")
         row_index = -1
         for chunk in dataset.iter_rows():
@@ -134,9 +171,10 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     if len(problems) < _SHOWN_PROBLEMS:
                         problems.append(problem)
                     key = problem.row_key if problem.row_key is not None else f"<row {row_index}>"
-                    yield row_index, key, ItemStatus.INVALID, problem.message
+                    yield row_index, key, ItemStatus.INVALID, problem.message, None
                 else:
-                    yield row_index, problem, ItemStatus.PENDING, None
+                    key, request_hash = problem
+                    yield row_index, key, ItemStatus.PENDING, None, request_hash
             ctx.progress.advance(len(chunk))
             ctx.heartbeat(job.id)
         counts["rows"] = row_index + 1
@@ -175,8 +213,8 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
 
 def _check_row(
     renderer: RequestRenderer, spec: JobSpec, token: str, row: dict[str, object], row_index: int
-) -> str | RowProblem:
-    """The row's key if it can be sent, else what is wrong with it."""
+) -> tuple[str, str] | RowProblem:
+    """The row's key and request hash if it can be sent, else what is wrong with it."""
     key = check_row_key(row, spec.id_column, row_index)
     if isinstance(key, RowProblem):
         return key
@@ -191,7 +229,7 @@ def _check_row(
             key if spec.id_column else None,
             f"request is {size:,} bytes, over the {spec.max_batch_bytes:,}-byte batch limit",
         )
-    return key
+    return key, renderer.request_hash(params)
 
 
 def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:

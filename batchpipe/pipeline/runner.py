@@ -13,13 +13,16 @@ from batchpipe.errors import (
     JobLocked,
     NeedsAttention,
     TransientAPIError,
+    UsageError,
 )
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline.budget import check_estimate
 from batchpipe.pipeline.collect import collect, poll
 from batchpipe.pipeline.context import Context, bind, job_spec
 from batchpipe.pipeline.export import export
-from batchpipe.pipeline.ingest import ingest, open_job
+from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
+from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
 from batchpipe.pipeline.submit import recover_planned, submit_pending
 
 _IN_FLIGHT = {
@@ -39,9 +42,25 @@ def _reload(ctx: Context, job: JobRow) -> JobRow:
     return fresh
 
 
-def prepare(ctx: Context, name: str, spec: JobSpec) -> JobRow:
-    """Create or resume the job and make sure it is ingested (validated rows stored)."""
-    job = open_job(ctx, name, spec)
+def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = False) -> JobRow:
+    """Create or resume the job and make sure it is ingested (validated rows stored).
+
+    A known job given settings that change its requests (template, model …) is re-run for
+    the rows whose request changed, but only with ``confirm_rerun``; without it the error says
+    how many rows that would be. With a budget, a job not yet sent is checked against it.
+    """
+    try:
+        job = open_job(ctx, name, spec)
+    except RequestsChanged as changed:
+        job = changed.job
+        with ctx.lease(job):
+            if not confirm_rerun:
+                plan = plan_rerun(ctx, _reload(ctx, job), spec, changed.fields)
+                raise UsageError(
+                    f"{plan.describe()}. Pass --yes to send them, or --dry-run to only count"
+                ) from None
+            apply_rerun(ctx, _reload(ctx, job), spec, changed.fields)
+        job = _reload(ctx, job)
     with ctx.lease(job):
         job = _reload(ctx, job)
         if job.status == JobStatus.FAILED and job.row_count > 0:
@@ -51,10 +70,26 @@ def prepare(ctx: Context, name: str, spec: JobSpec) -> JobRow:
             )
             bind(job, log).info("job.resumed_after_failure")
         try:
-            return ingest(ctx, _reload(ctx, job))
+            job = ingest(ctx, _reload(ctx, job))
         except InputError as exc:
             ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
             raise
+        check_estimate(ctx, job, job_spec(job))
+        return job
+
+
+def check_rerun(ctx: Context, name: str, spec: JobSpec) -> RerunPlan | None:
+    """What re-running a known job with ``spec`` would send (for --dry-run); writes nothing.
+
+    None when there is no such job or its requests would not change.
+    """
+    job = ctx.store.get_job(name)
+    if job is None:
+        return None
+    old = job_spec(job).model_dump(include=set(REQUEST_FIELDS))
+    new = spec.model_dump(include=set(REQUEST_FIELDS))
+    fields = sorted(k for k in new if new[k] != old.get(k))
+    return plan_rerun(ctx, job, spec, fields) if fields else None
 
 
 def step(ctx: Context, job: JobRow) -> JobRow:

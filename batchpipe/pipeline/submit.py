@@ -23,7 +23,9 @@ from batchpipe.errors import (
 )
 from batchpipe.log import get_logger
 from batchpipe.models import BatchInfo, BatchStatus, ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline.budget import BudgetGuard
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.outcome import request_for
 from batchpipe.requests import (
     BatchPacker,
     PlannedBatch,
@@ -90,21 +92,25 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
     packer = BatchPacker(spec.max_batch_requests, spec.max_batch_bytes)
     pending = ctx.store.iter_items(job.id, statuses={ItemStatus.PENDING})
     created = 0
+    guard = BudgetGuard(ctx, job, spec)
     ctx.progress.start("uploading", ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
     for item, params in _rows_for(dataset, renderer, job, pending):
         attempt = item.attempts + 1
         custom_id = format_custom_id(job.token, item.row_index, attempt)
-        planned = packer.add(
-            item.row_index, custom_id, attempt, renderer.request_bytes(custom_id, params)
-        )
+        payload = renderer.request_bytes(custom_id, request_for(item, params, spec))
+        planned = packer.add(item.row_index, custom_id, attempt, payload)
         if planned is not None:
+            if not guard.admit(planned.count, planned.nbytes):
+                break  # over budget: the rest stay pending (guard.finish decides what next)
             _create(ctx, job, spec, planned)
             created += 1
-    last = packer.flush()
-    if last is not None:
-        _create(ctx, job, spec, last)
-        created += 1
+    else:
+        last = packer.flush()
+        if last is not None and guard.admit(last.count, last.nbytes):
+            _create(ctx, job, spec, last)
+            created += 1
     ctx.progress.finish()
+    guard.finish(ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
     return created
 
 
@@ -304,6 +310,6 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
     payloads: list[bytes] = []
     for item, params in _rows_for(dataset, renderer, job, members):
         assert item.custom_id is not None
-        payloads.append(renderer.request_bytes(item.custom_id, params))
+        payloads.append(renderer.request_bytes(item.custom_id, request_for(item, params, spec)))
     body = b'{"requests":[' + b",".join(payloads) + b"]}"
     _send(ctx, job, batch, body, len(payloads))

@@ -1,0 +1,149 @@
+"""What a job will cost before it is sent: input tokens counted or approximated, output bounded.
+
+Input tokens come from the API's count_tokens endpoint on a random sample of rows (the
+emulator answers it too), scaled to the whole input by the sample's tokens per request byte,
+so long and short rows weigh right; a sample as large as the input gives the exact count.
+``offline`` approximates instead (one token per four characters of the request, no calls).
+
+Output is given two ways: the *maximum* (every row uses its whole ``max_tokens``, the bound a
+budget can rely on) and the *expected* (``expected_output_tokens`` per row if given; for an
+output schema, the size of a typical answer; otherwise half of ``max_tokens``, an assumption
+the result says it made). Prices are the batch prices of :mod:`batchpipe.pricing`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from batchpipe import pricing
+from batchpipe.client import COUNT_TOKENS_KEYS
+from batchpipe.dataset import Dataset
+from batchpipe.errors import UsageError
+from batchpipe.models import JobSpec
+from batchpipe.pipeline.context import Context
+from batchpipe.requests import RequestRenderer, RowProblem
+from batchpipe.structured import TOOL_NAME
+
+DEFAULT_SAMPLE = 50
+_TYPICAL = {"string": "a typical short answer", "integer": 1234, "number": 12.5, "boolean": True}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A job's expected and maximum cost, with what they rest on."""
+
+    model: str
+    rows: int
+    sampled: int
+    method: str  # count_tokens | offline
+    input_tokens: int
+    expected_output_tokens: int
+    max_output_tokens: int
+    output_assumption: str
+    input_cost_usd: float
+    expected_cost_usd: float
+    max_cost_usd: float
+    price_table: str = pricing.PRICE_TABLE_VERSION
+    batch_discount: float = pricing.BATCH_DISCOUNT
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def _typical_answer(prop: Any) -> Any:
+    if not isinstance(prop, dict):
+        return "x"
+    if "enum" in prop:
+        return max((str(v) for v in prop["enum"]), key=len, default="x")
+    kind = prop.get("type")
+    if kind == "object":
+        return {k: _typical_answer(v) for k, v in (prop.get("properties") or {}).items()}
+    if kind == "array":
+        return [_typical_answer(prop.get("items")), _typical_answer(prop.get("items"))]
+    return _TYPICAL.get(str(kind), "x")
+
+
+def expected_output(spec: JobSpec, given: int | None) -> tuple[int, str]:
+    """Expected output tokens per row and the assumption behind the number."""
+    if given is not None:
+        return min(given, spec.max_tokens), "as given (--expected-output-tokens)"
+    if spec.output_schema is not None:
+        answer = orjson.dumps(_typical_answer(spec.output_schema))
+        tokens = pricing.approx_tokens(answer) + (
+            pricing.approx_tokens(TOOL_NAME) if spec.output_mode == "tool" else 0
+        )
+        return min(tokens, spec.max_tokens), "a typical answer for the output schema"
+    return max(1, spec.max_tokens // 2), "half of max_tokens (set --expected-output-tokens)"
+
+
+def _counted(params: dict[str, Any]) -> bytes:
+    """The part of a request count_tokens sees, serialised: what tokens scale with."""
+    return orjson.dumps({k: v for k, v in params.items() if k in COUNT_TOKENS_KEYS})
+
+
+def estimate(
+    ctx: Context,
+    spec: JobSpec,
+    *,
+    sample: int = DEFAULT_SAMPLE,
+    offline: bool = False,
+    expected_output_tokens: int | None = None,
+    seed: int = 0,
+) -> Estimate:
+    """Estimate the job's cost; streams the input once (rows that do not render are skipped)."""
+    price = pricing.price_for(spec.model)
+    if price is None:
+        raise UsageError(
+            f"no price known for model {spec.model!r} (price table {pricing.PRICE_TABLE_VERSION}); "
+            "cost cannot be estimated"
+        )
+    renderer = RequestRenderer(spec)
+    rng = random.Random(seed)
+    reservoir: list[dict[str, Any]] = []
+    rows = total_bytes = 0
+    for chunk in Dataset(spec.input, spec.input_format).iter_rows():
+        for row in chunk:
+            params = renderer.render(row, rows)
+            if isinstance(params, RowProblem):
+                continue
+            rows += 1
+            total_bytes += len(_counted(params))
+            # Reservoir sampling: a uniform sample in one pass and bounded memory.
+            if len(reservoir) < sample:
+                reservoir.append(params)
+            elif (j := rng.randrange(rows)) < sample:
+                reservoir[j] = params
+    if offline or not reservoir:
+        input_tokens = pricing.approx_tokens(total_bytes)
+        method = "offline"
+    else:
+        counted = sum(ctx.client.count_tokens(p) for p in reservoir)
+        sample_bytes = sum(len(_counted(p)) for p in reservoir)
+        input_tokens = (
+            counted if len(reservoir) == rows else round(counted * total_bytes / sample_bytes)
+        )
+        method = "count_tokens"
+    per_row, assumption = expected_output(spec, expected_output_tokens)
+    # A cacheable system prompt may be written to the cache by any row: price the bound so.
+    input_rate = price.cache_write if spec.cache_system else price.input
+    input_cost = pricing.BATCH_DISCOUNT * input_tokens * price.input / 1e6
+    max_input_cost = pricing.BATCH_DISCOUNT * input_tokens * input_rate / 1e6
+    out_rate = pricing.BATCH_DISCOUNT * price.output / 1e6
+    return Estimate(
+        model=spec.model,
+        rows=rows,
+        sampled=len(reservoir) if method == "count_tokens" else 0,
+        method=method,
+        input_tokens=input_tokens,
+        expected_output_tokens=per_row * rows,
+        max_output_tokens=spec.max_tokens * rows,
+        output_assumption=assumption,
+        input_cost_usd=input_cost,
+        expected_cost_usd=input_cost + per_row * rows * out_rate,
+        max_cost_usd=max_input_cost + spec.max_tokens * rows * out_rate,
+    )

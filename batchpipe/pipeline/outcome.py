@@ -1,0 +1,80 @@
+"""What a succeeded answer means for its row: price, schema check, truncation retry.
+
+`collect` classifies a result by the API's result type; this module refines that for
+structured output and truncation and prices every attempt:
+
+- **cost**: a succeeded answer costs its usage at batch prices (cache tokens included); an
+  errored, expired or canceled request is not billed (0).
+- **truncation**: an answer that stopped at ``max_tokens`` is sent once more with
+  ``retry_truncated_max_tokens`` when the job allows it. Whether this answer was already that
+  retry is read from its usage: a cut answer used exactly its ``max_tokens``, so fewer output
+  tokens than the retry limit means it was cut at the job's original limit.
+- **schema**: with an output schema, the answer is checked; one that does not fit becomes
+  ``invalid_output`` with the reason (nothing is dropped silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from batchpipe import pricing
+from batchpipe.db import ItemRow, ItemUpdate
+from batchpipe.models import ItemStatus, JobSpec, ResultRecord, ResultType
+from batchpipe.structured import OutputSchema
+
+TRUNCATED = "max_tokens"
+
+
+def output_schema(spec: JobSpec) -> OutputSchema | None:
+    """The job's output schema, if it has one."""
+    if spec.output_schema is None:
+        return None
+    return OutputSchema(spec.output_schema, spec.output_mode)
+
+
+def refine(
+    update: ItemUpdate,
+    record: ResultRecord,
+    spec: JobSpec,
+    outputs: OutputSchema | None,
+    *,
+    user_canceled: bool,
+) -> ItemUpdate:
+    """``update`` with the attempt's cost, and schema and truncation decisions applied."""
+    if record.result_type is not ResultType.SUCCEEDED:
+        return dataclasses.replace(update, cost_usd=0.0)
+    changes: dict[str, Any] = {
+        "cost_usd": pricing.cost_usd(
+            record.model or spec.model,
+            input_tokens=record.input_tokens,
+            output_tokens=record.output_tokens,
+            cache_creation_input_tokens=record.cache_creation_input_tokens,
+            cache_read_input_tokens=record.cache_read_input_tokens,
+        )
+    }
+    limit = spec.retry_truncated_max_tokens
+    if (
+        record.stop_reason == TRUNCATED
+        and limit is not None
+        and (record.output_tokens or 0) < limit
+        and not user_canceled
+    ):
+        # Pending with stop_reason kept: submit sends it again with the larger max_tokens.
+        changes["status"] = ItemStatus.PENDING
+    elif outputs is not None:
+        answer, reason = outputs.extract(record.content, record.response_text, record.stop_reason)
+        changes["response_text"] = answer
+        if reason is not None:
+            changes.update(
+                status=ItemStatus.INVALID_OUTPUT, error_type="invalid_output", error_message=reason
+            )
+    return dataclasses.replace(update, **changes)
+
+
+def request_for(item: ItemRow, params: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """The params to send for ``item``: a truncated answer's retry gets the larger max_tokens."""
+    limit = spec.retry_truncated_max_tokens
+    if limit is not None and item.stop_reason == TRUNCATED and limit > params["max_tokens"]:
+        return {**params, "max_tokens": limit}
+    return params

@@ -1,0 +1,126 @@
+"""Re-run what changed: a known job with a new template, model or other request setting.
+
+Every item records the hash of the request it was sent as (``request_hash``, written at
+ingest). With new settings, each row is rendered again and hashed; only rows whose hash
+differs go back to ``pending``. The others keep their answers and cost nothing more.
+
+The count comes first: :func:`plan_rerun` reads and renders, writes nothing; applying needs
+an explicit confirmation (``--yes`` on the command line). Attempts keep counting across the
+change, because custom_ids encode them and must never repeat; what a re-sent row already
+cost stays in its ``cost_usd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from batchpipe.dataset import Dataset
+from batchpipe.db import JobRow
+from batchpipe.errors import InputChangedError, UsageError
+from batchpipe.log import get_logger
+from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline.context import Context, bind, job_spec
+from batchpipe.pipeline.submit import check_fingerprint
+from batchpipe.requests import RequestRenderer, RowProblem
+
+_FLUSH = 5_000
+_IN_FLIGHT = {
+    BatchStatus.PLANNED,
+    BatchStatus.IN_PROGRESS,
+    BatchStatus.CANCELING,
+    BatchStatus.ENDED,
+}
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RerunPlan:
+    """How many of a job's rows a change of settings would send again."""
+
+    job_id: int
+    job_name: str
+    fields: list[str]
+    changed: int
+    unchanged: int
+
+    def describe(self) -> str:
+        """One line for the terminal."""
+        return (
+            f"job {self.job_id} ({self.job_name}) already exists with different "
+            f"{', '.join(self.fields)}: that changes the request of {self.changed} of "
+            f"{self.changed + self.unchanged} row(s); only those are sent again, the others "
+            "keep their results"
+        )
+
+
+def _hashes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, str, bool]]:
+    """``(row_index, new request hash, changed?)`` for every sendable row, in row order."""
+    dataset = Dataset(spec.input, spec.input_format)
+    check_fingerprint(dataset, job)
+    renderer = RequestRenderer(spec)
+    items = ctx.store.iter_items(job.id)
+    for chunk in dataset.iter_rows():
+        for row in chunk:
+            item = next(items, None)
+            if item is None:
+                raise InputChangedError(f"job {job.id}: the input has more rows than its items")
+            if item.status is ItemStatus.INVALID:
+                continue  # failed pre-flight: never sent, not re-run
+            params = renderer.render(row, item.row_index)
+            if isinstance(params, RowProblem):
+                raise UsageError(
+                    f"job {job.id}: with the new settings row {item.row_index + 1} does not "
+                    f"render ({params.message}); nothing was changed"
+                )
+            new = renderer.request_hash(params)
+            yield item.row_index, new, new != item.request_hash
+
+
+def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:
+    """Count the rows whose request the new settings change (reads only)."""
+    changed = unchanged = 0
+    for _, _, differs in _hashes(ctx, job, spec):
+        if differs:
+            changed += 1
+        else:
+            unchanged += 1
+    return RerunPlan(job.id, job.name, fields, changed, unchanged)
+
+
+def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:
+    """Adopt the new settings and send the changed rows again. The caller holds the lease."""
+    counts = ctx.store.count_items(job.id)
+    if counts.get(ItemStatus.SUBMITTED, 0) or ctx.store.list_batches(job.id, _IN_FLIGHT):
+        raise UsageError(
+            f"job {job.id} ({job.name}) still has batches in flight; let it finish "
+            f"(`batchpipe tick --job {job.name}`) before changing its settings"
+        )
+    requeue: list[tuple[int, str]] = []
+    keep: list[tuple[int, str]] = []
+    changed = unchanged = 0
+    for row_index, new, differs in _hashes(ctx, job, spec):
+        (requeue if differs else keep).append((row_index, new))
+        changed += differs
+        unchanged += not differs
+        if len(requeue) >= _FLUSH:
+            ctx.store.requeue_changed(job.id, requeue)
+            requeue.clear()
+        if len(keep) >= _FLUSH:
+            ctx.store.set_request_hashes(job.id, keep)
+            keep.clear()
+    ctx.store.requeue_changed(job.id, requeue)
+    ctx.store.set_request_hashes(job.id, keep)
+    highest = max((i.attempts for i in ctx.store.iter_items(job.id)), default=0)
+    old = job_spec(job)
+    new_spec = spec.model_copy(
+        update={
+            "max_attempts": highest + spec.max_attempts,
+            "output": spec.output or old.output,
+        }
+    )
+    status = JobStatus.RUNNING if changed else job.status
+    ctx.store.update_job(job.id, spec=new_spec.model_dump(), status=status, error=None)
+    bind(job, log).info("job.rerun", fields=fields, changed=changed, unchanged=unchanged)
+    return RerunPlan(job.id, job.name, fields, changed, unchanged)
