@@ -146,7 +146,9 @@ def test_run_completes_with_thirty_percent_of_calls_failing(
     assert [r["doc_id"] for r in table] == [f"d{i:05d}" for i in range(ROWS)]
     assert {r["result_status"] for r in table} == {"succeeded"}
     stats = emu.stats()
-    assert sum(stats["faults"].get(f"http_{c}", 0) for c in (429, 500, 529)) > 20
+    failed = sum(stats["faults"].get(f"http_{c}", 0) for c in (429, 500, 529))
+    assert failed >= 5
+    assert failed / stats["http_requests"] > 0.15  # about 30% of every call failed
     assert stats["duplicate_successes"] == 0
     assert stats["requests_received"] == ROWS  # no row was ever sent twice
     assert stats["batches_created"] == len(store.list_batches(job.id, {BatchStatus.COLLECTED}))
