@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 # Importing the command modules attaches their commands to the root group.
-from batchpipe.cli import emulator_cmd, info_cmd, jobs_cmd  # noqa: F401
+from batchpipe.cli import cost_cmd, emulator_cmd, info_cmd, jobs_cmd, report_cmd  # noqa: F401
 from batchpipe.cli.app import cli
 
 

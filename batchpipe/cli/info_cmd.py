@@ -43,7 +43,11 @@ def _render_job(summary: dict[str, Any]) -> str:
         f"job {s['id']} ({s['name']}): {s['status']}, age {_age(s['age_seconds'])}",
         f"  input {s['input']} -> {s['output'] or '(no output path)'}, model {s['model']}",
         f"  rows {s['rows']}: {_counts_text(s['counts'])}; requests sent {s['requests_sent']}",
-        f"  tokens in {usage.get('input_tokens', 0)}, out {usage.get('output_tokens', 0)}",
+        f"  tokens in {usage.get('input_tokens', 0)}, out {usage.get('output_tokens', 0)}, "
+        f"cache write {usage.get('cache_creation_input_tokens', 0)}, "
+        f"cache read {usage.get('cache_read_input_tokens', 0)}",
+        f"  cost ${s.get('cost_usd', 0):.4f} (batch prices, table {s.get('price_table')}); "
+        f"truncated at max_tokens: {s.get('truncated', 0)}",
         f"  next: {summary['next_action']}",
     ]
     if summary["error"]:

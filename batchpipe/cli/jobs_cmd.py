@@ -12,6 +12,7 @@ import click
 
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.job_extras import confirm_options, output_schema_from, structured_options
 from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
 from batchpipe.config import build_job_spec, job_file_settings
 from batchpipe.db import JobRow
@@ -34,7 +35,7 @@ def _parse_param(values: tuple[str, ...]) -> dict[str, Any] | None:
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that define a job, shared by `run` and `submit`."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.argument("input", required=False, metavar="INPUT"),
         click.option(
             "--config",
@@ -81,6 +82,7 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Send the valid rows; export invalid ones as result_status=invalid.",
         ),
+        *structured_options(),
         click.option(
             "--emulate",
             is_flag=True,
@@ -93,6 +95,7 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _spec_from(kwargs: dict[str, Any]) -> tuple[str | None, JobSpec]:
+    kwargs["output_schema"] = output_schema_from(kwargs.pop("labels"), kwargs.pop("schema_file"))
     config_file: Path | None = kwargs.pop("config_file")
     job_name: str | None = kwargs.pop("job_name")
     kwargs["params"] = _parse_param(kwargs.pop("params"))
@@ -105,6 +108,14 @@ def _spec_from(kwargs: dict[str, Any]) -> tuple[str | None, JobSpec]:
     return job_name, spec
 
 
+def _echo_plan(plan: pipeline.RerunPlan | None) -> None:
+    if plan is None:
+        click.echo("dry run: no existing job whose requests these settings change", err=True)
+    else:
+        click.echo(f"dry run: {plan.describe()}", err=True)
+    click.echo(str(plan.changed if plan else 0))
+
+
 def _echo_job(job: JobRow, verb: str) -> None:
     click.echo(
         f"{verb} job {job.id} ({job.name}): {job.status.value}, {job.row_count} rows", err=True
@@ -115,7 +126,8 @@ def _echo_job(job: JobRow, verb: str) -> None:
 @job_options
 @click.pass_obj
 @handle_errors
-def run(state: State, /, emulate: bool, **kwargs: Any) -> None:
+@confirm_options
+def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any) -> None:
     """Run a job to the end: validate, submit, wait, collect, resubmit, export.
 
     Blocking and resumable: after Ctrl-C, kill -9 or a reboot, the same command picks the job
@@ -123,7 +135,11 @@ def run(state: State, /, emulate: bool, **kwargs: Any) -> None:
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate})
     with pipeline_context(state, emulate=emulate) as ctx:
-        job = pipeline.prepare(ctx, name or pipeline.default_job_name(spec), spec)
+        name = name or pipeline.default_job_name(spec)
+        if dry_run:
+            _echo_plan(pipeline.check_rerun(ctx, name, spec))
+            return
+        job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
         job = pipeline.run(ctx, job)
         summary = pipeline.job_summary(ctx, job, with_batches=False)
     _echo_job(job, "finished")
@@ -137,14 +153,19 @@ def run(state: State, /, emulate: bool, **kwargs: Any) -> None:
 @job_options
 @click.pass_obj
 @handle_errors
-def submit(state: State, /, emulate: bool, **kwargs: Any) -> None:
+@confirm_options
+def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any) -> None:
     """Validate and submit a job, then exit (advance it later with `tick`).
 
     Prints the job's name on stdout, for scripts.
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate})
     with pipeline_context(state, emulate=emulate) as ctx:
-        job = pipeline.prepare(ctx, name or pipeline.default_job_name(spec), spec)
+        name = name or pipeline.default_job_name(spec)
+        if dry_run:
+            _echo_plan(pipeline.check_rerun(ctx, name, spec))
+            return
+        job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
         with ctx.lease(job):
             job = pipeline.step(ctx, job)
     _echo_job(job, "submitted")

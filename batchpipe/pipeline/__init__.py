@@ -5,9 +5,10 @@ die anywhere and the next run continues. Nothing here prints; the CLI renders.
 """
 
 from batchpipe.pipeline.context import Context, NullProgress, Progress, default_owner
-from batchpipe.pipeline.estimate import Estimate, estimate
+from batchpipe.pipeline.estimate import DEFAULT_SAMPLE, Estimate, estimate
 from batchpipe.pipeline.export import RESULT_COLUMN_TYPES, export
 from batchpipe.pipeline.ingest import default_job_name
+from batchpipe.pipeline.report import Report, build_report
 from batchpipe.pipeline.rerun import RerunPlan
 from batchpipe.pipeline.runner import (
     TickReport,
@@ -22,13 +23,16 @@ from batchpipe.pipeline.runner import (
 from batchpipe.pipeline.status import job_summary
 
 __all__ = [
+    "DEFAULT_SAMPLE",
     "RESULT_COLUMN_TYPES",
     "Context",
     "Estimate",
     "NullProgress",
     "Progress",
+    "Report",
     "RerunPlan",
     "TickReport",
+    "build_report",
     "cancel",
     "check_rerun",
     "default_job_name",

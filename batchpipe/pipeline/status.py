@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchpipe import pricing
 from batchpipe.db import BatchRow, JobRow
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context
@@ -69,6 +70,10 @@ def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict
         "counts": {s.value: counts.get(s, 0) for s in ItemStatus},
         "requests_sent": attempts_total,
         "usage": ctx.store.usage_totals(job.id),
+        # Dollars paid so far at batch prices (every attempt, cache tokens included).
+        "cost_usd": round(ctx.store.cost_total(job.id)[0], 6),
+        "price_table": pricing.PRICE_TABLE_VERSION,
+        "truncated": ctx.store.count_truncated(job.id),
         "age_seconds": int((now - job.created_at).total_seconds()),
         "next_action": _next_action(job, counts, batches),
         "error": job.error,

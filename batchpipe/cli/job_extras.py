@@ -1,0 +1,85 @@
+"""Job options for structured output, caching, truncation and cost; --yes/--dry-run for re-runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchpipe.errors import UsageError
+from batchpipe.structured import check_schema, labels_schema
+
+
+def structured_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """Options added to `job_options` (shared by run, submit and estimate)."""
+    return [
+        click.option(
+            "--labels",
+            metavar="A,B,…",
+            help="Answer with one of these labels (column `label`), e.g. positive,negative.",
+        ),
+        click.option(
+            "--output-schema",
+            "schema_file",
+            type=click.Path(path_type=Path),
+            help="JSON Schema file of the answer; each property becomes a typed column.",
+        ),
+        click.option(
+            "--output-mode",
+            type=click.Choice(["tool", "json"]),
+            help="Ask for the schema with a forced tool (default) or JSON output.",
+        ),
+        click.option(
+            "--cache-system",
+            is_flag=True,
+            default=None,
+            help="Mark the system prompt cacheable (cache_control ephemeral).",
+        ),
+        click.option(
+            "--retry-truncated-max-tokens",
+            type=int,
+            metavar="N",
+            help="Send answers cut at max_tokens once more with max_tokens N.",
+        ),
+        click.option(
+            "--max-cost",
+            type=float,
+            metavar="USD",
+            help="Budget: refuse or stop submitting before the cost would pass it.",
+        ),
+    ]
+
+
+def confirm_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--yes and --dry-run, for a known job whose requests the new settings change."""
+    func = click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Only count the rows a settings change would send again; print the count.",
+    )(func)
+    return click.option(
+        "--yes", is_flag=True, help="Send the rows whose request changed (template, model …)."
+    )(func)
+
+
+def output_schema_from(labels: str | None, schema_file: Path | None) -> dict[str, Any] | None:
+    """The output schema from --labels or --output-schema (not both); None for neither."""
+    if labels and schema_file:
+        raise UsageError("give --labels or --output-schema, not both")
+    if labels:
+        return labels_schema(labels.split(","))
+    if schema_file is None:
+        return None
+    try:
+        schema = json.loads(schema_file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--output-schema {schema_file} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--output-schema {schema_file} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--output-schema {schema_file} must hold a JSON object")
+    check_schema(schema)
+    return schema

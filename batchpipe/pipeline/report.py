@@ -1,0 +1,148 @@
+"""A job's report for analysts: labels, outcomes, attempts, cost and a sample to review.
+
+Plain data (a :class:`Report`); the CLI renders it as text or as a self-contained HTML page.
+Everything comes from the store, streamed once (label counts, a reservoir sample of rows);
+the sampled rows' input columns are read back from the input, when it is still the file
+the job was ingested from.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batchpipe import pricing
+from batchpipe.dataset import Dataset
+from batchpipe.db import ItemRow, JobRow
+from batchpipe.errors import InputError
+from batchpipe.models import ItemStatus
+from batchpipe.pipeline.context import Context, job_spec
+from batchpipe.pipeline.outcome import output_schema
+from batchpipe.pipeline.submit import check_fingerprint
+
+_TEXT_LIMIT = 300  # characters of an input or answer shown per sampled row
+
+
+@dataclass
+class Report:
+    """Everything `batchpipe report` shows about one job."""
+
+    job_id: int
+    job_name: str
+    status: str
+    model: str
+    rows: int
+    label_field: str | None
+    labels: list[tuple[str, int]]
+    statuses: list[tuple[str, str | None, int]]
+    attempts: dict[int, int]
+    truncated: int
+    cost_usd: float
+    cost_per_1000_rows: float | None
+    usage: dict[str, int]
+    price_table: str = pricing.PRICE_TABLE_VERSION
+    sample: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dict(self.__dict__)
+
+
+def _label_of(item: ItemRow, field_name: str | None) -> str | None:
+    if item.status is not ItemStatus.SUCCEEDED or item.response_text is None:
+        return None
+    if field_name is None:
+        return item.response_text.strip()[:60] or None
+    try:
+        value = orjson.loads(item.response_text).get(field_name)
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return None if value is None else str(value)
+
+
+def _clip(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
+
+
+def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) -> Report:
+    """Gather the report for ``job``; ``sample`` rows are drawn at random (seeded)."""
+    spec = job_spec(job)
+    outputs = output_schema(spec)
+    # The label column: the first string-typed field of the schema (``label`` for --labels).
+    label_field = None
+    if outputs is not None:
+        label_field = next((n for n, t in outputs.columns() if t == "string"), None)
+    labels: Counter[str] = Counter()
+    rng = random.Random(seed)
+    chosen: list[ItemRow] = []
+    for seen, item in enumerate(ctx.store.iter_items(job.id), start=1):
+        label = _label_of(item, label_field) if label_field or outputs is None else None
+        if label is not None:
+            labels[label] += 1
+        if len(chosen) < sample:
+            chosen.append(item)
+        elif (j := rng.randrange(seen)) < sample:
+            chosen[j] = item
+    chosen.sort(key=lambda i: i.row_index)
+    cost, _ = ctx.store.cost_total(job.id)
+    answered = sum(n for a, n in ctx.store.attempts_histogram(job.id).items() if a > 0)
+    inputs = _input_rows(job, {i.row_index for i in chosen})
+    rows = []
+    for item in chosen:
+        row = inputs.get(item.row_index, {})
+        rows.append(
+            {
+                "row": item.row_index,
+                "key": item.row_key,
+                "status": item.status.value,
+                "label": _label_of(item, label_field),
+                "answer": _clip(item.response_text) if item.response_text else None,
+                "error": item.error_message,
+                "input": {k: _clip(v) for k, v in row.items()},
+                "cost_usd": item.cost_usd,
+            }
+        )
+    return Report(
+        job_id=job.id,
+        job_name=job.name,
+        status=job.status.value,
+        model=spec.model,
+        rows=job.row_count,
+        label_field=label_field,
+        labels=labels.most_common(),
+        statuses=ctx.store.status_breakdown(job.id),
+        attempts=ctx.store.attempts_histogram(job.id),
+        truncated=ctx.store.count_truncated(job.id),
+        cost_usd=cost,
+        cost_per_1000_rows=cost / answered * 1000 if answered else None,
+        usage=ctx.store.usage_totals(job.id),
+        sample=rows,
+    )
+
+
+def _input_rows(job: JobRow, wanted: set[int]) -> dict[int, dict[str, Any]]:
+    """The input rows at ``wanted`` indexes; empty if the input is gone or changed."""
+    if not wanted:
+        return {}
+    spec = job_spec(job)
+    try:
+        dataset = Dataset(spec.input, spec.input_format)
+        check_fingerprint(dataset, job)
+    except (InputError, OSError):
+        return {}
+    found: dict[int, dict[str, Any]] = {}
+    index = 0
+    last = max(wanted)
+    for chunk in dataset.iter_rows():
+        for row in chunk:
+            if index in wanted:
+                found[index] = row
+            index += 1
+        if index > last:
+            break
+    return found
