@@ -1,0 +1,167 @@
+"""Structured output end to end: schema → request → emulator answer → checked → typed columns.
+
+Runs the real pipeline through the SDK against the loopback emulator (the Harness of
+test_pipeline), on SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_pipeline import Harness, spec_for, write_docs
+
+from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
+from batchpipe.errors import UsageError
+from batchpipe.structured import OutputSchema, labels_schema
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["positive", "negative", "mixed"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+        "sarcastic": {"type": "boolean"},
+        "topics": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "extra": {"type": "object", "properties": {"note": {"type": "string"}}},
+    },
+    "required": ["label", "score", "rating", "sarcastic", "topics"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def harness(sqlite_url: str) -> Iterator[Harness]:
+    emu = Emulator(EmulatorConfig(seed=7, processing_seconds=0.1))
+    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
+        h = Harness(sqlite_url, server, emu)
+        yield h
+        h.store.close()
+
+
+@pytest.mark.parametrize("mode", ["tool", "json"])
+def test_schema_fields_become_typed_columns(harness: Harness, tmp_path: Path, mode: str) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 30)
+    spec = spec_for(tmp_path, src, output_schema=SCHEMA, output_mode=mode, max_tokens=400)
+    job = harness.run(spec)
+    assert job.status == "done"
+    table = pq.read_table(tmp_path / "out.parquet")
+    types = {f.name: f.type for f in table.schema}
+    assert types["label"] == pa.string()
+    assert types["score"] == pa.float64()
+    assert types["rating"] == pa.int64()
+    assert types["sarcastic"] == pa.bool_()
+    assert types["topics"] == pa.list_(pa.string())
+    assert types["extra"] == pa.string()  # objects are exported as JSON text
+    rows = table.to_pylist()
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    for r in rows:
+        assert r["label"] in {"positive", "negative", "mixed"}
+        assert 0 <= r["score"] <= 1
+        assert 1 <= r["rating"] <= 5
+        assert isinstance(r["sarcastic"], bool)
+        assert isinstance(r["topics"], list)
+        assert len(r["topics"]) <= 3
+        assert json.loads(r["response_text"])["label"] == r["label"]
+        assert r["truncated"] is False
+        if r["extra"] is not None:
+            assert isinstance(json.loads(r["extra"]), dict)
+
+
+def test_labels_make_a_single_enum_column(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 60)
+    schema = labels_schema(["positive", "negative", "mixed"])
+    harness.run(spec_for(tmp_path, src, output_schema=schema, max_tokens=64))
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    labels = {r["label"] for r in rows}
+    assert labels <= {"positive", "negative", "mixed"}
+    assert len(labels) > 1  # the emulator draws labels from the prompt hash
+
+
+def test_answers_that_do_not_fit_are_invalid_output(harness: Harness, tmp_path: Path) -> None:
+    """A tool call cut off at max_tokens carries no label: invalid_output, with the reason."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 10)
+    spec = spec_for(tmp_path, src, output_schema=SCHEMA, max_tokens=5)
+    job = harness.run(spec)
+    assert job.status == "done"
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert len(rows) == 10  # nothing dropped
+    for r in rows:
+        assert r["result_status"] == "invalid_output"
+        assert r["error_type"] == "invalid_output"
+        assert "cut off at max_tokens" in r["error_message"]
+        assert "'label' is a required property" in r["error_message"]
+        assert r["truncated"] is True
+        assert r["label"] is None
+        assert r["cost_usd"] > 0  # a cut-off answer is still paid for
+
+
+def test_extract_reports_why_an_answer_does_not_fit() -> None:
+    schema = OutputSchema(labels_schema(["yes", "no"]), "json")
+    assert schema.extract(None, '{"label": "yes"}', "end_turn") == ('{"label":"yes"}', None)
+    _, reason = schema.extract(None, '{"label": "maybe"}', "end_turn")
+    assert reason is not None
+    assert "label: 'maybe' is not one of ['yes', 'no']" in reason
+    _, reason = schema.extract(None, "not json", "end_turn")
+    assert reason is not None
+    assert "not JSON" in reason
+    tool = OutputSchema(labels_schema(["yes", "no"]), "tool")
+    _, reason = tool.extract([{"type": "text", "text": "hi"}], "hi", "end_turn")
+    assert reason is not None
+    assert "no record_answer tool call" in reason
+
+
+def test_truncated_answers_are_retried_once_with_more_tokens(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 12)
+    spec = spec_for(
+        tmp_path, src, output_schema=SCHEMA, max_tokens=5, retry_truncated_max_tokens=400
+    )
+    job = harness.run(spec)
+    assert job.status == "done"
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    assert all(r["attempts"] == 2 and r["truncated"] is False for r in rows)
+    assert harness.emulator.stats()["requests_received"] == 24  # each row sent exactly twice
+    # The retry's cost is added to the first, cut-off attempt's.
+    summary = harness_summary(harness, job)
+    assert summary["truncated"] == 0
+    assert summary["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+
+
+def test_a_retry_that_is_cut_again_stays_truncated(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 6)
+    spec = spec_for(tmp_path, src, output_schema=SCHEMA, max_tokens=4, retry_truncated_max_tokens=8)
+    job = harness.run(spec)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert all(r["attempts"] == 2 and r["truncated"] is True for r in rows)
+    assert {r["result_status"] for r in rows} == {"invalid_output"}
+    assert harness_summary(harness, job)["truncated"] == 6
+
+
+def test_labels_and_schema_options_are_checked() -> None:
+    with pytest.raises(UsageError, match="duplicates"):
+        labels_schema(["a", "a"])
+    with pytest.raises(UsageError, match="must be"):
+        OutputSchema({"type": "string"})
+
+
+def harness_summary(harness: Harness, job: Any) -> dict[str, Any]:
+    from batchpipe import pipeline
+
+    ctx = harness.context()
+    try:
+        return pipeline.job_summary(ctx, job, with_batches=False)
+    finally:
+        ctx.close()
