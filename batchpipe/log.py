@@ -27,6 +27,17 @@ def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+def _over_progress_line(renderer: Any) -> Any:
+    """Start each console line by clearing the terminal line, so a log line that arrives while
+    a progress bar is drawn (no newline yet) replaces the bar instead of running on after it;
+    the bar redraws itself below on its next update."""
+
+    def render(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        return "\r\x1b[2K" + str(renderer(logger, name, event))
+
+    return render
+
+
 def configure(
     fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | None = None
 ) -> None:
@@ -38,6 +49,8 @@ def configure(
         if use_console
         else structlog.processors.JSONRenderer()
     )
+    if use_console and out.isatty():
+        renderer = _over_progress_line(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -40,7 +40,7 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
     """A Context for one command; closes the client and store (and saves emulator state)."""
     settings = settings_for(state)
     store = Store.open(settings.database_url)
-    progress = make_progress() or NullProgress()
+    bar = make_progress()
     grace = float(os.environ.get("BATCHPIPE_ORPHAN_GRACE", "60"))
     saver = None
     if emulate:
@@ -75,11 +75,16 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
             return BatchClient(settings)
 
     ctx = Context(
-        store=store, client_factory=factory, progress=progress, orphan_grace_seconds=grace
+        store=store,
+        client_factory=factory,
+        progress=bar or NullProgress(),
+        orphan_grace_seconds=grace,
     )
     try:
         yield ctx
     finally:
+        if bar is not None:
+            bar.close()  # end the bar's line before the command prints its summary
         ctx.close()
         if saver is not None:
             saver()

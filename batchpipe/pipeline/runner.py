@@ -146,6 +146,15 @@ def _fingerprint(ctx: Context, job: JobRow) -> tuple[int, ...]:
     return (*sorted(counts.values()), *(len(b.status) for b in batches), len(batches))
 
 
+def _show_waiting(ctx: Context, job: JobRow) -> None:
+    """Report `waiting`: rows with a final answer out of all rows (a bar on a TTY)."""
+    counts = ctx.store.count_items(job.id)
+    unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
+    ctx.progress.start("waiting", job.row_count)
+    ctx.progress.advance(max(job.row_count - unfinished, 0))
+    ctx.progress.finish()
+
+
 def run(ctx: Context, job: JobRow) -> JobRow:
     """Work on a job until it is finished, sleeping between polls. Holds the lease throughout.
 
@@ -166,6 +175,7 @@ def run(ctx: Context, job: JobRow) -> JobRow:
                 break
             if job.status == JobStatus.NEEDS_ATTENTION:
                 raise NeedsAttention(job.error or f"job {job.id} needs attention")
+            _show_waiting(ctx, job)
             ctx.pause(job.id, backoff.next(progressed=_fingerprint(ctx, job) != before))
         if job.status == JobStatus.FAILED:
             raise BatchpipeError(job.error or f"job {job.id} ({job.name}) failed")
