@@ -1,0 +1,255 @@
+"""Benchmark: batchpipe end to end beside the floor, against the emulator in its own process.
+
+One run: generate the dataset if missing (bench/gen_data.py), start ``batchpipe emulator``
+(processing time 0), run the floor (bench/floor.py) and then ``batchpipe run`` as child
+processes, each measured by ``os.wait4`` (CPU user+sys seconds, peak RSS) with a psutil
+sampler for CPU per stage. Stages come from batchpipe's JSON log lines: ingest (start to
+``job.ingested``, including interpreter start-up), submit (to the last ``batch.submitted``),
+collect (to the last ``batch.collected``; includes the emulator answering), export (to
+``job.exported``). Prints rows/s and CPU seconds per stage, totals, and the batchpipe/floor
+CPU ratio. The emulator's own CPU is not counted for either side.
+
+    .venv/bin/python bench/bench_pipeline.py --rows 100000 --db sqlite
+    .venv/bin/python bench/bench_pipeline.py --rows 1000000 --db postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx2
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gen_data import default_path, generate
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "Summarize in one line: {{ body }}"
+MIB = 1024 * 1024
+
+
+@dataclass
+class Measured:
+    """What one child process cost."""
+
+    wall: float
+    cpu: float
+    peak_rss: int
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (epoch, cpu seconds)
+
+    def cpu_at(self, when: float) -> float:
+        """CPU seconds used by ``when`` (epoch), from the nearest earlier sample."""
+        used = 0.0
+        for at, cpu in self.samples:
+            if at > when:
+                break
+            used = cpu
+        return used
+
+
+def measure(cmd: list[str], env: dict[str, str], stderr: Path) -> Measured:
+    """Run ``cmd`` to completion; its own CPU (user+sys) and peak RSS from wait4."""
+    with stderr.open("wb") as err:
+        started = time.time()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        samples: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            try:
+                ps = psutil.Process(proc.pid)
+                while not stop.is_set():
+                    t = ps.cpu_times()
+                    samples.append((time.time(), t.user + t.system))
+                    time.sleep(0.05)
+            except psutil.Error:
+                return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        # wait4 reaps the child and gives exactly its rusage (not other children's).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - started
+        stop.set()
+        sampler.join()
+    if proc.returncode != 0:
+        tail = stderr.read_text()[-3000:]
+        sys.exit(f"{cmd[2:4]} failed ({proc.returncode}); see {stderr}:\n{tail}")
+    samples.insert(0, (started, 0.0))
+    cpu = usage.ru_utime + usage.ru_stime
+    samples.append((time.time(), cpu))
+    return Measured(wall, cpu, usage.ru_maxrss * 1024, samples)
+
+
+@contextmanager
+def emulator() -> Iterator[str]:
+    """``batchpipe emulator`` in its own process; yields its base URL."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "batchpipe", "emulator", "--port", "0", "--processing-seconds", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert server.stdout is not None
+    url = server.stdout.readline().strip()
+    try:
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_pg_user(cmd: list[str]) -> list[str]:
+    # initdb refuses to run as root.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server (as tests/conftest.py starts one); yields a URL."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not found[-1]:
+        sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
+    bindir = os.path.dirname(str(found[-1]))
+    root = Path(tempfile.mkdtemp(prefix="batchpipe-bench-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", _free_port()
+    subprocess.run(
+        _as_pg_user([f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "-A", "trust"]),
+        check=True,
+        capture_output=True,
+    )
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    log = str(root / "log")
+    subprocess.run(
+        _as_pg_user([f"{bindir}/pg_ctl", "-D", str(data), "-o", opts, "-l", log, "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            _as_pg_user([f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"]),
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def stage_times(log_path: Path, started: float) -> dict[str, tuple[float, float]]:
+    """(start, end) epoch seconds of each stage, from batchpipe's JSON log lines."""
+    ends: dict[str, float] = {}
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+        stage = {
+            "job.ingested": "ingest",
+            "batch.submitted": "submit",
+            "batch.collected": "collect",
+            "job.exported": "export",
+        }.get(entry.get("event", ""))
+        if stage is not None:
+            ends[stage] = max(ends.get(stage, 0.0), at)
+    out: dict[str, tuple[float, float]] = {}
+    begin = started
+    for stage in ("ingest", "submit", "collect", "export"):
+        end = ends.get(stage, begin)
+        out[stage] = (begin, end)
+        begin = end
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--skip-floor", action="store_true", help="run batchpipe only")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    args = parser.parse_args()
+
+    data = default_path(args.rows)
+    if not data.exists():
+        print(f"generating {data} …", flush=True)
+        generate(args.rows, data)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="batchpipe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    db_cm = postgres() if args.db == "postgres" else None
+    with emulator() as url, db_cm if db_cm is not None else _null() as pg_url:
+        env = {**os.environ, "ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "bench"}
+        floor = None
+        if not args.skip_floor:
+            floor = measure(
+                [sys.executable, str(HERE / "floor.py"), str(data), str(work / "floor.parquet")],
+                env,
+                work / "floor.log",
+            )
+            httpx2.post(f"{url}/_emulator/reset")  # free the floor's batches
+        db_url = pg_url if pg_url is not None else f"sqlite:///{work / 'bench.db'}"
+        if pg_url is not None:
+            subprocess.run(
+                [sys.executable, "-m", "batchpipe", "--db", db_url, "db", "upgrade"],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+        run_cmd = [
+            sys.executable, "-m", "batchpipe", "--db", db_url, "--log-format", "json",
+            "run", str(data), "--prompt", PROMPT, "--model", "claude-haiku-4-5",
+            "--max-tokens", "32", "--id-column", "doc_id", "-o", str(work / "out.parquet"),
+            "--poll-interval", "0.2",
+        ]  # fmt: skip
+        started = time.time()
+        bp = measure(run_cmd, env, work / "batchpipe.log")
+        stages = stage_times(work / "batchpipe.log", started)
+
+    print(f"rows {args.rows:,}  db {args.db}  input {data.name}  work {work}")
+    print(f"{'stage':10} {'wall s':>8} {'rows/s':>10} {'cpu s':>8}")
+    for stage, (begin, end) in stages.items():
+        wall = max(end - begin, 1e-9)
+        cpu = bp.cpu_at(end) - bp.cpu_at(begin)
+        print(f"{stage:10} {wall:8.2f} {args.rows / wall:10,.0f} {cpu:8.2f}")
+    rss = bp.peak_rss / MIB
+    print(f"batchpipe  wall {bp.wall:7.2f} s  cpu {bp.cpu:7.2f} s  peak RSS {rss:6.0f} MiB")
+    if floor is not None:
+        print(
+            f"floor      wall {floor.wall:7.2f} s  cpu {floor.cpu:7.2f} s  "
+            f"peak RSS {floor.peak_rss / MIB:6.0f} MiB"
+        )
+        print(f"ratio (batchpipe cpu / floor cpu)  {bp.cpu / floor.cpu:.2f}")
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield None
+
+
+if __name__ == "__main__":
+    main()
