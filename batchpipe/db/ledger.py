@@ -101,7 +101,9 @@ class LedgerMixin(StoreBase):
             .where(
                 items.c.job_id == sa.bindparam("p_job"),
                 items.c.row_index == sa.bindparam("p_row"),
-                items.c.status.not_in(status_values({ItemStatus.SUBMITTED, ItemStatus.INVALID})),
+                # Two inequalities, not NOT IN: executemany cannot expand a list parameter.
+                items.c.status != ItemStatus.SUBMITTED.value,
+                items.c.status != ItemStatus.INVALID.value,
             )
             .values(values)
         )

@@ -81,9 +81,27 @@ def expected_output(spec: JobSpec, given: int | None) -> tuple[int, str]:
     return max(1, spec.max_tokens // 2), "half of max_tokens (set --expected-output-tokens)"
 
 
-def _counted(params: dict[str, Any]) -> bytes:
-    """The part of a request count_tokens sees, serialised: what tokens scale with."""
-    return orjson.dumps({k: v for k, v in params.items() if k in COUNT_TOKENS_KEYS})
+def _text_of(value: Any) -> int:
+    """Characters of prompt text in a system or message content (string or blocks)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(
+            len(b["text"]) if b.get("type") == "text" else len(orjson.dumps(b))
+            for b in value
+            if isinstance(b, dict)
+        )
+    return 0
+
+
+def _counted(params: dict[str, Any]) -> int:
+    """Characters of what count_tokens sees: prompt texts, tool and format definitions."""
+    size = _text_of(params.get("system"))
+    size += sum(_text_of(m.get("content")) for m in params.get("messages", []))
+    for key in sorted(COUNT_TOKENS_KEYS - {"model", "messages", "system"}):
+        if key in params:
+            size += len(orjson.dumps(params[key]))
+    return size
 
 
 def estimate(
@@ -112,7 +130,7 @@ def estimate(
             if isinstance(params, RowProblem):
                 continue
             rows += 1
-            total_bytes += len(_counted(params))
+            total_bytes += _counted(params)
             # Reservoir sampling: a uniform sample in one pass and bounded memory.
             if len(reservoir) < sample:
                 reservoir.append(params)
@@ -123,7 +141,7 @@ def estimate(
         method = "offline"
     else:
         counted = sum(ctx.client.count_tokens(p) for p in reservoir)
-        sample_bytes = sum(len(_counted(p)) for p in reservoir)
+        sample_bytes = sum(_counted(p) for p in reservoir) or 1
         input_tokens = (
             counted if len(reservoir) == rows else round(counted * total_bytes / sample_bytes)
         )

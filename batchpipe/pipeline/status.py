@@ -71,7 +71,7 @@ def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict
         "requests_sent": attempts_total,
         "usage": ctx.store.usage_totals(job.id),
         # Dollars paid so far at batch prices (every attempt, cache tokens included).
-        "cost_usd": round(ctx.store.cost_total(job.id)[0], 6),
+        "cost_usd": ctx.store.cost_total(job.id)[0],
         "price_table": pricing.PRICE_TABLE_VERSION,
         "truncated": ctx.store.count_truncated(job.id),
         "age_seconds": int((now - job.created_at).total_seconds()),

@@ -1,0 +1,219 @@
+"""Costs: the estimate against an emulator run's actual cost, caching, the budget cap, re-runs.
+
+The pipeline runs through the SDK against the loopback emulator (test_pipeline's Harness);
+actual costs are recomputed here from the emulator's usage and the public prices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from test_pipeline import Harness, spec_for, write_docs
+
+from batchpipe import pipeline, pricing
+from batchpipe.cli import cli
+from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
+from batchpipe.errors import BudgetExceeded, UsageError
+from batchpipe.structured import labels_schema
+
+HAIKU = pricing.PRICES["claude-haiku-4-5"]
+
+
+@pytest.fixture
+def harness(sqlite_url: str) -> Iterator[Harness]:
+    emu = Emulator(EmulatorConfig(seed=3, processing_seconds=0.1))
+    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
+        h = Harness(sqlite_url, server, emu)
+        yield h
+        h.store.close()
+
+
+def summary(harness: Harness, job: Any) -> dict[str, Any]:
+    ctx = harness.context()
+    try:
+        return pipeline.job_summary(ctx, harness.store.get_job(job.id), with_batches=False)
+    finally:
+        ctx.close()
+
+
+def list_price(usage: dict[str, int]) -> float:
+    """Standard (non-batch) dollars for token totals, straight from the public prices."""
+    return (
+        usage["input_tokens"] * 1.0
+        + usage["output_tokens"] * 5.0
+        + usage["cache_creation_input_tokens"] * 1.25
+        + usage["cache_read_input_tokens"] * 0.10
+    ) / 1e6
+
+
+def test_price_table_matches_models_and_applies_the_batch_discount() -> None:
+    assert pricing.price_for("claude-haiku-4-5-20251001") == HAIKU
+    assert pricing.price_for("claude-sonnet-4-5") == pricing.PRICES["claude-sonnet-4-5"]
+    assert pricing.price_for("gpt-4") is None
+    standard = pricing.cost_usd("claude-haiku-4-5", input_tokens=10**6, batch=False)
+    assert standard == 1.0
+    assert pricing.cost_usd("claude-haiku-4-5", input_tokens=10**6) == 0.5
+    assert pricing.cost_usd("claude-haiku-4-5", cache_read_input_tokens=10**6) == 0.05
+
+
+def test_estimate_against_the_actual_cost_of_a_run(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 40)
+    spec = spec_for(tmp_path, src, max_tokens=64)
+    ctx = harness.context()
+    try:
+        counted = pipeline.estimate(ctx, spec, sample=100)  # every row counted: exact input
+        sampled = pipeline.estimate(ctx, spec, sample=8)
+        offline = pipeline.estimate(ctx, spec, offline=True)
+    finally:
+        ctx.close()
+    assert counted.method == "count_tokens"
+    assert counted.sampled == 40
+    assert offline.method == "offline"
+    job = harness.run(spec)
+    s = summary(harness, job)
+    usage = s["usage"]
+    # Input: count_tokens over every row is exactly what the run billed.
+    assert counted.input_tokens == usage["input_tokens"]
+    assert sampled.input_tokens == pytest.approx(usage["input_tokens"], rel=0.1)
+    assert offline.input_tokens == pytest.approx(usage["input_tokens"], rel=0.6)
+    # Actual cost is the list price of the used tokens, halved by the batch discount.
+    assert s["cost_usd"] == pytest.approx(0.5 * list_price(usage), rel=1e-6)
+    assert counted.input_cost_usd == pytest.approx(0.5 * usage["input_tokens"] * 1.0 / 1e6)
+    # Never above the maximum; the expected figure is in the right range.
+    assert s["cost_usd"] <= counted.max_cost_usd
+    assert counted.input_cost_usd < s["cost_usd"]
+    assert counted.expected_cost_usd == pytest.approx(s["cost_usd"], rel=1.0)
+    # Per row: cost_usd sums to the job's total.
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(s["cost_usd"])
+
+
+def test_cached_system_prompt_is_priced_as_cache_reads(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 20)
+    system = "You label product reviews. " * 40  # one long shared prefix
+    plain = harness.run(spec_for(tmp_path, src, system=system), name="plain")
+    cached = harness.run(spec_for(tmp_path, src, system=system, cache_system=True), name="c")
+    p, c = summary(harness, plain), summary(harness, cached)
+    assert p["usage"]["cache_read_input_tokens"] == 0
+    assert c["usage"]["cache_creation_input_tokens"] > 0
+    assert c["usage"]["cache_read_input_tokens"] > c["usage"]["cache_creation_input_tokens"]
+    assert c["cost_usd"] == pytest.approx(0.5 * list_price(c["usage"]), rel=1e-6)
+    assert c["cost_usd"] < p["cost_usd"]
+
+
+def test_budget_below_the_estimate_refuses_to_submit(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 30)
+    with pytest.raises(BudgetExceeded, match=r"over the budget --max-cost \$0\.0000"):
+        harness.run(spec_for(tmp_path, src, max_cost=0.00001))
+    job = harness.store.get_job("job")
+    assert job is not None
+    assert job.status == "failed"
+    assert "budget" in (job.error or "")
+    assert harness.emulator.stats()["requests_received"] == 0
+
+
+def test_budget_stops_further_batches(harness: Harness, tmp_path: Path) -> None:
+    """Expected cost fits, worst case does not: batches go until the next could pass the cap."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 40)
+    spec = spec_for(tmp_path, src, max_tokens=64, max_batch_requests=10)
+    ctx = harness.context()
+    try:
+        found = pipeline.estimate(ctx, spec, offline=True)
+    finally:
+        ctx.close()
+    cap = found.max_cost_usd * 0.6  # above the expected cost, below the worst case
+    assert found.expected_cost_usd < cap
+    with pytest.raises(BudgetExceeded, match="would be passed"):
+        harness.run(spec.model_copy(update={"max_cost": cap}))
+    job = harness.store.get_job("job")
+    assert job is not None
+    assert job.status == "failed"
+    assert "row(s) were not sent" in (job.error or "")
+    sent = harness.emulator.stats()["requests_received"]
+    assert 0 < sent < 40
+    s = summary(harness, job)
+    assert s["cost_usd"] <= cap
+    assert s["counts"]["pending"] == 40 - sent
+
+
+def test_budget_stop_through_the_cli_exits_1(tmp_path: Path, monkeypatch: Any) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 10)
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--db",
+        f"sqlite:///{tmp_path / 'cli.db'}",
+        "run",
+        str(src),
+        "--prompt",
+        "Classify: {{ body }}",
+        "--model",
+        "claude-haiku-4-5",
+        "--max-tokens",
+        "50",
+        "--emulate",
+        "--max-cost",
+        "0.000001",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "budget --max-cost" in result.stderr
+
+
+def test_rerun_submits_only_the_changed_rows(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 30)
+    # A template that only uses `stars` for some rows: changing that part changes those rows.
+    prompt = "Classify: {{ body }}{% if stars == 4 %} (four stars){% endif %}"
+    first = spec_for(tmp_path, src, prompt=prompt, output_schema=labels_schema(["a", "b"]))
+    harness.run(first)
+    before = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert harness.emulator.stats()["requests_received"] == 30
+    changed = first.model_copy(update={"prompt": prompt.replace("four stars", "4 stars")})
+    ctx = harness.context()
+    try:
+        plan = pipeline.check_rerun(ctx, "job", changed)
+        assert plan is not None
+        assert (plan.changed, plan.unchanged) == (6, 24)
+        with pytest.raises(UsageError, match=r"6 of 30 row\(s\).*--yes"):
+            pipeline.prepare(ctx, "job", changed)
+    finally:
+        ctx.close()
+    assert harness.emulator.stats()["requests_received"] == 30  # nothing sent without --yes
+    ctx = harness.context()
+    try:
+        job = pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
+        job = pipeline.run(ctx, job)
+    finally:
+        ctx.close()
+    assert harness.emulator.stats()["requests_received"] == 36  # only the 6 changed rows
+    after = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    for old, new in zip(before, after, strict=True):
+        if old["stars"] == 4:
+            assert new["attempts"] == 2
+            assert new["custom_id"] != old["custom_id"]
+            assert new["cost_usd"] > old["cost_usd"]  # both sends are paid for
+        else:
+            assert new["custom_id"] == old["custom_id"]
+            assert new["label"] == old["label"]
+    # The same settings again: nothing changes, nothing is sent.
+    ctx = harness.context()
+    try:
+        assert pipeline.check_rerun(ctx, "job", changed) is None
+    finally:
+        ctx.close()
+    engine = sa.create_engine(harness.db_url)
+    with engine.connect() as conn:
+        missing = conn.execute(sa.text("select count(*) from items where request_hash is null"))
+        assert missing.scalar_one() == 0
+    engine.dispose()
