@@ -64,7 +64,7 @@ def _bars(items: list[tuple[str, int]], title: str) -> str:
     ]
     for i, (name, n) in enumerate(items):
         y = 5 + 28 * i
-        width = max(2, round(380 * n / top))
+        width = max(2, round(320 * n / top))  # leaves room for the count after the bar
         colour = _BAR_COLOURS[i % len(_BAR_COLOURS)]
         parts.append(
             f'<text x="0" y="{y + 17}" font-size="13">{html.escape(name[:28])}</text>'

@@ -1,0 +1,127 @@
+"""`batchpipe report`: text and a self-contained HTML page, opened in headless Chromium.
+
+Runs a labelled job on the in-process emulator through the CLI, renders the report, checks
+the HTML has no external assets, then has Chromium (Debian's ``chromium`` package; `.ci/run`
+installs it) load it from disk, dump its DOM and take a screenshot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_pipeline import write_docs
+
+from batchpipe.cli import cli
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "report.png"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def finished_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Path]:
+    """A done job (120 labelled reviews), and the root CLI args that reach its database."""
+    src = tmp_path / "reviews.jsonl"
+    write_docs(src, 120)
+    monkeypatch.chdir(tmp_path)
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    result = CliRunner().invoke(
+        cli,
+        [
+            *root,
+            "run",
+            str(src),
+            "--job",
+            "reviews",
+            "--prompt",
+            "Classify the sentiment of: {{ body }}",
+            "--model",
+            "claude-haiku-4-5",
+            "--max-tokens",
+            "12",
+            "--labels",
+            "positive,negative,mixed,unclear",
+            "--id-column",
+            "doc_id",
+            "--emulate",
+            "-o",
+            str(tmp_path / "labels.parquet"),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    return root, tmp_path
+
+
+def test_text_report(finished_job: tuple[list[str], Path]) -> None:
+    root, _ = finished_job
+    result = CliRunner().invoke(cli, [*root, "report", "reviews", "--sample", "5"])
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "labels (label):" in out
+    assert re.search(r"^  (positive|negative|mixed|unclear) +\d+ +\d+\.\d%$", out, re.M)
+    assert "status and errors:" in out
+    assert "attempts per row: 1: 120" in out
+    assert re.search(r"cost \$\d+\.\d{4} \(batch prices, table 2025-11-24\); per 1,000", out)
+    assert out.count("\n  row ") == 5
+    assert "body=review" in out  # the sampled rows' input, for review
+
+
+def test_html_report_in_headless_chromium(finished_job: tuple[list[str], Path]) -> None:
+    root, tmp_path = finished_job
+    page = tmp_path / "report.html"
+    result = CliRunner().invoke(cli, [*root, "report", "reviews", "--html", str(page)])
+    assert result.exit_code == 0, result.stderr
+    html = page.read_text()
+    # Self-contained: no scripts, links, remote images or fonts.
+    assert not re.search(
+        r"<script|<link|<img|@import|url\(|https?://(?!www\.w3\.org/2000/svg)", html
+    )
+    assert "<svg" in html
+    assert "<style>" in html
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does)")
+    profile = tmp_path / "chromium-profile"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+    ]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    ).stdout
+    assert "Job 1: reviews" in dom
+    assert "label distribution" in dom
+    assert "Sample for review (10 random rows)" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1100,1400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000  # a rendered page, not a blank one
+    if os.environ.get("BATCHPIPE_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.write_bytes(data)  # refresh docs/report.png for the README
