@@ -166,3 +166,26 @@ def test_wrapper_passes_the_exit_code_through_and_logs_the_error(
             "lists them", "level": "info"} in log  # fmt: skip
     assert log[-1]["event"] == "tick.exit"
     assert log[-1]["exit_code"] == 2
+
+
+@pytest.mark.parametrize("job_file", sorted((REPO / "jobs" / "examples").glob("*.toml")))
+def test_example_job_files_run_to_the_end(tmp_path: Path, job_file: Path) -> None:
+    """The job files in jobs/examples run as the README shows (--emulate, output elsewhere)."""
+    out = tmp_path / "out.jsonl"
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    subprocess.run(
+        [BATCHPIPE, "--db", db, "run", "--config", str(job_file), "--emulate", "-o", str(out)],
+        env={k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE")},
+        capture_output=True,
+        check=True,
+    )
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    source = (REPO / "examples" / "reviews.jsonl").read_text().splitlines()
+    assert [r["doc_id"] for r in rows] == [json.loads(x)["doc_id"] for x in source]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    assert all(r["response_text"] for r in rows)
+    status = subprocess.run(
+        [BATCHPIPE, "--db", db, "status", "--json"], capture_output=True, text=True, check=True
+    )
+    (job,) = json.loads(status.stdout)["jobs"]
+    assert job["name"] == job_file.stem.replace("_", "-")  # the file's `name`
