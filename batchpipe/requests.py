@@ -302,24 +302,45 @@ class RequestRenderer:
 
 @dataclass
 class PlannedBatch:
-    """Requests that fit in one create call, with their (row_index, custom_id, attempt)."""
+    """Requests that fit in one create call, with their (row_index, custom_id, attempt).
+
+    The serialized requests are appended to one buffer (comma-separated) as they arrive
+    rather than kept as a list of bytes: orjson hands each request back in an over-sized
+    allocation that is shrunk in place, and 100,000 of those measured 780 MB of RSS for
+    75 MB of requests (the freed tails are too small for the next request). Copying each
+    into the buffer frees it at once, so a batch costs its own size.
+    """
 
     items: list[tuple[int, str, int]] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
+    _joined: bytearray = field(default_factory=bytearray)
+    _ends: list[int] = field(default_factory=list)  # end offset of each request in _joined
+
+    def append(self, payload: bytes) -> None:
+        """Add one serialized request (its item goes into ``items`` separately)."""
+        if self._ends:
+            self._joined += b","
+        self._joined += payload
+        self._ends.append(len(self._joined))
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """The serialized requests, one bytes each (copies; for inspection and tests)."""
+        starts = [0, *(end + 1 for end in self._ends[:-1])]
+        return [bytes(self._joined[a:b]) for a, b in zip(starts, self._ends, strict=True)]
 
     @property
     def count(self) -> int:
         """Number of requests."""
-        return len(self.payloads)
+        return len(self._ends)
 
     @property
     def nbytes(self) -> int:
         """``len(self.body())``, without building it."""
-        return _FRAME_BYTES + sum(map(len, self.payloads)) + max(len(self.payloads) - 1, 0)
+        return _FRAME_BYTES + len(self._joined)
 
     def body(self) -> bytes:
         """The full create body: ``{"requests":[…]}``."""
-        return b"".join((_BODY_HEAD, b",".join(self.payloads), _BODY_TAIL))
+        return b"".join((_BODY_HEAD, self._joined, _BODY_TAIL))
 
 
 class BatchPacker:
@@ -351,20 +372,20 @@ class BatchPacker:
             )
         full = None
         current = self._current
-        if current.payloads and (
-            len(current.payloads) >= self._max_requests or self._bytes + 1 + size > self._max_bytes
+        if current.count and (
+            current.count >= self._max_requests or self._bytes + 1 + size > self._max_bytes
         ):
             full = current
             current = self._current = PlannedBatch()
             self._bytes = _FRAME_BYTES
-        self._bytes += size + (1 if current.payloads else 0)
+        self._bytes += size + (1 if current.count else 0)
         current.items.append((row_index, custom_id, attempt))
-        current.payloads.append(payload)
+        current.append(payload)
         return full
 
     def flush(self) -> PlannedBatch | None:
         """The batch being filled, if it has anything in it."""
-        if not self._current.payloads:
+        if not self._current.count:
             return None
         full, self._current, self._bytes = self._current, PlannedBatch(), _FRAME_BYTES
         return full
