@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,12 +111,28 @@ def test_dag_runs_to_success_and_writes_the_output(
 ) -> None:
     emulator, url = slow_emulator
     env, out_dir = _run_env(airflow_env, tmp_path, url)
+    # The batch ends only once the sensor has looked twice (two retrieves), however slow the
+    # machine: then the emulator's clock jumps past the batch's processing time.
+    emulator.configure(processing_seconds=3600)
+    stop = threading.Event()
 
-    rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+    def end_after_two_pokes() -> None:
+        while not stop.wait(0.2):
+            if emulator.stats()["calls"].get("retrieve", 0) >= 2:
+                emulator.advance(3600)
+                return
+
+    watcher = threading.Thread(target=end_after_two_pokes, daemon=True)
+    watcher.start()
+    try:
+        rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+    finally:
+        stop.set()
 
     assert rc == 0, f"DAG run failed; log in {tmp_path / 'airflow.log'}"
     assert "state=success" in logs
     # Reschedule mode: the sensor is started afresh for each poke, holding no slot between.
+    assert "new_state=up_for_reschedule" in logs
     assert logs.count("[DAG TEST] starting task_id=wait") >= 2
     table = pq.read_table(_only_parquet(out_dir))
     assert table.num_rows == ROWS
