@@ -54,7 +54,8 @@ def _apply_statement(*, transient: bool) -> sa.Update:
     }
     values["status"] = sa.bindparam("p_status")
     # Each attempt's price adds to what the row has cost (an unpriced one leaves it as it is).
-    cost = sa.bindparam("p_cost_usd", type_=item_table.c.cost_usd.type)
+    # An explicit CAST: PostgreSQL cannot infer a parameter's type inside `IS NULL`.
+    cost = sa.cast(sa.bindparam("p_cost_usd"), item_table.c.cost_usd.type)
     values["cost_usd"] = sa.case(
         (cost.is_(None), item_table.c.cost_usd),
         else_=sa.func.coalesce(item_table.c.cost_usd, 0.0) + cost,
