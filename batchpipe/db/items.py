@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.bulk import BulkStatement, copy_rows
 from batchpipe.db.rows import RESULT_FIELDS, ItemRow
 from batchpipe.db.schema import attempts, batches, items
 from batchpipe.errors import StoreError
@@ -47,6 +48,17 @@ EXPORT_FIELDS: tuple[str, ...] = (
     "cost_usd",
 )
 _ITEM_COLUMNS = [items.c[f] for f in ItemRow.__dataclass_fields__]
+# insert_items: one tuple per row in this order, updated_at shared by the whole call.
+_INSERT_COLUMNS = (
+    "job_id", "row_index", "row_key", "status", "error_message", "attempts", "request_hash"
+)  # fmt: skip
+_INSERT = BulkStatement(
+    sa.insert(items).values(
+        {c: sa.bindparam(c) for c in _INSERT_COLUMNS}
+        | {"updated_at": sa.bindparam("p_now", type_=items.c.updated_at.type)}
+    ),
+    _INSERT_COLUMNS,
+)
 
 
 class ItemsMixin(StoreBase):
@@ -63,28 +75,21 @@ class ItemsMixin(StoreBase):
         connection) leaves no items at all, so ingest can simply run again.
         """
         now = self.clock()
-        stmt = sa.insert(items)
         total = 0
         source = iter(rows)
+        # Plain tuples straight to the driver (COPY on PostgreSQL): see db/bulk.py.
+        shaped = (
+            (job_id, i, key, ItemStatus(status).value, error, 0, rest[0] if rest else None)
+            for i, key, status, error, *rest in source
+        )
         with self._begin() as conn:
-            while chunk := list(itertools.islice(source, INSERT_CHUNK)):
-                conn.execute(
-                    stmt,
-                    [
-                        {
-                            "job_id": job_id,
-                            "row_index": row_index,
-                            "row_key": row_key,
-                            "status": ItemStatus(status).value,
-                            "error_message": error_message,
-                            "attempts": 0,
-                            "updated_at": now,
-                            "request_hash": rest[0] if rest else None,
-                        }
-                        for row_index, row_key, status, error_message, *rest in chunk
-                    ],
+            if self.dialect == "postgresql":
+                stamp = (now,)
+                return copy_rows(
+                    conn, items, (*_INSERT_COLUMNS, "updated_at"), (r + stamp for r in shaped)
                 )
-                total += len(chunk)
+            while chunk := list(itertools.islice(shaped, INSERT_CHUNK)):
+                total += _INSERT.execute(conn, chunk, {"p_now": now})
         return total
 
     def find_duplicate_keys(self, job_id: int, limit: int = 20) -> list[tuple[str, list[int]]]:
