@@ -193,6 +193,8 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
     with pipeline_context(state, emulate=emulate) as ctx:
         jobs = [_find_job(ctx, ref) for ref in job_refs] if job_refs else None
         report = pipeline.tick(ctx, jobs)
+    if not (report.advanced or report.locked or report.unavailable or report.failed):
+        click.echo("tick: no unfinished jobs; nothing to do", err=True)
     for job in report.advanced:
         _echo_job(job, "ticked")
     for job, path in report.exported:

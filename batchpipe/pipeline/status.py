@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from batchpipe import pricing
@@ -17,11 +18,12 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
         return "fix the cause in the error, then run the same command again"
     if job.status in {JobStatus.DONE, JobStatus.CANCELED}:
         failed = sum(counts.get(s, 0) for s in (ItemStatus.ERRORED, ItemStatus.EXPIRED))
-        return (
-            f"export; {failed} row(s) failed (`batchpipe retry` sends them again)"
-            if failed
-            else "export"
-        )
+        output = job.spec.get("output")
+        written = isinstance(output, str) and "://" not in output and os.path.exists(output)
+        done = f"none (output in {output})" if written else f"`batchpipe export {job.name} -o PATH`"
+        if failed:
+            done += f"; {failed} row(s) failed (`batchpipe retry {job.name}` sends them again)"
+        return done
     statuses = {b.status for b in batches}
     if BatchStatus.PLANNED in statuses:
         return "recover a batch whose create was interrupted"
