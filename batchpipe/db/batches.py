@@ -9,6 +9,7 @@ NOTHING, so re-reading a results file changes nothing.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.bulk import BulkStatement
 from batchpipe.db.rows import RESULT_FIELDS, BatchRow, ItemUpdate
 from batchpipe.db.schema import attempts, batches
 from batchpipe.db.schema import items as item_table
@@ -77,6 +79,39 @@ def _apply_statement(*, transient: bool) -> sa.Update:
 _APPLY_FINAL = _apply_statement(transient=False)
 _APPLY_TRANSIENT = _apply_statement(transient=True)
 
+# The hot statements as driver-level executemany of tuples (see db/bulk.py): the
+# SQLAlchemy path spent more time building and processing parameters than SQLite writing.
+_CLAIM_ROW = ("p_row_index", "p_custom_id", "p_attempt")
+_BULK_CLAIM = BulkStatement(_CLAIM, _CLAIM_ROW)
+_APPLY_ROW = ("p_row_index", "p_custom_id", "p_status", *(f"p_{f}" for f in RESULT_FIELDS))
+_APPLY_ROW += ("p_cost_usd",)
+_result_values = operator.attrgetter(*RESULT_FIELDS)
+_BULK_APPLY_FINAL = BulkStatement(_APPLY_FINAL, _APPLY_ROW)
+_BULK_APPLY_TRANSIENT = BulkStatement(_APPLY_TRANSIENT, _APPLY_ROW)
+_HISTORY_ROW = (
+    "row_index", "attempt", "custom_id", "result_type", "error_type", "error_message",
+    "input_tokens", "output_tokens",
+)  # fmt: skip
+_history_values = operator.attrgetter(*_HISTORY_ROW)
+_HISTORY_VALUES = {c: sa.bindparam(c) for c in (*_HISTORY_ROW, "job_id", "batch_id")} | {
+    "recorded_at": sa.bindparam("p_now", type_=attempts.c.recorded_at.type)
+}
+_HISTORY_KEYS = [attempts.c.job_id, attempts.c.row_index, attempts.c.attempt]
+_BULK_HISTORY = {
+    "postgresql": BulkStatement(
+        postgresql.insert(attempts)
+        .values(_HISTORY_VALUES)
+        .on_conflict_do_nothing(index_elements=_HISTORY_KEYS),
+        _HISTORY_ROW,
+    ),
+    "sqlite": BulkStatement(
+        sqlite.insert(attempts)
+        .values(_HISTORY_VALUES)
+        .on_conflict_do_nothing(index_elements=_HISTORY_KEYS),
+        _HISTORY_ROW,
+    ),
+}
+
 
 class BatchesMixin(StoreBase):
     """Store methods for the ``batches`` table and the result paths into ``items``."""
@@ -112,18 +147,8 @@ class BatchesMixin(StoreBase):
             batch_id = conn.execute(
                 sa.insert(batches).values(batch).returning(batches.c.id)
             ).scalar_one()
-            params = [
-                {
-                    "p_job_id": job_id,
-                    "p_row_index": row_index,
-                    "p_custom_id": custom_id,
-                    "p_attempt": attempt,
-                    "p_batch_id": batch_id,
-                    "p_now": now,
-                }
-                for row_index, custom_id, attempt in items
-            ]
-            claimed = conn.execute(_CLAIM, params).rowcount
+            shared = {"p_job_id": job_id, "p_batch_id": batch_id, "p_now": now}
+            claimed = _BULK_CLAIM.execute(conn, list(items), shared)
             if claimed != len(items):
                 # Raising inside the block rolls back the batch row and every claim.
                 raise StoreError(
@@ -242,52 +267,28 @@ class BatchesMixin(StoreBase):
         if not updates:
             return 0
         now = self.clock()
-        final: list[dict[str, Any]] = []
-        transient: list[dict[str, Any]] = []
-        history: list[dict[str, Any]] = []
+        final: list[tuple[Any, ...]] = []
+        transient: list[tuple[Any, ...]] = []
+        history: list[tuple[Any, ...]] = []
         for u in updates:
             status = ItemStatus(u.status)
             if status is ItemStatus.SUBMITTED:
                 raise ValueError(f"row {u.row_index}: a result cannot leave an item submitted")
-            params = {f"p_{f}": getattr(u, f) for f in RESULT_FIELDS}
-            params.update(
-                p_job_id=job_id,
-                p_row_index=u.row_index,
-                p_custom_id=u.custom_id,
-                p_status=status.value,
-                p_cost_usd=u.cost_usd,
-                p_now=now,
-            )
-            (transient if status is ItemStatus.PENDING else final).append(params)
-            history.append(
-                {
-                    "job_id": job_id,
-                    "row_index": u.row_index,
-                    "attempt": u.attempt,
-                    "custom_id": u.custom_id,
-                    "batch_id": batch_id,
-                    "result_type": u.result_type,
-                    "error_type": u.error_type,
-                    "error_message": u.error_message,
-                    "input_tokens": u.input_tokens,
-                    "output_tokens": u.output_tokens,
-                    "recorded_at": now,
-                }
-            )
+            # In _APPLY_ROW order: key, status, RESULT_FIELDS, cost.
+            row = (u.row_index, u.custom_id, status.value, *_result_values(u), u.cost_usd)
+            (transient if status is ItemStatus.PENDING else final).append(row)
+            history.append(_history_values(u))
         changed = 0
+        shared = {"p_job_id": job_id, "p_now": now}
         with self._begin() as conn:
             if final:
-                changed += conn.execute(_APPLY_FINAL, final).rowcount
+                changed += _BULK_APPLY_FINAL.execute(conn, final, shared)
             if transient:
-                changed += conn.execute(_APPLY_TRANSIENT, transient).rowcount
-            conn.execute(self._insert_ignore_attempts(), history)
+                changed += _BULK_APPLY_TRANSIENT.execute(conn, transient, shared)
+            history_stmt = _BULK_HISTORY.get(self.dialect)
+            if history_stmt is None:
+                raise StoreError(f"unsupported database dialect {self.dialect!r}")
+            history_stmt.execute(
+                conn, history, {"job_id": job_id, "batch_id": batch_id, "p_now": now}
+            )
         return int(changed)
-
-    def _insert_ignore_attempts(self) -> sa.Insert:
-        """INSERT INTO attempts … ON CONFLICT (job_id, row_index, attempt) DO NOTHING."""
-        keys = [attempts.c.job_id, attempts.c.row_index, attempts.c.attempt]
-        if self.dialect == "postgresql":
-            return postgresql.insert(attempts).on_conflict_do_nothing(index_elements=keys)
-        if self.dialect == "sqlite":
-            return sqlite.insert(attempts).on_conflict_do_nothing(index_elements=keys)
-        raise StoreError(f"unsupported database dialect {self.dialect!r}")
