@@ -62,7 +62,9 @@ def fast_emulator(emulator: Emulator) -> Emulator:
     return emulator
 
 
-@pytest.mark.parametrize("point", ["after_intent", "after_create", "after_mark_created"])
+@pytest.mark.parametrize(
+    "point", ["after_insert_items", "after_intent", "after_create", "after_mark_created"]
+)
 def test_crash_at_each_submit_step_never_creates_twice(
     fast_emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path, point: str
 ) -> None:
@@ -73,7 +75,7 @@ def test_crash_at_each_submit_step_never_creates_twice(
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     created_before = fast_emulator.stats()["batches_created"]
-    assert created_before == (0 if point == "after_intent" else 1)
+    assert created_before == (0 if point in {"after_insert_items", "after_intent"} else 1)
 
     # No grace period: whatever recovery finds at the API it must adopt, not resend.
     done = _run(sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run", *_job_args(src, "j"))

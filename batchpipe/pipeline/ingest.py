@@ -19,7 +19,7 @@ from batchpipe.db import JobNameTaken, JobRow
 from batchpipe.errors import InputError, PreflightFailed, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
-from batchpipe.pipeline.context import Context, bind, job_spec
+from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.requests import (
     RequestRenderer,
     RowProblem,
@@ -183,7 +183,13 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
             # Raising inside the generator rolls back the whole insert: nothing is stored.
             raise _preflight_error(dataset, counts["invalid"], problems)
 
+    # A process that died between inserting the items and recording row_count left them
+    # behind (row_count is the "ingested" mark); nothing of them was sent, so start over.
+    leftovers = ctx.store.delete_items(job.id)
+    if leftovers:
+        logger.warning("job.ingest_restarted", leftover_items=leftovers)
     inserted = ctx.store.insert_items(job.id, items())
+    failpoint("after_insert_items")
     if counts["rows"] == 0:
         raise InputError(f"{dataset.uri} has no rows")
     duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column else []
