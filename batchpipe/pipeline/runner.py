@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from batchpipe.db import JobRow
 from batchpipe.errors import (
+    APIError,
     BatchpipeError,
     InputError,
     JobLocked,
@@ -220,6 +221,11 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
             continue
         try:
             job = step(ctx, job)
+            if job.status == JobStatus.NEEDS_ATTENTION:
+                # step() leaves such a job alone; asked for by name, it must keep failing
+                # (as `run` does) rather than look fine to cron until a human resolves it.
+                report.failed.append((job, job.error or f"job {job.id} needs attention"))
+                continue
             report.advanced.append(job)
             if _needs_export(job):
                 path, _ = export(ctx, job)
@@ -250,7 +256,16 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
         recover_planned(ctx, _reload(ctx, job))
         for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS}):
             assert batch.api_batch_id is not None
-            ctx.client.cancel(batch.api_batch_id)
+            try:
+                ctx.client.cancel(batch.api_batch_id)
+            except TransientAPIError:
+                raise
+            except APIError:
+                # The API refuses to cancel a batch that ended since our last poll; poll and
+                # collect take it from here, and the other batches still need their cancel.
+                if ctx.client.retrieve(batch.api_batch_id).processing_status != "ended":
+                    raise
+                continue
             ctx.store.update_batch(
                 batch.id, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
             )

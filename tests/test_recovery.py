@@ -1,0 +1,299 @@
+"""Crash recovery and cancel, end to end: real `batchpipe` processes against the emulator.
+
+Covers what `test_crash.py` does not: an orphan whose create reached the API twice, orphans
+that can no longer be told apart (`needs_attention`), and `batchpipe cancel` on a job with
+batches in flight. The emulator runs in the test process over loopback; its counters and
+batches show what was created, canceled or paid for.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import orjson
+import pyarrow.parquet as pq
+from conftest import batchpipe_argv, write_rows
+
+from batchpipe.db import Store
+from batchpipe.emulator import Emulator
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus
+
+ROWS = 100
+PER_BATCH = 20
+DAY = 86_400.0
+
+
+def _job_args(src: Path, name: str, output: Path | None = None) -> list[str]:
+    args = [
+        str(src),
+        "--job", name,
+        "--prompt", "Classify: {{ body }}",
+        "--model", "claude-haiku-4-5",
+        "--max-tokens", "32",
+        "--id-column", "doc_id",
+        "--poll-interval", "0.1",
+        "--max-batch-requests", str(PER_BATCH),
+    ]  # fmt: skip
+    return [*args, "-o", str(output)] if output else args
+
+
+def _run(db_url: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        batchpipe_argv(db_url, *args),
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _events(stderr: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of one event in a subprocess's stderr."""
+    found = []
+    for line in stderr.splitlines():
+        if line.startswith("{") and f'"{name}"' in line:
+            record = json.loads(line)
+            if record.get("event") == name:
+                found.append(record)
+    return found
+
+
+def _planned_batch(db_url: str, name: str) -> tuple[int, list[str]]:
+    """The job's one planned batch: its id and the custom_ids recorded in its intent."""
+    with Store.open(db_url) as store:
+        job = store.get_job(name)
+        assert job is not None
+        (planned,) = store.list_batches(job.id, {BatchStatus.PLANNED})
+        ids = [
+            i.custom_id
+            for i in store.iter_items(job.id, statuses={ItemStatus.SUBMITTED})
+            if i.batch_id == planned.id and i.custom_id is not None
+        ]
+    return planned.id, ids
+
+
+def _crash_after_create(
+    emulator: Emulator, cli_env: dict[str, str], db_url: str, src: Path, name: str
+) -> str:
+    """`submit` killed right after the API accepted its first batch; returns that batch's id."""
+    killed = _run(
+        db_url, {**cli_env, "BATCHPIPE_FAILPOINT": "after_create"}, "submit",
+        *_job_args(src, name),
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert emulator.stats()["batches_created"] == 1
+    with emulator.locked() as api:
+        (orphan,) = api.batches
+    return orphan
+
+
+def _same_requests_again(emulator: Emulator, client: anthropic.Anthropic, orphan: str) -> str:
+    """Create a second batch with exactly the orphan's requests, as a create that reached the
+    API twice would; returns its id."""
+    with emulator.locked() as api:
+        sent = [(item.custom_id, item.params) for item in api.batches[orphan].items]
+    assert all(params is not None for _, params in sent)  # still in progress: params kept
+    emulator.advance(1)  # strictly younger than the orphan
+    twin = client.messages.batches.create(
+        requests=[{"custom_id": cid, "params": orjson.loads(p or "{}")} for cid, p in sent]
+    )
+    return twin.id
+
+
+# ---------------------------------------------------------------------- adoption
+
+
+def test_orphan_created_twice_adopts_the_oldest_and_answers_each_row_once(
+    emulator: Emulator,
+    cli_env: dict[str, str],
+    anthropic_client: anthropic.Anthropic,
+    sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    out = tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    # Slow enough that both copies are still in progress (their params readable) until
+    # the clock is moved on below.
+    emulator.configure(processing_seconds=600, seed=5)
+    oldest = _crash_after_create(emulator, cli_env, sqlite_url, src, "twice")
+    _, members = _planned_batch(sqlite_url, "twice")
+    twin = _same_requests_again(emulator, anthropic_client, oldest)
+    emulator.advance(700)  # both copies end; either one's results confirm the orphan
+    emulator.configure(processing_seconds=0.3)  # the rest of the job goes quickly
+
+    done = _run(
+        sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
+        *_job_args(src, "twice", out),
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    (duplicate,) = _events(done.stderr, "batch.orphan_duplicate")
+    assert duplicate["level"] == "error"
+    assert sorted(duplicate["api_batch_ids"]) == sorted([oldest, twin])
+    (adopted,) = _events(done.stderr, "batch.orphan_adopted")
+    assert adopted["api_batch_id"] == oldest  # the list returns the twin first (newest)
+    assert adopted["confirmed"] is True
+
+    rows = pq.read_table(out).to_pylist()
+    assert [r["doc_id"] for r in rows] == [f"d{i:05d}" for i in range(ROWS)]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    assert all(r["response_text"] for r in rows)
+    by_cid = {r["custom_id"]: r for r in rows}
+    assert {by_cid[cid]["batch_id"] for cid in members} == {oldest}
+    stats = emulator.stats()
+    # Only the twin was paid twice; batchpipe itself sent every other row once.
+    assert stats["requests_received"] == ROWS + PER_BATCH
+    assert stats["batches_created"] == ROWS // PER_BATCH + 1
+    assert stats["duplicate_successes"] == PER_BATCH
+    with Store.open(sqlite_url) as store:
+        assert twin not in store.known_api_batch_ids()
+
+
+# ---------------------------------------------------------------------- needs_attention
+
+
+def test_unreadable_orphan_candidates_stop_the_job_as_needs_attention(
+    emulator: Emulator,
+    cli_env: dict[str, str],
+    anthropic_client: anthropic.Anthropic,
+    sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=600, seed=6)
+    orphan = _crash_after_create(emulator, cli_env, sqlite_url, src, "lost")
+    twin = _same_requests_again(emulator, anthropic_client, orphan)
+    emulator.advance(30 * DAY)  # nobody looked for a month: both results are archived
+    before = emulator.stats()
+    env = {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}
+
+    for _ in range(2):  # and it stays that way: a later tick must not guess either
+        ticked = _run(sqlite_url, env, "tick", "--job", "lost")
+        assert ticked.returncode == 1, ticked.stderr
+        assert "can no longer be read" in ticked.stderr  # why, and what to do next:
+        assert orphan in ticked.stderr
+        assert twin in ticked.stderr
+        assert "batchpipe status lost" in ticked.stderr
+
+    shown = _run(sqlite_url, cli_env, "status", "lost", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (job,) = json.loads(shown.stdout)["jobs"]
+    assert job["status"] == JobStatus.NEEDS_ATTENTION.value
+    assert orphan in job["error"]
+    assert twin in job["error"]
+    assert job["counts"]["submitted"] == PER_BATCH
+    assert job["counts"]["pending"] == ROWS - PER_BATCH
+    assert [b["status"] for b in job["batches"]] == [BatchStatus.PLANNED.value]
+    after = emulator.stats()
+    assert after["batches_created"] == before["batches_created"] == 2  # nothing resubmitted
+    assert after["requests_received"] == before["requests_received"]
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+def test_cancel_through_the_cli_cancels_in_flight_batches_and_keeps_answers(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    out = tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    # Round 1 ends quickly, with some rows failing transiently ...
+    emulator.configure(processing_seconds=0.2, errored_rate=0.3, seed=8)
+    assert _run(sqlite_url, cli_env, "submit", *_job_args(src, "stop")).returncode == 0
+    emulator.advance(1)
+    emulator.stats()  # results are drawn when a batch is first seen ended: draw them now
+    # ... and their resubmission (round 2) takes an hour: in flight when the cancel comes.
+    emulator.configure(processing_seconds=3600, errored_rate=0.0, cancel_seconds=0.1)
+    ticked = _run(sqlite_url, cli_env, "tick", "--job", "stop")
+    assert ticked.returncode == 0, ticked.stderr
+    with Store.open(sqlite_url) as store:
+        job = store.get_job("stop")
+        assert job is not None
+        answered = {
+            i.row_index: i.response_text
+            for i in store.iter_items(job.id, statuses={ItemStatus.SUCCEEDED})
+        }
+        in_flight = [
+            str(b.api_batch_id) for b in store.list_batches(job.id, {BatchStatus.IN_PROGRESS})
+        ]
+    assert 0 < len(answered) < ROWS
+    assert len(in_flight) == -(-(ROWS - len(answered)) // PER_BATCH)
+    emulator.advance(1800)  # about half of each round-2 batch is processed
+    received = emulator.stats()["requests_received"]
+    assert received == 2 * ROWS - len(answered)
+
+    canceled = _run(sqlite_url, cli_env, "cancel", "stop")
+    assert canceled.returncode == 0, canceled.stderr
+    assert emulator.stats()["calls"]["cancel"] == len(in_flight)
+    with emulator.locked() as api:
+        assert all(api.batches[b].cancel_initiated_at is not None for b in in_flight)
+    again = _run(sqlite_url, cli_env, "cancel", "stop")  # while still canceling
+    assert again.returncode == 0, again.stderr
+
+    emulator.advance(1)  # the cancels have ended at the API
+    drained = _run(sqlite_url, cli_env, "tick", "--job", "stop")
+    assert drained.returncode == 0, drained.stderr
+    once_more = _run(sqlite_url, cli_env, "cancel", "stop")  # after it ended
+    assert once_more.returncode == 0, once_more.stderr
+    assert emulator.stats()["calls"]["cancel"] == len(in_flight)
+    assert emulator.stats()["requests_received"] == received  # canceled rows never went again
+
+    with Store.open(sqlite_url) as store:
+        job = store.get_job("stop")
+        assert job is not None
+        assert job.status == JobStatus.CANCELED
+    exported = _run(sqlite_url, cli_env, "export", "stop", "-o", str(out))
+    assert exported.returncode == 0, exported.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["doc_id"] for r in rows] == [f"d{i:05d}" for i in range(ROWS)]
+    for index, text in answered.items():
+        assert rows[index]["result_status"] == "succeeded"
+        assert rows[index]["response_text"] == text
+    late = [r for i, r in enumerate(rows) if i not in answered]
+    statuses = [r["result_status"] for r in late]
+    assert set(statuses) == {"succeeded", "canceled"}  # processed before the cut, or not
+    assert all(r["response_text"] is None for r in late if r["result_status"] == "canceled")
+
+
+def test_cancel_goes_on_past_a_batch_that_ended_since_the_last_poll(
+    emulator: Emulator,
+    cli_env: dict[str, str],
+    anthropic_client: anthropic.Anthropic,
+    sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    """The API refuses to cancel an ended batch; that must not stop the cancel of the rest."""
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=3600, cancel_seconds=0.1, seed=9)
+    assert _run(sqlite_url, cli_env, "submit", *_job_args(src, "race")).returncode == 0
+    with Store.open(sqlite_url) as store:
+        job = store.get_job("race")
+        assert job is not None
+        first, *rest = (str(b.api_batch_id) for b in store.list_batches(job.id))
+    assert len(rest) == ROWS // PER_BATCH - 1
+    # Someone canceled the first batch at the Console; it has ended, unseen by batchpipe.
+    anthropic_client.messages.batches.cancel(first)
+    emulator.advance(1)
+    assert anthropic_client.messages.batches.retrieve(first).processing_status == "ended"
+
+    canceled = _run(sqlite_url, cli_env, "cancel", "race")
+    assert canceled.returncode == 0, canceled.stderr
+    with emulator.locked() as api:
+        assert all(api.batches[b].cancel_initiated_at is not None for b in rest)
+    emulator.advance(1)
+    drained = _run(sqlite_url, cli_env, "tick", "--job", "race")
+    assert drained.returncode == 0, drained.stderr
+    with Store.open(sqlite_url) as store:
+        job = store.get_job("race")
+        assert job is not None
+        assert job.status == JobStatus.CANCELED
+        counts = {k: v for k, v in store.count_items(job.id).items() if v}
+    assert set(counts) <= {ItemStatus.SUCCEEDED, ItemStatus.CANCELED}
+    assert sum(counts.values()) == ROWS
+    assert emulator.stats()["requests_received"] == ROWS
