@@ -51,16 +51,21 @@ class Measured:
     wall: float
     cpu: float
     peak_rss: int
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (epoch, cpu seconds)
+    # (epoch, cpu seconds, rss bytes), sampled every 50 ms
+    samples: list[tuple[float, float, int]] = field(default_factory=list)
 
     def cpu_at(self, when: float) -> float:
         """CPU seconds used by ``when`` (epoch), from the nearest earlier sample."""
         used = 0.0
-        for at, cpu in self.samples:
+        for at, cpu, _ in self.samples:
             if at > when:
                 break
             used = cpu
         return used
+
+    def rss_between(self, begin: float, end: float) -> int:
+        """Peak sampled RSS in [begin, end] (epoch seconds)."""
+        return max((rss for at, _, rss in self.samples if begin <= at <= end), default=0)
 
 
 def measure(cmd: list[str], env: dict[str, str], stderr: Path) -> Measured:
@@ -68,7 +73,7 @@ def measure(cmd: list[str], env: dict[str, str], stderr: Path) -> Measured:
     with stderr.open("wb") as err:
         started = time.time()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        samples: list[tuple[float, float]] = []
+        samples: list[tuple[float, float, int]] = []
         stop = threading.Event()
 
         def sample() -> None:
@@ -76,7 +81,7 @@ def measure(cmd: list[str], env: dict[str, str], stderr: Path) -> Measured:
                 ps = psutil.Process(proc.pid)
                 while not stop.is_set():
                     t = ps.cpu_times()
-                    samples.append((time.time(), t.user + t.system))
+                    samples.append((time.time(), t.user + t.system, ps.memory_info().rss))
                     time.sleep(0.05)
             except psutil.Error:
                 return
@@ -92,9 +97,9 @@ def measure(cmd: list[str], env: dict[str, str], stderr: Path) -> Measured:
     if proc.returncode != 0:
         tail = stderr.read_text()[-3000:]
         sys.exit(f"{cmd[2:4]} failed ({proc.returncode}); see {stderr}:\n{tail}")
-    samples.insert(0, (started, 0.0))
+    samples.insert(0, (started, 0.0, 0))
     cpu = usage.ru_utime + usage.ru_stime
-    samples.append((time.time(), cpu))
+    samples.append((time.time(), cpu, 0))
     return Measured(wall, cpu, usage.ru_maxrss * 1024, samples)
 
 
@@ -231,11 +236,12 @@ def main() -> None:
         stages = stage_times(work / "batchpipe.log", started)
 
     print(f"rows {args.rows:,}  db {args.db}  input {data.name}  work {work}")
-    print(f"{'stage':10} {'wall s':>8} {'rows/s':>10} {'cpu s':>8}")
+    print(f"{'stage':10} {'wall s':>8} {'rows/s':>10} {'cpu s':>8} {'peak RSS MiB':>13}")
     for stage, (begin, end) in stages.items():
         wall = max(end - begin, 1e-9)
         cpu = bp.cpu_at(end) - bp.cpu_at(begin)
-        print(f"{stage:10} {wall:8.2f} {args.rows / wall:10,.0f} {cpu:8.2f}")
+        rss = bp.rss_between(begin, end) / MIB
+        print(f"{stage:10} {wall:8.2f} {args.rows / wall:10,.0f} {cpu:8.2f} {rss:13.0f}")
     rss = bp.peak_rss / MIB
     print(f"batchpipe  wall {bp.wall:7.2f} s  cpu {bp.cpu:7.2f} s  peak RSS {rss:6.0f} MiB")
     if floor is not None:
