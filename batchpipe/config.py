@@ -65,15 +65,19 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def read_job_file(path: Path) -> dict[str, Any]:
-    """Read a TOML job file: top-level keys are JobSpec fields, plus an optional [params] table."""
+def _load_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"job file {path} does not exist") from None
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise UsageError(f"cannot read job file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    """Read a TOML job file: top-level keys are JobSpec fields, plus an optional [params] table."""
+    data = _load_toml(path)
     if "api_key" in data or "anthropic_api_key" in data:
         raise UsageError(
             f"job file {path}: an API key does not belong in a job file; "
@@ -86,8 +90,7 @@ def read_job_file(path: Path) -> dict[str, Any]:
 
 def job_file_settings(path: Path) -> dict[str, Any]:
     """The non-spec keys a job file may carry (`name`, `database_url`)."""
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
+    data = _load_toml(path)
     return {k: data[k] for k in ("name", "database_url") if k in data}
 
 
@@ -102,14 +105,20 @@ def build_job_spec(
     merged: dict[str, Any] = {}
     if config_file is not None:
         merged.update(read_job_file(config_file))
-        base = config_file.parent
         # Relative paths in a job file are relative to the file, as users expect.
+        base = config_file.parent
         for key in ("input", "output"):
             value = merged.get(key)
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
                 merged[key] = str(base / value)
     merged.update(_env_layer(env))
     merged.update({k: v for k, v in flags.items() if v is not None})
+    # Stored with the job, paths must not depend on the directory a later `tick` runs in
+    # (cron starts in $HOME): make local ones absolute now.
+    for key in ("input", "output"):
+        value = merged.get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            merged[key] = os.path.abspath(value)
     missing = [k for k in ("input", "prompt", "model", "max_tokens") if k not in merged]
     if missing:
         flags_needed = ", ".join("--" + k.replace("_", "-") for k in missing)

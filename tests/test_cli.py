@@ -178,3 +178,85 @@ def test_job_file_with_flags_overriding(tmp_path: Path) -> None:
     job = json.loads(invoke(tmp_path, "status", "nightly", "--json").stdout)["jobs"][0]
     assert job["name"] == "nightly"
     assert job["status"] == "done"
+
+
+def test_sigterm_exits_130_releases_the_lease_and_the_job_resumes(
+    tmp_path: Path, cli_env: dict[str, str], emulator: Emulator
+) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from conftest import batchpipe_argv
+
+    from batchpipe.db import Store
+
+    emulator.configure(processing_seconds=3600)  # the batch stays in progress: run waits
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    args = [
+        a
+        for a in run_args(src, tmp_path / "out.parquet", "--poll-interval", "0.2")
+        if a != "--emulate"
+    ]
+    proc = subprocess.Popen(
+        batchpipe_argv(db, *args), env=cli_env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while emulator.stats()["batches_created"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # now it is polling
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    with Store.open(db) as store:
+        (job,) = store.list_jobs()
+        assert job.lease_owner is None
+
+    emulator.configure(processing_seconds=0)
+    emulator.advance(3600)
+    done = subprocess.run(batchpipe_argv(db, *args), env=cli_env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert emulator.stats()["batches_created"] == 1
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 5
+
+
+def test_tick_from_another_directory_finds_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    write_jsonl(work / "in.jsonl", rows(3))
+    monkeypatch.chdir(work)
+    submitted = invoke(
+        tmp_path, "submit", "in.jsonl", "--emulate", "--prompt", PROMPT, "--model", "m",
+        "--max-tokens", "8", "-o", "out.jsonl", "--job", "rel",
+    )  # fmt: skip
+    assert submitted.exit_code == 0, submitted.output
+    monkeypatch.chdir(tmp_path)  # cron starts somewhere else
+    for _ in range(20):
+        ticked = invoke(tmp_path, "tick", "--emulate")
+        assert ticked.exit_code == 0, ticked.output
+        if (work / "out.jsonl").exists():
+            break
+        __import__("time").sleep(0.3)
+    assert len((work / "out.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["run", "--config", "/nonexistent/job.toml"], {}, "cannot read job file"),
+        (["tick"], {"BATCHPIPE_ORPHAN_GRACE": "soon"}, "BATCHPIPE_ORPHAN_GRACE"),
+        (["--db", "nosuch://x", "status"], {}, "cannot use database"),
+    ],
+)
+def test_bad_settings_are_usage_errors(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = invoke(tmp_path, *args, env=env)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output

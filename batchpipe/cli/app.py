@@ -5,14 +5,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from batchpipe import __version__, log
-from batchpipe.errors import EXIT_INTERRUPTED, BatchpipeError
+from batchpipe.errors import EXIT_INTERRUPTED, BatchpipeError, Interrupted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,8 +67,12 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         state = click.get_current_context().find_object(State)
+        previous = _raise_on_sigterm()
         try:
             return func(*args, **kwargs)
+        except Interrupted:
+            click.echo("terminated; state is saved, run the same command again to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except BatchpipeError as exc:
             if state is not None and state.debug:
                 raise
@@ -77,5 +83,23 @@ def handle_errors(func: F) -> F:
                 "interrupted; state is saved, run the same command again to resume", err=True
             )
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM (Airflow timeouts, systemd, `kill`) unwind like Ctrl-C.
+
+    Unwinding runs the `finally` blocks that release the job's lease and save state, so the
+    next run need not wait for the lease to time out. Returns the previous handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(f"received signal {signum}")
+
+    return signal.signal(signal.SIGTERM, _handler)

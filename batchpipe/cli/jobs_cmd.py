@@ -249,7 +249,8 @@ def cancel(state: State, job_ref: str, emulate: bool) -> None:
     _echo_job(job, "canceling" if not job.status.is_terminal() else "canceled")
 
 
-_RETRY_STATUSES = ["errored", "expired", "canceled", "invalid"]
+# `invalid` rows failed validation before sending; fix the input and start a new job.
+_RETRY_STATUSES = ["errored", "expired", "canceled"]
 
 
 @cli.command()

@@ -15,11 +15,26 @@ from batchpipe.cli.progress import make_progress
 from batchpipe.client import BatchClient
 from batchpipe.config import Settings
 from batchpipe.db import Store, sqlite_path
+from batchpipe.errors import UsageError
 from batchpipe.pipeline import Context, NullProgress
+from batchpipe.pipeline.context import DEFAULT_ORPHAN_GRACE_SECONDS
 
 # In emulator mode batches end after this long, so a demo shows progress without waiting.
 EMULATE_PROCESSING_SECONDS = 1.0
 EMULATE_POLL_INTERVAL = 0.5
+
+
+def _orphan_grace() -> float:
+    raw = os.environ.get("BATCHPIPE_ORPHAN_GRACE")
+    if raw is None:
+        return DEFAULT_ORPHAN_GRACE_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise UsageError(f"BATCHPIPE_ORPHAN_GRACE={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 def settings_for(state: State) -> Settings:
@@ -41,7 +56,7 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
     settings = settings_for(state)
     store = Store.open(settings.database_url)
     bar = make_progress()
-    grace = float(os.environ.get("BATCHPIPE_ORPHAN_GRACE", "60"))
+    grace = _orphan_grace()
     saver = None
     if emulate:
         # Imported only here: nothing on the production path loads the emulator.

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
-from batchpipe.errors import StoreError
+from batchpipe.errors import StoreError, UsageError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -108,7 +108,11 @@ def create_engine(url: str) -> Engine:
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise StoreError(f"cannot use database {mask_url(parsed)}: {exc}") from None
+        # A URL we cannot use is the user's to fix (exit 2), not a broken database.
+        raise UsageError(
+            f"cannot use database {mask_url(parsed)}: {exc}; expected a SQLAlchemy URL such "
+            "as sqlite:///state.db or postgresql+psycopg://user@host/db"
+        ) from None
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _on_sqlite_connect)
         sa.event.listen(engine, "begin", _on_sqlite_begin)

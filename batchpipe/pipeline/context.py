@@ -27,8 +27,10 @@ log = get_logger(__name__)
 
 LEASE_TTL_SECONDS = 300.0
 # A planned batch with no matching batch at the API is only re-created once the intent is
-# this old: a create that was still on the wire when its process died may yet appear.
-DEFAULT_ORPHAN_GRACE_SECONDS = 60.0
+# this old: a create that was still on the wire when its process died may yet appear. It
+# must outlast the client's request timeout (config.Settings.request_timeout, 600 s): a
+# create that timed out on our side may still be accepted by the API until then.
+DEFAULT_ORPHAN_GRACE_SECONDS = 660.0
 
 
 class Progress(Protocol):

@@ -8,6 +8,7 @@ by finding the orphan at the API instead of paying for the same requests twice.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator, Iterator
 from datetime import timedelta
 
@@ -127,6 +128,7 @@ def _create(ctx: Context, job: JobRow, spec: JobSpec, planned: PlannedBatch) -> 
 
 def _send(ctx: Context, job: JobRow, batch: BatchRow, body: bytes, count: int) -> BatchInfo:
     logger = bind(job, log, batch_id=batch.id)
+    ctx.heartbeat(job.id)  # an upload of up to 256 MB may take a while
     try:
         info = ctx.client.create(body, count=count)
     except CreateRefused:
@@ -178,6 +180,7 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
     since = min(b.intent_at for b in planned) - _CLOCK_SKEW
     unclaimed = [b for b in ctx.client.list_batches(created_after=since) if b.id not in known]
     now = ctx.clock()
+    sizes = Counter(b.request_count for b in planned)
     for batch in planned:
         candidates = [
             info
@@ -194,7 +197,7 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
                 running.append(info)
                 continue
             if members is None:
-                members = _member_ids(ctx, job, batch)
+                members = _member_ids(ctx, batch)
             verdict = _results_confirm(ctx, info, members)
             if verdict is None:
                 unreadable.append(info)
@@ -211,7 +214,9 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
                     api_batch_ids=[c.id for c in confirmed],
                 )
             _adopt(ctx, job, batch, found, unclaimed, confirmed=True)
-        elif len(running) + len(unreadable) == 1 and running:
+        elif len(running) + len(unreadable) == 1 and running and sizes[batch.request_count] == 1:
+            # Unconfirmed adoption only when no other planned batch of this job could own
+            # that API batch too; otherwise wait until its results tell them apart.
             _adopt(ctx, job, batch, running[0], unclaimed, confirmed=False)
         elif running:
             logger.warning(
@@ -259,12 +264,12 @@ def _adopt(
     )
 
 
-def _member_ids(ctx: Context, job: JobRow, batch: BatchRow) -> set[str]:
+def _member_ids(ctx: Context, batch: BatchRow) -> set[str]:
     """The custom_ids recorded in a planned batch's intent."""
     return {
         i.custom_id
-        for i in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED})
-        if i.batch_id == batch.id and i.custom_id is not None
+        for i in ctx.store.iter_batch_items(batch.id, statuses={ItemStatus.SUBMITTED})
+        if i.custom_id is not None
     }
 
 
@@ -297,11 +302,7 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
-    members = (
-        i
-        for i in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED})
-        if i.batch_id == batch.id
-    )
+    members = ctx.store.iter_batch_items(batch.id, statuses={ItemStatus.SUBMITTED})
     # The wait for a late-appearing orphan starts over from this send.
     if not ctx.store.update_batch(
         batch.id, expected_status=BatchStatus.PLANNED, intent_at=ctx.clock()
