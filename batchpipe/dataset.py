@@ -11,6 +11,7 @@ applies): users fix their data from the message alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -283,13 +284,32 @@ def write_joined(
         cursor.finish()
         writer.close()
         if isinstance(fs, pafs.LocalFileSystem):
+            # Without the fsync, a reboot soon after the rename can leave a renamed but empty
+            # or truncated file: the data must be on disk before the name points at it.
+            _fsync_path(tmp)
             os.replace(tmp, path)
+            _fsync_dir(posixpath.dirname(path) or ".")
         else:
             fs.move(tmp, path)
     except BaseException:
         writer.abort()
         raise
     return written
+
+
+def _fsync_path(path: str) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable; best effort (some systems cannot fsync a directory)."""
+    with contextlib.suppress(OSError):
+        _fsync_path(path)
 
 
 def _refuse_clash(uri: str, clash: list[str]) -> None:

@@ -77,6 +77,14 @@ class BatchStatus(StrEnum):
         """True while the API is (or may be) processing the batch."""
         return self in {BatchStatus.PLANNED, BatchStatus.IN_PROGRESS, BatchStatus.CANCELING}
 
+    @classmethod
+    def unsettled(cls) -> frozenset[BatchStatus]:
+        """Sent (or maybe sent) and not yet collected: in flight, or ended with results due.
+
+        While a job has such a batch it is not finished, and its rows must not be re-queued.
+        """
+        return frozenset({cls.PLANNED, cls.IN_PROGRESS, cls.CANCELING, cls.ENDED})
+
 
 class ItemStatus(StrEnum):
     """One input row's state. The final ones map 1:1 onto the exported result_status."""

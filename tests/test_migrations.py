@@ -60,8 +60,8 @@ def schema_diff(url: str) -> list[object]:
 
 def test_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0002"]
-    assert head_revision() == "0002"
+    assert script.get_heads() == ["0003"]
+    assert head_revision() == "0003"
     assert MIGRATIONS_DIR == REPO / "migrations"
 
 
@@ -77,10 +77,10 @@ def test_upgrade_matches_models_then_down_and_up_again(db_url: str) -> None:
     assert table_names(db_url) == {"alembic_version"}
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0003"
     assert schema_diff(db_url) == []
     upgrade(db_url)  # already at head: a no-op, not an error
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0003"
 
 
 def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
     with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
         Store.open(db_url, auto_migrate=False)
     assert "revision none" in str(err.value)
-    assert "needs 0002" in str(err.value)
+    assert "needs 0003" in str(err.value)
     assert current_revision(db_url) is None  # refused without touching it
 
 
@@ -131,7 +131,7 @@ def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'old0'")
     engine.dispose()
-    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0002"):
+    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0003"):
         Store.open(sqlite_url)  # auto_migrate applies to blank files only
 
 
@@ -170,4 +170,4 @@ def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0003"

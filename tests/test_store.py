@@ -320,6 +320,19 @@ def test_release_batch_items(store: Store) -> None:
         store.release_batch_items(retry)
 
 
+def test_iter_batch_items_reads_one_batch_in_row_order(store: Store) -> None:
+    job = with_items(store, 7)
+    first = plan(store, job, [5, 0, 3])
+    second = plan(store, job, [1, 6])
+    store.apply_results(job, first, [succeeded(3)])
+    # Pages of 2 force the keyset pagination across pages.
+    assert [i.row_index for i in store.iter_batch_items(first, page=2)] == [0, 3, 5]
+    assert [i.row_index for i in store.iter_batch_items(second, page=2)] == [1, 6]
+    submitted = store.iter_batch_items(first, statuses={S}, page=2)
+    assert [(i.row_index, i.custom_id) for i in submitted] == [(0, cid(0)), (5, cid(5))]
+    assert list(store.iter_batch_items(second + 1000)) == []
+
+
 # ------------------------------------------------------------------ results
 
 

@@ -142,6 +142,24 @@ class ItemsMixin(StoreBase):
         for row in self._keyset(base, items.c.row_index, start, page):
             yield ItemRow.from_row(row)
 
+    def iter_batch_items(
+        self,
+        batch_id: int,
+        *,
+        statuses: Collection[ItemStatus] | None = None,
+        page: int = 10_000,
+    ) -> Iterator[ItemRow]:
+        """The items of one batch in row order, optionally only some statuses.
+
+        Served by the ``batch_id`` index, so reading one batch of a big job does not scan
+        the job's other rows.
+        """
+        base = sa.select(*_ITEM_COLUMNS).where(items.c.batch_id == batch_id)
+        if statuses is not None:
+            base = base.where(items.c.status.in_(status_values(statuses)))
+        for row in self._keyset(base, items.c.row_index, 0, page):
+            yield ItemRow.from_row(row)
+
     def count_items(self, job_id: int) -> dict[ItemStatus, int]:
         """How many items are in each status (every status present, zeros included)."""
         stmt = (

@@ -2,30 +2,23 @@
 
 The read side of cost control and reports (`status`, `report`, the budget guard): a few
 aggregate queries, each one short transaction. The write side of "re-run what changed":
-bulk request-hash updates and re-queues, in chunks, by row index.
+request-hash updates and re-queues by row index, in chunks, all in one transaction.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, status_values
 from batchpipe.db.rows import RESULT_FIELDS
-from batchpipe.db.schema import batches, items
-from batchpipe.models import BatchStatus, ItemStatus
+from batchpipe.db.schema import batches, items, jobs
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 
 _CHUNK = 5_000
-# Batches whose requests may still be billed: sent (or maybe sent) and not yet collected.
-_UNSETTLED = (
-    BatchStatus.PLANNED,
-    BatchStatus.IN_PROGRESS,
-    BatchStatus.CANCELING,
-    BatchStatus.ENDED,
-)
 
 
 class LedgerMixin(StoreBase):
@@ -55,7 +48,9 @@ class LedgerMixin(StoreBase):
         stmt = sa.select(
             sa.func.coalesce(sa.func.sum(batches.c.request_count), 0),
             sa.func.coalesce(sa.func.sum(batches.c.request_bytes), 0),
-        ).where(batches.c.job_id == job_id, batches.c.status.in_(status_values(_UNSETTLED)))
+        ).where(
+            batches.c.job_id == job_id, batches.c.status.in_(status_values(BatchStatus.unsettled()))
+        )
         with self._begin() as conn:
             count, nbytes = conn.execute(stmt).one()
         return int(count), int(nbytes)
@@ -82,53 +77,72 @@ class LedgerMixin(StoreBase):
         with self._begin() as conn:
             return {int(a): int(n) for a, n in conn.execute(stmt)}
 
-    def requeue_changed(self, job_id: int, rows: Iterable[tuple[int, str]]) -> int:
-        """Send ``(row_index, new request hash)`` rows again: pending, results cleared.
+    def rerun_items(
+        self, job_id: int, rows: Iterable[tuple[int, str, bool]], *, spec: Mapping[str, Any]
+    ) -> tuple[int, int]:
+        """Adopt a re-run's settings in one transaction; returns ``(changed, unchanged)``.
 
-        Attempts keep counting (custom_ids must never repeat) and ``cost_usd`` keeps what was
-        already paid. Rows in flight or invalid are left alone. Returns how many changed.
+        ``rows`` yields ``(row_index, new request hash, changed?)``. Changed rows go back to
+        pending with their results cleared; unchanged ones only get the new hash. Then the
+        job takes ``spec`` and, if any row changed, the status ``running`` (with its error and
+        ``exported_at`` cleared: the output no longer holds every answer).
+
+        All of it commits together or not at all: if ``rows`` raises half way (a row that
+        does not render) or the process dies, no answer is lost and the job keeps its old
+        settings, so the same command can simply be run again. ``rows`` is pulled lazily in
+        chunks, so memory does not grow with the job. Attempts keep counting (custom_ids
+        must never repeat) and ``cost_usd`` keeps what was already paid. Rows in flight or
+        invalid are left alone.
         """
-        values: dict[str, Any] = {f: None for f in RESULT_FIELDS}
-        values.update(
-            status=ItemStatus.PENDING.value,
-            custom_id=None,
-            batch_id=None,
-            request_hash=sa.bindparam("p_hash"),
-            updated_at=sa.bindparam("p_now", type_=items.c.updated_at.type),
-        )
-        stmt = (
-            sa.update(items)
-            .where(
-                items.c.job_id == sa.bindparam("p_job"),
-                items.c.row_index == sa.bindparam("p_row"),
-                # Two inequalities, not NOT IN: executemany cannot expand a list parameter.
-                items.c.status != ItemStatus.SUBMITTED.value,
-                items.c.status != ItemStatus.INVALID.value,
-            )
-            .values(values)
-        )
-        return self._executemany(stmt, job_id, rows)
-
-    def set_request_hashes(self, job_id: int, rows: Iterable[tuple[int, str]]) -> int:
-        """Record ``(row_index, request hash)`` for rows whose request did not change."""
-        stmt = (
-            sa.update(items)
-            .where(
-                items.c.job_id == sa.bindparam("p_job"),
-                items.c.row_index == sa.bindparam("p_row"),
-            )
-            .values(request_hash=sa.bindparam("p_hash"))
-        )
-        return self._executemany(stmt, job_id, rows)
-
-    def _executemany(self, stmt: sa.Update, job_id: int, rows: Iterable[tuple[int, str]]) -> int:
         now = self.clock()
         source = iter(rows)
-        total = 0
+        changed = unchanged = 0
         with self._begin() as conn:
             while chunk := list(itertools.islice(source, _CHUNK)):
-                params = [
-                    {"p_job": job_id, "p_row": r, "p_hash": h, "p_now": now} for r, h in chunk
-                ]
-                total += int(conn.execute(stmt, params).rowcount)
-        return total
+                params: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+                for row_index, new_hash, differs in chunk:
+                    params[differs].append(
+                        {"p_job": job_id, "p_row": row_index, "p_hash": new_hash, "p_now": now}
+                    )
+                for differs, stmt in ((True, _REQUEUE), (False, _SET_HASH)):
+                    if params[differs]:
+                        conn.execute(stmt, params[differs])
+                changed += len(params[True])
+                unchanged += len(params[False])
+            values: dict[str, Any] = {"spec": dict(spec), "updated_at": now}
+            if changed:
+                values.update(status=JobStatus.RUNNING.value, error=None, exported_at=None)
+            conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(values))
+        return changed, unchanged
+
+
+def _requeue_statement() -> sa.Update:
+    """UPDATE for one changed row of a re-run: pending again, results cleared, new hash."""
+    values: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    values.update(
+        status=ItemStatus.PENDING.value,
+        custom_id=None,
+        batch_id=None,
+        request_hash=sa.bindparam("p_hash"),
+        updated_at=sa.bindparam("p_now", type_=items.c.updated_at.type),
+    )
+    return (
+        sa.update(items)
+        .where(
+            items.c.job_id == sa.bindparam("p_job"),
+            items.c.row_index == sa.bindparam("p_row"),
+            # Two inequalities, not NOT IN: executemany cannot expand a list parameter.
+            items.c.status != ItemStatus.SUBMITTED.value,
+            items.c.status != ItemStatus.INVALID.value,
+        )
+        .values(values)
+    )
+
+
+_REQUEUE = _requeue_statement()
+# Unchanged rows of a re-run: only the hash moves on (the p_now parameter is ignored).
+_SET_HASH = (
+    sa.update(items)
+    .where(items.c.job_id == sa.bindparam("p_job"), items.c.row_index == sa.bindparam("p_row"))
+    .values(request_hash=sa.bindparam("p_hash"))
+)

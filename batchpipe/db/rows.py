@@ -32,6 +32,7 @@ class JobRow:
     updated_at: datetime
     lease_owner: str | None
     lease_until: datetime | None
+    exported_at: datetime | None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> JobRow:
@@ -51,6 +52,7 @@ class JobRow:
             updated_at=m["updated_at"],
             lease_owner=m["lease_owner"],
             lease_until=m["lease_until"],
+            exported_at=m["exported_at"],
         )
 
 

@@ -74,6 +74,9 @@ jobs = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("lease_owner", sa.String(255), nullable=True),
     sa.Column("lease_until", UTCDateTime, nullable=True),
+    # When the output file was last written; cleared when rows are sent again (retry,
+    # re-run), so NULL on a done job with an output means its export is due (or stale).
+    sa.Column("exported_at", UTCDateTime, nullable=True),
     sa.Index(None, "status"),
 )
 

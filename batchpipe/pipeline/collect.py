@@ -187,8 +187,8 @@ def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:
     """Results were archived before we collected them: say so loudly, never resend silently."""
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     updates: list[ItemUpdate] = []
-    for item in ctx.store.iter_items(job.id, statuses={ItemStatus.SUBMITTED}):
-        if item.batch_id == batch.id and item.custom_id is not None:
+    for item in ctx.store.iter_batch_items(batch.id, statuses={ItemStatus.SUBMITTED}):
+        if item.custom_id is not None:
             updates.append(
                 ItemUpdate(
                     row_index=item.row_index,

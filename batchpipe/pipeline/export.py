@@ -82,5 +82,8 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)
     ctx.progress.finish()
     failpoint("after_export")
+    if target == spec.output:
+        # The job's own output now holds every answer; a retry or re-run clears this again.
+        ctx.store.update_job(job.id, exported_at=ctx.clock())
     bind(job, log).info("job.exported", rows=rows, path=target)
     return target, rows

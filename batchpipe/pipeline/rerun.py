@@ -5,9 +5,10 @@ ingest). With new settings, each row is rendered again and hashed; only rows who
 differs go back to ``pending``. The others keep their answers and cost nothing more.
 
 The count comes first: :func:`plan_rerun` reads and renders, writes nothing; applying needs
-an explicit confirmation (``--yes`` on the command line). Attempts keep counting across the
-change, because custom_ids encode them and must never repeat; what a re-sent row already
-cost stays in its ``cost_usd``.
+an explicit confirmation (``--yes`` on the command line) and is all or nothing: the new
+settings, the re-queued rows and the new hashes commit in one transaction. Attempts keep
+counting across the change, because custom_ids encode them and must never repeat; what a
+re-sent row already cost stays in its ``cost_usd``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,14 @@ from batchpipe.dataset import Dataset
 from batchpipe.db import JobRow
 from batchpipe.errors import InputChangedError, UsageError
 from batchpipe.log import get_logger
-from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
-from batchpipe.pipeline.context import Context, bind, job_spec
+from batchpipe.models import BatchStatus, ItemStatus, JobSpec
+from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import RequestRenderer, RowProblem
 
-_FLUSH = 5_000
-_IN_FLIGHT = {
-    BatchStatus.PLANNED,
-    BatchStatus.IN_PROGRESS,
-    BatchStatus.CANCELING,
-    BatchStatus.ENDED,
-}
+# The store writes 5,000 rows per executemany: at this row the first chunk is written (not
+# yet committed), which is where the crash test wants to die.
+_FAILPOINT_AFTER = 5_000
 
 log = get_logger(__name__)
 
@@ -90,29 +87,20 @@ def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> R
 
 
 def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:
-    """Adopt the new settings and send the changed rows again. The caller holds the lease."""
+    """Adopt the new settings and send the changed rows again. The caller holds the lease.
+
+    One transaction (see ``Store.rerun_items``): a row that does not render, or a crash half
+    way, changes nothing, and the same command with ``--yes`` starts over.
+    """
     counts = ctx.store.count_items(job.id)
-    if counts.get(ItemStatus.SUBMITTED, 0) or ctx.store.list_batches(job.id, _IN_FLIGHT):
+    if counts.get(ItemStatus.SUBMITTED, 0) or ctx.store.list_batches(
+        job.id, BatchStatus.unsettled()
+    ):
         raise UsageError(
             f"job {job.id} ({job.name}) still has batches in flight; let it finish "
             f"(`batchpipe tick --job {job.name}`) before changing its settings"
         )
-    requeue: list[tuple[int, str]] = []
-    keep: list[tuple[int, str]] = []
-    changed = unchanged = 0
-    for row_index, new, differs in _hashes(ctx, job, spec):
-        (requeue if differs else keep).append((row_index, new))
-        changed += differs
-        unchanged += not differs
-        if len(requeue) >= _FLUSH:
-            ctx.store.requeue_changed(job.id, requeue)
-            requeue.clear()
-        if len(keep) >= _FLUSH:
-            ctx.store.set_request_hashes(job.id, keep)
-            keep.clear()
-    ctx.store.requeue_changed(job.id, requeue)
-    ctx.store.set_request_hashes(job.id, keep)
-    highest = max((i.attempts for i in ctx.store.iter_items(job.id)), default=0)
+    highest = max(ctx.store.attempts_histogram(job.id), default=0)
     old = job_spec(job)
     new_spec = spec.model_copy(
         update={
@@ -120,7 +108,16 @@ def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> 
             "output": spec.output or old.output,
         }
     )
-    status = JobStatus.RUNNING if changed else job.status
-    ctx.store.update_job(job.id, spec=new_spec.model_dump(), status=status, error=None)
+    changed, unchanged = ctx.store.rerun_items(
+        job.id, _with_failpoint(_hashes(ctx, job, spec)), spec=new_spec.model_dump()
+    )
     bind(job, log).info("job.rerun", fields=fields, changed=changed, unchanged=unchanged)
     return RerunPlan(job.id, job.name, fields, changed, unchanged)
+
+
+def _with_failpoint(rows: Iterator[tuple[int, str, bool]]) -> Iterator[tuple[int, str, bool]]:
+    """``rows``, with the crash tests' ``mid_rerun`` failpoint after the first few thousand."""
+    for n, row in enumerate(rows):
+        if n == _FAILPOINT_AFTER:
+            failpoint("mid_rerun")
+        yield row

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -26,12 +25,6 @@ from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, o
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
 from batchpipe.pipeline.submit import recover_planned, submit_pending
 
-_IN_FLIGHT = {
-    BatchStatus.PLANNED,
-    BatchStatus.IN_PROGRESS,
-    BatchStatus.CANCELING,
-    BatchStatus.ENDED,
-}
 MIN_POLL, MAX_POLL = 30.0, 300.0
 
 log = get_logger(__name__)
@@ -115,7 +108,7 @@ def step(ctx: Context, job: JobRow) -> JobRow:
 def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
     counts = ctx.store.count_items(job.id)
     unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
-    if unfinished or ctx.store.list_batches(job.id, _IN_FLIGHT):
+    if unfinished or ctx.store.list_batches(job.id, BatchStatus.unsettled()):
         return job
     final = JobStatus.CANCELED if job.status == JobStatus.CANCELING else JobStatus.DONE
     if ctx.store.update_job(job.id, expected_status=job.status, status=final):
@@ -197,12 +190,11 @@ class TickReport:
 
 
 def _needs_export(job: JobRow) -> bool:
-    output = job_spec(job).output
+    """A finished job with an output not written since its answers last changed (retry, re-run)."""
     return (
         job.status == JobStatus.DONE
-        and output is not None
-        and "://" not in output
-        and not os.path.exists(output)
+        and job.exported_at is None
+        and job_spec(job).output is not None
     )
 
 
@@ -301,6 +293,7 @@ def retry(
             job.id, statuses=statuses, error_types=error_types, reset_attempts=False
         )
         if count:
-            ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None)
+            # The output file no longer holds these rows' final answers: export it again.
+            ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None, exported_at=None)
         bind(job, log).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
         return count

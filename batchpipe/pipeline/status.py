@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from batchpipe import pricing
@@ -19,7 +18,8 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
     if job.status in {JobStatus.DONE, JobStatus.CANCELED}:
         failed = sum(counts.get(s, 0) for s in (ItemStatus.ERRORED, ItemStatus.EXPIRED))
         output = job.spec.get("output")
-        written = isinstance(output, str) and "://" not in output and os.path.exists(output)
+        # Written and not stale: a retry or re-run since the export cleared exported_at.
+        written = isinstance(output, str) and job.exported_at is not None
         done = f"none (output in {output})" if written else f"`batchpipe export {job.name} -o PATH`"
         if failed:
             done += f"; {failed} row(s) failed (`batchpipe retry {job.name}` sends them again)"

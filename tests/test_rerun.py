@@ -1,0 +1,177 @@
+"""Sending rows again: a re-run with new settings is all or nothing, and after a retry or
+re-run `tick` writes the output again.
+
+The pipeline runs through the SDK against the loopback emulator (test_pipeline's Harness);
+the crash is a real process killed with SIGKILL at a failpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from test_pipeline import Harness, spec_for
+
+from batchpipe import pipeline
+from batchpipe.db import JobRow
+from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
+from batchpipe.errors import UsageError
+from batchpipe.models import ItemStatus, JobSpec, JobStatus
+
+# More rows than the store writes per executemany chunk (5,000), so a re-run that commits
+# per chunk would have lost answers before reaching the last row.
+ROWS = 5_200
+
+
+@pytest.fixture
+def harness(db_url: str) -> Iterator[Harness]:
+    emu = Emulator(EmulatorConfig(seed=5, processing_seconds=0.2))
+    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
+        h = Harness(db_url, server, emu)
+        yield h
+        h.store.close()
+
+
+def write_notes(path: Path, n: int, *, last_without_note: bool = False) -> None:
+    """JSONL rows with a `note` column (missing from the last row if asked)."""
+    lines = []
+    for i in range(n):
+        row: dict[str, Any] = {"doc_id": f"d{i:05d}", "body": f"review {i}", "note": f"n{i}"}
+        if last_without_note and i == n - 1:
+            del row["note"]
+        lines.append(orjson.dumps(row) + b"\n")
+    path.write_bytes(b"".join(lines))
+
+
+def current(harness: Harness, job_id: int) -> JobRow:
+    job = harness.store.get_job(job_id)
+    assert job is not None
+    return job
+
+
+def snapshot(harness: Harness, job_id: int) -> list[tuple[Any, ...]]:
+    """Every item's state that a lost answer or a half-done re-queue would change."""
+    return [
+        (i.row_index, i.status, i.custom_id, i.response_text, i.request_hash, i.attempts)
+        for i in harness.store.iter_items(job_id)
+    ]
+
+
+def assert_untouched(harness: Harness, job_id: int, before: list[Any], spec: JobSpec) -> None:
+    assert snapshot(harness, job_id) == before
+    job = current(harness, job_id)
+    assert job.status is JobStatus.DONE
+    assert job.spec["prompt"] == spec.prompt
+    counts = harness.store.count_items(job_id)
+    assert counts[ItemStatus.SUCCEEDED] == ROWS
+    assert counts[ItemStatus.PENDING] == 0
+
+
+def test_a_rerun_whose_last_row_fails_to_render_changes_nothing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, ROWS, last_without_note=True)
+    first = spec_for(tmp_path, src, max_batch_requests=5_000)
+    job = harness.run(first)
+    before = snapshot(harness, job.id)
+    # Every row's request changes, and the very last row cannot render (no `note`).
+    changed = first.model_copy(update={"prompt": "{{ note }}: {{ body }}"})
+    ctx = harness.context()
+    try:
+        with pytest.raises(UsageError, match=rf"row {ROWS} does not render.*nothing was changed"):
+            pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
+    finally:
+        ctx.close()
+    assert_untouched(harness, job.id, before, first)
+    assert current(harness, job.id).exported_at is not None
+
+
+def test_a_rerun_killed_half_way_changes_nothing_and_the_same_command_completes_it(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, ROWS)
+    first = spec_for(tmp_path, src, max_batch_requests=5_000)
+    job = harness.run(first)
+    before = snapshot(harness, job.id)
+    sent = harness.emulator.stats()["requests_received"]
+    changed = first.model_copy(update={"prompt": "Summarize: {{ body }}"})
+
+    # A real process, killed right after the first 5,000 rows were re-queued (uncommitted).
+    code = (
+        "import sys\n"
+        "from batchpipe import pipeline\n"
+        "from batchpipe.db import Store\n"
+        "from batchpipe.models import JobSpec\n"
+        "store = Store.open(sys.argv[1])\n"
+        "ctx = pipeline.Context(store=store, client_factory=lambda: 1 / 0)\n"
+        "spec = JobSpec.model_validate_json(sys.argv[2])\n"
+        "pipeline.prepare(ctx, 'job', spec, confirm_rerun=True)\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", code, harness.db_url, changed.model_dump_json()],
+        env={**os.environ, "BATCHPIPE_FAILPOINT": "mid_rerun"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert_untouched(harness, job.id, before, first)
+
+    # The same command again (the dead process's lease is taken over) does the whole re-run.
+    ctx = harness.context()
+    try:
+        job = pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
+        assert job.status is JobStatus.RUNNING
+        assert harness.store.count_items(job.id)[ItemStatus.PENDING] == ROWS
+        job = pipeline.run(ctx, job)
+    finally:
+        ctx.close()
+    assert job.status is JobStatus.DONE
+    assert harness.emulator.stats()["requests_received"] == sent + ROWS
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["attempts"] for r in table} == {2}
+    assert {r["result_status"] for r in table} == {"succeeded"}
+
+
+def test_tick_exports_again_after_a_retry(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, 40)
+    out = tmp_path / "out.parquet"
+    harness.emulator.configure(invalid_rate=1.0)
+    job = harness.run(spec_for(tmp_path, src))
+    assert {r["result_status"] for r in pq.read_table(out).to_pylist()} == {"errored"}
+
+    ctx = harness.context()
+    try:
+        summary = pipeline.job_summary(ctx, current(harness, job.id), with_batches=False)
+        assert summary["next_action"].startswith("none (output in")
+        harness.emulator.configure(invalid_rate=0.0)
+        assert pipeline.retry(ctx, job, statuses={ItemStatus.ERRORED}) == 40
+        assert current(harness, job.id).exported_at is None
+        deadline = time.monotonic() + 60
+        exported: list[Any] = []
+        while not exported and time.monotonic() < deadline:
+            exported = pipeline.tick(ctx).exported
+            time.sleep(0.05)
+        assert [path for _, path in exported] == [str(out)]
+        assert {r["result_status"] for r in pq.read_table(out).to_pylist()} == {"succeeded"}
+        job = current(harness, job.id)
+        assert job.status is JobStatus.DONE
+        assert job.exported_at is not None
+        summary = pipeline.job_summary(ctx, job, with_batches=False)
+        assert summary["next_action"] == f"none (output in {out})"
+        assert pipeline.tick(ctx).exported == []  # exported once, not on every tick
+    finally:
+        ctx.close()
