@@ -192,6 +192,20 @@ def test_unreadable_orphan_candidates_stop_the_job_as_needs_attention(
     assert after["batches_created"] == before["batches_created"] == 2  # nothing resubmitted
     assert after["requests_received"] == before["requests_received"]
 
+    # A human decides: the archived answers are lost either way, so send the batch again.
+    emulator.configure(processing_seconds=0.1)
+    resumed = _run(sqlite_url, env, "resume", "lost", "--resend")
+    assert resumed.returncode == 0, resumed.stderr
+    assert emulator.stats()["batches_created"] == 3
+    for _ in range(40):
+        ticked = _run(sqlite_url, env, "tick", "--job", "lost")
+        assert ticked.returncode == 0, ticked.stderr
+        (job,) = json.loads(_run(sqlite_url, env, "status", "lost", "--json").stdout)["jobs"]
+        if job["status"] == JobStatus.DONE.value:
+            break
+    assert job["status"] == JobStatus.DONE.value
+    assert job["counts"]["succeeded"] == ROWS
+
 
 # ---------------------------------------------------------------------- cancel
 

@@ -295,3 +295,30 @@ def retry(
     click.echo(
         f"job {job.id} ({job.name}): {count} row(s) queued again; run `batchpipe tick`", err=True
     )
+
+
+@cli.command()
+@click.argument("job_ref", metavar="JOB")
+@click.option(
+    "--adopt",
+    metavar="BATCH_ID",
+    help="The API batch that holds the job's interrupted batch (e.g. msgbatch_…).",
+)
+@click.option(
+    "--resend",
+    is_flag=True,
+    help="Send the interrupted batch again (pays again if the API did run it).",
+)
+@click.option("--emulate", is_flag=True, help="Use the built-in emulator of the API.")
+@click.pass_obj
+@handle_errors
+def resume(state: State, job_ref: str, adopt: str | None, resend: bool, emulate: bool) -> None:
+    """Put a job that stopped (needs_attention or failed) back to work.
+
+    Run it after reading `batchpipe status JOB` and resolving the cause. For a batch whose
+    create was interrupted and cannot be matched safely, say which API batch it became
+    (--adopt) or that it should be sent again (--resend). Then `tick` or `run` as usual.
+    """
+    with pipeline_context(state, emulate=emulate) as ctx:
+        job = pipeline.resume(ctx, _find_job(ctx, job_ref), adopt=adopt, resend=resend)
+    _echo_job(job, "resumed")

@@ -23,7 +23,7 @@ from batchpipe.pipeline.context import Context, bind, job_spec
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
-from batchpipe.pipeline.submit import recover_planned, submit_pending
+from batchpipe.pipeline.submit import recover_planned, resend_planned, submit_pending
 
 MIN_POLL, MAX_POLL = 30.0, 300.0
 
@@ -297,3 +297,39 @@ def retry(
             ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None, exported_at=None)
         bind(job, log).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
         return count
+
+
+def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool = False) -> JobRow:
+    """Put a job that stopped (`needs_attention` or `failed`) back to work, after a human looked.
+
+    For a job stopped over an undecidable orphan, say how it was resolved: `adopt` names the
+    API batch that holds the planned batch's requests; `resend` sends them again (paying
+    again if the API did run them). Without either, the next step re-checks on its own.
+    """
+    if adopt and resend:
+        raise UsageError("--adopt and --resend exclude each other")
+    with ctx.lease(job):
+        job = _reload(ctx, job)
+        if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:
+            raise UsageError(f"job {job.id} ({job.name}) is {job.status.value}; nothing to resume")
+        planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
+        if (adopt or resend) and len(planned) != 1:
+            raise UsageError(
+                f"job {job.id} has {len(planned)} planned batches; "
+                "--adopt and --resend need exactly one"
+            )
+        if adopt:
+            if adopt in ctx.store.known_api_batch_ids():
+                raise UsageError(f"batch {adopt} already belongs to a job; it cannot be adopted")
+            info = ctx.client.retrieve(adopt)
+            ctx.store.mark_batch_created(
+                planned[0].id, api_batch_id=info.id, created_at=info.created_at,
+                expires_at=info.expires_at,
+            )  # fmt: skip
+        ctx.store.update_job(
+            job.id, expected_status=job.status, status=JobStatus.RUNNING, error=None
+        )
+        if resend:
+            resend_planned(ctx, _reload(ctx, job), planned[0])
+        bind(job, log).warning("job.resumed", adopted=adopt, resent=resend)
+        return _reload(ctx, job)

@@ -12,7 +12,7 @@ from batchpipe.pipeline.context import Context
 
 def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[BatchRow]) -> str:
     if job.status == JobStatus.NEEDS_ATTENTION:
-        return "read the error, resolve it, then `batchpipe tick`"
+        return f"read the error, check at the API, then `batchpipe resume {job.name}`"
     if job.status == JobStatus.FAILED:
         return "fix the cause in the error, then run the same command again"
     if job.status in {JobStatus.DONE, JobStatus.CANCELED}:

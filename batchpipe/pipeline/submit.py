@@ -229,8 +229,9 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
             message = (
                 f"job {job.id}: batch {batch.id} may have been created as {ids}, whose results "
                 "can no longer be read (archived); batchpipe will not guess whether they hold "
-                "this job's rows or send them again. Check at the API; `batchpipe status "
-                f"{job.name}` shows the rows affected"
+                "this job's rows or send them again. Check at the API, then `batchpipe resume "
+                f"{job.name} --adopt BATCH_ID` or `--resend`; `batchpipe status {job.name}` "
+                "shows the rows affected"
             )
             ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
             raise NeedsAttention(message)
