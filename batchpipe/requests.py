@@ -39,6 +39,8 @@ _FRAME_BYTES = len(_BODY_HEAD) + len(_BODY_TAIL)
 # A request's bytes around its params, with the longest custom_id the API allows.
 _MAX_CUSTOM_ID = 64
 _REQUEST_WRAPPER_BYTES = len(b'{"custom_id":"","params":}') + _MAX_CUSTOM_ID
+# request_bytes() around the custom_id and the params.
+_WRAPPER_BYTES = len(b'{"custom_id":"","params":}')
 # Marks a column absent from the row (as opposed to present and null).
 _MISSING: Any = object()
 
@@ -296,6 +298,17 @@ class RequestRenderer:
         """A short hash of the params (keys sorted), stable across runs and processes."""
         canonical = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
         return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+
+    def request_hash_and_size(self, custom_id: str, params: dict[str, Any]) -> tuple[str, int]:
+        """``request_hash(params)`` and ``len(request_bytes(custom_id, params))``.
+
+        One serialization for both: sorting the keys changes no length, and a custom_id
+        (``[A-Za-z0-9_-]``) needs no escaping, so the request's size is the canonical
+        params' size plus the wrapper's.
+        """
+        canonical = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.blake2b(canonical, digest_size=8).hexdigest()
+        return digest, len(canonical) + len(custom_id) + _WRAPPER_BYTES
 
 
 # ---------------------------------------------------------------- packing

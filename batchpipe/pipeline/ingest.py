@@ -228,14 +228,16 @@ def _check_row(
     if isinstance(params, RowProblem):
         return params._replace(row_key=key if spec.id_column else None)
     # Size with the longest custom_id this row can get, so no attempt can overflow a batch.
-    size = len(renderer.request_bytes(format_custom_id(token, row_index, 99), params))
+    request_hash, size = renderer.request_hash_and_size(
+        format_custom_id(token, row_index, 99), params
+    )
     if size + _FRAMING_BYTES > spec.max_batch_bytes:
         return RowProblem(
             row_index,
             key if spec.id_column else None,
             f"request is {size:,} bytes, over the {spec.max_batch_bytes:,}-byte batch limit",
         )
-    return key, renderer.request_hash(params)
+    return key, request_hash
 
 
 def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:
