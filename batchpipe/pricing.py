@@ -14,6 +14,7 @@ No I/O here; the pipeline and the CLI use it to estimate, cap and report spend.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -51,8 +52,12 @@ PRICES: dict[str, ModelPrice] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def price_for(model: str | None) -> ModelPrice | None:
-    """The price of ``model`` (longest matching prefix), or None when it is not in the table."""
+    """The price of ``model`` (longest matching prefix), or None when it is not in the table.
+
+    Cached: collect prices every result line, and a job sees one or two model names.
+    """
     if not model:
         return None
     best = max((p for p in PRICES if model.startswith(p)), key=len, default=None)
