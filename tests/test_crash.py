@@ -126,6 +126,9 @@ def test_chaos_random_sigkills_until_done(
     # The chaos run sends the very same prompts: start the counters over, so a duplicate
     # means one paid twice within the chaos run.
     fast_emulator.reset()
+    # Batches that take a while and some slow calls keep every run busy long enough for the
+    # kills to land mid-work, however loaded the machine is.
+    fast_emulator.configure(processing_seconds=2.0, slow_rate=0.3, slow_seconds=0.2)
 
     chaos_db = f"sqlite:///{tmp_path / 'chaos.db'}"
     out = tmp_path / "chaos.parquet"
@@ -140,7 +143,7 @@ def test_chaos_random_sigkills_until_done(
             batchpipe_argv(chaos_db, "run", *_job_args(src, "chaos", out)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(rng.uniform(1.0, 5.0))  # start-up takes ~1-3 s; then work
+        time.sleep(rng.uniform(0.5, 4.0))  # start-up takes ~1-3 s; then work
         if proc.poll() is not None:
             break  # it finished before the kill
         os.kill(proc.pid, signal.SIGKILL)
