@@ -192,12 +192,39 @@ def batchpipe_argv(db_url: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "batchpipe", "--db", db_url, "--log-format", "json", *args]
 
 
+def job_args(src: Path, name: str, output: Path | None = None, per_batch: int = 20) -> list[str]:
+    """`run`/`submit` arguments for a small classification job over ``write_rows`` data."""
+    args = [
+        str(src),
+        "--job", name,
+        "--prompt", "Classify: {{ body }}",
+        "--model", "claude-haiku-4-5",
+        "--max-tokens", "32",
+        "--id-column", "doc_id",
+        "--poll-interval", "0.1",
+        "--max-batch-requests", str(per_batch),
+    ]  # fmt: skip
+    return [*args, "-o", str(output)] if output else args
+
+
+def run_batchpipe(
+    db_url: str, env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `batchpipe` CLI in a subprocess and capture its output."""
+    return subprocess.run(
+        batchpipe_argv(db_url, *args),
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
 def write_rows(path: Path, n: int) -> None:
     """n JSONL rows with a unique ``doc_id`` and a ``body`` to prompt with."""
     import orjson
 
-    rows = ({"doc_id": f"d{i:05d}", "body": f"review {i}: {'good' if i % 3 else 'bad'}"}
-            for i in range(n))
+    rows = (
+        {"doc_id": f"d{i:05d}", "body": f"review {i}: {'good' if i % 3 else 'bad'}"}
+        for i in range(n)
+    )
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import batchpipe_argv, write_rows
+from conftest import batchpipe_argv, job_args, run_batchpipe, write_rows
 
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator
@@ -24,29 +24,6 @@ from batchpipe.models import BatchStatus, ItemStatus
 
 ROWS = 100
 PER_BATCH = 20
-
-
-def _job_args(src: Path, name: str, output: Path | None = None) -> list[str]:
-    args = [
-        str(src),
-        "--job", name,
-        "--prompt", "Classify: {{ body }}",
-        "--model", "claude-haiku-4-5",
-        "--max-tokens", "32",
-        "--id-column", "doc_id",
-        "--poll-interval", "0.1",
-        "--max-batch-requests", str(PER_BATCH),
-    ]  # fmt: skip
-    return [*args, "-o", str(output)] if output else args
-
-
-def _run(
-    db_url: str, env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        batchpipe_argv(db_url, *args),
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 def _final_counts(db_url: str, name: str) -> dict[ItemStatus, int]:
@@ -70,15 +47,17 @@ def test_crash_at_each_submit_step_never_creates_twice(
 ) -> None:
     src = tmp_path / "docs.jsonl"
     write_rows(src, ROWS)
-    killed = _run(
-        sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": point}, "submit", *_job_args(src, "j")
+    killed = run_batchpipe(
+        sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": point}, "submit", *job_args(src, "j")
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     created_before = fast_emulator.stats()["batches_created"]
     assert created_before == (0 if point in {"after_insert_items", "after_intent"} else 1)
 
     # No grace period: whatever recovery finds at the API it must adopt, not resend.
-    done = _run(sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run", *_job_args(src, "j"))
+    done = run_batchpipe(
+        sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run", *job_args(src, "j")
+    )
     assert done.returncode == 0, done.stderr
     assert _final_counts(sqlite_url, "j") == {ItemStatus.SUCCEEDED: ROWS}
     stats = fast_emulator.stats()
@@ -94,14 +73,14 @@ def test_crash_mid_download_resumes_without_duplicates(
 ) -> None:
     src = tmp_path / "docs.jsonl"
     write_rows(src, 12_000)  # more than one apply chunk (5 000) in one batch
-    args = [*_job_args(src, "big"), "--max-batch-requests", "12000"]
-    assert _run(sqlite_url, cli_env, "submit", *args).returncode == 0
+    args = [*job_args(src, "big"), "--max-batch-requests", "12000"]
+    assert run_batchpipe(sqlite_url, cli_env, "submit", *args).returncode == 0
     time.sleep(0.5)
-    killed = _run(sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": "mid_collect"}, "tick")
+    killed = run_batchpipe(sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": "mid_collect"}, "tick")
     assert killed.returncode == -signal.SIGKILL
     partial = _final_counts(sqlite_url, "big")
     assert 0 < partial.get(ItemStatus.SUCCEEDED, 0) < 12_000  # some lines were stored
-    assert _run(sqlite_url, cli_env, "run", *args).returncode == 0
+    assert run_batchpipe(sqlite_url, cli_env, "run", *args).returncode == 0
     assert _final_counts(sqlite_url, "big") == {ItemStatus.SUCCEEDED: 12_000}
     assert fast_emulator.stats()["requests_received"] == 12_000
 
@@ -122,7 +101,7 @@ def test_chaos_random_sigkills_until_done(
     write_rows(src, ROWS)
     reference = tmp_path / "reference.parquet"
     ref_db = f"sqlite:///{tmp_path / 'ref.db'}"
-    assert _run(ref_db, cli_env, "run", *_job_args(src, "ref", reference)).returncode == 0
+    assert run_batchpipe(ref_db, cli_env, "run", *job_args(src, "ref", reference)).returncode == 0
     # The chaos run sends the very same prompts: start the counters over, so a duplicate
     # means one paid twice within the chaos run.
     fast_emulator.reset()
@@ -140,7 +119,7 @@ def test_chaos_random_sigkills_until_done(
     deadline = time.monotonic() + 60
     while kills < 8 and time.monotonic() < deadline:
         proc = subprocess.Popen(
-            batchpipe_argv(chaos_db, "run", *_job_args(src, "chaos", out)),
+            batchpipe_argv(chaos_db, "run", *job_args(src, "chaos", out)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         time.sleep(rng.uniform(0.5, 4.0))  # start-up takes ~1-3 s; then work
@@ -149,7 +128,7 @@ def test_chaos_random_sigkills_until_done(
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()  # reaped, so the next process sees the lease holder is dead
         kills += 1
-    final = _run(chaos_db, env, "run", *_job_args(src, "chaos", out))
+    final = run_batchpipe(chaos_db, env, "run", *job_args(src, "chaos", out))
     assert final.returncode == 0, final.stderr
     assert kills >= 3
 

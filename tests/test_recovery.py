@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import orjson
 import pyarrow.parquet as pq
-from conftest import batchpipe_argv, write_rows
+from conftest import job_args, run_batchpipe, write_rows
 
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator
@@ -26,27 +25,6 @@ from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 ROWS = 100
 PER_BATCH = 20
 DAY = 86_400.0
-
-
-def _job_args(src: Path, name: str, output: Path | None = None) -> list[str]:
-    args = [
-        str(src),
-        "--job", name,
-        "--prompt", "Classify: {{ body }}",
-        "--model", "claude-haiku-4-5",
-        "--max-tokens", "32",
-        "--id-column", "doc_id",
-        "--poll-interval", "0.1",
-        "--max-batch-requests", str(PER_BATCH),
-    ]  # fmt: skip
-    return [*args, "-o", str(output)] if output else args
-
-
-def _run(db_url: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        batchpipe_argv(db_url, *args),
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
 
 
 def _events(stderr: str, name: str) -> list[dict[str, Any]]:
@@ -78,9 +56,9 @@ def _crash_after_create(
     emulator: Emulator, cli_env: dict[str, str], db_url: str, src: Path, name: str
 ) -> str:
     """`submit` killed right after the API accepted its first batch; returns that batch's id."""
-    killed = _run(
+    killed = run_batchpipe(
         db_url, {**cli_env, "BATCHPIPE_FAILPOINT": "after_create"}, "submit",
-        *_job_args(src, name),
+        *job_args(src, name),
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert emulator.stats()["batches_created"] == 1
@@ -124,9 +102,9 @@ def test_orphan_created_twice_adopts_the_oldest_and_answers_each_row_once(
     emulator.advance(700)  # both copies end; either one's results confirm the orphan
     emulator.configure(processing_seconds=0.3)  # the rest of the job goes quickly
 
-    done = _run(
+    done = run_batchpipe(
         sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
-        *_job_args(src, "twice", out),
+        *job_args(src, "twice", out),
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
@@ -172,14 +150,14 @@ def test_unreadable_orphan_candidates_stop_the_job_as_needs_attention(
     env = {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}
 
     for _ in range(2):  # and it stays that way: a later tick must not guess either
-        ticked = _run(sqlite_url, env, "tick", "--job", "lost")
+        ticked = run_batchpipe(sqlite_url, env, "tick", "--job", "lost")
         assert ticked.returncode == 1, ticked.stderr
         assert "can no longer be read" in ticked.stderr  # why, and what to do next:
         assert orphan in ticked.stderr
         assert twin in ticked.stderr
         assert "batchpipe status lost" in ticked.stderr
 
-    shown = _run(sqlite_url, cli_env, "status", "lost", "--json")
+    shown = run_batchpipe(sqlite_url, cli_env, "status", "lost", "--json")
     assert shown.returncode == 0, shown.stderr
     (job,) = json.loads(shown.stdout)["jobs"]
     assert job["status"] == JobStatus.NEEDS_ATTENTION.value
@@ -194,13 +172,15 @@ def test_unreadable_orphan_candidates_stop_the_job_as_needs_attention(
 
     # A human decides: the archived answers are lost either way, so send the batch again.
     emulator.configure(processing_seconds=0.1)
-    resumed = _run(sqlite_url, env, "resume", "lost", "--resend")
+    resumed = run_batchpipe(sqlite_url, env, "resume", "lost", "--resend")
     assert resumed.returncode == 0, resumed.stderr
     assert emulator.stats()["batches_created"] == 3
     for _ in range(40):
-        ticked = _run(sqlite_url, env, "tick", "--job", "lost")
+        ticked = run_batchpipe(sqlite_url, env, "tick", "--job", "lost")
         assert ticked.returncode == 0, ticked.stderr
-        (job,) = json.loads(_run(sqlite_url, env, "status", "lost", "--json").stdout)["jobs"]
+        (job,) = json.loads(run_batchpipe(sqlite_url, env, "status", "lost", "--json").stdout)[
+            "jobs"
+        ]
         if job["status"] == JobStatus.DONE.value:
             break
     assert job["status"] == JobStatus.DONE.value
@@ -218,12 +198,12 @@ def test_cancel_through_the_cli_cancels_in_flight_batches_and_keeps_answers(
     write_rows(src, ROWS)
     # Round 1 ends quickly, with some rows failing transiently ...
     emulator.configure(processing_seconds=0.2, errored_rate=0.3, seed=8)
-    assert _run(sqlite_url, cli_env, "submit", *_job_args(src, "stop")).returncode == 0
+    assert run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "stop")).returncode == 0
     emulator.advance(1)
     emulator.stats()  # results are drawn when a batch is first seen ended: draw them now
     # ... and their resubmission (round 2) takes an hour: in flight when the cancel comes.
     emulator.configure(processing_seconds=3600, errored_rate=0.0, cancel_seconds=0.1)
-    ticked = _run(sqlite_url, cli_env, "tick", "--job", "stop")
+    ticked = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "stop")
     assert ticked.returncode == 0, ticked.stderr
     with Store.open(sqlite_url) as store:
         job = store.get_job("stop")
@@ -241,18 +221,18 @@ def test_cancel_through_the_cli_cancels_in_flight_batches_and_keeps_answers(
     received = emulator.stats()["requests_received"]
     assert received == 2 * ROWS - len(answered)
 
-    canceled = _run(sqlite_url, cli_env, "cancel", "stop")
+    canceled = run_batchpipe(sqlite_url, cli_env, "cancel", "stop")
     assert canceled.returncode == 0, canceled.stderr
     assert emulator.stats()["calls"]["cancel"] == len(in_flight)
     with emulator.locked() as api:
         assert all(api.batches[b].cancel_initiated_at is not None for b in in_flight)
-    again = _run(sqlite_url, cli_env, "cancel", "stop")  # while still canceling
+    again = run_batchpipe(sqlite_url, cli_env, "cancel", "stop")  # while still canceling
     assert again.returncode == 0, again.stderr
 
     emulator.advance(1)  # the cancels have ended at the API
-    drained = _run(sqlite_url, cli_env, "tick", "--job", "stop")
+    drained = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "stop")
     assert drained.returncode == 0, drained.stderr
-    once_more = _run(sqlite_url, cli_env, "cancel", "stop")  # after it ended
+    once_more = run_batchpipe(sqlite_url, cli_env, "cancel", "stop")  # after it ended
     assert once_more.returncode == 0, once_more.stderr
     assert emulator.stats()["calls"]["cancel"] == len(in_flight)
     assert emulator.stats()["requests_received"] == received  # canceled rows never went again
@@ -261,7 +241,7 @@ def test_cancel_through_the_cli_cancels_in_flight_batches_and_keeps_answers(
         job = store.get_job("stop")
         assert job is not None
         assert job.status == JobStatus.CANCELED
-    exported = _run(sqlite_url, cli_env, "export", "stop", "-o", str(out))
+    exported = run_batchpipe(sqlite_url, cli_env, "export", "stop", "-o", str(out))
     assert exported.returncode == 0, exported.stderr
     rows = pq.read_table(out).to_pylist()
     assert [r["doc_id"] for r in rows] == [f"d{i:05d}" for i in range(ROWS)]
@@ -285,7 +265,7 @@ def test_cancel_goes_on_past_a_batch_that_ended_since_the_last_poll(
     src = tmp_path / "docs.jsonl"
     write_rows(src, ROWS)
     emulator.configure(processing_seconds=3600, cancel_seconds=0.1, seed=9)
-    assert _run(sqlite_url, cli_env, "submit", *_job_args(src, "race")).returncode == 0
+    assert run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "race")).returncode == 0
     with Store.open(sqlite_url) as store:
         job = store.get_job("race")
         assert job is not None
@@ -296,12 +276,12 @@ def test_cancel_goes_on_past_a_batch_that_ended_since_the_last_poll(
     emulator.advance(1)
     assert anthropic_client.messages.batches.retrieve(first).processing_status == "ended"
 
-    canceled = _run(sqlite_url, cli_env, "cancel", "race")
+    canceled = run_batchpipe(sqlite_url, cli_env, "cancel", "race")
     assert canceled.returncode == 0, canceled.stderr
     with emulator.locked() as api:
         assert all(api.batches[b].cancel_initiated_at is not None for b in rest)
     emulator.advance(1)
-    drained = _run(sqlite_url, cli_env, "tick", "--job", "race")
+    drained = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "race")
     assert drained.returncode == 0, drained.stderr
     with Store.open(sqlite_url) as store:
         job = store.get_job("race")
