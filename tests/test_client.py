@@ -310,9 +310,7 @@ def test_too_large_is_api_error(client: BatchClient, emu: Emulator) -> None:
 
 
 @pytest.mark.parametrize("status", [429, 503, 529])
-def test_refused_creates_are_retried(
-    client: BatchClient, emu: Emulator, status: int
-) -> None:
+def test_refused_creates_are_retried(client: BatchClient, emu: Emulator, status: int) -> None:
     emu.configure(fail_next=[status], retry_after=0.01)
     batch = client.create(_body(2)[0], count=2)
     assert batch.request_counts.processing == 2
