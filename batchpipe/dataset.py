@@ -161,9 +161,13 @@ class Dataset:
         parquet = self._parquet_file()
         done = 0
         try:
-            for batch in parquet.iter_batches(batch_size=batch_rows):
-                done += batch.num_rows
-                yield batch
+            # One reader per row group: a single reader over the whole file keeps Arrow
+            # memory it has decoded (pyarrow 26: +160 MB at 1,000,000 rows in 20 row groups,
+            # growing with the file), one per row group stays at about one row group.
+            for group in range(parquet.num_row_groups):
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                    done += batch.num_rows
+                    yield batch
         except (pa.ArrowException, OSError) as exc:
             raise InputError(
                 f"{self.uri}: cannot read Parquet data after row {done}: {exc}; "
@@ -262,6 +266,11 @@ def write_joined(
         _refuse_clash(dataset.uri, [c for c in dataset.columns() if c in added])
     cursor = ResultCursor(results, dataset.uri)
     fs, path = _resolve(dest)
+    # Like most writers users know, create the output's folder if it does not exist yet.
+    try:
+        fs.create_dir(posixpath.dirname(path) or ".", recursive=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write {dest}: {exc}") from None
     tmp = posixpath.join(
         posixpath.dirname(path), f".{posixpath.basename(path)}.{secrets.token_hex(4)}.tmp"
     )

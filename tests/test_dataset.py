@@ -361,10 +361,11 @@ def test_input_column_named_like_a_result_column(tmp_path: Path, dest: str) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
-def test_output_directory_missing(tmp_path: Path) -> None:
+def test_output_folder_that_cannot_exist(tmp_path: Path) -> None:
     data = Dataset(str(write_jsonl(tmp_path / "in.jsonl", [{"a": 1}])))
-    with pytest.raises(UsageError, match=r"cannot write .*nowhere"):
-        write_joined(data, results_for(1), RESULT_COLUMNS, str(tmp_path / "nowhere" / "o.jsonl"))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"cannot write .*a-file"):
+        write_joined(data, results_for(1), RESULT_COLUMNS, str(tmp_path / "a-file" / "o.jsonl"))
 
 
 # ---------------------------------------------------------------- memory
@@ -415,3 +416,12 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
     assert _peak_while(lambda: export(big_out, 50_000)) < 1.5 * _peak_while(
         lambda: export(small_out, 12_500)
     )
+
+
+def test_write_joined_creates_the_output_folder(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"a": 1}\n{"a": 2}\n')
+    dest = tmp_path / "new" / "deeper" / "out.parquet"
+    rows = write_joined(Dataset(str(src)), [[("x",), ("y",)]], [("answer", "string")], str(dest))
+    assert rows == 2
+    assert pq.read_table(dest).column("answer").to_pylist() == ["x", "y"]
