@@ -7,17 +7,20 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
 from batchpipe.cli.app import State
 from batchpipe.cli.progress import make_progress
-from batchpipe.client import BatchClient
 from batchpipe.config import Settings
 from batchpipe.db import Store, sqlite_path
 from batchpipe.errors import UsageError
 from batchpipe.pipeline import Context, NullProgress
 from batchpipe.pipeline.context import DEFAULT_ORPHAN_GRACE_SECONDS
+
+if TYPE_CHECKING:
+    from batchpipe.client import BatchClient
 
 # In emulator mode batches end after this long, so a demo shows progress without waiting.
 EMULATE_PROCESSING_SECONDS = 1.0
@@ -77,6 +80,8 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
         )
 
         def factory() -> BatchClient:
+            from batchpipe.client import BatchClient  # noqa: PLC0415 (SDK loads on first use)
+
             return BatchClient(
                 emu_settings, http_client=emu.http_client(), base_url=IN_PROCESS_BASE_URL
             )
@@ -87,6 +92,8 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
     else:
 
         def factory() -> BatchClient:
+            from batchpipe.client import BatchClient  # noqa: PLC0415 (SDK loads on first use)
+
             return BatchClient(settings)
 
     ctx = Context(

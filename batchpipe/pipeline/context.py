@@ -15,13 +15,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from batchpipe.client import BatchClient
 from batchpipe.db import JobRow, Store
 from batchpipe.errors import JobLocked
 from batchpipe.log import get_logger
 from batchpipe.models import JobSpec
+
+if TYPE_CHECKING:
+    # Only a type here: importing the SDK costs ~2 s of CPU, which commands that never
+    # call the API (status, jobs, export, ingest) should not pay.
+    from batchpipe.client import BatchClient
 
 log = get_logger(__name__)
 

@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 
 from batchpipe import pricing
-from batchpipe.client import COUNT_TOKENS_KEYS
 from batchpipe.dataset import Dataset
 from batchpipe.errors import UsageError
 from batchpipe.models import JobSpec
@@ -96,6 +95,8 @@ def _text_of(value: Any) -> int:
 
 def _counted(params: dict[str, Any]) -> int:
     """Characters of what count_tokens sees: prompt texts, tool and format definitions."""
+    from batchpipe.client import COUNT_TOKENS_KEYS  # noqa: PLC0415 (the SDK loads lazily)
+
     size = _text_of(params.get("system"))
     size += sum(_text_of(m.get("content")) for m in params.get("messages", []))
     for key in sorted(COUNT_TOKENS_KEYS - {"model", "messages", "system"}):
