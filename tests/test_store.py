@@ -261,6 +261,47 @@ def test_plan_batch_is_atomic(store: Store) -> None:
     assert len(store.list_batches(job)) == 1
 
 
+def test_plan_batch_claims_a_run_of_rows_by_range(store: Store) -> None:
+    job = with_items(store, 10)
+    plan(store, job, [1])
+    plan(store, job, [5])
+    batch = store.get_batch(plan(store, job, [2, 3, 4, 6, 7]))
+    assert batch is not None
+    items = by_row(store, job)
+    # Rows already submitted (1, 5) inside or beside the range keep their batch and id.
+    assert [items[r].batch_id for r in (2, 3, 4, 6, 7)] == [batch.id] * 5
+    assert [items[r].custom_id for r in (2, 3, 4, 6, 7)] == [cid(r) for r in (2, 3, 4, 6, 7)]
+    assert items[5].batch_id != batch.id and items[5].custom_id == cid(5)
+    assert [items[r].status for r in (0, 8, 9)] == [P, P, P]
+
+
+def test_plan_batch_by_range_keeps_each_rows_attempt(store: Store) -> None:
+    job = with_items(store, 3)
+    first = plan(store, job, [0, 1, 2])
+    store.apply_results(job, first, [succeeded(0)])
+    store.apply_results(
+        job,
+        first,
+        [
+            ItemUpdate(
+                row_index=r,
+                custom_id=cid(r),
+                status=P,
+                result_type="errored",
+                attempt=1,
+                error_type="overloaded_error",
+            )
+            for r in (1, 2)
+        ],
+    )
+    plan(store, job, [1, 2], attempt=2)
+    items = by_row(store, job)
+    assert [(items[r].custom_id, items[r].attempts) for r in (1, 2)] == [
+        (cid(1, 2), 2),
+        (cid(2, 2), 2),
+    ]
+
+
 def test_mark_created_update_and_list_batches(store: Store) -> None:
     job = with_items(store, 4)
     b1, b2 = plan(store, job, [0, 1]), plan(store, job, [2, 3])
@@ -470,9 +511,13 @@ def test_bulk_paths_use_executemany(store: Store) -> None:
             assert inserts == [("INSERT", True)], inserts
         assert sum(store.count_items(job).values()) == 2_500
         calls.clear()
+        # A run of consecutive pending rows is claimed by one UPDATE over its range ...
         batch = plan(store, job, list(range(2_000)))
-        updates = [c for c in calls if c[0] == "UPDATE"]
-        assert updates == [("UPDATE", True)]
+        assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", False)]
+        calls.clear()
+        # ... rows with other pending rows between them, by one executemany.
+        plan(store, job, list(range(2_000, 2_500, 2)))
+        assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", True)]
         calls.clear()
         store.apply_results(job, batch, [succeeded(i) for i in range(2_000)])
         assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", True)]

@@ -113,6 +113,75 @@ _BULK_HISTORY = {
 }
 
 
+def _claim_range(
+    conn: sa.Connection,
+    job_id: int,
+    batch_id: int,
+    items: Sequence[tuple[int, str, int]],
+    now: datetime,
+) -> int | None:
+    """Claim ``items`` with one UPDATE over their row range, when that is exactly them.
+
+    A first round's batch is a run of consecutive pending rows, so one statement can claim
+    it (the custom_id computed in SQL) instead of one UPDATE per row: per-row claims were
+    the single largest cost of submitting a million rows on SQLite (1.9 of 5.6 CPU seconds
+    of submit at 100,000 rows). Applies only when every custom_id is ours
+    (``{prefix}-{row}-{attempt}``, attempt = stored attempts + 1) and the range holds no
+    other pending row; returns None to fall back to per-row claims otherwise. The rows
+    claimed are read back and compared with ``items``: a concurrent change raises
+    StoreError (and the transaction rolls back) rather than claim a different set.
+    """
+    first_row, first_id, first_attempt = items[0]
+    suffix = f"-{first_row}-{first_attempt}"
+    if not first_id.endswith(suffix):
+        return None
+    prefix = first_id[: -len(suffix)]
+    rows = [row for row, _, _ in items]
+    if rows != sorted(rows) or any(
+        cid != f"{prefix}-{row}-{attempt}" for row, cid, attempt in items
+    ):
+        return None
+    in_range = sa.and_(
+        item_table.c.job_id == job_id,
+        item_table.c.row_index.between(rows[0], rows[-1]),
+        item_table.c.status == PENDING,
+    )
+    pending = conn.execute(sa.select(sa.func.count()).where(in_range)).scalar_one()
+    if pending != len(items):
+        return None
+    next_attempt = item_table.c.attempts + 1
+    conn.execute(
+        sa.update(item_table)
+        .where(in_range)
+        .values(
+            status=SUBMITTED,
+            custom_id=prefix
+            + "-"
+            + sa.cast(item_table.c.row_index, sa.String)
+            + "-"
+            + sa.cast(next_attempt, sa.String),
+            attempts=next_attempt,
+            batch_id=batch_id,
+            updated_at=now,
+        )
+    )
+    claimed = conn.execute(
+        sa.select(item_table.c.row_index, item_table.c.attempts)
+        .where(item_table.c.batch_id == batch_id)
+        .order_by(item_table.c.row_index)
+    ).all()
+    expected = [(row, attempt) for row, _, attempt in items]
+    if len(claimed) != len(expected) or any(
+        tuple(got) != want for got, want in zip(claimed, expected, strict=True)
+    ):
+        # Raising inside the caller's transaction rolls the claim back.
+        raise StoreError(
+            f"job {job_id}: the rows claimed for a batch are not the {len(items)} planned; "
+            "another process may be submitting this job"
+        )
+    return len(items)
+
+
 class BatchesMixin(StoreBase):
     """Store methods for the ``batches`` table and the result paths into ``items``."""
 
@@ -148,7 +217,9 @@ class BatchesMixin(StoreBase):
                 sa.insert(batches).values(batch).returning(batches.c.id)
             ).scalar_one()
             shared = {"p_job_id": job_id, "p_batch_id": batch_id, "p_now": now}
-            claimed = _BULK_CLAIM.execute(conn, list(items), shared)
+            claimed = _claim_range(conn, job_id, batch_id, items, now)
+            if claimed is None:
+                claimed = _BULK_CLAIM.execute(conn, list(items), shared)
             if claimed != len(items):
                 # Raising inside the block rolls back the batch row and every claim.
                 raise StoreError(
