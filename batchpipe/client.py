@@ -62,6 +62,7 @@ _TRANSIENT_SDK_ERRORS: tuple[type[Exception], ...] = (
 )
 # Answers to a create that mean the API did not create the batch, so sending again is safe.
 _CREATE_REFUSED = frozenset({429, 503, 529})
+_RESULT_TYPES: dict[object, ResultType] = {t.value: t for t in ResultType}
 _MAX_RETRY_DELAY = 60.0
 
 
@@ -421,24 +422,30 @@ def _split_lines(
 
     Network failures mid-stream become ``TransientAPIError``: the file is whole or nothing.
     """
-    buf = bytearray()
+    # One split per network chunk rather than a find and a copy per line; the unfinished
+    # last line is kept in pieces, so a line longer than a chunk is joined once (linear).
+    partial: list[bytes] = []
     try:
         for chunk in chunks:
-            buf += chunk
-            start = 0
-            while (nl := buf.find(b"\n", start)) != -1:
-                line = bytes(buf[start:nl]).rstrip(b"\r")
-                start = nl + 1
-                if line.strip():  # the API sends no blank lines; tolerate them anyway
+            nl = chunk.rfind(b"\n")
+            if nl == -1:
+                partial.append(chunk)
+                continue
+            partial.append(chunk[:nl])
+            block = b"".join(partial)
+            partial = [chunk[nl + 1 :]]
+            for raw in block.split(b"\n"):
+                line = raw[:-1] if raw.endswith(b"\r") else raw
+                if line and not line.isspace():  # the API sends no blank lines; tolerate them
                     yield line, True
-            del buf[:start]
     except httpx2.HTTPError as exc:
         raise errors.TransientAPIError(
             f"{op} broke off mid-stream ({type(exc).__name__}); the next run downloads it again",
             request_id=request_id,
         ) from exc
-    if bytes(buf).strip():
-        yield bytes(buf), False
+    rest = b"".join(partial)
+    if rest.strip():
+        yield rest, False
 
 
 def _parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
@@ -447,8 +454,11 @@ def _parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
         obj = orjson.loads(line)
         custom_id = obj["custom_id"]
         result = obj["result"]
-        result_type = ResultType(result["type"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        # A dict lookup, not ResultType(...): an Enum call costs as much as the rest of a line.
+        result_type = _RESULT_TYPES.get(result["type"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if result_type is None:
         return None
     if result_type is ResultType.SUCCEEDED:
         message = result.get("message") or {}

@@ -16,7 +16,7 @@ import hashlib
 import os
 import posixpath
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -143,29 +143,49 @@ class Dataset:
 
     # ------------------------------------------------------------ streaming
 
-    def iter_rows(self, batch_rows: int = 8192) -> Iterator[list[dict[str, Any]]]:
-        """Rows as dicts, in input order, in lists of at most ``batch_rows``."""
+    def iter_rows(
+        self, batch_rows: int = 8192, columns: Collection[str] | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Rows as dicts, in input order, in lists of at most ``batch_rows``.
+
+        ``columns``: the ones the caller reads. A Parquet input decodes only those of them
+        it has (a row lacks the others, as it would if the file lacked them); JSONL rows
+        keep every key, since each line is parsed whole anyway.
+        """
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be at least 1, not {batch_rows}")
         if self.format == "jsonl":
             with self._open_text() as stream:
                 yield from iter_row_chunks(stream, self.uri, batch_rows)
             return
-        for batch in self.iter_batches(batch_rows):
+        for batch in self.iter_batches(batch_rows, columns):
             yield batch.to_pylist()
 
-    def iter_batches(self, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
-        """Parquet only: the input as Arrow record batches (no Python conversion)."""
+    def iter_batches(
+        self, batch_rows: int = 8192, columns: Collection[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Parquet only: the input as Arrow record batches (no Python conversion).
+
+        ``columns`` limits what is read to those of them the file has, in file order.
+        """
         if self.format != "parquet":
             raise TypeError("iter_batches reads Parquet; use iter_rows for JSONL")
         parquet = self._parquet_file()
+        # Reading and converting only the columns a step uses: a template over one column
+        # of a wide file should not decode the rest (Parquet is columnar; this is the point).
+        wanted = None
+        if columns is not None:
+            # None rather than []: batches of no columns would not carry the row count.
+            wanted = [name for name in parquet.schema_arrow.names if name in columns] or None
         done = 0
         try:
             # One reader per row group: a single reader over the whole file keeps Arrow
             # memory it has decoded (pyarrow 26: +160 MB at 1,000,000 rows in 20 row groups,
             # growing with the file), one per row group stays at about one row group.
             for group in range(parquet.num_row_groups):
-                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                for batch in parquet.iter_batches(
+                    batch_size=batch_rows, row_groups=[group], columns=wanted
+                ):
                     done += batch.num_rows
                     yield batch
         except (pa.ArrowException, OSError) as exc:

@@ -226,7 +226,8 @@ class BatchInfo:
     results_url: str | None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, for the same reason as db.rows.ItemUpdate: one per result line.
+@dataclass(slots=True)
 class ResultRecord:
     """One line of a results file, flattened to what batchpipe keeps."""
 

@@ -11,6 +11,7 @@ The custom_id scheme (``{token}-{row_index}-{attempt}``) is known only to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -53,9 +54,17 @@ def format_custom_id(token: str, row_index: int, attempt: int) -> str:
     if row_index < 0 or attempt < 0:
         raise ValueError(f"row_index and attempt must be >= 0, not {row_index}, {attempt}")
     custom_id = f"{token}-{row_index}-{attempt}"
-    if not _OURS_RE.fullmatch(custom_id) or not _CUSTOM_ID_RE.match(custom_id):
+    # Two non-negative ints always format validly, so only the token and the length can
+    # make the id invalid; the token's check is cached (this runs twice per row of a job).
+    if len(custom_id) > _MAX_CUSTOM_ID or not _valid_token(token):
         raise ValueError(f"{custom_id!r} is not a valid custom_id (token {token!r})")
     return custom_id
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_token(token: str) -> bool:
+    probe = f"{token}-0-0"
+    return bool(_OURS_RE.fullmatch(probe) and _CUSTOM_ID_RE.match(probe))
 
 
 def parse_custom_id(custom_id: str) -> tuple[str, int, int] | None:

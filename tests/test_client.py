@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from batchpipe import errors
-from batchpipe.client import BatchClient, _parse_line
+from batchpipe.client import BatchClient, _parse_line, _split_lines
 from batchpipe.config import Settings
 from batchpipe.emulator import IN_PROCESS_BASE_URL, Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import expected_text
@@ -224,6 +224,21 @@ def test_text_blocks_are_joined_and_other_blocks_skipped() -> None:
     assert (record.cache_creation_input_tokens, record.cache_read_input_tokens) == (5, 7)
     assert _parse_line(b'{"custom_id":"x","result":{"type":"mystery"}}', keep_content=False) is None
     assert _parse_line(b'{"custom_id":"x","res', keep_content=False) is None
+
+
+def test_results_lines_split_across_network_chunks() -> None:
+    # Lines cut anywhere by the network (even inside "\r\n"), blank lines, a long line
+    # spanning several chunks, and a last line without its newline.
+    long = b"x" * 50
+    data = b"first\r\n\n  \n" + long + b"\nsecond\r\nlast"
+    for size in (1, 2, 3, 7, 64, len(data)):
+        chunks = iter([data[i : i + size] for i in range(0, len(data), size)])
+        assert list(_split_lines(chunks, "results", None)) == [
+            (b"first", True),
+            (long, True),
+            (b"second", True),
+            (b"last", False),
+        ], size
 
 
 def test_list_pages_newest_first_and_stops_at_created_after(

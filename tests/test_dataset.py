@@ -68,6 +68,22 @@ def test_parquet_rows_in_order_across_chunks(tmp_path: Path) -> None:
     assert data.columns() == ["id", "text"]
 
 
+def test_parquet_reads_only_the_columns_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    table = pa.table({"id": [1, 2, 3], "a": ["x", "y", "z"], "b": [True, False, None]})
+    pq.write_table(table, path)
+    data = Dataset(str(path))
+    # Only existing columns, in file order; one the file lacks is simply absent from rows.
+    rows = [r for c in data.iter_rows(columns={"b", "id", "nope"}) for r in c]
+    assert rows == [{"id": 1, "b": True}, {"id": 2, "b": False}, {"id": 3, "b": None}]
+    # No column to read still yields every row (the template may use none).
+    assert [r for c in data.iter_rows(columns=set()) for r in c] == [
+        {"id": 1, "a": "x", "b": True},
+        {"id": 2, "a": "y", "b": False},
+        {"id": 3, "a": "z", "b": None},
+    ]
+
+
 def test_jsonl_blank_lines_skipped_and_columns_in_first_seen_order(tmp_path: Path) -> None:
     path = tmp_path / "in.ndjson"
     path.write_bytes(b'\xef\xbb\xbf{"b": 1}\n\n  \r\n{"a": 2, "b": 3}\r\n{"c": null}')

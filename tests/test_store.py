@@ -271,7 +271,8 @@ def test_plan_batch_claims_a_run_of_rows_by_range(store: Store) -> None:
     # Rows already submitted (1, 5) inside or beside the range keep their batch and id.
     assert [items[r].batch_id for r in (2, 3, 4, 6, 7)] == [batch.id] * 5
     assert [items[r].custom_id for r in (2, 3, 4, 6, 7)] == [cid(r) for r in (2, 3, 4, 6, 7)]
-    assert items[5].batch_id != batch.id and items[5].custom_id == cid(5)
+    assert items[5].batch_id != batch.id
+    assert items[5].custom_id == cid(5)
     assert [items[r].status for r in (0, 8, 9)] == [P, P, P]
 
 

@@ -342,7 +342,7 @@ class BatchesMixin(StoreBase):
         transient: list[tuple[Any, ...]] = []
         history: list[tuple[Any, ...]] = []
         for u in updates:
-            status = ItemStatus(u.status)
+            status = u.status if isinstance(u.status, ItemStatus) else ItemStatus(u.status)
             if status is ItemStatus.SUBMITTED:
                 raise ValueError(f"row {u.row_index}: a result cannot leave an item submitted")
             # In _APPLY_ROW order: key, status, RESULT_FIELDS, cost.

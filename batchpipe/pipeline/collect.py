@@ -121,8 +121,17 @@ def _collect_batch(
                 continue
             _, row_index, attempt = parsed
             status = classify(record, attempt, spec.max_attempts, user_canceled)
-            update = _update(record, row_index, attempt, status)
-            buf.append(refine(update, record, spec, outputs, user_canceled=user_canceled))
+            buf.append(
+                refine(
+                    record,
+                    row_index,
+                    attempt,
+                    status,
+                    spec,
+                    outputs=outputs,
+                    user_canceled=user_canceled,
+                )
+            )
             usage["input_tokens"] += record.input_tokens or 0
             usage["output_tokens"] += record.output_tokens or 0
             if len(buf) >= _APPLY_CHUNK:
@@ -162,25 +171,6 @@ def _collect_batch(
     )
     logger.info("batch.collected", lines=lines, applied=applied, missing=leftovers, **usage)
     return applied
-
-
-def _update(record: ResultRecord, row_index: int, attempt: int, status: ItemStatus) -> ItemUpdate:
-    return ItemUpdate(
-        row_index=row_index,
-        custom_id=record.custom_id,
-        status=status,
-        result_type=record.result_type.value,
-        attempt=attempt,
-        response_text=record.response_text,
-        stop_reason=record.stop_reason,
-        model=record.model,
-        input_tokens=record.input_tokens,
-        output_tokens=record.output_tokens,
-        cache_creation_input_tokens=record.cache_creation_input_tokens,
-        cache_read_input_tokens=record.cache_read_input_tokens,
-        error_type=record.error_type,
-        error_message=record.error_message,
-    )
 
 
 def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:

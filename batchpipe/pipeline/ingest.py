@@ -158,11 +158,12 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     logger = bind(job, log)
     problems: list[RowProblem] = []
     counts = {"rows": 0, "invalid": 0}
+    read = renderer.template_columns() | ({spec.id_column} if spec.id_column else set())
 
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None, str | None]]:
         ctx.progress.start("validating rows")
         row_index = -1
-        for chunk in dataset.iter_rows():
+        for chunk in dataset.iter_rows(columns=read):
             for row in chunk:
                 row_index += 1
                 problem = _check_row(renderer, spec, job.token, row, row_index)
