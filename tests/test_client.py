@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from typing import Any
@@ -459,6 +461,35 @@ def test_cancel_ended_batch_is_api_error(client: BatchClient, emu: Emulator) -> 
     _wait_ended(client, emu, batch.id)
     with pytest.raises(errors.APIError, match=f"cancel batch {batch.id} failed: 400"):
         client.cancel(batch.id)
+
+
+@pytest.mark.parametrize("loopback", [False, True])
+def test_create_streams_a_body_file_and_resends_it_whole(loopback: bool) -> None:
+    """A refused create is sent again from the start of the same file, over either transport."""
+    emu = Emulator(EmulatorConfig(seed=5, processing_seconds=0.0, retry_after=0.01))
+    body, params = _body(300)
+    with tempfile.TemporaryFile() as file, contextlib.ExitStack() as stack:
+        file.write(body)
+        file.seek(17)  # wherever the writer left it: create starts from the beginning
+        if loopback:
+            server = stack.enter_context(EmulatorServer(emu))
+            client = BatchClient(_settings(base_url=server.url))
+        else:
+            client = BatchClient(
+                _settings(), http_client=emu.http_client(), base_url=IN_PROCESS_BASE_URL
+            )
+        stack.callback(client.close)
+        emu.configure(fail_next=[529])
+        with capture_logs() as logs:
+            batch = client.create(file, count=300, nbytes=len(body))
+        assert emu.stats()["faults"]["http_529"] == 1
+        assert [entry["bytes"] for entry in logs if entry["event"] == "api.create"] == [
+            len(body)
+        ] * 2
+        _wait_ended(client, emu, batch.id)
+        answered = {r.custom_id: r for r in client.results(batch.id)}
+    assert answered.keys() == params.keys()
+    assert all(r.response_text == expected_text(params[c]) for c, r in answered.items())
 
 
 # ---------------------------------------------------------------------- real loopback HTTP

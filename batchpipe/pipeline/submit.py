@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Generator, Iterator
 from datetime import timedelta
+from typing import IO
 
 from batchpipe.dataset import Dataset
 from batchpipe.db import BatchRow, ItemRow, JobRow
@@ -90,26 +91,29 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
-    packer = BatchPacker(spec.max_batch_requests, spec.max_batch_bytes)
     pending = ctx.store.iter_items(job.id, statuses={ItemStatus.PENDING})
     created = 0
     guard = BudgetGuard(ctx, job, spec)
     ctx.progress.start("uploading", ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
-    for item, params in _rows_for(dataset, renderer, job, pending):
-        attempt = item.attempts + 1
-        custom_id = format_custom_id(job.token, item.row_index, attempt)
-        payload = renderer.request_bytes(custom_id, request_for(item, params, spec))
-        planned = packer.add(item.row_index, custom_id, attempt, payload)
-        if planned is not None:
-            if not guard.admit(planned.count, planned.nbytes):
-                break  # over budget: the rest stay pending (guard.finish decides what next)
-            _create(ctx, job, spec, planned)
-            created += 1
-    else:
-        last = packer.flush()
-        if last is not None and guard.admit(last.count, last.nbytes):
-            _create(ctx, job, spec, last)
-            created += 1
+    with BatchPacker(spec.max_batch_requests, spec.max_batch_bytes) as packer:
+        for item, params in _rows_for(dataset, renderer, job, pending):
+            attempt = item.attempts + 1
+            custom_id = format_custom_id(job.token, item.row_index, attempt)
+            payload = renderer.request_bytes(custom_id, request_for(item, params, spec))
+            planned = packer.add(item.row_index, custom_id, attempt, payload)
+            if planned is not None:
+                with planned:
+                    if not guard.admit(planned.count, planned.nbytes):
+                        break  # over budget: the rest stay pending (guard.finish decides)
+                    _create(ctx, job, spec, planned)
+                created += 1
+        else:
+            last = packer.flush()
+            if last is not None:
+                with last:
+                    if guard.admit(last.count, last.nbytes):
+                        _create(ctx, job, spec, last)
+                        created += 1
     ctx.progress.finish()
     guard.finish(ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
     return created
@@ -122,15 +126,17 @@ def _create(ctx: Context, job: JobRow, spec: JobSpec, planned: PlannedBatch) -> 
         job.id, round=round_, items=planned.items, request_bytes=planned.nbytes
     )
     failpoint("after_intent")
-    _send(ctx, job, batch, planned.body(), planned.count)
+    _send(ctx, job, batch, planned.body_file(), count=planned.count, nbytes=planned.nbytes)
     ctx.progress.advance(planned.count)
 
 
-def _send(ctx: Context, job: JobRow, batch: BatchRow, body: bytes, count: int) -> BatchInfo:
+def _send(
+    ctx: Context, job: JobRow, batch: BatchRow, body: bytes | IO[bytes], *, count: int, nbytes: int
+) -> BatchInfo:
     logger = bind(job, log, batch_id=batch.id)
     ctx.heartbeat(job.id)  # an upload of up to 256 MB may take a while
     try:
-        info = ctx.client.create(body, count=count)
+        info = ctx.client.create(body, count=count, nbytes=nbytes)
     except CreateRefused:
         # Turned away for now (429/529/503): certainly not created, so no orphan to wait
         # for; the items go back to pending and the next submit sends them.
@@ -153,7 +159,7 @@ def _send(ctx: Context, job: JobRow, batch: BatchRow, body: bytes, count: int) -
         batch.id, api_batch_id=info.id, created_at=info.created_at, expires_at=info.expires_at
     )
     logger.info(
-        "batch.submitted", api_batch_id=info.id, requests=count, bytes=len(body), round=batch.round
+        "batch.submitted", api_batch_id=info.id, requests=count, bytes=nbytes, round=batch.round
     )
     failpoint("after_mark_created")
     ctx.heartbeat(job.id)
@@ -314,4 +320,4 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
         assert item.custom_id is not None
         payloads.append(renderer.request_bytes(item.custom_id, request_for(item, params, spec)))
     body = b'{"requests":[' + b",".join(payloads) + b"]}"
-    _send(ctx, job, batch, body, len(payloads))
+    _send(ctx, job, batch, body, count=len(payloads), nbytes=len(body))
