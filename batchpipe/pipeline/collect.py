@@ -14,6 +14,7 @@ from datetime import timedelta
 from batchpipe.db import BatchRow, ItemUpdate, JobRow
 from batchpipe.errors import APIError, NeedsAttention, TransientAPIError
 from batchpipe.log import get_logger
+from batchpipe.memory import release_free_memory
 from batchpipe.models import (
     BatchStatus,
     ItemStatus,
@@ -170,6 +171,7 @@ def _collect_batch(
         collected_at=ctx.clock(),
     )
     logger.info("batch.collected", lines=lines, applied=applied, missing=leftovers, **usage)
+    release_free_memory()
     return applied
 
 

@@ -18,6 +18,7 @@ from batchpipe.dataset import Dataset
 from batchpipe.db import JobNameTaken, JobRow
 from batchpipe.errors import InputError, PreflightFailed, UsageError
 from batchpipe.log import get_logger
+from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.requests import (
@@ -213,6 +214,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         error=None,
     )
     logger.info("job.ingested", rows=inserted, invalid=counts["invalid"])
+    release_free_memory()
     refreshed = ctx.store.get_job(job.id)
     assert refreshed is not None
     return refreshed

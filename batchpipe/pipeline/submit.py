@@ -24,6 +24,7 @@ from batchpipe.errors import (
     TransientAPIError,
 )
 from batchpipe.log import get_logger
+from batchpipe.memory import release_free_memory
 from batchpipe.models import BatchInfo, BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.budget import BudgetGuard
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
@@ -128,6 +129,7 @@ def _create(ctx: Context, job: JobRow, spec: JobSpec, planned: PlannedBatch) -> 
     failpoint("after_intent")
     _send(ctx, job, batch, planned.body_file(), count=planned.count, nbytes=planned.nbytes)
     ctx.progress.advance(planned.count)
+    release_free_memory()
 
 
 def _send(
