@@ -1,7 +1,9 @@
-"""The allocator tuning: which mallopt calls are made, and that the user's settings win."""
+"""The allocator and collector tuning: which calls are made, and that the user's settings win."""
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -57,3 +59,19 @@ def test_the_real_libc_accepts_the_calls() -> None:
     memory.tune_allocator()
     memory.release_free_memory()
     assert libc.mallopt(-3, 128 * 1024) == 1
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_collector_runs_less_often_and_skips_start_up_objects() -> None:
+    _, gen1, gen2 = gc.get_threshold()
+    memory.tune_collector()
+    assert gc.get_threshold() == (50_000, gen1, gen2)
+    assert gc.get_freeze_count() > 0

@@ -11,12 +11,13 @@ from typing import Any
 # Importing the command modules attaches their commands to the root group.
 from batchpipe.cli import cost_cmd, emulator_cmd, info_cmd, jobs_cmd, report_cmd  # noqa: F401
 from batchpipe.cli.app import cli
-from batchpipe.memory import tune_allocator
+from batchpipe.memory import tune_allocator, tune_collector
 
 
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     tune_allocator()
+    tune_collector()
     return cli.main(args=argv, prog_name="batchpipe")
 
 
