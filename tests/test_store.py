@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -426,6 +427,23 @@ def test_apply_results_is_idempotent(store: Store) -> None:
     ]
 
 
+def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Store) -> None:
+    job = with_items(store, 2)
+    first = plan(store, job, [0, 1])
+    line = errored(0, "overloaded_error", P)  # unpriced (cost None): adds nothing
+    # The same line twice in one call (a file read twice in one chunk) applies once.
+    assert store.apply_results(job, first, [line, line, succeeded(1, cost_usd=0.25)]) == 2
+    retry = plan(store, job, [0], attempt=2)
+    assert store.apply_results(job, retry, [succeeded(0, attempt=2, cost_usd=0.5)]) == 1
+    items = by_row(store, job)
+    assert (items[0].status, items[0].attempts) == (ItemStatus.SUCCEEDED, 2)
+    assert items[0].cost_usd == 0.5
+    assert (items[1].batch_id, items[1].cost_usd) == (first, 0.25)
+    priced = ItemUpdate(**{**asdict(succeeded(1)), "cost_usd": 0.25})
+    assert store.apply_results(job, first, [priced]) == 0  # already applied: no second charge
+    assert by_row(store, job)[1].cost_usd == 0.25
+
+
 def test_requeue_items_by_error_type(store: Store) -> None:
     job = with_items(store, 4)
     batch = plan(store, job, [0, 1, 2, 3])
@@ -520,9 +538,13 @@ def test_bulk_paths_use_executemany(store: Store) -> None:
         plan(store, job, list(range(2_000, 2_500, 2)))
         assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", True)]
         calls.clear()
-        store.apply_results(job, batch, [succeeded(i) for i in range(2_000)])
-        assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", True)]
-        assert len([c for c in calls if c[0] == "INSERT"]) <= 5
+        assert store.apply_results(job, batch, [succeeded(i) for i in range(2_000)]) == 2_000
+        if store.dialect == "postgresql":
+            # COPY into a temporary table and one UPDATE … FROM, on the driver's cursor.
+            assert [c for c in calls if c[0] in {"UPDATE", "INSERT"}] == []
+        else:
+            assert [c for c in calls if c[0] == "UPDATE"] == [("UPDATE", True)]
+            assert len([c for c in calls if c[0] == "INSERT"]) <= 5
     finally:
         sa.event.remove(store._engine, "before_cursor_execute", record)
 

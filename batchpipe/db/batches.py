@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from batchpipe.db.base import StoreBase, status_values
 from batchpipe.db.bulk import BulkStatement
+from batchpipe.db.pg_apply import apply_by_copy
 from batchpipe.db.rows import RESULT_FIELDS, BatchRow, ItemUpdate
 from batchpipe.db.schema import attempts, batches
 from batchpipe.db.schema import items as item_table
@@ -341,14 +342,23 @@ class BatchesMixin(StoreBase):
         final: list[tuple[Any, ...]] = []
         transient: list[tuple[Any, ...]] = []
         history: list[tuple[Any, ...]] = []
+        copied: list[tuple[Any, ...]] = []  # PostgreSQL: one tuple of pg_apply.COLUMNS each
+        on_postgres = self.dialect == "postgresql"
         for u in updates:
             status = u.status if isinstance(u.status, ItemStatus) else ItemStatus(u.status)
             if status is ItemStatus.SUBMITTED:
                 raise ValueError(f"row {u.row_index}: a result cannot leave an item submitted")
             # In _APPLY_ROW order: key, status, RESULT_FIELDS, cost.
             row = (u.row_index, u.custom_id, status.value, *_result_values(u), u.cost_usd)
-            (transient if status is ItemStatus.PENDING else final).append(row)
+            leaves = status is ItemStatus.PENDING
+            if on_postgres:
+                copied.append((*row, leaves, u.attempt, u.result_type))
+                continue
+            (transient if leaves else final).append(row)
             history.append(_history_values(u))
+        if on_postgres:
+            with self._begin() as conn:
+                return apply_by_copy(conn, job_id, batch_id, copied, now)
         changed = 0
         shared = {"p_job_id": job_id, "p_now": now}
         with self._begin() as conn:
