@@ -1,7 +1,9 @@
-"""Immutable records the Store hands out (and takes in), decoupled from SQLAlchemy rows.
+"""Records the Store hands out (and takes in), decoupled from SQLAlchemy rows.
 
 Callers never see a SQLAlchemy ``Row``: statuses come back as the enums from
-:mod:`batchpipe.models`, timestamps as aware UTC datetimes.
+:mod:`batchpipe.models`, timestamps as aware UTC datetimes. Job and batch records are
+frozen; the per-item ones are slotted dataclasses that are not, because a run builds
+millions of them (see ``ItemUpdate``); treat them as read-only all the same.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class BatchRow:
         )
 
 
-# Not frozen (see ItemUpdate): the Store builds one per item read, a million per export.
+# Not frozen (see ItemUpdate): the Store builds one per item read, a million to submit 1M rows.
 @dataclass(slots=True)
 class ItemRow:
     """One row of ``items`` (one input row's state and latest result)."""
