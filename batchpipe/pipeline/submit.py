@@ -317,9 +317,9 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
         batch.id, expected_status=BatchStatus.PLANNED, intent_at=ctx.clock()
     ):
         return
-    payloads: list[bytes] = []
-    for item, params in _rows_for(dataset, renderer, job, members):
-        assert item.custom_id is not None
-        payloads.append(renderer.request_bytes(item.custom_id, request_for(item, params, spec)))
-    body = b'{"requests":[' + b",".join(payloads) + b"]}"
-    _send(ctx, job, batch, body, count=len(payloads), nbytes=len(body))
+    # Into a temporary file like a first send: a batch may be up to 256 MB.
+    with PlannedBatch() as body:
+        for item, params in _rows_for(dataset, renderer, job, members):
+            assert item.custom_id is not None
+            body.append(renderer.request_bytes(item.custom_id, request_for(item, params, spec)))
+        _send(ctx, job, batch, body.body_file(), count=body.count, nbytes=body.nbytes)
