@@ -38,7 +38,13 @@ from anthropic.types.messages import MessageBatch
 from batchpipe import errors
 from batchpipe.config import Settings
 from batchpipe.log import get_logger
-from batchpipe.models import BatchInfo, RequestCounts, ResultRecord, ResultType
+from batchpipe.models import (
+    COUNT_TOKENS_KEYS,
+    BatchInfo,
+    RequestCounts,
+    ResultRecord,
+    ResultType,
+)
 
 log = get_logger(__name__)
 
@@ -47,12 +53,6 @@ T = TypeVar("T")
 NO_KEY_MESSAGE = (
     "ANTHROPIC_API_KEY is not set; export it, or use --emulate to run against the built-in emulator"
 )
-# The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
-# max_tokens, temperature, metadata ... which that endpoint would reject.
-COUNT_TOKENS_KEYS = frozenset({
-    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
-    "output_config",
-})  # fmt: skip
 # Statuses the SDK already retried (its policy) and that a later run may get past.
 _TRANSIENT_SDK_ERRORS: tuple[type[Exception], ...] = (
     anthropic.RateLimitError,

@@ -20,6 +20,12 @@ API_MAX_BATCH_BYTES = 256 * 1024 * 1024
 # own re-serialisation can never push a planned batch over it.
 DEFAULT_MAX_BATCH_BYTES = 250 * 1000 * 1000
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+# The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
+# max_tokens, temperature, metadata ... which that endpoint would reject.
+COUNT_TOKENS_KEYS = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
+    "output_config",
+})  # fmt: skip
 
 # The result columns added to every exported row, named exactly (and in this order).
 RESULT_COLUMNS: tuple[str, ...] = (

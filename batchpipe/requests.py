@@ -40,9 +40,9 @@ _BODY_TAIL = b"]}"
 _FRAME_BYTES = len(_BODY_HEAD) + len(_BODY_TAIL)
 # A request's bytes around its params, with the longest custom_id the API allows.
 _MAX_CUSTOM_ID = 64
-_REQUEST_WRAPPER_BYTES = len(b'{"custom_id":"","params":}') + _MAX_CUSTOM_ID
 # request_bytes() around the custom_id and the params.
 _WRAPPER_BYTES = len(b'{"custom_id":"","params":}')
+_REQUEST_WRAPPER_BYTES = _WRAPPER_BYTES + _MAX_CUSTOM_ID
 # Marks a column absent from the row (as opposed to present and null).
 _MISSING: Any = object()
 
@@ -426,7 +426,6 @@ class BatchPacker:
         self._max_requests = max_requests
         self._max_bytes = max_bytes
         self._current = PlannedBatch()
-        self._bytes = _FRAME_BYTES  # body size of the current batch
 
     def __enter__(self) -> BatchPacker:
         return self
@@ -454,12 +453,10 @@ class BatchPacker:
         full = None
         current = self._current
         if current.count and (
-            current.count >= self._max_requests or self._bytes + 1 + size > self._max_bytes
+            current.count >= self._max_requests or current.nbytes + 1 + size > self._max_bytes
         ):
             full = current
             current = self._current = PlannedBatch()
-            self._bytes = _FRAME_BYTES
-        self._bytes += size + (1 if current.count else 0)
         current.items.append((row_index, custom_id, attempt))
         current.append(payload)
         return full
@@ -468,5 +465,5 @@ class BatchPacker:
         """The batch being filled, if it has anything in it."""
         if not self._current.count:
             return None
-        full, self._current, self._bytes = self._current, PlannedBatch(), _FRAME_BYTES
+        full, self._current = self._current, PlannedBatch()
         return full

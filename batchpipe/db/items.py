@@ -140,7 +140,7 @@ class ItemsMixin(StoreBase):
         if statuses is not None:
             base = base.where(items.c.status.in_(status_values(statuses)))
         for row in self._keyset(base, start, page):
-            yield _item_row(row)
+            yield ItemRow.from_tuple(row)
 
     def iter_batch_items(
         self,
@@ -158,7 +158,7 @@ class ItemsMixin(StoreBase):
         if statuses is not None:
             base = base.where(items.c.status.in_(status_values(statuses)))
         for row in self._keyset(base, 0, page):
-            yield _item_row(row)
+            yield ItemRow.from_tuple(row)
 
     def count_items(self, job_id: int) -> dict[ItemStatus, int]:
         """How many items are in each status (every status present, zeros included)."""
@@ -294,12 +294,3 @@ def _fetch_raw(conn: sa.Connection, stmt: sa.Select[Any]) -> list[tuple[Any, ...
         return list(cursor.fetchall())
     finally:
         cursor.close()
-
-
-_STATUSES = {s.value: s for s in ItemStatus}
-
-
-def _item_row(row: tuple[Any, ...]) -> ItemRow:
-    # In ItemRow's field order (the select is _ITEM_COLUMNS); status as the enum.
-    job_id, row_index, row_key, custom_id, status, *rest = row
-    return ItemRow(job_id, row_index, row_key, custom_id, _STATUSES[status], *rest)

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.bulk import BulkStatement
 from batchpipe.db.rows import RESULT_FIELDS
 from batchpipe.db.schema import batches, items, jobs
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
@@ -98,17 +99,14 @@ class LedgerMixin(StoreBase):
         source = iter(rows)
         changed = unchanged = 0
         with self._begin() as conn:
+            shared = {"p_job": job_id, "p_now": now}
             while chunk := list(itertools.islice(source, _CHUNK)):
-                params: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
-                for row_index, new_hash, differs in chunk:
-                    params[differs].append(
-                        {"p_job": job_id, "p_row": row_index, "p_hash": new_hash, "p_now": now}
-                    )
-                for differs, stmt in ((True, _REQUEUE), (False, _SET_HASH)):
-                    if params[differs]:
-                        conn.execute(stmt, params[differs])
-                changed += len(params[True])
-                unchanged += len(params[False])
+                requeue = [(row, new_hash) for row, new_hash, differs in chunk if differs]
+                keep = [(row, new_hash) for row, new_hash, differs in chunk if not differs]
+                _REQUEUE.execute(conn, requeue, shared)
+                _SET_HASH.execute(conn, keep, shared)
+                changed += len(requeue)
+                unchanged += len(keep)
             values: dict[str, Any] = {"spec": dict(spec), "updated_at": now}
             if changed:
                 values.update(status=JobStatus.RUNNING.value, error=None, exported_at=None)
@@ -139,10 +137,13 @@ def _requeue_statement() -> sa.Update:
     )
 
 
-_REQUEUE = _requeue_statement()
-# Unchanged rows of a re-run: only the hash moves on (the p_now parameter is ignored).
-_SET_HASH = (
+# Driver-level executemany of (row_index, hash) tuples, as the pipeline's other bulk writes
+# (db/bulk.py); p_job and p_now are shared by the whole call.
+_REQUEUE = BulkStatement(_requeue_statement(), ("p_row", "p_hash"))
+# Unchanged rows of a re-run: only the hash moves on (p_now is not used).
+_SET_HASH = BulkStatement(
     sa.update(items)
     .where(items.c.job_id == sa.bindparam("p_job"), items.c.row_index == sa.bindparam("p_row"))
-    .values(request_hash=sa.bindparam("p_hash"))
+    .values(request_hash=sa.bindparam("p_hash")),
+    ("p_row", "p_hash"),
 )

@@ -129,29 +129,14 @@ class ItemRow:
     cost_usd: float | None = None
 
     @classmethod
-    def from_row(cls, row: sa.Row[Any]) -> ItemRow:
-        """Build from a row selecting (at least) every field of this class."""
-        m = row._mapping
-        return cls(
-            job_id=m["job_id"],
-            row_index=m["row_index"],
-            row_key=m["row_key"],
-            custom_id=m["custom_id"],
-            status=ItemStatus(m["status"]),
-            attempts=m["attempts"],
-            batch_id=m["batch_id"],
-            response_text=m["response_text"],
-            stop_reason=m["stop_reason"],
-            model=m["model"],
-            input_tokens=m["input_tokens"],
-            output_tokens=m["output_tokens"],
-            cache_creation_input_tokens=m["cache_creation_input_tokens"],
-            cache_read_input_tokens=m["cache_read_input_tokens"],
-            error_type=m["error_type"],
-            error_message=m["error_message"],
-            request_hash=m["request_hash"],
-            cost_usd=m["cost_usd"],
-        )
+    def from_tuple(cls, row: tuple[Any, ...]) -> ItemRow:
+        """Build from a driver row selecting this class's fields in order (status as stored)."""
+        job_id, row_index, row_key, custom_id, status, *rest = row
+        return cls(job_id, row_index, row_key, custom_id, _ITEM_STATUSES[status], *rest)
+
+
+# Stored status string to enum: a dict lookup, cheaper than ItemStatus(...) per item.
+_ITEM_STATUSES = {s.value: s for s in ItemStatus}
 
 
 # Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,

@@ -22,7 +22,7 @@ import orjson
 from batchpipe import pricing
 from batchpipe.dataset import Dataset
 from batchpipe.errors import UsageError
-from batchpipe.models import JobSpec
+from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
 from batchpipe.requests import RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
@@ -95,8 +95,6 @@ def _text_of(value: Any) -> int:
 
 def _counted(params: dict[str, Any]) -> int:
     """Characters of what count_tokens sees: prompt texts, tool and format definitions."""
-    from batchpipe.client import COUNT_TOKENS_KEYS  # noqa: PLC0415 (the SDK loads lazily)
-
     size = _text_of(params.get("system"))
     size += sum(_text_of(m.get("content")) for m in params.get("messages", []))
     for key in sorted(COUNT_TOKENS_KEYS - {"model", "messages", "system"}):

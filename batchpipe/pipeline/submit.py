@@ -103,21 +103,27 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
             payload = renderer.request_bytes(custom_id, request_for(item, params, spec))
             planned = packer.add(item.row_index, custom_id, attempt, payload)
             if planned is not None:
-                with planned:
-                    if not guard.admit(planned.count, planned.nbytes):
-                        break  # over budget: the rest stay pending (guard.finish decides)
-                    _create(ctx, job, spec, planned)
+                if not _create_within_budget(ctx, job, spec, guard, planned):
+                    break  # over budget: the rest stay pending (guard.finish decides)
                 created += 1
         else:
             last = packer.flush()
-            if last is not None:
-                with last:
-                    if guard.admit(last.count, last.nbytes):
-                        _create(ctx, job, spec, last)
-                        created += 1
+            if last is not None and _create_within_budget(ctx, job, spec, guard, last):
+                created += 1
     ctx.progress.finish()
     guard.finish(ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
     return created
+
+
+def _create_within_budget(
+    ctx: Context, job: JobRow, spec: JobSpec, guard: BudgetGuard, planned: PlannedBatch
+) -> bool:
+    """Create ``planned`` unless the budget refuses it; either way its body file is deleted."""
+    with planned:
+        if not guard.admit(planned.count, planned.nbytes):
+            return False
+        _create(ctx, job, spec, planned)
+        return True
 
 
 def _create(ctx: Context, job: JobRow, spec: JobSpec, planned: PlannedBatch) -> None:
