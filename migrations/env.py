@@ -51,6 +51,12 @@ def run_migrations_online() -> None:
                 # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
                 render_as_batch=connection.dialect.name == "sqlite",
                 compare_type=True,
+                # Alembic takes SQLite's DDL for non-transactional and commits after each
+                # revision, so a process opening a new file while another migrates it could
+                # see it half way (at 0002 of 0003) and refuse it. SQLite's DDL is
+                # transactional (our connections BEGIN explicitly): every revision commits
+                # together, and others see a blank file or the head.
+                transactional_ddl=True,
             )
             with context.begin_transaction():
                 context.run_migrations()

@@ -17,6 +17,7 @@ from alembic.script import ScriptDirectory
 
 from batchpipe.db import (
     Store,
+    connect,
     current_revision,
     downgrade,
     head_revision,
@@ -95,6 +96,25 @@ def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         engine.dispose()
+
+
+def test_a_new_sqlite_file_is_migrated_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every revision commits together: no other process can see the file half migrated."""
+    commits: list[str] = []
+    make_engine = connect.create_engine
+
+    def counting(url: str) -> sa.Engine:
+        engine = make_engine(url)
+        sa.event.listen(engine, "commit", lambda _conn: commits.append(url))
+        return engine
+
+    monkeypatch.setattr(connect, "create_engine", counting)  # what migrations/env.py calls
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    upgrade(url)
+    assert len(commits) == 1
+    assert current_revision(url) == head_revision()
 
 
 def test_concurrent_processes_open_one_new_sqlite_file(tmp_path: Path) -> None:
