@@ -18,7 +18,6 @@ from test_pipeline import Harness, spec_for, write_docs
 
 from batchpipe import pipeline, pricing
 from batchpipe.cli import cli
-from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.errors import BudgetExceeded, UsageError
 from batchpipe.structured import labels_schema
 
@@ -27,11 +26,8 @@ HAIKU = pricing.PRICES["claude-haiku-4-5"]
 
 @pytest.fixture
 def harness(sqlite_url: str) -> Iterator[Harness]:
-    emu = Emulator(EmulatorConfig(seed=3, processing_seconds=0.1))
-    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
-        h = Harness(sqlite_url, server, emu)
+    with Harness.serving(sqlite_url, seed=3, processing_seconds=0.1) as h:
         yield h
-        h.store.close()
 
 
 def summary(harness: Harness, job: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the test takes `db_url`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ class Harness:
         self.store = Store.open(db_url)
         self.settings = Settings(database_url=db_url, api_key=SecretStr("sk-test-key"))
 
+    @classmethod
+    @contextmanager
+    def serving(cls, db_url: str, *, seed: int, processing_seconds: float) -> Iterator[Harness]:
+        """A harness over a fresh emulator served on a free loopback port."""
+        emu = Emulator(EmulatorConfig(seed=seed, processing_seconds=processing_seconds))
+        with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
+            harness = cls(db_url, server, emu)
+            try:
+                yield harness
+            finally:
+                harness.store.close()
+
     def context(self) -> pipeline.Context:
         return pipeline.Context(
             store=self.store,
@@ -100,11 +113,8 @@ class Harness:
 
 @pytest.fixture
 def harness(db_url: str) -> Iterator[Harness]:
-    emu = Emulator(EmulatorConfig(seed=7, processing_seconds=0.2))
-    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
-        h = Harness(db_url, server, emu)
+    with Harness.serving(db_url, seed=7, processing_seconds=0.2) as h:
         yield h
-        h.store.close()
 
 
 def spec_for(tmp_path: Path, src: Path, **overrides: Any) -> JobSpec:

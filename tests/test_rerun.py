@@ -23,7 +23,6 @@ from test_pipeline import Harness, spec_for
 
 from batchpipe import pipeline
 from batchpipe.db import JobRow
-from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.errors import UsageError
 from batchpipe.models import ItemStatus, JobSpec, JobStatus
 
@@ -34,11 +33,8 @@ ROWS = 5_200
 
 @pytest.fixture
 def harness(db_url: str) -> Iterator[Harness]:
-    emu = Emulator(EmulatorConfig(seed=5, processing_seconds=0.2))
-    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
-        h = Harness(db_url, server, emu)
+    with Harness.serving(db_url, seed=5, processing_seconds=0.2) as h:
         yield h
-        h.store.close()
 
 
 def write_notes(path: Path, n: int, *, last_without_note: bool = False) -> None:

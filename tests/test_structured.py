@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 from test_pipeline import Harness, spec_for, write_docs
 
-from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.errors import UsageError
 from batchpipe.structured import OutputSchema, labels_schema
 
@@ -37,11 +36,8 @@ SCHEMA: dict[str, Any] = {
 
 @pytest.fixture
 def harness(sqlite_url: str) -> Iterator[Harness]:
-    emu = Emulator(EmulatorConfig(seed=7, processing_seconds=0.1))
-    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
-        h = Harness(sqlite_url, server, emu)
+    with Harness.serving(sqlite_url, seed=7, processing_seconds=0.1) as h:
         yield h
-        h.store.close()
 
 
 @pytest.mark.parametrize("mode", ["tool", "json"])
