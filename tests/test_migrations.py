@@ -61,8 +61,8 @@ def schema_diff(url: str) -> list[object]:
 
 def test_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0003"]
-    assert head_revision() == "0003"
+    assert script.get_heads() == ["0004"]
+    assert head_revision() == "0004"
     assert MIGRATIONS_DIR == REPO / "migrations"
 
 
@@ -78,10 +78,10 @@ def test_upgrade_matches_models_then_down_and_up_again(db_url: str) -> None:
     assert table_names(db_url) == {"alembic_version"}
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0003"
+    assert current_revision(db_url) == "0004"
     assert schema_diff(db_url) == []
     upgrade(db_url)  # already at head: a no-op, not an error
-    assert current_revision(db_url) == "0003"
+    assert current_revision(db_url) == "0004"
 
 
 def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
     with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
         Store.open(db_url, auto_migrate=False)
     assert "revision none" in str(err.value)
-    assert "needs 0003" in str(err.value)
+    assert "needs 0004" in str(err.value)
     assert current_revision(db_url) is None  # refused without touching it
 
 
@@ -151,7 +151,7 @@ def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'old0'")
     engine.dispose()
-    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0003"):
+    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0004"):
         Store.open(sqlite_url)  # auto_migrate applies to blank files only
 
 
@@ -190,4 +190,36 @@ def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert current_revision(url) == "0003"
+    assert current_revision(url) == "0004"
+
+
+def test_0004_gives_existing_batches_the_row_span_of_their_items(db_url: str) -> None:
+    """Batches from before 0004 are found by their items' rows once the index is gone."""
+    upgrade(db_url)
+    downgrade(db_url, "0003")
+    now = "2026-01-01 00:00:00"
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, name, token, status, spec, row_count, invalid_count, "
+            f"created_at, updated_at) VALUES (1, 'j', 'tok', 'running', '{{}}', 9, 0, "
+            f"'{now}', '{now}')"
+        )
+        for batch in (1, 2):
+            conn.exec_driver_sql(
+                "INSERT INTO batches (id, job_id, status, round, request_count, "
+                "request_bytes, first_custom_id, last_custom_id, intent_at) VALUES "
+                f"({batch}, 1, 'in_progress', 1, 3, 9, 'a', 'b', '{now}')"
+            )
+        for row, batch in [(0, None), (2, 1), (3, 1), (6, 1), (7, None)]:
+            conn.exec_driver_sql(
+                "INSERT INTO items (job_id, row_index, row_key, status, attempts, batch_id) "
+                f"VALUES (1, {row}, 'k{row}', 'submitted', 1, {batch or 'NULL'})"
+            )
+    engine.dispose()
+    upgrade(db_url)
+    assert schema_diff(db_url) == []
+    with Store.open(db_url, auto_migrate=False) as store:
+        assert [i.row_index for i in store.iter_batch_items(1)] == [2, 3, 6]
+        assert list(store.iter_batch_items(2)) == []  # no items left: NULL span, job scan
+        assert store.requeue_batch_leftovers(1) == 3

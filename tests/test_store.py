@@ -210,6 +210,19 @@ def test_insert_many_items_and_iterate_in_pages(store: Store) -> None:
     assert counts[ItemStatus.SUCCEEDED] == 0
 
 
+def test_iter_pending_pages_through_pending_rows_only(store: Store) -> None:
+    job = with_items(store, 9)
+    sent = plan(store, job, [1, 2])
+    cut = succeeded(2, stop_reason="max_tokens")
+    cut.status = P  # a truncated answer going round again
+    store.apply_results(job, sent, [cut])
+    store.apply_results(job, plan(store, job, [4]), [succeeded(4)])
+    got = list(store.iter_pending(job, page=2))
+    assert [p.row_index for p in got] == [0, 2, 3, 5, 6, 7, 8]
+    assert got[1] == (2, 1, "max_tokens")
+    assert {(p.attempts, p.stop_reason) for p in got if p.row_index != 2} == {(0, None)}
+
+
 def test_insert_items_is_all_or_nothing(store: Store) -> None:
     job = new_job(store)
 

@@ -12,7 +12,7 @@ SQLAlchemy and alembic are imported only inside this package. Modules:
 from batchpipe.db.base import JobNameTaken
 from batchpipe.db.connect import mask_url, sqlite_path
 from batchpipe.db.migrate import current_revision, downgrade, head_revision, upgrade
-from batchpipe.db.rows import BatchRow, ItemRow, ItemUpdate, JobRow
+from batchpipe.db.rows import BatchRow, ItemRow, ItemUpdate, JobRow, PendingItem
 from batchpipe.db.store import Store
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ItemUpdate",
     "JobNameTaken",
     "JobRow",
+    "PendingItem",
     "Store",
     "current_revision",
     "downgrade",

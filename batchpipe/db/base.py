@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from batchpipe.db.connect import describe_error, mask_url
+from batchpipe.db.schema import batches, items
 from batchpipe.errors import StoreError
 
 E = TypeVar("E", bound=Enum)
@@ -40,6 +41,26 @@ def status_values(statuses: E | Collection[E]) -> list[str]:
     if isinstance(statuses, Enum):
         return [str(statuses.value)]
     return [str(s.value) for s in statuses]
+
+
+def batch_members(conn: sa.Connection, batch_id: int) -> sa.ColumnElement[bool]:
+    """WHERE clause for the items of one batch: a range of the items' primary key.
+
+    There is no index on ``items.batch_id`` (every claim and result would update it), so the
+    batch's job and row span, read here, narrow the search to the rows it can hold.
+    """
+    span = conn.execute(
+        sa.select(batches.c.job_id, batches.c.first_row, batches.c.last_row).where(
+            batches.c.id == batch_id
+        )
+    ).first()
+    if span is None:
+        return sa.false()
+    job_id, first, last = span
+    where = sa.and_(items.c.job_id == job_id, items.c.batch_id == batch_id)
+    if first is not None and last is not None:
+        where = sa.and_(where, items.c.row_index.between(first, last))
+    return where
 
 
 class StoreBase:

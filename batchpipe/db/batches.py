@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.base import StoreBase, batch_members, status_values
 from batchpipe.db.bulk import BulkStatement
 from batchpipe.db.pg_apply import apply_by_copy
 from batchpipe.db.rows import RESULT_FIELDS, BatchRow, ItemUpdate
@@ -168,7 +168,7 @@ def _claim_range(
     )
     claimed = conn.execute(
         sa.select(item_table.c.row_index, item_table.c.attempts)
-        .where(item_table.c.batch_id == batch_id)
+        .where(batch_members(conn, batch_id))
         .order_by(item_table.c.row_index)
     ).all()
     expected = [(row, attempt) for row, _, attempt in items]
@@ -211,6 +211,8 @@ class BatchesMixin(StoreBase):
             "request_bytes": request_bytes,
             "first_custom_id": items[0][1],
             "last_custom_id": items[-1][1],
+            "first_row": min(row for row, _, _ in items),
+            "last_row": max(row for row, _, _ in items),
             "intent_at": now,
         }
         with self._begin() as conn:
@@ -302,7 +304,7 @@ class BatchesMixin(StoreBase):
                 raise StoreError(f"batch {batch_id} is not planned; cannot mark it rejected")
             released = conn.execute(
                 sa.update(item_table)
-                .where(item_table.c.batch_id == batch_id, item_table.c.status == SUBMITTED)
+                .where(batch_members(conn, batch_id), item_table.c.status == SUBMITTED)
                 .values(
                     status=PENDING,
                     attempts=sa.func.max(item_table.c.attempts - 1, 0)
@@ -320,12 +322,12 @@ class BatchesMixin(StoreBase):
 
         The attempt counts as used, so attempts stays; the next submission gets a new id.
         """
-        stmt = (
-            sa.update(item_table)
-            .where(item_table.c.batch_id == batch_id, item_table.c.status == SUBMITTED)
-            .values(status=PENDING, batch_id=None, updated_at=self.clock())
-        )
         with self._begin() as conn:
+            stmt = (
+                sa.update(item_table)
+                .where(batch_members(conn, batch_id), item_table.c.status == SUBMITTED)
+                .values(status=PENDING, batch_id=None, updated_at=self.clock())
+            )
             return int(conn.execute(stmt).rowcount)
 
     def apply_results(self, job_id: int, batch_id: int, updates: Sequence[ItemUpdate]) -> int:

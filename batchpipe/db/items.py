@@ -14,9 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from batchpipe.db.base import StoreBase, status_values
+from batchpipe.db.base import StoreBase, batch_members, status_values
 from batchpipe.db.bulk import BulkStatement, copy_rows
-from batchpipe.db.rows import RESULT_FIELDS, ItemRow
+from batchpipe.db.rows import RESULT_FIELDS, ItemRow, PendingItem
 from batchpipe.db.schema import attempts, batches, items
 from batchpipe.errors import StoreError
 from batchpipe.models import ItemStatus
@@ -142,6 +142,14 @@ class ItemsMixin(StoreBase):
         for row in self._keyset(base, start, page):
             yield ItemRow.from_tuple(row)
 
+    def iter_pending(self, job_id: int, *, page: int = 10_000) -> Iterator[PendingItem]:
+        """The job's pending items in row order, as the few fields submit needs."""
+        base = sa.select(items.c.row_index, items.c.attempts, items.c.stop_reason).where(
+            items.c.job_id == job_id, items.c.status == ItemStatus.PENDING.value
+        )
+        for rows in self._keyset_pages(base, 0, page):
+            yield from map(PendingItem._make, rows)
+
     def iter_batch_items(
         self,
         batch_id: int,
@@ -151,10 +159,12 @@ class ItemsMixin(StoreBase):
     ) -> Iterator[ItemRow]:
         """The items of one batch in row order, optionally only some statuses.
 
-        Served by the ``batch_id`` index, so reading one batch of a big job does not scan
-        the job's other rows.
+        Read by the batch's row span (:func:`batch_members`), so reading one batch of a big
+        job does not scan the job's other rows.
         """
-        base = sa.select(*_ITEM_COLUMNS).where(items.c.batch_id == batch_id)
+        with self._begin() as conn:
+            members = batch_members(conn, batch_id)
+        base = sa.select(*_ITEM_COLUMNS).where(members)
         if statuses is not None:
             base = base.where(items.c.status.in_(status_values(statuses)))
         for row in self._keyset(base, 0, page):
@@ -270,6 +280,13 @@ class ItemsMixin(StoreBase):
         statement is compiled with its values inline (ints and our own status strings,
         quoted by SQLAlchemy), so it runs on the raw cursor of the transaction's connection.
         """
+        for rows in self._keyset_pages(base, start, page):
+            yield from rows
+
+    def _keyset_pages(
+        self, base: sa.Select[Any], start: int, page: int
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """:meth:`_keyset` a page at a time (a list of up to ``page`` tuples)."""
         if page < 1:
             raise ValueError("page must be at least 1")
         key = items.c.row_index
@@ -279,7 +296,8 @@ class ItemsMixin(StoreBase):
         while True:
             with self._begin() as conn:
                 rows = _fetch_raw(conn, stmt.where(where))
-            yield from rows
+            if rows:
+                yield rows
             if len(rows) < page:
                 return
             where = key > rows[-1][at]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -133,6 +133,18 @@ class ItemRow:
         """Build from a driver row selecting this class's fields in order (status as stored)."""
         job_id, row_index, row_key, custom_id, status, *rest = row
         return cls(job_id, row_index, row_key, custom_id, _ITEM_STATUSES[status], *rest)
+
+
+class PendingItem(NamedTuple):
+    """What submit needs of a pending item (``Store.iter_pending``), read without the rest.
+
+    Reading whole ItemRows to submit a million rows cost 3.1 of submit's 12 CPU seconds;
+    these three columns as the driver's tuples cost a fraction of that.
+    """
+
+    row_index: int
+    attempts: int
+    stop_reason: str | None
 
 
 # Stored status string to enum: a dict lookup, cheaper than ItemStatus(...) per item.

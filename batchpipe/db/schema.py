@@ -92,6 +92,11 @@ batches = sa.Table(
     sa.Column("request_bytes", sa.BigInteger, nullable=False),
     sa.Column("first_custom_id", sa.String(64), nullable=False),
     sa.Column("last_custom_id", sa.String(64), nullable=False),
+    # The span of row indexes the batch's items lie in: its items are found by a range of
+    # the items' primary key (an index on items.batch_id cost 1.1 s of CPU per million rows
+    # written). NULL for batches from before revision 0004 with no items left: scan the job.
+    sa.Column("first_row", sa.Integer, nullable=True),
+    sa.Column("last_row", sa.Integer, nullable=True),
     sa.Column("intent_at", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=True),
     sa.Column("expires_at", UTCDateTime, nullable=True),
@@ -135,7 +140,6 @@ items = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=True),
     sa.Index(None, "job_id", "status"),
     sa.Index(None, "job_id", "row_key"),
-    sa.Index(None, "batch_id"),
 )
 
 # One row per (job, row, attempt): the primary key is what makes re-applying a results file

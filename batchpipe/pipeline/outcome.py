@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchpipe import pricing
-from batchpipe.db import ItemRow, ItemUpdate
+from batchpipe.db import ItemUpdate
 from batchpipe.models import ItemStatus, JobSpec, ResultRecord, ResultType
 from batchpipe.structured import OutputSchema
 
@@ -93,9 +93,10 @@ def refine(
     )
 
 
-def request_for(item: ItemRow, params: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
-    """The params to send for ``item``: a truncated answer's retry gets the larger max_tokens."""
+def request_for(stop_reason: str | None, params: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """The params to send for an item whose last answer stopped for ``stop_reason``: a
+    truncated answer's retry gets the larger max_tokens."""
     limit = spec.retry_truncated_max_tokens
-    if limit is not None and item.stop_reason == TRUNCATED and limit > params["max_tokens"]:
+    if limit is not None and stop_reason == TRUNCATED and limit > params["max_tokens"]:
         return {**params, "max_tokens": limit}
     return params

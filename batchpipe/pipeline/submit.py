@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Generator, Iterator
 from datetime import timedelta
-from typing import IO
+from typing import IO, Protocol, TypeVar
 
 from batchpipe.dataset import Dataset
-from batchpipe.db import BatchRow, ItemRow, JobRow
+from batchpipe.db import BatchRow, JobRow
 from batchpipe.errors import (
     APIError,
     AuthenticationFailed,
@@ -56,9 +56,17 @@ def check_fingerprint(dataset: Dataset, job: JobRow) -> None:
         )
 
 
+class _Wanted(Protocol):
+    @property
+    def row_index(self) -> int: ...
+
+
+_W = TypeVar("_W", bound=_Wanted)
+
+
 def _rows_for(
-    dataset: Dataset, renderer: RequestRenderer, job: JobRow, wanted: Iterator[ItemRow]
-) -> Iterator[tuple[ItemRow, dict[str, object]]]:
+    dataset: Dataset, renderer: RequestRenderer, job: JobRow, wanted: Iterator[_W]
+) -> Iterator[tuple[_W, dict[str, object]]]:
     """Merge the input stream with `wanted` items (both in row order): yield each item's params."""
     nxt = next(wanted, None)
     row_index = -1
@@ -92,7 +100,7 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
-    pending = ctx.store.iter_items(job.id, statuses={ItemStatus.PENDING})
+    pending = ctx.store.iter_pending(job.id)
     created = 0
     guard = BudgetGuard(ctx, job, spec)
     ctx.progress.start("uploading", ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
@@ -100,7 +108,7 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
         for item, params in _rows_for(dataset, renderer, job, pending):
             attempt = item.attempts + 1
             custom_id = format_custom_id(job.token, item.row_index, attempt)
-            payload = renderer.request_bytes(custom_id, request_for(item, params, spec))
+            payload = renderer.request_bytes(custom_id, request_for(item.stop_reason, params, spec))
             planned = packer.add(item.row_index, custom_id, attempt, payload)
             if planned is not None:
                 if not _create_within_budget(ctx, job, spec, guard, planned):
@@ -327,5 +335,7 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
     with PlannedBatch() as body:
         for item, params in _rows_for(dataset, renderer, job, members):
             assert item.custom_id is not None
-            body.append(renderer.request_bytes(item.custom_id, request_for(item, params, spec)))
+            body.append(
+                renderer.request_bytes(item.custom_id, request_for(item.stop_reason, params, spec))
+            )
         _send(ctx, job, batch, body.body_file(), count=body.count, nbytes=body.nbytes)
