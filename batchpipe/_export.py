@@ -155,11 +155,15 @@ class JoinedWriter:
                 raise ValueError(f"result column {name!r} is typed {typ}: {exc}") from None
         return arrays
 
-    def write_batch(self, batch: pa.RecordBatch, results: Sequence[tuple[Any, ...]]) -> None:
-        """Append one Parquet input batch (Parquet output only)."""
+    def write_batches(
+        self, batches: Sequence[pa.RecordBatch], results: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Append Parquet input batches as one row group (Parquet output only)."""
         assert self._parquet is not None
-        arrays = [*batch.columns, *self._result_arrays(results)]
-        self._parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._out_schema))
+        inputs = pa.Table.from_batches(batches, schema=self._in_schema)
+        columns = [*inputs.columns, *self._result_arrays(results)]
+        table = pa.Table.from_arrays(columns, schema=self._out_schema)
+        self._parquet.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def write_rows(self, rows: list[dict[str, Any]], results: Sequence[tuple[Any, ...]]) -> None:
         """Append one chunk of row dicts (JSONL input, or any input to JSONL output)."""

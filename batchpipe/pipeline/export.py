@@ -31,7 +31,7 @@ RESULT_COLUMN_TYPES: list[tuple[str, str]] = [
     ("cost_usd", "float64"),
 ]
 # Appended after these: one typed column per field of the job's output schema, if any.
-_PAGE = 10_000
+_PAGE = 4096
 
 log = get_logger(__name__)
 
