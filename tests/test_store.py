@@ -431,13 +431,50 @@ def test_apply_results_is_idempotent(store: Store) -> None:
             .where(attempts.c.job_id == job)
             .order_by(attempts.c.row_index, attempts.c.attempt)
         ).all()
-    assert [tuple(h) for h in history] == [
-        (0, 1, "succeeded"),
-        (1, 1, "errored"),
-        (2, 1, "errored"),
-        (2, 2, "succeeded"),
-        (3, 7, "succeeded"),  # recorded as history even though the item ignored it
+    # Successes stay on their items (history.py): the history holds the other attempts.
+    assert [tuple(h) for h in history] == [(1, 1, "errored"), (2, 1, "errored")]
+
+
+def history_of(store: Store, job: int) -> list[tuple[int, int, str, str | None, int | None]]:
+    with store._engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                attempts.c.row_index,
+                attempts.c.attempt,
+                attempts.c.custom_id,
+                attempts.c.result_type,
+                attempts.c.input_tokens,
+            )
+            .where(attempts.c.job_id == job)
+            .order_by(attempts.c.row_index, attempts.c.attempt)
+        ).all()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> None:
+    job = with_items(store, 3)
+    batch = plan(store, job, [0, 1, 2])
+    store.apply_results(job, batch, [succeeded(0), succeeded(1), succeeded(2)])
+    assert history_of(store, job) == []
+    # `retry` of succeeded rows: their answers go into the history before being cleared.
+    assert store.requeue_items(job, statuses=[ItemStatus.SUCCEEDED], reset_attempts=False) == 3
+    expected = [(r, 1, cid(r), "succeeded", 10) for r in range(3)]
+    assert history_of(store, job) == expected
+    # A re-run whose request changed does the same for the rows it sends again.
+    retry = plan(store, job, [0, 1, 2], attempt=2)
+    store.apply_results(job, retry, [succeeded(r, attempt=2) for r in range(3)])
+    changed, unchanged = store.rerun_items(
+        job, [(0, "h0", True), (1, "h1", False), (2, "h2", True)], spec={"model": "m"}
+    )
+    assert (changed, unchanged) == (2, 1)
+    assert history_of(store, job) == [
+        *expected[:1],
+        (0, 2, cid(0, 2), "succeeded", 10),
+        *expected[1:],
+        (2, 2, cid(2, 2), "succeeded", 10),
     ]
+    assert store.requeue_items(job, statuses=[ItemStatus.SUCCEEDED]) == 1  # row 1
+    assert len(history_of(store, job)) == 6
 
 
 def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Store) -> None:

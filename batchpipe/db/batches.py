@@ -3,8 +3,9 @@
 The intent is written before the API is called (``plan_batch``), so a crash between create
 and store leaves a ``planned`` batch to recover instead of a double submission. Applying
 results is idempotent: an item changes only while it is ``submitted`` under that exact
-custom_id, and the attempts history is keyed by (job, row, attempt) with ON CONFLICT DO
-NOTHING, so re-reading a results file changes nothing.
+custom_id, and the attempts history (every attempt but a final success: ``history.py``) is
+keyed by (job, row, attempt) with ON CONFLICT DO NOTHING, so re-reading a results file
+changes nothing.
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ class BatchesMixin(StoreBase):
                 copied.append((*row, leaves, u.attempt, u.result_type))
                 continue
             (transient if leaves else final).append(row)
-            history.append(_history_values(u))
+            if status is not ItemStatus.SUCCEEDED:  # a success stays on its item: history.py
+                history.append(_history_values(u))
         if on_postgres:
             with self._begin() as conn:
                 return apply_by_copy(conn, job_id, batch_id, copied, now)

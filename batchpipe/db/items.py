@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, batch_members, status_values
 from batchpipe.db.bulk import BulkStatement, copy_rows
+from batchpipe.db.history import archive_succeeded
 from batchpipe.db.rows import RESULT_FIELDS, ItemRow, PendingItem
 from batchpipe.db.schema import attempts, batches, items
 from batchpipe.errors import StoreError
@@ -224,6 +225,10 @@ class ItemsMixin(StoreBase):
         if error_types is not None:
             stmt = stmt.where(items.c.error_type.in_(list(error_types)))
         with self._begin() as conn:
+            if ItemStatus.SUCCEEDED in wanted and error_types is None:
+                # Their answers are about to be cleared: keep them in the history.
+                archive = archive_succeeded(self.dialect, items.c.job_id == job_id)
+                conn.execute(archive, {"p_now": values["updated_at"]})
             return int(conn.execute(stmt).rowcount)
 
     def cancel_pending(self, job_id: int) -> int:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, status_values
 from batchpipe.db.bulk import BulkStatement
+from batchpipe.db.history import ARCHIVE_ROWS
 from batchpipe.db.rows import RESULT_FIELDS
 from batchpipe.db.schema import batches, items, jobs
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
@@ -103,6 +104,8 @@ class LedgerMixin(StoreBase):
             while chunk := list(itertools.islice(source, _CHUNK)):
                 requeue = [(row, new_hash) for row, new_hash, differs in chunk if differs]
                 keep = [(row, new_hash) for row, new_hash, differs in chunk if not differs]
+                # A succeeded answer about to be cleared goes into the history first.
+                ARCHIVE_ROWS[self.dialect].execute(conn, [(row,) for row, _ in requeue], shared)
                 _REQUEUE.execute(conn, requeue, shared)
                 _SET_HASH.execute(conn, keep, shared)
                 changed += len(requeue)

@@ -4,10 +4,10 @@ psycopg's executemany runs the UPDATE once per row, and every run is a round tri
 server: at 1,000,000 rows, collect took 60.7 s of batchpipe's CPU on PostgreSQL against 30.6
 s on SQLite (bench/bench_pipeline.py). Here a chunk of lines is streamed with COPY into a
 temporary table (dropped at commit) and joined against ``items`` by one UPDATE; the attempts
-history is one INSERT … SELECT. The rules are those of the executemany path on SQLite: an
-item changes only while it is submitted under the line's custom_id, a transient failure
-leaves its batch, each attempt's cost adds to the item's, and history rows already recorded
-are left alone.
+history is one INSERT … SELECT of the lines that did not succeed (``history.py``). The rules
+are those of the executemany path on SQLite: an item changes only while it is submitted
+under the line's custom_id, a transient failure leaves its batch, each attempt's cost adds
+to the item's, and history rows already recorded are left alone.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ INSERT INTO attempts (job_id, row_index, attempt, custom_id, batch_id, result_ty
 SELECT %(job_id)s, row_index, attempt, custom_id, %(batch_id)s, result_type,
        error_type, error_message, input_tokens, output_tokens, %(now)s
 FROM {_TEMP}
+WHERE status <> 'succeeded'
 ON CONFLICT (job_id, row_index, attempt) DO NOTHING
 """  # noqa: S608
 

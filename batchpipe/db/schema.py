@@ -142,8 +142,9 @@ items = sa.Table(
     sa.Index(None, "job_id", "row_key"),
 )
 
-# One row per (job, row, attempt): the primary key is what makes re-applying a results file
-# a no-op (INSERT … ON CONFLICT DO NOTHING).
+# One row per (job, row, attempt) that is not the item's final success (that one is the
+# item row itself; see db/history.py): the primary key is what makes re-applying a results
+# file a no-op (INSERT … ON CONFLICT DO NOTHING).
 attempts = sa.Table(
     "attempts",
     metadata,
