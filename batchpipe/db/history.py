@@ -27,7 +27,7 @@ _COPIED = (
     "job_id", "row_index", "attempt", "custom_id", "batch_id", "result_type", "error_type",
     "error_message", "input_tokens", "output_tokens", "recorded_at",
 )  # fmt: skip
-_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+_DIALECTS = ("sqlite", "postgresql")
 
 
 def archive_succeeded(dialect: str, where: sa.ColumnElement[bool]) -> sa.Insert:
@@ -35,8 +35,7 @@ def archive_succeeded(dialect: str, where: sa.ColumnElement[bool]) -> sa.Insert:
 
     ``p_now`` (the recorded_at) is a parameter. Attempts already recorded are left alone.
     """
-    insert = _INSERTS.get(dialect)
-    if insert is None:
+    if dialect not in _DIALECTS:
         raise StoreError(f"unsupported database dialect {dialect!r}")
     source = sa.select(
         items.c.job_id,
@@ -51,14 +50,15 @@ def archive_succeeded(dialect: str, where: sa.ColumnElement[bool]) -> sa.Insert:
         items.c.output_tokens,
         sa.bindparam("p_now", type_=attempts.c.recorded_at.type),
     ).where(where, items.c.status == SUCCEEDED, items.c.custom_id.is_not(None))
-    stmt: sa.Insert = (
-        insert(attempts).from_select(_COPIED, source).on_conflict_do_nothing(index_elements=KEYS)
-    )
-    return stmt
+    if dialect == "sqlite":
+        lite = sqlite.insert(attempts).from_select(_COPIED, source)
+        return lite.on_conflict_do_nothing(index_elements=KEYS)
+    pg = postgresql.insert(attempts).from_select(_COPIED, source)
+    return pg.on_conflict_do_nothing(index_elements=KEYS)
 
 
 # One row of a re-run at a time: (row_index,) tuples, p_job and p_now shared.
 _ONE_ROW = sa.and_(
     items.c.job_id == sa.bindparam("p_job"), items.c.row_index == sa.bindparam("p_row")
 )
-ARCHIVE_ROWS = {d: BulkStatement(archive_succeeded(d, _ONE_ROW), ("p_row",)) for d in _INSERTS}
+ARCHIVE_ROWS = {d: BulkStatement(archive_succeeded(d, _ONE_ROW), ("p_row",)) for d in _DIALECTS}
