@@ -60,6 +60,36 @@ _INSERT = BulkStatement(
     ),
     _INSERT_COLUMNS,
 )
+PENDING = ItemStatus.PENDING.value
+
+
+def _hash(rest: list[Any]) -> Any:
+    """The optional fifth field of an insert_items row (its request hash), or None."""
+    return rest[0] if rest else None
+
+
+def _insert_pending(job_id: int) -> BulkStatement:
+    """INSERT of a pending item on SQLite binding only what varies from row to row.
+
+    Rows are ``(row_index, row_key, request_hash, updated_at)``, the time already in the
+    driver's form; the job, status and attempts are literals of the statement. Binding
+    seven values a row, four of them the same for every row, cost 0.8 s of SQLite's CPU
+    per million rows inserted, a fifth of the insert.
+    """
+    stmt = (
+        sa.insert(items)
+        .inline()
+        .values(
+            job_id=sa.literal_column(str(int(job_id))),
+            status=sa.literal_column(f"'{PENDING}'"),
+            attempts=sa.literal_column("0"),
+            row_index=sa.bindparam("row_index"),
+            row_key=sa.bindparam("row_key"),
+            request_hash=sa.bindparam("request_hash"),
+            updated_at=sa.bindparam("updated_at"),
+        )
+    )
+    return BulkStatement(stmt, ("row_index", "row_key", "request_hash", "updated_at"))
 
 
 class ItemsMixin(StoreBase):
@@ -78,19 +108,37 @@ class ItemsMixin(StoreBase):
         now = self.clock()
         total = 0
         source = iter(rows)
-        # Plain tuples straight to the driver (COPY on PostgreSQL): see db/bulk.py.
-        shaped = (
-            (job_id, i, key, ItemStatus(status).value, error, 0, rest[0] if rest else None)
-            for i, key, status, error, *rest in source
-        )
         with self._begin() as conn:
             if self.dialect == "postgresql":
-                stamp = (now,)
-                return copy_rows(
-                    conn, items, (*_INSERT_COLUMNS, "updated_at"), (r + stamp for r in shaped)
+                # Plain tuples straight to COPY: see db/bulk.py.
+                shaped = (
+                    (job_id, i, key, ItemStatus(status).value, error, 0, _hash(rest), now)
+                    for i, key, status, error, *rest in source
                 )
-            while chunk := list(itertools.islice(shaped, INSERT_CHUNK)):
-                total += _INSERT.execute(conn, chunk, {"p_now": now})
+                return copy_rows(conn, items, (*_INSERT_COLUMNS, "updated_at"), shaped)
+            pending_stmt = _insert_pending(job_id)
+            stamp = items.c.updated_at.type._cached_bind_processor(conn.dialect)
+            now_value = stamp(now) if stamp is not None else now
+            while chunk := list(itertools.islice(source, INSERT_CHUNK)):
+                pending: list[tuple[Any, ...]] = []
+                others: list[tuple[Any, ...]] = []
+                for i, key, status, error, *rest in chunk:
+                    if status == PENDING:
+                        pending.append((i, key, rest[0] if rest else None, now_value))
+                    else:
+                        others.append(
+                            (
+                                job_id,
+                                i,
+                                key,
+                                ItemStatus(status).value,
+                                error,
+                                0,
+                                rest[0] if rest else None,
+                            )
+                        )
+                total += pending_stmt.execute(conn, pending)
+                total += _INSERT.execute(conn, others, {"p_now": now})
         return total
 
     def find_duplicate_keys(self, job_id: int, limit: int = 20) -> list[tuple[str, list[int]]]:
