@@ -317,6 +317,19 @@ def test_plan_batch_by_range_keeps_each_rows_attempt(store: Store) -> None:
     ]
 
 
+def test_plan_batch_by_range_refuses_a_row_at_another_attempt(store: Store) -> None:
+    job = with_items(store, 4)
+    first = plan(store, job, [1])
+    back = errored(1, "overloaded_error", P)  # row 1 is pending again, at attempt 1
+    store.apply_results(job, first, [back])
+    before = by_row(store, job)
+    # Rows 0-3 planned as all first attempts: row 1's would repeat its custom_id.
+    with pytest.raises(StoreError, match="only 3 of 4 items were pending"):
+        plan(store, job, [0, 1, 2, 3])
+    assert by_row(store, job) == before
+    assert len(store.list_batches(job)) == 1
+
+
 def test_mark_created_update_and_list_batches(store: Store) -> None:
     job = with_items(store, 4)
     b1, b2 = plan(store, job, [0, 1]), plan(store, job, [2, 3])
@@ -492,6 +505,22 @@ def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Stor
     priced = ItemUpdate(**{**asdict(succeeded(1)), "cost_usd": 0.25})
     assert store.apply_results(job, first, [priced]) == 0  # already applied: no second charge
     assert by_row(store, job)[1].cost_usd == 0.25
+
+
+def test_an_unpriced_success_keeps_what_earlier_attempts_cost(store: Store) -> None:
+    job = with_items(store, 2)
+    first = plan(store, job, [0, 1])
+    cut = succeeded(0, cost_usd=0.25, stop_reason="max_tokens")
+    cut.status = P  # a truncated answer, paid for and sent again
+    store.apply_results(job, first, [cut, succeeded(1)])  # row 1: unknown model, no price
+    retry = plan(store, job, [0], attempt=2)
+    store.apply_results(job, retry, [succeeded(0, attempt=2)])  # unpriced too
+    items = by_row(store, job)
+    assert [(items[r].status, items[r].cost_usd) for r in (0, 1)] == [
+        (ItemStatus.SUCCEEDED, 0.25),
+        (ItemStatus.SUCCEEDED, None),
+    ]
+    assert (items[0].stop_reason, items[0].error_type) == (None, None)
 
 
 def test_requeue_items_by_error_type(store: Store) -> None:
