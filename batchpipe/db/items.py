@@ -124,19 +124,10 @@ class ItemsMixin(StoreBase):
                 others: list[tuple[Any, ...]] = []
                 for i, key, status, error, *rest in chunk:
                     if status == PENDING:
-                        pending.append((i, key, rest[0] if rest else None, now_value))
+                        pending.append((i, key, _hash(rest), now_value))
                     else:
-                        others.append(
-                            (
-                                job_id,
-                                i,
-                                key,
-                                ItemStatus(status).value,
-                                error,
-                                0,
-                                rest[0] if rest else None,
-                            )
-                        )
+                        status_value = ItemStatus(status).value
+                        others.append((job_id, i, key, status_value, error, 0, _hash(rest)))
                 total += pending_stmt.execute(conn, pending)
                 total += _INSERT.execute(conn, others, {"p_now": now})
         return total
