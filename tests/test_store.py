@@ -330,6 +330,15 @@ def test_plan_batch_by_range_refuses_a_row_at_another_attempt(store: Store) -> N
     assert len(store.list_batches(job)) == 1
 
 
+def test_plan_batch_refuses_a_row_planned_twice(store: Store) -> None:
+    job = with_items(store, 5)
+    before = by_row(store, job)
+    with pytest.raises(StoreError):
+        plan(store, job, [1, 2, 2, 4])  # rows 1-4 in count, but row 3 was never planned
+    assert by_row(store, job) == before
+    assert store.list_batches(job) == []
+
+
 def test_mark_created_update_and_list_batches(store: Store) -> None:
     job = with_items(store, 4)
     b1, b2 = plan(store, job, [0, 1]), plan(store, job, [2, 3])
@@ -521,6 +530,35 @@ def test_an_unpriced_success_keeps_what_earlier_attempts_cost(store: Store) -> N
         (ItemStatus.SUCCEEDED, None),
     ]
     assert (items[0].stop_reason, items[0].error_type) == (None, None)
+
+
+def test_the_first_of_repeated_lines_wins_and_a_success_keeps_what_it_carries(
+    store: Store,
+) -> None:
+    job = with_items(store, 3)
+    batch = plan(store, job, [0, 1, 2])
+    odd = succeeded(2)
+    odd.error_type, odd.error_message = "note", "kept as sent"
+    lines = [errored(0, "invalid_request_error", ItemStatus.ERRORED), succeeded(0)]
+    assert store.apply_results(job, batch, [*lines, succeeded(1), succeeded(1), odd]) == 3
+    items = by_row(store, job)
+    assert (items[0].status, items[0].error_type) == (ItemStatus.ERRORED, "invalid_request_error")
+    assert (items[1].status, items[1].response_text) == (ItemStatus.SUCCEEDED, "answer 1")
+    assert (items[2].status, items[2].error_type, items[2].error_message) == (
+        ItemStatus.SUCCEEDED,
+        "note",
+        "kept as sent",
+    )
+
+
+def test_insert_items_keeps_a_pending_rows_message(store: Store) -> None:
+    job = new_job(store)
+    store.insert_items(job, [(0, "a", P, None, "h0"), (1, "b", P, "note", "h1")])
+    items = by_row(store, job)
+    assert [(items[i].error_message, items[i].request_hash) for i in (0, 1)] == [
+        (None, "h0"),
+        ("note", "h1"),
+    ]
 
 
 def test_requeue_items_by_error_type(store: Store) -> None:

@@ -11,13 +11,17 @@ analyzes the table after its COPY (``db/bulk.py``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from batchpipe.db import Store, upgrade
+from batchpipe.db.base import batch_members
 from batchpipe.db.batches import _BULK_APPLY_FINAL, _BULK_APPLY_TRANSIENT, _BULK_CLAIM
 from batchpipe.db.bulk import BulkStatement
+from batchpipe.db.schema import items
 from batchpipe.models import ItemStatus
 
 
@@ -58,3 +62,60 @@ def test_per_row_updates_use_the_primary_key(pg_store: Store, statement: BulkSta
     plan = _generic_plan(pg_store, statement)
     assert "pk_items" in plan, plan
     assert "ix_items_job_id_status" not in plan, plan
+
+
+def _captured(store: Store, action: Callable[[], object]) -> list[tuple[str, Any]]:
+    """The UPDATE and SELECT statements (with their parameters) that ``action`` runs on items."""
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        if "items" in sql and sql.lstrip().upper().startswith(("UPDATE", "SELECT")):
+            seen.append((sql, params))
+
+    sa.event.listen(store._engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        sa.event.remove(store._engine, "before_cursor_execute", record)
+    return seen
+
+
+def _plan_of(store: Store, sql: str, params: Any) -> str:
+    with store._engine.connect() as conn:
+        raw: Any = conn.connection.dbapi_connection
+        with raw.cursor() as cur:
+            cur.execute(f"EXPLAIN {sql}", params)
+            plan = "\n".join(r[0] for r in cur.fetchall())
+        conn.rollback()
+    return plan
+
+
+@pytest.mark.postgres
+def test_a_batchs_items_are_read_by_its_row_span(pg_store: Store) -> None:
+    """With statistics taken while everything was pending, 'submitted' looks rare to the
+    planner; a batch's members must still come from the primary-key range of its rows, not
+    from the (job_id, status) index walking every in-flight row of the job."""
+    job = pg_store.create_job(name="j", token="0123456789", spec={}, input_fingerprint="fp").id
+    pg_store.insert_items(job, ((i, str(i), ItemStatus.PENDING, None) for i in range(40_000)))
+    batches = [
+        pg_store.plan_batch(
+            job,
+            round=1,
+            items=[(r, f"0123456789-{r}-1", 1) for r in range(first, first + 5_000)],
+            request_bytes=1,
+        ).id
+        for first in range(0, 40_000, 5_000)
+    ]
+    target = batches[3]
+    # The UPDATE that requeue_batch_leftovers runs, and the predicate that iter_batch_items
+    # and release_batch_items read a batch's items by.
+    update = [s for s in _captured(pg_store, lambda: pg_store.requeue_batch_leftovers(target))]
+    with pg_store._begin() as conn:
+        members = batch_members(conn, target, [ItemStatus.SUBMITTED.value])
+        select = sa.select(items.c.row_index).where(members)
+        sql = str(select.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    assert len(update) == 1
+    for statement, params in [*update, (sql, None)]:
+        plan = _plan_of(pg_store, statement, params)
+        assert "pk_items" in plan, plan
+        assert "ix_items_job_id_status" not in plan, plan

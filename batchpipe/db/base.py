@@ -43,11 +43,16 @@ def status_values(statuses: E | Collection[E]) -> list[str]:
     return [str(s.value) for s in statuses]
 
 
-def batch_members(conn: sa.Connection, batch_id: int) -> sa.ColumnElement[bool]:
-    """WHERE clause for the items of one batch: a range of the items' primary key.
+def batch_members(
+    conn: sa.Connection, batch_id: int, statuses: Collection[str] | None = None
+) -> sa.ColumnElement[bool]:
+    """WHERE clause for the items of one batch (optionally only those in ``statuses``).
 
     There is no index on ``items.batch_id`` (every claim and result would update it), so the
-    batch's job and row span, read here, narrow the search to the rows it can hold.
+    batch's job and row span, read here, make it a range of the items' primary key. The
+    status test is written so that no index can serve it: PostgreSQL, whose statistics
+    (taken when the items were all pending) say almost nothing is submitted, otherwise
+    walks the (job_id, status) index through every in-flight row of the job instead.
     """
     span = conn.execute(
         sa.select(batches.c.job_id, batches.c.first_row, batches.c.last_row).where(
@@ -60,6 +65,8 @@ def batch_members(conn: sa.Connection, batch_id: int) -> sa.ColumnElement[bool]:
     where = sa.and_(items.c.job_id == job_id, items.c.batch_id == batch_id)
     if first is not None and last is not None:
         where = sa.and_(where, items.c.row_index.between(first, last))
+    if statuses is not None:
+        where = sa.and_(where, (items.c.status + sa.literal_column("''")).in_(list(statuses)))
     return where
 
 

@@ -212,7 +212,7 @@ def _claim_range(
         )
     )
     attempts_planned = {attempt for _, _, attempt in items}
-    if rows[-1] - rows[0] + 1 == len(rows) and len(attempts_planned) == 1:
+    if rows == list(range(rows[0], rows[0] + len(rows))) and len(attempts_planned) == 1:
         # Every row of the range, all at one attempt (a first round): the UPDATE's own
         # count proves the claim, no count before it and no read-back (1 s of CPU at 1M rows).
         count = conn.execute(
@@ -366,7 +366,7 @@ class BatchesMixin(StoreBase):
                 raise StoreError(f"batch {batch_id} is not planned; cannot mark it rejected")
             released = conn.execute(
                 sa.update(item_table)
-                .where(batch_members(conn, batch_id), item_table.c.status == SUBMITTED)
+                .where(batch_members(conn, batch_id, [SUBMITTED]))
                 .values(
                     status=PENDING,
                     attempts=sa.func.max(item_table.c.attempts - 1, 0)
@@ -387,7 +387,7 @@ class BatchesMixin(StoreBase):
         with self._begin() as conn:
             stmt = (
                 sa.update(item_table)
-                .where(batch_members(conn, batch_id), item_table.c.status == SUBMITTED)
+                .where(batch_members(conn, batch_id, [SUBMITTED]))
                 .values(status=PENDING, batch_id=None, updated_at=self.clock())
             )
             return int(conn.execute(stmt).rowcount)
@@ -411,11 +411,22 @@ class BatchesMixin(StoreBase):
         transient: list[tuple[Any, ...]] = []
         history: list[tuple[Any, ...]] = []
         copied: list[tuple[Any, ...]] = []  # PostgreSQL: one tuple of pg_apply.COLUMNS each
+        seen: set[str] = set()
         for u in updates:
             status = u.status if isinstance(u.status, ItemStatus) else ItemStatus(u.status)
             if status is ItemStatus.SUBMITTED:
                 raise ValueError(f"row {u.row_index}: a result cannot leave an item submitted")
-            if status is ItemStatus.SUCCEEDED and not on_postgres:
+            # A line repeated in the file counts once, the first one (as on PostgreSQL): the
+            # statements below run one kind of line after another, not in file order.
+            if u.custom_id in seen:
+                continue
+            seen.add(u.custom_id)
+            if (
+                status is ItemStatus.SUCCEEDED
+                and u.error_type is None
+                and u.error_message is None
+                and not on_postgres
+            ):
                 kept.append(
                     (*_kept_values(u), u.cost_usd, now_value, job_id, u.row_index, u.custom_id)
                 )

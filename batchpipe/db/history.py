@@ -8,7 +8,11 @@ Recording every success as well cost 1.8 s of SQLite CPU at 1,000,000 rows
 
 When a succeeded item is sent again (``retry`` of succeeded rows, a re-run whose request
 changed), :func:`archive_succeeded` first copies its answer's attempt into the history, so
-no attempt is ever lost: a row's attempts are its ``attempts`` rows plus the item itself.
+every answer a row ever kept is recorded: a row's attempts are its ``attempts`` rows plus
+the item itself. Two things are not: a success whose line changed nothing (its custom_id
+was no longer the item's, e.g. a results file read again), and the time an archived
+success arrived (its ``recorded_at`` is when it was archived; the item's answer carries no
+arrival time of its own).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class ItemsMixin(StoreBase):
                 pending: list[tuple[Any, ...]] = []
                 others: list[tuple[Any, ...]] = []
                 for i, key, status, error, *rest in chunk:
-                    if status == PENDING:
+                    if status == PENDING and error is None:
                         pending.append((i, key, _hash(rest), now_value))
                     else:
                         status_value = ItemStatus(status).value
@@ -202,11 +202,10 @@ class ItemsMixin(StoreBase):
         Read by the batch's row span (:func:`batch_members`), so reading one batch of a big
         job does not scan the job's other rows.
         """
+        wanted = None if statuses is None else status_values(statuses)
         with self._begin() as conn:
-            members = batch_members(conn, batch_id)
+            members = batch_members(conn, batch_id, wanted)
         base = sa.select(*_ITEM_COLUMNS).where(members)
-        if statuses is not None:
-            base = base.where(items.c.status.in_(status_values(statuses)))
         for row in self._keyset(base, 0, page):
             yield ItemRow.from_tuple(row)
 

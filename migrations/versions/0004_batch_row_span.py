@@ -27,11 +27,13 @@ def upgrade() -> None:
     with op.batch_alter_table("batches") as batch:
         batch.add_column(sa.Column("first_row", sa.Integer, nullable=True))
         batch.add_column(sa.Column("last_row", sa.Integer, nullable=True))
-    # Backfilled while the batch_id index still serves the lookups.
+    # One pass over the batched items (UPDATE … FROM: SQLite 3.33+, PostgreSQL), rather
+    # than two lookups per batch ever created.
     op.execute(
-        "UPDATE batches SET "
-        "first_row = (SELECT min(row_index) FROM items WHERE items.batch_id = batches.id), "
-        "last_row = (SELECT max(row_index) FROM items WHERE items.batch_id = batches.id)"
+        "UPDATE batches SET first_row = span.lo, last_row = span.hi FROM ("
+        "SELECT batch_id, min(row_index) AS lo, max(row_index) AS hi FROM items "
+        "WHERE batch_id IS NOT NULL GROUP BY batch_id) AS span "
+        "WHERE batches.id = span.batch_id"
     )
     op.drop_index("ix_items_batch_id", table_name="items")
 
