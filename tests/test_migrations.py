@@ -95,6 +95,7 @@ def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
         engine = sa.create_engine(url)
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 16_384
         engine.dispose()
 
 

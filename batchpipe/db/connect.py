@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from batchpipe.errors import StoreError, UsageError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_PAGE_BYTES = 16_384
 
 
 def mask_url(url: str | URL) -> str:
@@ -66,6 +67,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        # Takes effect only on a new, empty file (before WAL is on), a no-op on any other:
+        # 16 KiB pages cost SQLite 11% less CPU for a million items' insert, claim and
+        # results than the default 4 KiB (bench/store_floor.py: 9.55 s -> 8.48 s).
+        cursor.execute(f"PRAGMA page_size = {SQLITE_PAGE_BYTES}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         # WAL makes NORMAL durable against application crashes; only power loss can drop
