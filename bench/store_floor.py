@@ -1,11 +1,11 @@
 """What the per-item state writes cost SQLite itself, without batchpipe around them.
 
 Creates batchpipe's schema (``batchpipe.db.schema``) in a fresh SQLite file with the pragmas
-the Store uses (WAL, synchronous=NORMAL) and runs, through the bare ``sqlite3`` module, the
-same writes a job of N rows makes: insert the items (chunks of 10,000 in one transaction),
-claim them by range in batches of 100,000 (one UPDATE each), apply one succeeded result per
-item (executemany in chunks of 5,000, one transaction per chunk; a success is not copied
-into the attempts history, see ``batchpipe/db/history.py``).
+the Store uses (16 KiB pages, WAL, synchronous=NORMAL) and runs, through the bare ``sqlite3``
+module, the same writes a job of N rows makes: insert the items (chunks of 10,000 in one
+transaction), claim them by range in batches of 100,000 (one UPDATE each), apply one
+succeeded result per item (executemany in chunks of 5,000, one transaction per chunk; a
+success is not copied into the attempts history, see ``batchpipe/db/history.py``).
 Prints the process CPU seconds of each step: the part of ``bench/bench_pipeline.py``'s
 batchpipe time that no Python-side change can remove while every item keeps its own row.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from batchpipe.db.connect import SQLITE_PAGE_BYTES
 from batchpipe.db.schema import metadata
 
 NOW = "2026-01-01 00:00:00.000000"
@@ -40,6 +41,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
     path = Path(tempfile.mkdtemp(prefix="batchpipe-store-floor-")) / "state.db"
+    fresh = sqlite3.connect(path)  # the page size the Store gives a new file
+    fresh.execute(f"PRAGMA page_size = {SQLITE_PAGE_BYTES}")
+    fresh.execute("VACUUM")  # writes the (empty) file, fixing its page size
+    fresh.close()
     engine = sa.create_engine(f"sqlite:///{path}")
     metadata.create_all(engine)
     engine.dispose()
