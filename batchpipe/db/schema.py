@@ -138,8 +138,9 @@ items = sa.Table(
     # Dollars paid for the row so far (every attempt, batch prices); NULL: nothing priced yet.
     sa.Column("cost_usd", sa.Float, nullable=True),
     sa.Column("updated_at", UTCDateTime, nullable=True),
+    # No index on row_key: only ingest's duplicate check reads by it, once, and grouping
+    # the job's keys then costs SQLite less than keeping an index on every insert.
     sa.Index(None, "job_id", "status"),
-    sa.Index(None, "job_id", "row_key"),
 )
 
 # One row per (job, row, attempt) that is not the item's final success (that one is the
