@@ -184,6 +184,23 @@ class JobSpec(BaseModel):
             raise ValueError(f"params may not set {', '.join(clash)}; use the dedicated option")
         return value
 
+    @field_validator("output_schema")
+    @classmethod
+    def _fields_do_not_shadow_result_columns(
+        cls, value: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        # Each field becomes an output column beside RESULT_COLUMNS; a second column of the
+        # same name makes the Parquet file unreadable by name (found only after paying).
+        properties = (value or {}).get("properties")
+        if isinstance(properties, dict):
+            clash = [name for name in properties if name in RESULT_COLUMNS]
+            if clash:
+                raise ValueError(
+                    f"field(s) {', '.join(map(repr, clash))} would repeat result column(s) "
+                    f"batchpipe adds to every row ({', '.join(RESULT_COLUMNS)}); rename them"
+                )
+        return value
+
     def request_fields(self) -> dict[str, Any]:
         """The spec fields that shape every request (the rest only steer batchpipe)."""
         return self.model_dump(

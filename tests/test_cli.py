@@ -157,6 +157,21 @@ def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     assert "--max-tokens" in result.stderr
 
 
+def test_a_schema_field_named_like_a_result_column_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"label": {}, "model": {}}}')
+    out = tmp_path / "out.parquet"
+    result = invoke(tmp_path, *run_args(src, out, "--output-schema", str(schema)))
+    assert result.exit_code == 2
+    assert "'model' would repeat result column" in result.stderr
+    assert "rename" in result.stderr
+    assert not out.exists()
+    assert batches_created(tmp_path) == 0
+
+
 def test_no_api_key_says_what_to_do(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     args = [a for a in run_args(src, tmp_path / "out.parquet") if a != "--emulate"]
