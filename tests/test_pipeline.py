@@ -7,6 +7,7 @@ the test takes `db_url`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from batchpipe import db, pipeline
 from batchpipe.client import BatchClient
@@ -199,6 +201,24 @@ def test_max_attempts_is_honoured(harness: Harness, tmp_path: Path) -> None:
     assert {r["result_status"] for r in table} == {"expired"}
     assert {r["attempts"] for r in table} == {2}
     assert harness.emulator.stats()["requests_received"] == 100
+
+
+def test_each_collected_batch_logs_its_failures_by_type(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 200)
+    harness.emulator.configure(errored_rate=0.2, expired_rate=0.1, invalid_rate=0.05)
+    with capture_logs() as logs:
+        harness.run(spec_for(tmp_path, src, max_attempts=1))
+    collected = [e for e in logs if e["event"] == "batch.collected"]
+    failures: Counter[str] = Counter()
+    for event in collected:
+        failures.update(event["failures"])
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    # One attempt each: every failed row is one failed line, under its error (or result) type.
+    expected = Counter(r["error_type"] or r["result_status"] for r in table)
+    del expected["succeeded"]
+    assert failures == expected
+    assert {"expired", "invalid_request_error"} <= failures.keys()
 
 
 def test_rerun_of_a_finished_job_sends_nothing(harness: Harness, tmp_path: Path) -> None:

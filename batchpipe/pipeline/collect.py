@@ -8,6 +8,7 @@ back to `pending` (the next submit resends them) until the job's attempt limit.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -111,6 +112,8 @@ def _collect_batch(
     buf: list[ItemUpdate] = []
     applied = foreign = lines = 0
     usage = {"input_tokens": 0, "output_tokens": 0}
+    # Lines that did not succeed, by error type (or result type: expired, canceled).
+    failures: Counter[str] = Counter()
     ctx.progress.start("downloading", batch.request_count)
     try:
         # Raw content blocks only when a schema needs them (the tool call's input).
@@ -135,6 +138,8 @@ def _collect_batch(
             )
             usage["input_tokens"] += record.input_tokens or 0
             usage["output_tokens"] += record.output_tokens or 0
+            if record.result_type is not ResultType.SUCCEEDED:
+                failures[record.error_type or record.result_type.value] += 1
             if len(buf) >= _APPLY_CHUNK:
                 applied += ctx.store.apply_results(job.id, batch.id, buf)
                 ctx.progress.advance(len(buf))
@@ -170,7 +175,14 @@ def _collect_batch(
         status=BatchStatus.COLLECTED,
         collected_at=ctx.clock(),
     )
-    logger.info("batch.collected", lines=lines, applied=applied, missing=leftovers, **usage)
+    logger.info(
+        "batch.collected",
+        lines=lines,
+        applied=applied,
+        missing=leftovers,
+        failures=dict(failures),
+        **usage,
+    )
     release_free_memory()
     return applied
 
