@@ -499,6 +499,20 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     assert len(history_of(store, job)) == 6
 
 
+def test_rerun_items_counts_only_the_rows_it_sends_again(store: Store) -> None:
+    job = new_job(store)
+    store.insert_items(
+        job, [(0, "a", P, None), (1, "b", ItemStatus.INVALID, "bad"), (2, "c", P, None)]
+    )
+    sent = plan(store, job, [2])
+    # Row 1 is invalid and row 2 in flight: neither is sent again, whatever the caller says.
+    rows = [(0, "h0", True), (1, "h1", True), (2, "h2", True)]
+    assert store.rerun_items(job, rows, spec={"model": "m"}) == (1, 0)
+    items = by_row(store, job)
+    assert [items[r].status for r in range(3)] == [P, ItemStatus.INVALID, S]
+    assert items[2].batch_id == sent
+
+
 def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Store) -> None:
     job = with_items(store, 2)
     first = plan(store, job, [0, 1])

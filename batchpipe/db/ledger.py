@@ -106,10 +106,10 @@ class LedgerMixin(StoreBase):
                 keep = [(row, new_hash) for row, new_hash, differs in chunk if not differs]
                 # A succeeded answer about to be cleared goes into the history first.
                 ARCHIVE_ROWS[self.dialect].execute(conn, [(row,) for row, _ in requeue], shared)
-                _REQUEUE.execute(conn, requeue, shared)
-                _SET_HASH.execute(conn, keep, shared)
-                changed += len(requeue)
-                unchanged += len(keep)
+                # Counted by what the statements changed: a row in flight or invalid that
+                # was passed in as changed is left alone and not counted.
+                changed += _REQUEUE.execute(conn, requeue, shared)
+                unchanged += _SET_HASH.execute(conn, keep, shared)
             values: dict[str, Any] = {"spec": dict(spec), "updated_at": now}
             if changed:
                 values.update(status=JobStatus.RUNNING.value, error=None, exported_at=None)
