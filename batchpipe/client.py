@@ -421,6 +421,7 @@ def _batch_info(batch: MessageBatch) -> BatchInfo:
         cancel_initiated_at=batch.cancel_initiated_at,
         archived_at=batch.archived_at,
         results_url=batch.results_url,
+        request_id=getattr(batch, "_request_id", None),
     )
 
 

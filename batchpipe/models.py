@@ -247,6 +247,9 @@ class BatchInfo:
     cancel_initiated_at: datetime | None
     archived_at: datetime | None
     results_url: str | None
+    # The API's request id of the call that returned this (for log lines; None in tests
+    # that build one by hand).
+    request_id: str | None = None
 
 
 # Not frozen, for the same reason as db.rows.ItemUpdate: one per result line.

@@ -79,6 +79,8 @@ def test_logs_are_json_lines_off_a_tty_with_one_canonical_line_per_step(tmp_path
     submitted = by_name["batch.submitted"]
     assert sum(e["requests"] for e in submitted) == ROWS
     assert all(e["api_batch_id"].startswith("msgbatch_") and e["job_id"] == 1 for e in submitted)
+    # The step lines name the API request that settled them, like the api.* lines do.
+    assert all(e["request_id"].startswith("req_") for e in [*submitted, *by_name["batch.ended"]])
     collected = by_name["batch.collected"]
     assert sum(e["applied"] for e in collected) == ROWS
     assert all(e["output_tokens"] > 0 for e in collected)

@@ -74,7 +74,7 @@ def poll(ctx: Context, job: JobRow) -> int:
                 ended_at=info.ended_at,
                 api_counts=counts,
             )
-            logger.info("batch.ended", **counts)
+            logger.info("batch.ended", request_id=info.request_id, **counts)
             ended += 1
             continue
         status = BatchStatus.CANCELING if info.processing_status == "canceling" else batch.status

@@ -175,7 +175,12 @@ def _send(
         batch.id, api_batch_id=info.id, created_at=info.created_at, expires_at=info.expires_at
     )
     logger.info(
-        "batch.submitted", api_batch_id=info.id, requests=count, bytes=nbytes, round=batch.round
+        "batch.submitted",
+        api_batch_id=info.id,
+        requests=count,
+        bytes=nbytes,
+        round=batch.round,
+        request_id=info.request_id,
     )
     failpoint("after_mark_created")
     ctx.heartbeat(job.id)
