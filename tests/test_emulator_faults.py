@@ -22,6 +22,7 @@ from batchpipe.emulator import (
     EmulatorServer,
     ResultsStreamBroken,
 )
+from batchpipe.emulator.wsgi import ORGANIZATION_ID
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared/reference/anthropic-openapi-subset.json"
 DAY = 86_400.0
@@ -90,6 +91,27 @@ def test_sdk_retries_through_transient_faults(emulator: Emulator) -> None:
     assert stats["calls"]["create"] == 3  # two faulted attempts, then the real one
     assert stats["batches_created"] == 1
     assert stats["faults"] == {"http_429": 1, "http_529": 1}
+
+
+def test_retry_headers_steer_the_sdk_as_the_api_does(emulator_server: EmulatorServer) -> None:
+    emu = emulator_server.emulator
+    url = emulator_server.url
+    # retry-after-ms wins over retry-after: a 30 s retry-after would stall this test.
+    emu.configure(fail_next=[429], retry_after=30, retry_after_ms=5)
+    client = anthropic.Anthropic(api_key="t", base_url=url, max_retries=1)
+    raw = client.messages.batches.with_raw_response.list()
+    assert raw.headers["anthropic-organization-id"] == ORGANIZATION_ID
+    assert emu.stats()["calls"]["list"] == 2
+    # x-should-retry overrides the status: false stops the SDK retrying even a 500, true
+    # makes it retry a 400 it would otherwise give up on.
+    emu.configure(fail_next=[500], should_retry="false", retry_after=0, retry_after_ms=0)
+    with pytest.raises(anthropic.InternalServerError) as err:
+        client.messages.batches.list()
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert emu.stats()["calls"]["list"] == 3  # not retried
+    emu.configure(fail_next=[400], should_retry="true")
+    assert client.messages.batches.list().data == []
+    assert emu.stats()["calls"]["list"] == 5  # the 400, then its retry
 
 
 def test_fault_rates_replay_with_the_same_seed() -> None:

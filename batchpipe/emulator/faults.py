@@ -67,6 +67,10 @@ def draw_call_fault(store: BatchStore, rng: random.Random) -> CallFault:
     headers: list[tuple[str, str]] = []
     if status == 429 and cfg.retry_after > 0:
         headers.append(("retry-after", f"{cfg.retry_after:g}"))
+    if status == 429 and cfg.retry_after_ms > 0:
+        headers.append(("retry-after-ms", f"{cfg.retry_after_ms:g}"))
+    if cfg.should_retry:
+        headers.append(("x-should-retry", cfg.should_retry))
     return CallFault(ApiFailure(status, error_type, message), headers, slow)
 
 

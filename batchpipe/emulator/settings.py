@@ -83,6 +83,17 @@ class EmulatorConfig(BaseModel):
         ge=0.0,
         description="Value of the retry-after header on 429 answers (0: omit it)",
     )
+    retry_after_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Value of the retry-after-ms header on 429 answers (0: omit it); the SDK "
+        "prefers it to retry-after",
+    )
+    should_retry: Literal["", "true", "false"] = Field(
+        default="",
+        description="x-should-retry header on injected HTTP faults ('': omit it); the SDK "
+        "obeys it over the status code",
+    )
     slow_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Fraction of API calls delayed by slow_seconds"
     )

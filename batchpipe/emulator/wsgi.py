@@ -50,6 +50,8 @@ _REASONS = {
     529: "Overloaded",
 }
 _CHUNK_BYTES = 64 * 1024  # results are sent in chunks of about this size
+# The API names the caller's organization on every answer; the emulator has one.
+ORGANIZATION_ID = "0e1c5a7e-0000-4000-8000-00000000e1a7"
 
 
 def _json(
@@ -60,6 +62,7 @@ def _json(
         ("content-type", "application/json"),
         ("content-length", str(len(data))),
         ("request-id", request_id),
+        ("anthropic-organization-id", ORGANIZATION_ID),
         *extra,
     ]
     return status, headers, [data]
@@ -207,6 +210,7 @@ class EmulatorApp:
             ("content-type", "application/x-jsonl"),
             ("content-disposition", f"attachment; filename*=utf-8''{batch_id}_results.jsonl"),
             ("request-id", rid),
+            ("anthropic-organization-id", ORGANIZATION_ID),
         ]
         return 200, headers, _stream_lines(lines, break_after)
 
