@@ -26,7 +26,7 @@ from batchpipe.client import BatchClient
 from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
-from batchpipe.emulator.responder import expected_text
+from batchpipe.emulator.responder import approx_tokens, expected_text
 from batchpipe.errors import BatchpipeError, InputChangedError, UsageError
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec
 
@@ -219,6 +219,21 @@ def test_each_collected_batch_logs_its_failures_by_type(harness: Harness, tmp_pa
     del expected["succeeded"]
     assert failures == expected
     assert {"expired", "invalid_request_error"} <= failures.keys()
+
+
+def test_thinking_is_left_out_of_the_answer(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    rows = write_docs(src, 30)
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    spec = spec_for(tmp_path, src, max_tokens=2048, params={"thinking": thinking})
+    harness.run(spec)
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in table} == {"succeeded"}
+    for row, got in zip(rows, table, strict=True):
+        plain = expected_text(request_params(spec, row))  # the answer, without the thinking
+        assert got["response_text"] == plain
+        # The thinking was paid for: more output tokens than the answer alone.
+        assert got["output_tokens"] > approx_tokens(plain)
 
 
 def test_rerun_of_a_finished_job_sends_nothing(harness: Harness, tmp_path: Path) -> None:

@@ -712,3 +712,54 @@ def test_schema_values_infinite_schema_terminates() -> None:
     schema = {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}
     value = value_for(schema, b"seedseed")
     assert isinstance(value, dict)
+
+
+# ---------------------------------------------------------------- thinking
+
+
+def test_thinking_comes_before_the_answer_and_counts_as_output(respond: Any) -> None:
+    plain = respond(req(max_tokens=4096))
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    message = respond(req(max_tokens=4096, thinking=thinking))
+    kinds = [block["type"] for block in message["content"]]
+    assert kinds == ["thinking", "text"]
+    thought = message["content"][0]
+    assert thought["thinking"]
+    assert thought["signature"]
+    assert message["content"][1]["text"] == plain["content"][0]["text"]
+    used = approx_tokens(thought["thinking"])
+    assert message["usage"]["output_tokens"] == plain["usage"]["output_tokens"] + used
+    omitted = respond(req(max_tokens=4096, thinking={"type": "adaptive", "display": "omitted"}))
+    assert omitted["content"][0]["thinking"] == ""
+    assert omitted["content"][0]["signature"]
+    assert respond(req(thinking={"type": "disabled"}))["content"][0]["type"] == "text"
+
+
+@pytest.mark.parametrize(
+    ("thinking", "extra", "message"),
+    [
+        ({"type": "enabled", "budget_tokens": 512}, {}, "greater than or equal to 1024"),
+        ({"type": "enabled", "budget_tokens": 4096}, {}, "max_tokens` must be greater"),
+        ({"type": "enabled"}, {}, "budget_tokens: Field required"),
+        ({"type": "sometimes"}, {}, "thinking.type"),
+        ({"type": "adaptive", "budget_tokens": 2048}, {}, "Extra inputs"),
+        ({"type": "adaptive"}, {"temperature": 0.2}, "temperature"),
+    ],
+)
+def test_thinking_settings_the_api_refuses(
+    thinking: dict[str, Any], extra: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidParams, match=message):
+        validate_params(req(max_tokens=4096, thinking=thinking, **extra))
+
+
+def test_thinking_with_a_forced_tool_is_refused() -> None:
+    tool = {"name": "t", "input_schema": {"type": "object"}}
+    params = req(
+        max_tokens=4096,
+        thinking={"type": "adaptive"},
+        tools=[tool],
+        tool_choice={"type": "tool", "name": "t"},
+    )
+    with pytest.raises(InvalidParams, match="forces tool use"):
+        validate_params(params)

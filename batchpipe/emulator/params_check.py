@@ -32,6 +32,13 @@ COUNT_TOKENS_KEYS = frozenset(
 MAX_OUTPUT_TOKENS = 128_000
 # The API allows at most four cache breakpoints per request.
 MAX_CACHE_BREAKPOINTS = 4
+# ThinkingConfigParam: the keys of each variant, and the smallest budget "enabled" takes.
+_THINKING_KEYS = {
+    "enabled": frozenset({"type", "budget_tokens", "display"}),
+    "adaptive": frozenset({"type", "display"}),
+    "disabled": frozenset({"type"}),
+}
+MIN_THINKING_BUDGET = 1024
 
 # Compiled once: the Tool schema's name pattern.
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
@@ -72,6 +79,7 @@ def check_message_params(params: object) -> None:
         if not 0 <= temperature <= 1:
             raise InvalidParams("temperature: Input should be between 0 and 1")
     _check_prompt(body)
+    _check_thinking(body)
 
 
 def check_count_tokens_body(body: object) -> None:
@@ -101,6 +109,41 @@ def _check_prompt(body: dict[str, Any]) -> None:
         )
     _check_tool_choice(body.get("tool_choice"), tool_names)
     _check_output_config(body.get("output_config"))
+
+
+def _check_thinking(body: dict[str, Any]) -> None:
+    """``thinking``: enabled (a budget of 1,024 tokens or more, below max_tokens), adaptive
+    or disabled, per the spec's ThinkingConfigParam; not with a forced tool or a
+    temperature other than 1."""
+    if "thinking" not in body:
+        return
+    thinking = _object(body["thinking"], "thinking")
+    kind = thinking.get("type")
+    if kind not in _THINKING_KEYS:
+        raise InvalidParams("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    _no_extra_keys(thinking, _THINKING_KEYS[kind], f"thinking.{kind}.")
+    if thinking.get("display") not in (None, "summarized", "omitted"):
+        raise InvalidParams(f"thinking.{kind}.display: Input should be 'summarized' or 'omitted'")
+    if kind == "disabled":
+        return
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if budget is None:
+            raise InvalidParams("thinking.enabled.budget_tokens: Field required")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise InvalidParams("thinking.enabled.budget_tokens: Input should be a valid integer")
+        if budget < MIN_THINKING_BUDGET:
+            raise InvalidParams(
+                "thinking.enabled.budget_tokens: Input should be greater than or equal to "
+                f"{MIN_THINKING_BUDGET}"
+            )
+        if body["max_tokens"] <= budget:
+            raise InvalidParams("`max_tokens` must be greater than `thinking.budget_tokens`")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        raise InvalidParams("Thinking may not be enabled when tool_choice forces tool use.")
+    if body.get("temperature") not in (None, 1):
+        raise InvalidParams("`temperature` may only be set to 1 when thinking is enabled.")
 
 
 def _object(value: object, where: str) -> dict[str, Any]:

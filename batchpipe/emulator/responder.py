@@ -15,6 +15,9 @@ always gets the same answer and a test can recompute it:
   mid-arguments leaves nothing parseable.
 - **JSON output** (``output_config.format = {"type": "json_schema", "schema": …}``): one text
   block holding compact JSON valid for the schema; cut like any text when over ``max_tokens``.
+- **Thinking** (``thinking`` enabled or adaptive): a ``thinking`` block (a short deterministic
+  text and a signature; empty text with ``display: omitted``) before the answer; its tokens
+  count towards ``max_tokens`` and ``output_tokens``.
 
 Token counts use ``approx_tokens`` (one token per four characters, rounded up), applied to
 each piece of the prompt: each tool definition (as JSON), the system prompt (or each system
@@ -37,6 +40,7 @@ Measured: 100,000 requests of ~630 prompt characters take about 2 s on one core.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -241,6 +245,24 @@ def _params_digest(params: dict[str, Any]) -> bytes:
     return hashlib.blake2b(raw, digest_size=32).digest()
 
 
+def _thinking_block(params: dict[str, Any], seed: bytes, ids: bytes) -> dict[str, Any] | None:
+    """The ``thinking`` block a request with thinking on gets before its answer, else None.
+
+    Deterministic like the answer; empty with ``display: omitted`` (the API then returns
+    only the signature), and never more than a tenth of the budget, so an answer follows.
+    """
+    config = params.get("thinking") or {}
+    if config.get("type") not in ("enabled", "adaptive"):
+        return None
+    text = ""
+    if config.get("display") != "omitted":
+        budget = config.get("budget_tokens") or params["max_tokens"] // 2
+        text = f"Weighing request {seed[:4].hex()} before answering it briefly."
+        text = text[: max(4 * (budget // 10), 0)]
+    signature = base64.b64encode(hashlib.blake2b(ids, digest_size=48).digest()).decode()
+    return {"type": "thinking", "thinking": text, "signature": signature}
+
+
 def _forced_tool(params: dict[str, Any]) -> dict[str, Any] | None:
     """The tool ``tool_choice`` forces, if any (``any`` picks the first custom tool)."""
     choice = params.get("tool_choice")
@@ -313,11 +335,16 @@ def respond(params: dict[str, Any], *, cache: PromptCache) -> dict[str, Any]:
             text = orjson.dumps(value_for(fmt["schema"], seed)).decode()
         else:
             text = _answer_text(prompt)
+        thought = _thinking_block(params, seed, ids)
+        thought_tokens = approx_tokens(thought["thinking"]) if thought else 0
+        # Thinking counts towards max_tokens: the answer gets what the thinking left.
         text, stop_reason, stop_sequence = _cut_text(
-            text, max_tokens, params.get("stop_sequences") or ()
+            text, max_tokens - thought_tokens, params.get("stop_sequences") or ()
         )
-        output_tokens = approx_tokens(text)
+        output_tokens = thought_tokens + approx_tokens(text)
         content = [{"type": "text", "text": text, "citations": None}]
+        if thought is not None:
+            content.insert(0, thought)
     return {
         "id": _base58_id("msg_01", ids),
         "type": "message",
