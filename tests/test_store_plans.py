@@ -109,7 +109,7 @@ def test_a_batchs_items_are_read_by_its_row_span(pg_store: Store) -> None:
     target = batches[3]
     # The UPDATE that requeue_batch_leftovers runs, and the predicate that iter_batch_items
     # and release_batch_items read a batch's items by.
-    update = [s for s in _captured(pg_store, lambda: pg_store.requeue_batch_leftovers(target))]
+    update = _captured(pg_store, lambda: pg_store.requeue_batch_leftovers(target))
     with pg_store._begin() as conn:
         members = batch_members(conn, target, [ItemStatus.SUBMITTED.value])
         select = sa.select(items.c.row_index).where(members)

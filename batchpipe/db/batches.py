@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batchpipe.db.base import StoreBase, batch_members, status_values
-from batchpipe.db.bulk import BulkStatement
+from batchpipe.db.bulk import BulkStatement, driver_value
 from batchpipe.db.pg_apply import apply_by_copy
 from batchpipe.db.rows import RESULT_FIELDS, BatchRow, ItemUpdate
 from batchpipe.db.schema import attempts, batches
@@ -404,8 +404,7 @@ class BatchesMixin(StoreBase):
             return 0
         now = self.clock()
         on_postgres = self.dialect == "postgresql"
-        stamp = item_table.c.updated_at.type._cached_bind_processor(self._engine.dialect)
-        now_value = stamp(now) if stamp is not None else now
+        now_value = driver_value(item_table.c.updated_at.type, self._engine.dialect, now)
         kept: list[tuple[Any, ...]] = []  # SQLite: successes, in _SUCCEEDED_ROW order
         final: list[tuple[Any, ...]] = []
         transient: list[tuple[Any, ...]] = []

@@ -66,9 +66,7 @@ class BulkStatement:
                 continue
             bind = compiled.binds[name]
             if name in shared:
-                value = shared[name]
-                processor = bind.type._cached_bind_processor(dialect)
-                value = processor(value) if processor is not None else value
+                value = driver_value(bind.type, dialect, shared[name])
             elif bind.required:
                 raise ValueError(f"bulk statement: no value for parameter {name!r}")
             else:
@@ -98,6 +96,13 @@ class BulkStatement:
         if not params:
             return 0
         return int(conn.exec_driver_sql(sql, params).rowcount)
+
+
+def driver_value(type_: sa.types.TypeEngine[Any], dialect: sa.Dialect, value: Any) -> Any:
+    """``value`` as the driver takes it for a column of ``type_`` (its bind processor run),
+    for a value that goes into per-row tuples or a statement's shared parameters."""
+    processor = type_._cached_bind_processor(dialect)
+    return processor(value) if processor is not None else value
 
 
 def _identity(row: tuple[Any, ...]) -> tuple[Any, ...]:

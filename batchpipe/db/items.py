@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, batch_members, status_values
-from batchpipe.db.bulk import BulkStatement, copy_rows
+from batchpipe.db.bulk import BulkStatement, copy_rows, driver_value
 from batchpipe.db.history import archive_succeeded
 from batchpipe.db.rows import RESULT_FIELDS, ItemRow, PendingItem
 from batchpipe.db.schema import attempts, batches, items
@@ -117,8 +117,7 @@ class ItemsMixin(StoreBase):
                 )
                 return copy_rows(conn, items, (*_INSERT_COLUMNS, "updated_at"), shaped)
             pending_stmt = _insert_pending(job_id)
-            stamp = items.c.updated_at.type._cached_bind_processor(conn.dialect)
-            now_value = stamp(now) if stamp is not None else now
+            now_value = driver_value(items.c.updated_at.type, conn.dialect, now)
             while chunk := list(itertools.islice(source, INSERT_CHUNK)):
                 pending: list[tuple[Any, ...]] = []
                 others: list[tuple[Any, ...]] = []

@@ -75,17 +75,9 @@ def apply_by_copy(
 ) -> int:
     """Apply ``rows`` (tuples of :data:`COLUMNS`) in the connection's transaction.
 
-    Returns how many items changed. A line repeated within ``rows`` counts once, as it
-    would one statement at a time (the first one applied leaves the item no longer
-    submitted).
+    Returns how many items changed. ``rows`` holds each custom_id once (apply_results keeps
+    the first of repeated lines): the UPDATE … FROM would apply any one of two copies.
     """
-    seen: set[tuple[int, str]] = set()
-    unique = []
-    for row in rows:
-        key = (row[0], row[1])
-        if key not in seen:
-            seen.add(key)
-            unique.append(row)
     raw: Any = conn.connection.dbapi_connection  # a psycopg Connection
     params = {"job_id": job_id, "batch_id": batch_id, "now": now}
     dbapi = conn.dialect.loaded_dbapi
@@ -93,7 +85,7 @@ def apply_by_copy(
         with raw.cursor() as cur:
             cur.execute(_CREATE)
             with cur.copy(_COPY) as copy:
-                for row in unique:
+                for row in rows:
                     copy.write_row(row)
             cur.execute(_UPDATE, params)
             changed = int(cur.rowcount)

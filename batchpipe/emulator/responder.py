@@ -258,7 +258,7 @@ def _thinking_block(params: dict[str, Any], seed: bytes, ids: bytes) -> dict[str
     if config.get("display") != "omitted":
         budget = config.get("budget_tokens") or params["max_tokens"] // 2
         text = f"Weighing request {seed[:4].hex()} before answering it briefly."
-        text = text[: max(4 * (budget // 10), 0)]
+        text = text[: 4 * (budget // 10)]
     signature = base64.b64encode(hashlib.blake2b(ids, digest_size=48).digest()).decode()
     return {"type": "thinking", "thinking": text, "signature": signature}
 
