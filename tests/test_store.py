@@ -620,14 +620,12 @@ def test_export_rows_order_join_and_usage(store: Store) -> None:
     )
     rows = list(store.export_rows(job, page=2))
     assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
-    assert rows[0] == (
-        0, "k0", None, "pending", None, None, None, None, None, None, 0, None, None, None
-    )  # fmt: skip
+    assert rows[0] == (0, None, "pending", None, None, None, None, None, None, 0, None, None, None)
     assert rows[1] == (
-        1, "k1", cid(1), "succeeded", "answer 1", None, 10, 7, None, None, 1, "msgbatch_9", "m1",
-        None,
+        1, cid(1), "succeeded", "answer 1", None, 10, 7, None, None, 1, batch, "m1", None
     )  # fmt: skip
-    assert rows[3][11] == "msgbatch_9"
+    assert rows[3][10] == batch
+    assert [(b.id, b.api_batch_id) for b in store.list_batches(job)] == [(batch, "msgbatch_9")]
     assert store.usage_totals(job) == {
         "input_tokens": 20,
         "output_tokens": 8,

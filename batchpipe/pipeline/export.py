@@ -45,11 +45,13 @@ def result_columns(job: JobRow) -> list[tuple[str, str]]:
 def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
     chunk: list[tuple[Any, ...]] = []
     outputs = output_schema(job_spec(job))
-    # export_rows yields (row_index, row_key, *the first 11 result columns, cost_usd).
+    api_ids = {b.id: b.api_batch_id for b in ctx.store.list_batches(job.id)}
+    # export_rows yields (row_index, custom_id … attempts, batch_id, model, cost_usd): the
+    # result columns but batch_id, which becomes the API's id, and truncated, derived here.
     for row in ctx.store.export_rows(job.id, page=_PAGE):
-        status, text, stop_reason = row[3], row[4], row[5]
+        status, text, stop_reason = row[2], row[3], row[4]
         truncated = None if stop_reason is None else stop_reason == TRUNCATED
-        values = (*row[2:13], truncated, row[13])
+        values = (*row[1:10], api_ids.get(row[10]), row[11], truncated, row[12])
         if outputs is not None:
             answer = text if status == ItemStatus.SUCCEEDED.value else None
             values += outputs.row_values(answer)
