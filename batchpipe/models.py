@@ -20,6 +20,8 @@ API_MAX_BATCH_BYTES = 256 * 1024 * 1024
 # own re-serialisation can never push a planned batch over it.
 DEFAULT_MAX_BATCH_BYTES = 250 * 1000 * 1000
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+# The stop_reason of an answer cut off at max_tokens (a truncated answer).
+TRUNCATED_STOP_REASON = "max_tokens"
 # The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
 # max_tokens, temperature, metadata ... which that endpoint would reject.
 COUNT_TOKENS_KEYS = frozenset({

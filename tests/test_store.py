@@ -640,6 +640,34 @@ def test_export_rows_order_join_and_usage(store: Store) -> None:
     assert list(store.export_rows(empty)) == []
 
 
+def test_job_totals_sum_tokens_cost_and_truncated_answers_in_one_pass(store: Store) -> None:
+    job = with_items(store, 6)
+    batch = plan(store, job, [0, 1, 2, 3])
+    store.apply_results(
+        job,
+        batch,
+        [
+            succeeded(0, output_tokens=5, cost_usd=0.25, stop_reason="max_tokens"),
+            succeeded(1, output_tokens=7, cost_usd=0.5, cache_read_input_tokens=3),
+            succeeded(2, stop_reason="end_turn"),  # no price: an unknown model
+            errored(3, "invalid_request_error", ItemStatus.ERRORED),
+        ],
+    )
+    totals = store.job_totals(job)
+    assert totals.usage == {
+        "input_tokens": 30,
+        "output_tokens": 12,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 3,
+    }
+    assert totals.usage == store.usage_totals(job)
+    # Rows without a price (the unpriced success, the errored line) count in neither.
+    assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 2)
+    assert totals.truncated == store.count_truncated(job) == 1
+    empty = store.job_totals(new_job(store, "empty", "ffffffffff"))
+    assert (empty.cost_usd, empty.priced, empty.truncated) == (0.0, 0, 0)
+
+
 def test_bulk_paths_use_executemany(store: Store) -> None:
     """One round trip per chunk, not per row: count the statements the driver sees."""
     job = new_job(store)

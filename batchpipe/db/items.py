@@ -17,10 +17,10 @@ import sqlalchemy as sa
 from batchpipe.db.base import StoreBase, batch_members, status_values
 from batchpipe.db.bulk import BulkStatement, copy_rows, driver_value
 from batchpipe.db.history import archive_succeeded
-from batchpipe.db.rows import RESULT_FIELDS, ItemRow, PendingItem
+from batchpipe.db.rows import RESULT_FIELDS, ItemRow, JobTotals, PendingItem
 from batchpipe.db.schema import attempts, items
 from batchpipe.errors import StoreError
-from batchpipe.models import ItemStatus
+from batchpipe.models import TRUNCATED_STOP_REASON, ItemStatus
 
 INSERT_CHUNK = 10_000
 # How many row indexes find_duplicate_keys reports per duplicated key.
@@ -222,12 +222,24 @@ class ItemsMixin(StoreBase):
 
     def usage_totals(self, job_id: int) -> dict[str, int]:
         """Token sums over the job's items: input, output and both cache kinds."""
+        return self.job_totals(job_id).usage
+
+    def job_totals(self, job_id: int) -> JobTotals:
+        """Tokens, cost and truncated answers over the job's items, in one scan.
+
+        ``status`` and the end of ``run`` show all of them: one pass over a million items
+        instead of three (0.15 s of SQLite CPU each).
+        """
         stmt = sa.select(
-            *(sa.func.coalesce(sa.func.sum(items.c[f]), 0).label(f) for f in TOKEN_FIELDS)
+            *(sa.func.coalesce(sa.func.sum(items.c[f]), 0) for f in TOKEN_FIELDS),
+            sa.func.coalesce(sa.func.sum(items.c.cost_usd), 0.0),
+            sa.func.count(items.c.cost_usd),
+            sa.func.count(sa.case((items.c.stop_reason == TRUNCATED_STOP_REASON, 1))),
         ).where(items.c.job_id == job_id)
         with self._begin() as conn:
-            row = conn.execute(stmt).one()
-        return {f: int(row._mapping[f]) for f in TOKEN_FIELDS}
+            *tokens, cost, priced, truncated = conn.execute(stmt).one()
+        usage = {f: int(n) for f, n in zip(TOKEN_FIELDS, tokens, strict=True)}
+        return JobTotals(usage, float(cost), int(priced), int(truncated))
 
     def requeue_items(
         self,

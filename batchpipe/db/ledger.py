@@ -18,7 +18,7 @@ from batchpipe.db.bulk import BulkStatement
 from batchpipe.db.history import ARCHIVE_ROWS
 from batchpipe.db.rows import RESULT_FIELDS
 from batchpipe.db.schema import batches, items, jobs
-from batchpipe.models import BatchStatus, ItemStatus, JobStatus
+from batchpipe.models import TRUNCATED_STOP_REASON, BatchStatus, ItemStatus, JobStatus
 
 _CHUNK = 5_000
 
@@ -40,7 +40,7 @@ class LedgerMixin(StoreBase):
         stmt = (
             sa.select(sa.func.count())
             .select_from(items)
-            .where(items.c.job_id == job_id, items.c.stop_reason == "max_tokens")
+            .where(items.c.job_id == job_id, items.c.stop_reason == TRUNCATED_STOP_REASON)
         )
         with self._begin() as conn:
             return int(conn.execute(stmt).scalar_one())

@@ -192,3 +192,12 @@ RESULT_FIELDS: tuple[str, ...] = (
     "error_type",
     "error_message",
 )
+
+
+class JobTotals(NamedTuple):
+    """Sums over a job's items, from one pass (``Store.job_totals``)."""
+
+    usage: dict[str, int]  # tokens: input, output and both cache kinds
+    cost_usd: float  # dollars paid so far, every attempt, at batch prices
+    priced: int  # rows with a price
+    truncated: int  # rows whose latest answer stopped at max_tokens

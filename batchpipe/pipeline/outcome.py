@@ -19,10 +19,10 @@ from typing import Any
 
 from batchpipe import pricing
 from batchpipe.db import ItemUpdate
-from batchpipe.models import ItemStatus, JobSpec, ResultRecord, ResultType
+from batchpipe.models import TRUNCATED_STOP_REASON, ItemStatus, JobSpec, ResultRecord, ResultType
 from batchpipe.structured import OutputSchema
 
-TRUNCATED = "max_tokens"
+TRUNCATED = TRUNCATED_STOP_REASON
 
 
 def output_schema(spec: JobSpec) -> OutputSchema | None:

@@ -89,7 +89,7 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
         elif (j := rng.randrange(seen)) < sample:
             chosen[j] = item
     chosen.sort(key=lambda i: i.row_index)
-    cost, _ = ctx.store.cost_total(job.id)
+    totals = ctx.store.job_totals(job.id)
     answered = sum(n for a, n in ctx.store.attempts_histogram(job.id).items() if a > 0)
     inputs = _input_rows(job, {i.row_index for i in chosen})
     rows = []
@@ -117,10 +117,10 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
         labels=labels.most_common(),
         statuses=ctx.store.status_breakdown(job.id),
         attempts=ctx.store.attempts_histogram(job.id),
-        truncated=ctx.store.count_truncated(job.id),
-        cost_usd=cost,
-        cost_per_1000_rows=cost / answered * 1000 if answered else None,
-        usage=ctx.store.usage_totals(job.id),
+        truncated=totals.truncated,
+        cost_usd=totals.cost_usd,
+        cost_per_1000_rows=totals.cost_usd / answered * 1000 if answered else None,
+        usage=totals.usage,
         sample=rows,
     )
 

@@ -61,6 +61,7 @@ def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict
     batches = ctx.store.list_batches(job.id)
     now = ctx.clock()
     attempts_total = sum(b.request_count for b in batches if b.status != BatchStatus.REJECTED)
+    totals = ctx.store.job_totals(job.id)
     summary: dict[str, Any] = {
         "id": job.id,
         "name": job.name,
@@ -71,11 +72,11 @@ def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict
         "rows": job.row_count,
         "counts": {s.value: counts.get(s, 0) for s in ItemStatus},
         "requests_sent": attempts_total,
-        "usage": ctx.store.usage_totals(job.id),
+        "usage": totals.usage,
         # Dollars paid so far at batch prices (every attempt, cache tokens included).
-        "cost_usd": ctx.store.cost_total(job.id)[0],
+        "cost_usd": totals.cost_usd,
         "price_table": pricing.PRICE_TABLE_VERSION,
-        "truncated": ctx.store.count_truncated(job.id),
+        "truncated": totals.truncated,
         "age_seconds": int((now - job.created_at).total_seconds()),
         "next_action": _next_action(job, counts, batches),
         "error": job.error,
