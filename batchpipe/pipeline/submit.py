@@ -94,7 +94,8 @@ def _rows_for(
 
 def submit_pending(ctx: Context, job: JobRow) -> int:
     """Create batches for every pending item. Returns how many batches were created."""
-    if ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0) == 0:
+    pending_count = ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0)
+    if pending_count == 0:
         return 0
     spec = job_spec(job)
     dataset = Dataset(spec.input, spec.input_format)
@@ -103,7 +104,7 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
     pending = ctx.store.iter_pending(job.id)
     created = 0
     guard = BudgetGuard(ctx, job, spec)
-    ctx.progress.start("uploading", ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
+    ctx.progress.start("uploading", pending_count)
     with BatchPacker(spec.max_batch_requests, spec.max_batch_bytes) as packer:
         for item, params in _rows_for(dataset, renderer, job, pending):
             attempt = item.attempts + 1
