@@ -479,7 +479,7 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     store.apply_results(job, batch, [succeeded(0), succeeded(1), succeeded(2)])
     assert history_of(store, job) == []
     # `retry` of succeeded rows: their answers go into the history before being cleared.
-    assert store.requeue_items(job, statuses=[ItemStatus.SUCCEEDED], reset_attempts=False) == 3
+    assert store.requeue_items(job, statuses=[ItemStatus.SUCCEEDED]) == 3
     expected = [(r, 1, cid(r), "succeeded", 10) for r in range(3)]
     assert history_of(store, job) == expected
     # A re-run whose request changed does the same for the rows it sends again.
@@ -597,9 +597,12 @@ def test_requeue_items_by_error_type(store: Store) -> None:
         P,
         P,
     ]
-    assert (items[2].attempts, items[2].error_type, items[2].custom_id) == (0, None, None)
-    assert store.requeue_items(job, statuses=[ItemStatus.ERRORED], reset_attempts=False) == 1
+    # The attempt stays counted: the next one is attempt 2, under a custom_id not yet used.
+    assert (items[2].attempts, items[2].error_type, items[2].custom_id) == (1, None, None)
+    assert store.requeue_items(job, statuses=[ItemStatus.ERRORED]) == 1
     assert by_row(store, job)[1].attempts == 1
+    sent = plan(store, job, [1, 2, 3], attempt=2)
+    assert {i.custom_id for i in store.iter_batch_items(sent)} == {cid(r, 2) for r in (1, 2, 3)}
     with pytest.raises(ValueError, match="submitted"):
         store.requeue_items(job, statuses=[ItemStatus.SUBMITTED])
 

@@ -247,13 +247,14 @@ class ItemsMixin(StoreBase):
         *,
         statuses: Collection[ItemStatus],
         error_types: Collection[str] | None = None,
-        reset_attempts: bool = True,
     ) -> int:
         """Put final items back to pending for another try (``batchpipe retry``).
 
         Only final statuses other than ``invalid`` qualify: requeueing a submitted item would
         orphan its in-flight request, and invalid rows are never sent. Result fields are
-        cleared; attempts restart at 0 when ``reset_attempts``. Returns the count requeued.
+        cleared; attempts are kept, so the next attempt gets a custom_id never used before
+        (a stale line of an old batch can then never match it) and its history row never
+        collides with an earlier one. Returns the count requeued.
         """
         wanted = {ItemStatus(s) for s in statuses}
         refused = {s for s in wanted if not s.is_terminal() or s is ItemStatus.INVALID}
@@ -263,8 +264,6 @@ class ItemsMixin(StoreBase):
         values.update(
             status=ItemStatus.PENDING.value, custom_id=None, batch_id=None, updated_at=self.clock()
         )
-        if reset_attempts:
-            values["attempts"] = 0
         stmt = (
             sa.update(items)
             .where(items.c.job_id == job_id, items.c.status.in_(status_values(wanted)))

@@ -296,9 +296,7 @@ def retry(
         if max_tokens is not None:
             updates["max_tokens"] = max_tokens
         ctx.store.update_job(job.id, spec={**spec.model_dump(), **updates})
-        count = ctx.store.requeue_items(
-            job.id, statuses=statuses, error_types=error_types, reset_attempts=False
-        )
+        count = ctx.store.requeue_items(job.id, statuses=statuses, error_types=error_types)
         if count:
             # The output file no longer holds these rows' final answers: export it again.
             ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None, exported_at=None)
