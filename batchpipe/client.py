@@ -129,6 +129,7 @@ class BatchClient:
         batch at the API before sending again.
         """
         size = len(body) if isinstance(body, bytes) else nbytes
+        started = time.perf_counter()
         for attempt in range(self._max_retries + 1):
             if not isinstance(body, bytes):
                 body.seek(0)  # a refused attempt may have read some of it
@@ -161,18 +162,19 @@ class BatchClient:
                     raise errors.CreateRefused(str(exc), request_id=exc.request_id) from refused
                 self.sleep(_retry_delay(refused.response, attempt, self.create_retry_base))
                 continue
-            return _batch_info(batch)
+            return _batch_info(batch, latency_ms=_ms(started))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def retrieve(self, batch_id: str) -> BatchInfo:
         """The batch's current state; a 404 is retried a few times before it counts."""
+        started = time.perf_counter()
         batch = self._call_tolerating_404(
             "retrieve",
             f"retrieve batch {batch_id}",
             lambda: self._sdk.messages.batches.retrieve(batch_id),
             batch_id=batch_id,
         )
-        return _batch_info(batch)
+        return _batch_info(batch, latency_ms=_ms(started))
 
     def list_batches(
         self, *, created_after: datetime | None = None, page_size: int = 100
@@ -271,13 +273,14 @@ class BatchClient:
 
     def cancel(self, batch_id: str) -> BatchInfo:
         """Ask the API to cancel a batch; it answers with the batch, normally ``canceling``."""
+        started = time.perf_counter()
         batch = self._call(
             "cancel",
             f"cancel batch {batch_id}",
             lambda: self._sdk.messages.batches.cancel(batch_id),
             batch_id=batch_id,
         )
-        return _batch_info(batch)
+        return _batch_info(batch, latency_ms=_ms(started))
 
     def count_tokens(self, params: dict[str, Any]) -> int:
         """Input tokens of one rendered request's params (keys the endpoint rejects are dropped)."""
@@ -403,7 +406,7 @@ def _ms(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
 
 
-def _batch_info(batch: MessageBatch) -> BatchInfo:
+def _batch_info(batch: MessageBatch, latency_ms: int | None = None) -> BatchInfo:
     counts = batch.request_counts
     return BatchInfo(
         id=batch.id,
@@ -422,6 +425,7 @@ def _batch_info(batch: MessageBatch) -> BatchInfo:
         archived_at=batch.archived_at,
         results_url=batch.results_url,
         request_id=getattr(batch, "_request_id", None),
+        latency_ms=latency_ms,
     )
 
 

@@ -249,9 +249,10 @@ class BatchInfo:
     cancel_initiated_at: datetime | None
     archived_at: datetime | None
     results_url: str | None
-    # The API's request id of the call that returned this (for log lines; None in tests
-    # that build one by hand).
+    # The API's request id of the call that returned this, and how long that call took,
+    # retries included (for log lines; None where there was no single call, e.g. a list).
     request_id: str | None = None
+    latency_ms: int | None = None
 
 
 # Not frozen, for the same reason as db.rows.ItemUpdate: one per result line.

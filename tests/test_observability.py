@@ -81,7 +81,12 @@ def test_logs_are_json_lines_off_a_tty_with_one_canonical_line_per_step(tmp_path
     assert all(e["api_batch_id"].startswith("msgbatch_") and e["job_id"] == 1 for e in submitted)
     # The step lines name the API request that settled them, like the api.* lines do.
     assert all(e["request_id"].startswith("req_") for e in [*submitted, *by_name["batch.ended"]])
+    # … and how long that call took, retries included: at least the api.create line's time.
+    created = {e["batch_id"]: e["latency_ms"] for e in by_name["api.create"]}
+    assert all(e["latency_ms"] >= created[e["api_batch_id"]] for e in submitted)
+    assert all(e["latency_ms"] >= 0 for e in by_name["batch.ended"])
     collected = by_name["batch.collected"]
+    assert all(e["elapsed_ms"] >= 0 for e in collected)
     assert sum(e["applied"] for e in collected) == ROWS
     assert all(e["output_tokens"] > 0 for e in collected)
     (finished,) = by_name["job.finished"]

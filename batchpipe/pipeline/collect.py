@@ -8,6 +8,7 @@ back to `pending` (the next submit resends them) until the job's attempt limit.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import asdict
 from datetime import timedelta
@@ -74,7 +75,9 @@ def poll(ctx: Context, job: JobRow) -> int:
                 ended_at=info.ended_at,
                 api_counts=counts,
             )
-            logger.info("batch.ended", request_id=info.request_id, **counts)
+            logger.info(
+                "batch.ended", request_id=info.request_id, latency_ms=info.latency_ms, **counts
+            )
             ended += 1
             continue
         status = BatchStatus.CANCELING if info.processing_status == "canceling" else batch.status
@@ -105,6 +108,7 @@ def _collect_batch(
     ctx: Context, job: JobRow, batch: BatchRow, spec: JobSpec, user_canceled: bool
 ) -> int:
     assert batch.api_batch_id is not None
+    started = time.perf_counter()
     outputs = output_schema(spec)
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     if batch.created_at and ctx.clock() - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
@@ -177,6 +181,8 @@ def _collect_batch(
     )
     logger.info(
         "batch.collected",
+        # Download, parse and store, end to end: the step's latency as a user waits it.
+        elapsed_ms=round((time.perf_counter() - started) * 1000),
         lines=lines,
         applied=applied,
         missing=leftovers,

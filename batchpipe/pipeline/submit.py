@@ -182,6 +182,7 @@ def _send(
         bytes=nbytes,
         round=batch.round,
         request_id=info.request_id,
+        latency_ms=info.latency_ms,
     )
     failpoint("after_mark_created")
     ctx.heartbeat(job.id)
