@@ -17,7 +17,8 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from batchpipe import errors
-from batchpipe.client import BatchClient, _parse_line, _split_lines
+from batchpipe.client import BatchClient
+from batchpipe.client.lines import parse_line, split_lines
 from batchpipe.config import Settings
 from batchpipe.emulator import IN_PROCESS_BASE_URL, Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import expected_text
@@ -219,13 +220,13 @@ def test_text_blocks_are_joined_and_other_blocks_skipped() -> None:
             },
         }
     )
-    record = _parse_line(line, keep_content=False)
+    record = parse_line(line, keep_content=False)
     assert record is not None
     assert record.response_text == "Hello, world."
     assert (record.input_tokens, record.output_tokens) == (11, 36)
     assert (record.cache_creation_input_tokens, record.cache_read_input_tokens) == (5, 7)
-    assert _parse_line(b'{"custom_id":"x","result":{"type":"mystery"}}', keep_content=False) is None
-    assert _parse_line(b'{"custom_id":"x","res', keep_content=False) is None
+    assert parse_line(b'{"custom_id":"x","result":{"type":"mystery"}}', keep_content=False) is None
+    assert parse_line(b'{"custom_id":"x","res', keep_content=False) is None
 
 
 def test_results_lines_split_across_network_chunks() -> None:
@@ -235,7 +236,7 @@ def test_results_lines_split_across_network_chunks() -> None:
     data = b"first\r\n\n  \n" + long + b"\nsecond\r\nlast"
     for size in (1, 2, 3, 7, 64, len(data)):
         chunks = iter([data[i : i + size] for i in range(0, len(data), size)])
-        assert list(_split_lines(chunks, "results", None)) == [
+        assert list(split_lines(chunks, "results", None)) == [
             (b"first", True),
             (long, True),
             (b"second", True),

@@ -32,10 +32,10 @@ from typing import IO, Any, TypeVar
 
 import anthropic
 import httpx2
-import orjson
 from anthropic.types.messages import MessageBatch
 
 from batchpipe import errors
+from batchpipe.client.lines import broke_off, parse_line, split_lines
 from batchpipe.config import Settings
 from batchpipe.log import get_logger
 from batchpipe.models import (
@@ -43,7 +43,6 @@ from batchpipe.models import (
     BatchInfo,
     RequestCounts,
     ResultRecord,
-    ResultType,
 )
 
 log = get_logger(__name__)
@@ -63,7 +62,6 @@ _TRANSIENT_SDK_ERRORS: tuple[type[Exception], ...] = (
 )
 # Answers to a create that mean the API did not create the batch, so sending again is safe.
 _CREATE_REFUSED = frozenset({429, 503, 529})
-_RESULT_TYPES: dict[object, ResultType] = {t.value: t for t in ResultType}
 _MAX_RETRY_DELAY = 60.0
 
 
@@ -234,8 +232,8 @@ class BatchClient:
         request_id = response.headers.get("request-id")
         lines = 0
         try:
-            for line, complete in _split_lines(response.iter_bytes(), op, request_id):
-                record = _parse_line(line, keep_content=keep_content)
+            for line, complete in split_lines(response.iter_bytes(), op, request_id):
+                record = parse_line(line, keep_content=keep_content)
                 if record is None:
                     if complete:
                         raise errors.APIError(
@@ -243,12 +241,12 @@ class BatchClient:
                             f"(request id {request_id})",
                             request_id=request_id,
                         )
-                    raise _broke_off(op, lines, request_id, "its last line is cut short")
+                    raise broke_off(op, lines, request_id, "its last line is cut short")
                 lines += 1
                 yield record
             total = info.request_counts.total
             if lines < total:
-                raise _broke_off(op, lines, request_id, f"{lines} of {total} lines arrived")
+                raise broke_off(op, lines, request_id, f"{lines} of {total} lines arrived")
         except errors.APIError as exc:
             log.warning(
                 "api.results",
@@ -381,13 +379,6 @@ class BatchClient:
 # ---------------------------------------------------------------------- conversions
 
 
-def _broke_off(op: str, lines: int, request_id: str | None, why: str) -> errors.TransientAPIError:
-    return errors.TransientAPIError(
-        f"{op} broke off after {lines} lines ({why}); the next run downloads them again",
-        request_id=request_id,
-    )
-
-
 def _retry_delay(response: httpx2.Response, attempt: int, base: float) -> float:
     """Seconds to wait before retrying a refused create: the server's word, else backoff."""
     headers = response.headers
@@ -427,80 +418,3 @@ def _batch_info(batch: MessageBatch, latency_ms: int | None = None) -> BatchInfo
         request_id=getattr(batch, "_request_id", None),
         latency_ms=latency_ms,
     )
-
-
-def _split_lines(
-    chunks: Iterator[bytes], op: str, request_id: str | None
-) -> Iterator[tuple[bytes, bool]]:
-    """Yield ``(line, complete)``; ``complete`` is False for a last line without a newline.
-
-    Network failures mid-stream become ``TransientAPIError``: the file is whole or nothing.
-    """
-    # One split per network chunk rather than a find and a copy per line; the unfinished
-    # last line is kept in pieces, so a line longer than a chunk is joined once (linear).
-    partial: list[bytes] = []
-    try:
-        for chunk in chunks:
-            nl = chunk.rfind(b"\n")
-            if nl == -1:
-                partial.append(chunk)
-                continue
-            partial.append(chunk[:nl])
-            block = b"".join(partial)
-            partial = [chunk[nl + 1 :]]
-            for raw in block.split(b"\n"):
-                line = raw[:-1] if raw.endswith(b"\r") else raw
-                if line and not line.isspace():  # the API sends no blank lines; tolerate them
-                    yield line, True
-    except httpx2.HTTPError as exc:
-        raise errors.TransientAPIError(
-            f"{op} broke off mid-stream ({type(exc).__name__}); the next run downloads it again",
-            request_id=request_id,
-        ) from exc
-    rest = b"".join(partial)
-    if rest.strip():
-        yield rest, False
-
-
-def _parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
-    """One results line as a ResultRecord; None when it is not a valid result line."""
-    try:
-        obj = orjson.loads(line)
-        custom_id = obj["custom_id"]
-        result = obj["result"]
-        # A dict lookup, not ResultType(...): an Enum call costs as much as the rest of a line.
-        result_type = _RESULT_TYPES.get(result["type"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    if result_type is None:
-        return None
-    if result_type is ResultType.SUCCEEDED:
-        message = result.get("message") or {}
-        content = message.get("content") or []
-        texts = [b.get("text") or "" for b in content if b.get("type") == "text"]
-        usage = message.get("usage") or {}
-        return ResultRecord(
-            custom_id=custom_id,
-            result_type=result_type,
-            # None (not "") when the answer has no text at all, e.g. only a tool_use block.
-            response_text="".join(texts) if texts else None,
-            stop_reason=message.get("stop_reason"),
-            model=message.get("model"),
-            input_tokens=usage.get("input_tokens"),
-            output_tokens=usage.get("output_tokens"),
-            cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
-            cache_read_input_tokens=usage.get("cache_read_input_tokens"),
-            content=content if keep_content else None,
-        )
-    if result_type is ResultType.ERRORED:
-        # The error envelope is nested twice: result.error = {"type": "error", "error": {...}}.
-        envelope = result.get("error") or {}
-        nested = envelope.get("error")
-        inner: dict[str, Any] = nested if isinstance(nested, dict) else envelope
-        return ResultRecord(
-            custom_id=custom_id,
-            result_type=result_type,
-            error_type=inner.get("type"),
-            error_message=inner.get("message"),
-        )
-    return ResultRecord(custom_id=custom_id, result_type=result_type)

@@ -1,0 +1,105 @@
+"""The results file, line by line: a byte stream into lines, each line into a ResultRecord.
+
+Lines are parsed with orjson into batchpipe's flat ``ResultRecord`` (not the SDK's model
+objects, which cost a model per line); a stream that breaks off mid-file becomes
+``TransientAPIError`` so the file is taken whole or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import orjson
+
+from batchpipe import errors
+from batchpipe.models import ResultRecord, ResultType
+
+_RESULT_TYPES: dict[object, ResultType] = {t.value: t for t in ResultType}
+
+
+def broke_off(op: str, lines: int, request_id: str | None, why: str) -> errors.TransientAPIError:
+    """The error for a results download that stopped early (transient: the next run
+    downloads the whole file again, and lines already applied change nothing)."""
+    return errors.TransientAPIError(
+        f"{op} broke off after {lines} lines ({why}); the next run downloads them again",
+        request_id=request_id,
+    )
+
+
+def split_lines(
+    chunks: Iterator[bytes], op: str, request_id: str | None
+) -> Iterator[tuple[bytes, bool]]:
+    """Yield ``(line, complete)``; ``complete`` is False for a last line without a newline.
+
+    Network failures mid-stream become ``TransientAPIError``: the file is whole or nothing.
+    """
+    # One split per network chunk rather than a find and a copy per line; the unfinished
+    # last line is kept in pieces, so a line longer than a chunk is joined once (linear).
+    partial: list[bytes] = []
+    try:
+        for chunk in chunks:
+            nl = chunk.rfind(b"\n")
+            if nl == -1:
+                partial.append(chunk)
+                continue
+            partial.append(chunk[:nl])
+            block = b"".join(partial)
+            partial = [chunk[nl + 1 :]]
+            for raw in block.split(b"\n"):
+                line = raw[:-1] if raw.endswith(b"\r") else raw
+                if line and not line.isspace():  # the API sends no blank lines; tolerate them
+                    yield line, True
+    except httpx2.HTTPError as exc:
+        raise errors.TransientAPIError(
+            f"{op} broke off mid-stream ({type(exc).__name__}); the next run downloads it again",
+            request_id=request_id,
+        ) from exc
+    rest = b"".join(partial)
+    if rest.strip():
+        yield rest, False
+
+
+def parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
+    """One results line as a ResultRecord; None when it is not a valid result line."""
+    try:
+        obj = orjson.loads(line)
+        custom_id = obj["custom_id"]
+        result = obj["result"]
+        # A dict lookup, not ResultType(...): an Enum call costs as much as the rest of a line.
+        result_type = _RESULT_TYPES.get(result["type"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if result_type is None:
+        return None
+    if result_type is ResultType.SUCCEEDED:
+        message = result.get("message") or {}
+        content = message.get("content") or []
+        texts = [b.get("text") or "" for b in content if b.get("type") == "text"]
+        usage = message.get("usage") or {}
+        return ResultRecord(
+            custom_id=custom_id,
+            result_type=result_type,
+            # None (not "") when the answer has no text at all, e.g. only a tool_use block.
+            response_text="".join(texts) if texts else None,
+            stop_reason=message.get("stop_reason"),
+            model=message.get("model"),
+            input_tokens=usage.get("input_tokens"),
+            output_tokens=usage.get("output_tokens"),
+            cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
+            cache_read_input_tokens=usage.get("cache_read_input_tokens"),
+            content=content if keep_content else None,
+        )
+    if result_type is ResultType.ERRORED:
+        # The error envelope is nested twice: result.error = {"type": "error", "error": {...}}.
+        envelope = result.get("error") or {}
+        nested = envelope.get("error")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else envelope
+        return ResultRecord(
+            custom_id=custom_id,
+            result_type=result_type,
+            error_type=inner.get("type"),
+            error_message=inner.get("message"),
+        )
+    return ResultRecord(custom_id=custom_id, result_type=result_type)

@@ -1,0 +1,29 @@
+"""Rows into Message Batch requests: templates, the custom_id scheme, and batch packing.
+
+- ``render``: row checks and the templates (jinja2's one home): a row gives the Messages
+  params or a :class:`RowProblem`, so pre-flight validation reports every bad row first
+- ``ids``: the custom_id scheme (``{token}-{row_index}-{attempt}``), known only there
+- ``packing``: serialized requests into create bodies under the API's limits
+- ``framing``: the create body's byte layout the size checks and the packer share
+"""
+
+from batchpipe.requests.ids import format_custom_id, new_job_token, parse_custom_id
+from batchpipe.requests.packing import BatchPacker, PlannedBatch
+from batchpipe.requests.render import (
+    RequestRenderer,
+    RowProblem,
+    check_result_column_clash,
+    check_row_key,
+)
+
+__all__ = [
+    "BatchPacker",
+    "PlannedBatch",
+    "RequestRenderer",
+    "RowProblem",
+    "check_result_column_clash",
+    "check_row_key",
+    "format_custom_id",
+    "new_job_token",
+    "parse_custom_id",
+]
