@@ -476,12 +476,19 @@ def history_of(store: Store, job: int) -> list[tuple[int, int, str, str | None, 
 def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> None:
     job = with_items(store, 3)
     batch = plan(store, job, [0, 1, 2])
+    arrived = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    store.clock = lambda: arrived
     store.apply_results(job, batch, [succeeded(0), succeeded(1), succeeded(2)])
     assert history_of(store, job) == []
-    # `retry` of succeeded rows: their answers go into the history before being cleared.
+    # `retry` of succeeded rows: their answers go into the history before being cleared,
+    # recorded at the time they arrived, not the time of the retry.
+    store.clock = lambda: arrived + timedelta(days=3)
     assert store.requeue_items(job, statuses=[ItemStatus.SUCCEEDED]) == 3
     expected = [(r, 1, cid(r), "succeeded", 10) for r in range(3)]
     assert history_of(store, job) == expected
+    with store._engine.connect() as conn:
+        recorded = conn.execute(sa.select(attempts.c.recorded_at).distinct()).scalars().all()
+    assert recorded == [arrived]
     # A re-run whose request changed does the same for the rows it sends again.
     retry = plan(store, job, [0, 1, 2], attempt=2)
     store.apply_results(job, retry, [succeeded(r, attempt=2) for r in range(3)])

@@ -9,10 +9,10 @@ Recording every success as well cost 1.8 s of SQLite CPU at 1,000,000 rows
 When a succeeded item is sent again (``retry`` of succeeded rows, a re-run whose request
 changed), :func:`archive_succeeded` first copies its answer's attempt into the history, so
 every answer a row ever kept is recorded: a row's attempts are its ``attempts`` rows plus
-the item itself. Two things are not: a success whose line changed nothing (its custom_id
-was no longer the item's, e.g. a results file read again), and the time an archived
-success arrived (its ``recorded_at`` is when it was archived; the item's answer carries no
-arrival time of its own).
+the item itself. An archived success's ``recorded_at`` is when it arrived: the item's
+``updated_at``, which applying it set and nothing changes while it stays succeeded. Not
+recorded: a success whose line changed nothing (its custom_id was no longer the item's,
+e.g. a results file read again).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _DIALECTS = ("sqlite", "postgresql")
 def archive_succeeded(dialect: str, where: sa.ColumnElement[bool]) -> sa.Insert:
     """INSERT … SELECT copying the succeeded items matching ``where`` into the history.
 
-    ``p_now`` (the recorded_at) is a parameter. Attempts already recorded are left alone.
+    The recorded_at is the item's ``updated_at`` (when its answer was applied), or the
+    ``p_now`` parameter for an item without one. Attempts already recorded are left alone.
     """
     if dialect not in _DIALECTS:
         raise StoreError(f"unsupported database dialect {dialect!r}")
@@ -52,7 +53,9 @@ def archive_succeeded(dialect: str, where: sa.ColumnElement[bool]) -> sa.Insert:
         items.c.error_message,
         items.c.input_tokens,
         items.c.output_tokens,
-        sa.bindparam("p_now", type_=attempts.c.recorded_at.type),
+        sa.func.coalesce(
+            items.c.updated_at, sa.bindparam("p_now", type_=attempts.c.recorded_at.type)
+        ),
     ).where(where, items.c.status == SUCCEEDED, items.c.custom_id.is_not(None))
     if dialect == "sqlite":
         lite = sqlite.insert(attempts).from_select(_COPIED, source)
