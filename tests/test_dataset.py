@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import os
+import re
+import shutil
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -243,12 +246,57 @@ def test_directory(tmp_path: Path) -> None:
         Dataset(str(tmp_path / "dir.jsonl"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
-def test_unreadable_file(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "secret.jsonl", [{"a": 1}])
-    path.chmod(0)
-    with pytest.raises(InputError, match=r"cannot read .*secret\.jsonl"):
+def _open_error(path: Path) -> str:
+    """The InputError message of opening ``path``, or what happened instead."""
+    try:
         Dataset(str(path))
+    except InputError as exc:
+        return str(exc)
+    return "opened"
+
+
+def _as_nobody(path: Path) -> str:
+    """``_open_error(path)`` in a forked child that dropped root for the nobody user.
+
+    Root reads any file, and CI runs as root; the child keeps the loaded interpreter, so it
+    needs no access to the virtualenv. It is given 60 s, then killed.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            message = _open_error(path)
+        except BaseException as exc:  # reported to the parent as text
+            message = f"child failed: {exc!r}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return "child timed out"
+        time.sleep(0.01)
+    with os.fdopen(read_end, "rb") as pipe:
+        return pipe.read().decode()
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # A directory anyone may enter (pytest's tmp_path is private to its user).
+    shared = Path(tempfile.mkdtemp(prefix="batchpipe-perm-"))
+    try:
+        shared.chmod(0o755)
+        path = write_jsonl(shared / "secret.jsonl", [{"a": 1}])
+        path.chmod(0)
+        message = _as_nobody(path) if os.geteuid() == 0 else _open_error(path)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert re.search(r"cannot read .*secret\.jsonl: .*[Pp]ermission denied", message), message
 
 
 def test_corrupt_parquet(tmp_path: Path) -> None:
