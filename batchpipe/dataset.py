@@ -16,7 +16,6 @@ import hashlib
 import os
 import posixpath
 import secrets
-import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -54,10 +53,6 @@ _EXTENSIONS: dict[str, Format] = {
 # JSONL may be compressed; pyarrow decompresses these on the fly when reading.
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 _HASH_BLOCK_BYTES = 1 << 20
-# Fingerprints of local files by (path, device, inode, size, mtime, ctime); see fingerprint().
-_FINGERPRINTS: dict[tuple[str, int, int, int, int, int], str] = {}
-_FINGERPRINTS_KEPT = 16
-_SETTLED_NS = 5_000_000_000
 
 _RESULT_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -131,36 +126,7 @@ class Dataset:
     # ------------------------------------------------------------ whole-file facts
 
     def fingerprint(self) -> str:
-        """``blake2b:<hex>:<size>`` of the raw bytes; changes when any byte changes.
-
-        A local file's hash is remembered for as long as its inode, size, mtime and ctime
-        stay the same (no write can keep ctime), so the steps of one run hash it once. A file
-        changed in the last few seconds is hashed every time: a write within the clock's
-        granularity of the last one could leave the stamp unchanged.
-        """
-        stamp = self._local_stamp()
-        known = _FINGERPRINTS.get(stamp) if stamp is not None else None
-        if known is not None:
-            return known
-        fingerprint = self._hash_bytes()
-        if stamp is not None and stamp == self._local_stamp():  # unchanged while hashing
-            if len(_FINGERPRINTS) >= _FINGERPRINTS_KEPT:
-                _FINGERPRINTS.pop(next(iter(_FINGERPRINTS)))
-            _FINGERPRINTS[stamp] = fingerprint
-        return fingerprint
-
-    def _local_stamp(self) -> tuple[str, int, int, int, int, int] | None:
-        if not isinstance(self._fs, pafs.LocalFileSystem):
-            return None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLED_NS:
-            return None
-        return (self._path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def _hash_bytes(self) -> str:
+        """``blake2b:<hex>:<size>`` of the raw bytes; changes when any byte changes."""
         digest = hashlib.blake2b(digest_size=20)
         size = 0
         try:

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchpipe import dataset as dataset_module
 from batchpipe.dataset import Dataset, write_joined
 from batchpipe.errors import InputChangedError, InputError, UsageError
 
@@ -117,53 +116,6 @@ def test_fingerprint_changes_with_one_byte(tmp_path: Path) -> None:
     raw[5000] = ord("j") if raw[5000] != ord("j") else ord("k")
     path.write_bytes(bytes(raw))
     assert Dataset(str(path)).fingerprint() != first
-
-
-def test_a_settled_file_is_hashed_once_and_a_rewrite_is_still_seen(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 1000)
-    monkeypatch.setattr(dataset_module, "_SETTLED_NS", 0)  # as if written long ago
-    hashed: list[str] = []
-    real = Dataset._hash_bytes
-
-    def counting(self: Dataset) -> str:
-        hashed.append(self.uri)
-        return real(self)
-
-    monkeypatch.setattr(Dataset, "_hash_bytes", counting)
-    first = Dataset(str(path)).fingerprint()
-    assert Dataset(str(path)).fingerprint() == first  # ingest, submit, export of one run
-    assert len(hashed) == 1
-    # Same size, same mtime, different bytes: the ctime moved, so it is hashed again.
-    # (A moment later: the kernel stamps ctime from a clock that ticks every few ms, which
-    # is why fingerprint() never trusts the stamp of a file changed in the last seconds.)
-    time.sleep(0.05)
-    st = path.stat()
-    raw = bytearray(path.read_bytes())
-    raw[5000] = ord("j") if raw[5000] != ord("j") else ord("k")
-    path.write_bytes(bytes(raw))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert path.stat().st_size == st.st_size
-    assert Dataset(str(path)).fingerprint() != first
-    assert len(hashed) == 2
-
-
-def test_a_file_changed_moments_ago_is_hashed_every_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 10)
-    hashed: list[str] = []
-    real = Dataset._hash_bytes
-
-    def counting(self: Dataset) -> str:
-        hashed.append(self.uri)
-        return real(self)
-
-    monkeypatch.setattr(Dataset, "_hash_bytes", counting)
-    Dataset(str(path)).fingerprint()
-    Dataset(str(path)).fingerprint()
-    assert len(hashed) == 2
 
 
 def test_unknown_extension_names_the_option(tmp_path: Path) -> None:
