@@ -221,7 +221,8 @@ class ItemsMixin(StoreBase):
         return counts
 
     def usage_totals(self, job_id: int) -> dict[str, int]:
-        """Token sums over the job's items: input, output and both cache kinds."""
+        """Token sums over the job's items: input, output and both cache kinds (the scan of
+        ``job_totals``; its other sums cost next to nothing beside reading the rows)."""
         return self.job_totals(job_id).usage
 
     def job_totals(self, job_id: int) -> JobTotals:

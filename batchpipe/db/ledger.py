@@ -18,7 +18,7 @@ from batchpipe.db.bulk import BulkStatement
 from batchpipe.db.history import ARCHIVE_ROWS
 from batchpipe.db.rows import RESULT_FIELDS
 from batchpipe.db.schema import batches, items, jobs
-from batchpipe.models import TRUNCATED_STOP_REASON, BatchStatus, ItemStatus, JobStatus
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 
 _CHUNK = 5_000
 
@@ -27,23 +27,17 @@ class LedgerMixin(StoreBase):
     """Store methods for costs, truncation, breakdowns and changed-request re-queues."""
 
     def cost_total(self, job_id: int) -> tuple[float, int]:
-        """``(dollars paid so far, rows with a price)`` over the job's items."""
+        """``(dollars paid so far, rows with a price)`` over the job's items.
+
+        The budget guard's check before each batch: only the cost. ``job_totals`` sums it
+        with the tokens and truncated answers where all are shown.
+        """
         stmt = sa.select(
             sa.func.coalesce(sa.func.sum(items.c.cost_usd), 0.0), sa.func.count(items.c.cost_usd)
         ).where(items.c.job_id == job_id)
         with self._begin() as conn:
             total, priced = conn.execute(stmt).one()
         return float(total), int(priced)
-
-    def count_truncated(self, job_id: int) -> int:
-        """Items whose latest answer stopped at max_tokens."""
-        stmt = (
-            sa.select(sa.func.count())
-            .select_from(items)
-            .where(items.c.job_id == job_id, items.c.stop_reason == TRUNCATED_STOP_REASON)
-        )
-        with self._begin() as conn:
-            return int(conn.execute(stmt).scalar_one())
 
     def unsettled_batches(self, job_id: int) -> tuple[int, int]:
         """``(requests, request bytes)`` in batches sent but not yet collected."""

@@ -281,7 +281,8 @@ def retry(
     error_types: Collection[str] | None = None,
     max_tokens: int | None = None,
 ) -> int:
-    """Send finished-but-failed items round again (attempts start over). Returns how many."""
+    """Send finished-but-failed items round again, each with a full set of tries (attempts
+    keep counting and the job's cap grows). Returns how many."""
     with ctx.lease(job):
         job = _reload(ctx, job)
         if job.status in {JobStatus.CANCELING}:
