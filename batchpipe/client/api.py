@@ -165,14 +165,14 @@ class BatchClient:
 
     def retrieve(self, batch_id: str) -> BatchInfo:
         """The batch's current state; a 404 is retried a few times before it counts."""
-        started = time.perf_counter()
-        batch = self._call_tolerating_404(
-            "retrieve",
-            f"retrieve batch {batch_id}",
-            lambda: self._sdk.messages.batches.retrieve(batch_id),
-            batch_id=batch_id,
+        return _timed_info(
+            lambda: self._call_tolerating_404(
+                "retrieve",
+                f"retrieve batch {batch_id}",
+                lambda: self._sdk.messages.batches.retrieve(batch_id),
+                batch_id=batch_id,
+            )
         )
-        return _batch_info(batch, latency_ms=_ms(started))
 
     def list_batches(
         self, *, created_after: datetime | None = None, page_size: int = 100
@@ -271,14 +271,14 @@ class BatchClient:
 
     def cancel(self, batch_id: str) -> BatchInfo:
         """Ask the API to cancel a batch; it answers with the batch, normally ``canceling``."""
-        started = time.perf_counter()
-        batch = self._call(
-            "cancel",
-            f"cancel batch {batch_id}",
-            lambda: self._sdk.messages.batches.cancel(batch_id),
-            batch_id=batch_id,
+        return _timed_info(
+            lambda: self._call(
+                "cancel",
+                f"cancel batch {batch_id}",
+                lambda: self._sdk.messages.batches.cancel(batch_id),
+                batch_id=batch_id,
+            )
         )
-        return _batch_info(batch, latency_ms=_ms(started))
 
     def count_tokens(self, params: dict[str, Any]) -> int:
         """Input tokens of one rendered request's params (keys the endpoint rejects are dropped)."""
@@ -395,6 +395,13 @@ def _retry_delay(response: httpx2.Response, attempt: int, base: float) -> float:
 
 def _ms(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
+
+
+def _timed_info(call: Callable[[], MessageBatch]) -> BatchInfo:
+    """``call``'s batch as a BatchInfo carrying how long the call took (retries included)."""
+    started = time.perf_counter()
+    batch = call()
+    return _batch_info(batch, latency_ms=_ms(started))
 
 
 def _batch_info(batch: MessageBatch, latency_ms: int | None = None) -> BatchInfo:
