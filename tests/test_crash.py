@@ -107,7 +107,7 @@ def test_chaos_random_sigkills_until_done(
     fast_emulator.reset()
     # Batches that take a while and some slow calls keep every run busy long enough for the
     # kills to land mid-work, however loaded the machine is.
-    fast_emulator.configure(processing_seconds=2.0, slow_rate=0.3, slow_seconds=0.2)
+    fast_emulator.configure(processing_seconds=4.0, slow_rate=0.3, slow_seconds=0.2)
 
     chaos_db = f"sqlite:///{tmp_path / 'chaos.db'}"
     out = tmp_path / "chaos.parquet"
@@ -122,7 +122,9 @@ def test_chaos_random_sigkills_until_done(
             batchpipe_argv(chaos_db, "run", *job_args(src, "chaos", out)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(rng.uniform(0.5, 4.0))  # start-up takes ~1-3 s; then work
+        # Start-up takes ~1-3 s, then work; the kills must come faster than batches end
+        # (4 s), or a quick machine finishes the job before three of them (seen in CI).
+        time.sleep(rng.uniform(0.5, 3.0))
         if proc.poll() is not None:
             break  # it finished before the kill
         os.kill(proc.pid, signal.SIGKILL)
