@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from typing import Any
@@ -261,6 +262,25 @@ def test_list_pages_newest_first_and_stops_at_created_after(
     assert everything == list(reversed(ids))
     naive = cutoff.astimezone(UTC).replace(tzinfo=None)  # naive datetimes mean UTC
     assert [b.id for b in client.list_batches(created_after=naive)] == listed
+
+
+def test_api_now_follows_the_date_of_the_apis_answers(client: BatchClient, emu: Emulator) -> None:
+    assert client.api_now() is None  # nothing has answered yet
+    created = client.create(_body(1)[0], count=1)
+    emu.advance(6 * 3600)  # the API's clock, six hours ahead of this host's
+    client.retrieve(created.id)
+    seen = client.api_now()
+    assert seen is not None
+    assert abs(seen.timestamp() - emu.now()) < 2
+    time.sleep(0.2)  # and it keeps running between answers
+    later = client.api_now()
+    assert later is not None
+    assert later - seen >= timedelta(seconds=0.2)
+    emu.advance(3600)
+    assert list(client.list_batches())  # a list's first page is dated too
+    listed = client.api_now()
+    assert listed is not None
+    assert abs(listed.timestamp() - emu.now()) < 2
 
 
 def test_count_tokens_drops_keys_the_endpoint_rejects(client: BatchClient) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,21 @@ def test_unknown_id_is_not_found_with_the_error_envelope(
     assert (
         body["request_id"] == caught.value.request_id == caught.value.response.headers["request-id"]
     )
+
+
+def test_every_answer_is_dated_by_the_emulator_clock(
+    client: anthropic.Anthropic, emulator: Emulator
+) -> None:
+    emulator.advance(3 * 86_400)  # the API's clock is what stamps created_at and expires_at
+    raw = client.messages.batches.with_raw_response.list(limit=1)
+    dated = parsedate_to_datetime(raw.headers["date"])
+    assert abs(dated.timestamp() - emulator.now()) < 2
+    assert len(raw.http_response.headers.get_list("date")) == 1  # not the wall clock's too
+    missing = client.messages.batches.with_raw_response.retrieve
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        missing("msgbatch_01nothere")
+    assert abs(parsedate_to_datetime(caught.value.response.headers["date"]).timestamp()
+               - emulator.now()) < 2  # fmt: skip
 
 
 def test_auth_and_version_headers(client: anthropic.Anthropic, spec: dict[str, Any]) -> None:

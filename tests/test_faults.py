@@ -221,6 +221,23 @@ def test_near_expiry_warns_and_expired_items_are_sent_again(
     assert emu.stats()["results_expired"] == received - ROWS
 
 
+def test_expiry_is_measured_on_the_api_clock_not_ours(
+    store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
+) -> None:
+    emu.configure(processing_seconds=30 * 3600)
+    ctx = _context(store, server)
+    ctx.clock = lambda: datetime.now(UTC)  # this host's clock; the API's runs 23 h ahead
+    job = pipeline.prepare(ctx, "skewed", _spec(tmp_path, max_batch_requests=ROWS))
+    with ctx.lease(job):
+        pipeline.step(ctx, job)
+    emu.advance(23 * 3600)
+    with capture_logs() as logs, ctx.lease(job):
+        pipeline.step(ctx, job)
+    ctx.close()
+    (warned,) = [e for e in logs if e["event"] == "batch.near_expiry"]
+    assert 0.9 < warned["hours_left"] < 1.01
+
+
 def test_results_archived_before_collection_are_reported_loudly(
     store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
 ) -> None:

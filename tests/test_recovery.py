@@ -9,7 +9,9 @@ batches show what was created, canceled or paid for.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 from conftest import job_args, run_batchpipe, write_rows
 
 from batchpipe.db import Store
-from batchpipe.emulator import Emulator
+from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 
 ROWS = 100
@@ -128,6 +130,35 @@ def test_orphan_created_twice_adopts_the_oldest_and_answers_each_row_once(
     assert stats["duplicate_successes"] == PER_BATCH
     with Store.open(sqlite_url) as store:
         assert twin not in store.known_api_batch_ids()
+
+
+def test_an_orphan_is_found_when_our_clock_runs_ahead_of_the_api(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # The API's clock is 10 minutes behind this host's: the orphan's created_at is 10
+    # minutes before the intent our clock recorded, outside the 5-minute window. Unless
+    # the window follows the API's clock, the batch is sent again and paid for twice.
+    lagging = Emulator(
+        EmulatorConfig(seed=3, processing_seconds=0.3), clock=lambda: time.time() - 600
+    )
+    src = tmp_path / "docs.jsonl"
+    out = tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    with EmulatorServer(lagging, host="127.0.0.1", port=0) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
+        env.update(ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="sk-test-key")
+        orphan = _crash_after_create(lagging, env, sqlite_url, src, "skewed")
+        done = run_batchpipe(
+            sqlite_url, {**env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
+            *job_args(src, "skewed", out),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert lagging.stats()["requests_received"] == ROWS  # nothing was sent twice
+    (widened,) = _events(done.stderr, "batch.orphan_window_widened")
+    assert 595 <= widened["clock_skew_seconds"] <= 605
+    (adopted,) = _events(done.stderr, "batch.orphan_adopted")
+    assert (adopted["api_batch_id"], adopted["confirmed"]) == (orphan, True)
+    assert {r["result_status"] for r in pq.read_table(out).to_pylist()} == {"succeeded"}
 
 
 # ---------------------------------------------------------------------- needs_attention

@@ -27,11 +27,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import IO, Any, TypeVar
 
 import anthropic
 import httpx2
+from anthropic import APIResponse
 from anthropic.types.messages import MessageBatch
 
 from batchpipe import errors
@@ -48,6 +50,7 @@ from batchpipe.models import (
 log = get_logger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 NO_KEY_MESSAGE = (
     "ANTHROPIC_API_KEY is not set; export it, or use --emulate to run against the built-in emulator"
@@ -96,6 +99,8 @@ class BatchClient:
         # create's own retries: exponential from this base when no retry-after is given.
         self.create_retry_base = 0.5
         self.sleep: Callable[[float], None] = time.sleep
+        # The API's Date on its last dated answer, and our monotonic time then (api_now).
+        self._api_date: tuple[datetime, float] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,7 +174,9 @@ class BatchClient:
             lambda: self._call_tolerating_404(
                 "retrieve",
                 f"retrieve batch {batch_id}",
-                lambda: self._sdk.messages.batches.retrieve(batch_id),
+                lambda: self._dated(
+                    self._sdk.messages.batches.with_raw_response.retrieve(batch_id)
+                ),
                 batch_id=batch_id,
             )
         )
@@ -183,7 +190,7 @@ class BatchClient:
         page = self._call(
             "list",
             "list batches",
-            lambda: self._sdk.messages.batches.list(limit=page_size),
+            lambda: self._dated(self._sdk.messages.batches.with_raw_response.list(limit=page_size)),
         )
         while True:
             for batch in page.data:
@@ -193,6 +200,32 @@ class BatchClient:
             if not page.has_next_page():
                 return
             page = self._call("list", "list batches", page.get_next_page)
+
+    def api_now(self) -> datetime | None:
+        """The API's clock now, or None before any retrieve or list has answered.
+
+        Read from the ``Date`` header of the API's last such answer, plus the time since on
+        our monotonic clock: what ``created_at`` and ``expires_at`` are measured against,
+        whatever this host's clock says. ``Date`` has whole seconds, so this can be up to a
+        second behind.
+        """
+        if self._api_date is None:
+            return None
+        stamp, seen = self._api_date
+        return stamp + timedelta(seconds=time.monotonic() - seen)
+
+    def _dated(self, raw: APIResponse[R]) -> R:
+        """The parsed body of a raw answer, noting the API's clock from its Date header."""
+        value = raw.headers.get("date")
+        if value:
+            try:
+                stamp = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                stamp = None  # an unreadable Date: keep the last good one
+            if stamp is not None:
+                stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+                self._api_date = (stamp, time.monotonic())
+        return raw.parse()
 
     def results(self, batch_id: str, *, keep_content: bool = False) -> Iterator[ResultRecord]:
         """Stream a finished batch's results, one record per request, in bounded memory.

@@ -117,7 +117,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             status, headers = captured
             code, _, reason = status.partition(" ")
-            self.send_response(int(code), reason)
+            # Not send_response(): it adds a Date of the wall clock, and the app dates every
+            # answer by the emulator's clock.
+            self.log_request(int(code))
+            self.send_response_only(int(code), reason)
+            self.send_header("Server", self.version_string())
             names = {k.lower() for k, _ in headers}
             for key, value in headers:
                 self.send_header(key, value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -130,6 +131,10 @@ class EmulatorApp:
             log.exception("emulator: unhandled error serving %s", path)
             bug = ApiFailure(500, "api_error", "Internal server error (emulator bug)")
             status, headers, body = _error(bug, request_id)
+        # Every answer is dated by the emulator's clock, as the API's are by its own: a client
+        # that measures the API's clock (expiry warnings, orphan windows) sees the one that
+        # stamps created_at and expires_at, moved on by advance() like them.
+        headers = [*headers, ("date", formatdate(self.emu.now(), usegmt=True))]
         start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
         return body
 

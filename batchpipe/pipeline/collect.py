@@ -26,7 +26,7 @@ from batchpipe.models import (
     ResultType,
     is_transient_error,
 )
-from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.context import Context, api_now, bind, failpoint, job_spec
 from batchpipe.pipeline.outcome import output_schema, refine
 from batchpipe.requests import parse_custom_id
 
@@ -61,7 +61,6 @@ def classify(
 def poll(ctx: Context, job: JobRow) -> int:
     """Refresh every in-flight batch from the API. Returns how many have ended."""
     ended = 0
-    now = ctx.clock()
     for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING}):
         assert batch.api_batch_id is not None
         info = ctx.client.retrieve(batch.api_batch_id)
@@ -84,7 +83,7 @@ def poll(ctx: Context, job: JobRow) -> int:
         ctx.store.update_batch(
             batch.id, expected_status=batch.status, status=status, api_counts=counts
         )
-        left = info.expires_at - now
+        left = info.expires_at - api_now(ctx)
         if left < EXPIRY_WARNING:
             logger.warning(
                 "batch.near_expiry",
@@ -111,7 +110,7 @@ def _collect_batch(
     started = time.perf_counter()
     outputs = output_schema(spec)
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
-    if batch.created_at and ctx.clock() - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
+    if batch.created_at and api_now(ctx) - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
         logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
     buf: list[ItemUpdate] = []
     applied = foreign = lines = 0

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from batchpipe.db import JobRow, Store
@@ -177,6 +177,21 @@ class Context:
                 return
             self.sleep(min(slice_, left))
             left -= slice_
+
+
+def api_now(ctx: Context) -> datetime:
+    """The API's clock now (``BatchClient.api_now``), or ours until the API has answered.
+
+    For times the API stamped (``created_at``, ``expires_at``): a host clock that is off
+    would move expiry warnings and the orphan search window by as much.
+    """
+    return ctx.client.api_now() or ctx.clock()
+
+
+def api_clock_skew(ctx: Context) -> timedelta:
+    """How far the API's clock is ahead of ours (negative: behind); zero until it answered."""
+    seen = ctx.client.api_now()
+    return seen - ctx.clock() if seen is not None else timedelta(0)
 
 
 def job_spec(job: JobRow) -> JobSpec:

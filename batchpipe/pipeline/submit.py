@@ -27,7 +27,7 @@ from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import BatchInfo, BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.budget import BudgetGuard
-from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.context import Context, api_clock_skew, bind, failpoint, job_spec
 from batchpipe.pipeline.outcome import request_for
 from batchpipe.requests import (
     BatchPacker,
@@ -206,8 +206,18 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
         return
     logger = bind(job, log)
     known = ctx.store.known_api_batch_ids()
-    since = min(b.intent_at for b in planned) - _CLOCK_SKEW
-    unclaimed = [b for b in ctx.client.list_batches(created_after=since) if b.id not in known]
+    first_intent = min(b.intent_at for b in planned)
+    margin = _CLOCK_SKEW
+    listed = list(ctx.client.list_batches(created_after=first_intent - margin))
+    # intent_at is our clock, created_at the API's: when the two disagree by more than the
+    # margin, the orphan could fall outside the window and be paid for twice. The list has
+    # just told us the API's time; widen by the gap and look again if it is that large.
+    skew = abs(api_clock_skew(ctx))
+    if skew > _CLOCK_SKEW / 5:
+        margin = _CLOCK_SKEW + skew
+        listed = list(ctx.client.list_batches(created_after=first_intent - margin))
+        logger.info("batch.orphan_window_widened", clock_skew_seconds=round(skew.total_seconds()))
+    unclaimed = [b for b in listed if b.id not in known]
     now = ctx.clock()
     sizes = Counter(b.request_count for b in planned)
     for batch in planned:
@@ -215,7 +225,7 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
             info
             for info in unclaimed
             if info.request_counts.total == batch.request_count
-            and info.created_at >= batch.intent_at - _CLOCK_SKEW
+            and info.created_at >= batch.intent_at - margin
         ]
         members: set[str] | None = None
         confirmed: list[BatchInfo] = []
