@@ -11,6 +11,11 @@ CPU ratio. The emulator's own CPU is not counted for either side.
 
     .venv/bin/python bench/bench_pipeline.py --rows 100000 --db sqlite
     .venv/bin/python bench/bench_pipeline.py --rows 1000000 --db postgres
+    .venv/bin/python bench/bench_pipeline.py --rows 100000 --repeat 5   # median of 5 rounds
+
+With ``--repeat N`` each round runs the floor and then batchpipe (a new job in a new state
+database) back to back, so both see the machine at the same speed; the rounds' ratios
+are printed as they finish, then the median round's table and the median, min and max.
 """
 
 from __future__ import annotations
@@ -192,13 +197,88 @@ def stage_times(log_path: Path, started: float) -> dict[str, tuple[float, float]
     return out
 
 
+@dataclass
+class Round:
+    """One floor run and one batchpipe run, back to back."""
+
+    floor: Measured | None
+    batchpipe: Measured
+    stages: dict[str, tuple[float, float]]
+
+    @property
+    def ratio(self) -> float | None:
+        """batchpipe CPU / floor CPU (None without a floor)."""
+        return self.batchpipe.cpu / self.floor.cpu if self.floor is not None else None
+
+
+def one_round(
+    index: int, data: Path, work: Path, url: str, env: dict[str, str], pg_url: str | None,
+    skip_floor: bool,
+) -> Round:  # fmt: skip
+    """Run the floor, then ``batchpipe run`` as a new job in a new state database."""
+    floor = None
+    if not skip_floor:
+        floor = measure(
+            [sys.executable, str(HERE / "floor.py"), str(data), str(work / "floor.parquet")],
+            env,
+            work / f"floor-{index}.log",
+        )
+    httpx2.post(f"{url}/_emulator/reset")  # free the batches of the runs before
+    db_url = pg_url if pg_url is not None else f"sqlite:///{work / f'bench-{index}.db'}"
+    if pg_url is not None and index == 0:
+        subprocess.run(
+            [sys.executable, "-m", "batchpipe", "--db", db_url, "db", "upgrade"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    run_cmd = [
+        sys.executable, "-m", "batchpipe", "--db", db_url, "--log-format", "json",
+        "run", str(data), "--job", f"bench-{index}", "--prompt", PROMPT,
+        "--model", "claude-haiku-4-5", "--max-tokens", "32", "--id-column", "doc_id",
+        "-o", str(work / "out.parquet"), "--poll-interval", "0.2",
+    ]  # fmt: skip
+    started = time.time()
+    log_path = work / f"batchpipe-{index}.log"
+    bp = measure(run_cmd, env, log_path)
+    return Round(floor, bp, stage_times(log_path, started))
+
+
+def report(rows: int, chosen: Round) -> None:
+    """The stage table and totals of one round."""
+    bp, floor = chosen.batchpipe, chosen.floor
+    print(f"{'stage':10} {'wall s':>8} {'rows/s':>10} {'cpu s':>8} {'peak RSS MiB':>13}")
+    for stage, (begin, end) in chosen.stages.items():
+        wall = max(end - begin, 1e-9)
+        cpu = bp.cpu_at(end) - bp.cpu_at(begin)
+        rss = bp.rss_between(begin, end) / MIB
+        print(f"{stage:10} {wall:8.2f} {rows / wall:10,.0f} {cpu:8.2f} {rss:13.0f}")
+    rss = bp.peak_rss / MIB
+    print(f"batchpipe  wall {bp.wall:7.2f} s  cpu {bp.cpu:7.2f} s  peak RSS {rss:6.0f} MiB")
+    if floor is not None:
+        print(
+            f"floor      wall {floor.wall:7.2f} s  cpu {floor.cpu:7.2f} s  "
+            f"peak RSS {floor.peak_rss / MIB:6.0f} MiB"
+        )
+        print(f"ratio (batchpipe cpu / floor cpu)  {chosen.ratio:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--skip-floor", action="store_true", help="run batchpipe only")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of floor + batchpipe; the machine's speed drifts, so compare the "
+        "median ratio of several (the table shows the median round)",
+    )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     data = default_path(args.rows)
     if not data.exists():
@@ -207,49 +287,31 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="batchpipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     db_cm = postgres() if args.db == "postgres" else None
+    rounds: list[Round] = []
     with emulator() as url, db_cm if db_cm is not None else _null() as pg_url:
         env = {**os.environ, "ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "bench"}
-        floor = None
-        if not args.skip_floor:
-            floor = measure(
-                [sys.executable, str(HERE / "floor.py"), str(data), str(work / "floor.parquet")],
-                env,
-                work / "floor.log",
-            )
-            httpx2.post(f"{url}/_emulator/reset")  # free the floor's batches
-        db_url = pg_url if pg_url is not None else f"sqlite:///{work / 'bench.db'}"
-        if pg_url is not None:
-            subprocess.run(
-                [sys.executable, "-m", "batchpipe", "--db", db_url, "db", "upgrade"],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-        run_cmd = [
-            sys.executable, "-m", "batchpipe", "--db", db_url, "--log-format", "json",
-            "run", str(data), "--prompt", PROMPT, "--model", "claude-haiku-4-5",
-            "--max-tokens", "32", "--id-column", "doc_id", "-o", str(work / "out.parquet"),
-            "--poll-interval", "0.2",
-        ]  # fmt: skip
-        started = time.time()
-        bp = measure(run_cmd, env, work / "batchpipe.log")
-        stages = stage_times(work / "batchpipe.log", started)
+        for index in range(args.repeat):
+            rounds.append(one_round(index, data, work, url, env, pg_url, args.skip_floor))
+            done = rounds[-1]
+            if args.repeat > 1:
+                floor_cpu = f"{done.floor.cpu:6.2f} s" if done.floor else "   -"
+                ratio = f"{done.ratio:.2f}" if done.ratio is not None else "-"
+                print(
+                    f"round {index + 1}: batchpipe cpu {done.batchpipe.cpu:6.2f} s  "
+                    f"floor cpu {floor_cpu}  ratio {ratio}",
+                    flush=True,
+                )
 
     print(f"rows {args.rows:,}  db {args.db}  input {data.name}  work {work}")
-    print(f"{'stage':10} {'wall s':>8} {'rows/s':>10} {'cpu s':>8} {'peak RSS MiB':>13}")
-    for stage, (begin, end) in stages.items():
-        wall = max(end - begin, 1e-9)
-        cpu = bp.cpu_at(end) - bp.cpu_at(begin)
-        rss = bp.rss_between(begin, end) / MIB
-        print(f"{stage:10} {wall:8.2f} {args.rows / wall:10,.0f} {cpu:8.2f} {rss:13.0f}")
-    rss = bp.peak_rss / MIB
-    print(f"batchpipe  wall {bp.wall:7.2f} s  cpu {bp.cpu:7.2f} s  peak RSS {rss:6.0f} MiB")
-    if floor is not None:
+    by_ratio = sorted(rounds, key=lambda r: r.ratio or r.batchpipe.cpu)
+    median = by_ratio[(len(by_ratio) - 1) // 2]
+    report(args.rows, median)
+    if len(rounds) > 1 and median.ratio is not None:
+        ratios = [r.ratio for r in by_ratio if r.ratio is not None]
         print(
-            f"floor      wall {floor.wall:7.2f} s  cpu {floor.cpu:7.2f} s  "
-            f"peak RSS {floor.peak_rss / MIB:6.0f} MiB"
+            f"ratio over {len(ratios)} rounds: median {median.ratio:.2f}  "
+            f"min {min(ratios):.2f}  max {max(ratios):.2f}"
         )
-        print(f"ratio (batchpipe cpu / floor cpu)  {bp.cpu / floor.cpu:.2f}")
 
 
 @contextmanager
