@@ -1,8 +1,13 @@
-"""The allocator and collector tuning: which calls are made, and that the user's settings win."""
+"""The allocator and collector tuning: which calls are made, that the user's settings win,
+and, on glibc, what they do to a process's resident memory (measured in a fresh process)."""
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,3 +80,77 @@ def test_collector_runs_less_often_and_skips_start_up_objects() -> None:
     memory.tune_collector()
     assert gc.get_threshold() == (50_000, gen1, gen2)
     assert gc.get_freeze_count() > 0
+
+
+# A fresh interpreter per measurement: the allocator's state (its thresholds, its free
+# lists) is the thing under test. Sizes come from int() so the compiler cannot fold the
+# byte strings into one shared constant.
+_PROBE = textwrap.dedent(
+    """
+    import os, sys
+    from batchpipe import memory
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    case = sys.argv[1]
+    small, keep, large = int("2000"), int("1000"), int("600000")
+    if case in ("release", "keep"):
+        # 100 MB of malloc'd strings with a survivor every tenth: freed, they leave holes
+        # in the heap that free() alone never hands back.
+        blocks, kept = [], []
+        for i in range(50_000):
+            blocks.append(b"y" * small)
+            if i % 10 == 0:
+                kept.append(b"k" * keep)
+        del blocks
+        before = rss_mib()
+        if case == "release":
+            memory.release_free_memory()
+        print(before, rss_mib())
+    else:
+        if case == "tuned":
+            memory.tune_allocator()
+        big = b"z" * (large * 7)
+        del big  # freeing a large mmapped block makes glibc raise its mmap threshold
+        blocks, kept = [], []
+        for _ in range(100):
+            blocks.append(b"x" * large)
+            kept.append(b"k" * keep)
+        before = rss_mib()
+        del blocks
+        print(before, rss_mib())
+    """
+)
+
+
+def _probe(case: str) -> tuple[float, float]:
+    """(RSS MiB before, after) of one case of _PROBE, run in a new interpreter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, case], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+@pytest.fixture
+def glibc() -> None:
+    if memory._glibc() is None:
+        pytest.skip("not glibc")
+
+
+@pytest.mark.usefixtures("glibc")
+def test_release_hands_freed_heap_pages_back() -> None:
+    before, kept = _probe("keep")
+    assert before - kept < 10  # without it, 100 MB of freed holes stay resident
+    before, released = _probe("release")
+    assert before - released > 50
+
+
+@pytest.mark.usefixtures("glibc")
+def test_fixed_thresholds_keep_large_blocks_out_of_the_heap() -> None:
+    before, after = _probe("default")
+    assert before - after < 10  # 60 MB freed, none of it returned: it was heap
+    before, after = _probe("tuned")
+    assert before - after > 40  # mmapped blocks go back to the system when freed
