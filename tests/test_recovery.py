@@ -155,10 +155,38 @@ def test_an_orphan_is_found_when_our_clock_runs_ahead_of_the_api(
     assert done.returncode == 0, done.stderr
     assert lagging.stats()["requests_received"] == ROWS  # nothing was sent twice
     (widened,) = _events(done.stderr, "batch.orphan_window_widened")
-    assert 595 <= widened["clock_skew_seconds"] <= 605
+    assert 595 <= widened["clock_lag_seconds"] <= 605
     (adopted,) = _events(done.stderr, "batch.orphan_adopted")
     assert (adopted["api_batch_id"], adopted["confirmed"]) == (orphan, True)
     assert {r["result_status"] for r in pq.read_table(out).to_pylist()} == {"succeeded"}
+
+
+def test_an_orphan_is_found_after_the_clocks_were_brought_together(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # At the crash the API's clock was 11 minutes behind this host's; by the restart the
+    # two agree (NTP stepped one of them): no gap measured now explains why the orphan is
+    # older than the window, and the last look before paying again must find it.
+    lagging = Emulator(
+        EmulatorConfig(seed=4, processing_seconds=0.3), clock=lambda: time.time() - 660
+    )
+    src = tmp_path / "docs.jsonl"
+    out = tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    with EmulatorServer(lagging, host="127.0.0.1", port=0) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
+        env.update(ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="sk-test-key")
+        orphan = _crash_after_create(lagging, env, sqlite_url, src, "stepped")
+        lagging.advance(660)
+        done = run_batchpipe(
+            sqlite_url, {**env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
+            *job_args(src, "stepped", out),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert lagging.stats()["requests_received"] == ROWS  # nothing was sent twice
+    assert not _events(done.stderr, "batch.orphan_window_widened")  # no gap left to see
+    (adopted,) = _events(done.stderr, "batch.orphan_adopted")
+    assert (adopted["api_batch_id"], adopted["confirmed"]) == (orphan, True)
 
 
 # ---------------------------------------------------------------------- needs_attention

@@ -39,6 +39,8 @@ from batchpipe.requests import (
 
 # Clocks differ between us and the API; widen the window in which an orphan may have been created.
 _CLOCK_SKEW = timedelta(minutes=5)
+# How far before its intent the last look for an orphan searches (see _found_in_a_wider_look).
+_LAST_LOOK = timedelta(days=1)
 
 log = get_logger(__name__)
 
@@ -209,14 +211,15 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
     first_intent = min(b.intent_at for b in planned)
     margin = _CLOCK_SKEW
     listed = list(ctx.client.list_batches(created_after=first_intent - margin))
-    # intent_at is our clock, created_at the API's: when the two disagree by more than the
-    # margin, the orphan could fall outside the window and be paid for twice. The list has
-    # just told us the API's time; widen by the gap and look again if it is that large.
-    skew = abs(api_clock_skew(ctx))
-    if skew > _CLOCK_SKEW / 5:
-        margin = _CLOCK_SKEW + skew
+    # intent_at is our clock, created_at the API's: an API clock behind ours by more than
+    # the margin puts the orphan before the window, to be paid for twice. The list has just
+    # told us the API's time; if it lags that much, widen by the lag and look again. (One
+    # ahead of ours needs nothing: the orphan is then later than the window's start.)
+    lag = -api_clock_skew(ctx)
+    if lag > _CLOCK_SKEW / 5:
+        margin = _CLOCK_SKEW + lag
         listed = list(ctx.client.list_batches(created_after=first_intent - margin))
-        logger.info("batch.orphan_window_widened", clock_skew_seconds=round(skew.total_seconds()))
+        logger.info("batch.orphan_window_widened", clock_lag_seconds=round(lag.total_seconds()))
     unclaimed = [b for b in listed if b.id not in known]
     now = ctx.clock()
     sizes = Counter(b.request_count for b in planned)
@@ -275,6 +278,8 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
             ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
             raise NeedsAttention(message)
         elif (now - batch.intent_at).total_seconds() >= ctx.orphan_grace_seconds:
+            if _found_in_a_wider_look(ctx, job, batch, known | {b.id for b in listed}):
+                continue
             logger.warning(
                 "batch.orphan_not_found", batch_id=batch.id, requests=batch.request_count
             )
@@ -302,6 +307,35 @@ def _adopt(
     bind(job, log).warning(
         "batch.orphan_adopted", batch_id=batch.id, api_batch_id=found.id, confirmed=confirmed
     )
+
+
+def _found_in_a_wider_look(ctx: Context, job: JobRow, batch: BatchRow, seen: set[str]) -> bool:
+    """The last look before sending a planned batch again: a day of the API's batches.
+
+    The window above trusts the clock gap measured now, but this host's clock may have been
+    stepped since it stamped the intent (NTP after the reboot that followed the crash), and
+    then no gap measured now describes it. So before paying again, batches of the same size
+    created up to a day before the intent are checked too, and only proof counts: an ended
+    one whose results hold one of this batch's custom_ids is adopted; a running one means
+    waiting until its results can tell. True when the batch was adopted or must wait.
+    """
+    members: set[str] | None = None
+    running: list[str] = []
+    for info in ctx.client.list_batches(created_after=batch.intent_at - _LAST_LOOK):
+        if info.id in seen or info.request_counts.total != batch.request_count:
+            continue
+        if info.processing_status != "ended":
+            running.append(info.id)
+            continue
+        if members is None:
+            members = _member_ids(ctx, batch)
+        if _results_confirm(ctx, info, members):
+            _adopt(ctx, job, batch, info, [info], confirmed=True)
+            return True
+    if running:
+        bind(job, log).warning("batch.orphan_ambiguous", batch_id=batch.id, candidates=running)
+        return True
+    return False
 
 
 def _member_ids(ctx: Context, batch: BatchRow) -> set[str]:
