@@ -14,8 +14,9 @@ CPU ratio. The emulator's own CPU is not counted for either side.
     .venv/bin/python bench/bench_pipeline.py --rows 100000 --repeat 5   # median of 5 rounds
 
 With ``--repeat N`` each round runs the floor and then batchpipe (a new job in a new state
-database) back to back, so both see the machine at the same speed; the rounds' ratios
-are printed as they finish, then the median round's table and the median, min and max.
+database: a file, or a PostgreSQL database of its own) back to back, so both see the
+machine at the same speed; the rounds' ratios are printed as they finish, then the median
+round's table and the median, min and max.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import httpx2
 import psutil
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gen_data import default_path, generate
@@ -224,14 +226,21 @@ def one_round(
             work / f"floor-{index}.log",
         )
     httpx2.post(f"{url}/_emulator/reset")  # free the batches of the runs before
-    db_url = pg_url if pg_url is not None else f"sqlite:///{work / f'bench-{index}.db'}"
-    if pg_url is not None and index == 0:
+    if pg_url is not None:
+        # A database of its own per round, as SQLite gets a file: no round runs on the
+        # items of the ones before.
+        server, _, _ = pg_url.rpartition("/")
+        with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE bench_{index}")
+        db_url = f"{server}/bench_{index}"
         subprocess.run(
             [sys.executable, "-m", "batchpipe", "--db", db_url, "db", "upgrade"],
             env=env,
             check=True,
             capture_output=True,
         )
+    else:
+        db_url = f"sqlite:///{work / f'bench-{index}.db'}"
     run_cmd = [
         sys.executable, "-m", "batchpipe", "--db", db_url, "--log-format", "json",
         "run", str(data), "--job", f"bench-{index}", "--prompt", PROMPT,
@@ -304,7 +313,7 @@ def main() -> None:
 
     print(f"rows {args.rows:,}  db {args.db}  input {data.name}  work {work}")
     by_ratio = sorted(rounds, key=lambda r: r.ratio or r.batchpipe.cpu)
-    median = by_ratio[(len(by_ratio) - 1) // 2]
+    median = by_ratio[(len(by_ratio) - 1) // 2]  # of an even count, the lower middle round
     report(args.rows, median)
     if len(rounds) > 1 and median.ratio is not None:
         ratios = [r.ratio for r in by_ratio if r.ratio is not None]

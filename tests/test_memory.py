@@ -104,11 +104,12 @@ _PROBE = textwrap.dedent(
             blocks.append(b"y" * small)
             if i % 10 == 0:
                 kept.append(b"k" * keep)
+        alive = rss_mib()
         del blocks
-        before = rss_mib()
+        freed = rss_mib()
         if case == "release":
             memory.release_free_memory()
-        print(before, rss_mib())
+        print(alive, freed, rss_mib())
     else:
         if case == "tuned":
             memory.tune_allocator()
@@ -118,20 +119,26 @@ _PROBE = textwrap.dedent(
         for _ in range(100):
             blocks.append(b"x" * large)
             kept.append(b"k" * keep)
-        before = rss_mib()
+        alive = rss_mib()
         del blocks
-        print(before, rss_mib())
+        freed = rss_mib()
+        print(alive, freed, freed)
     """
 )
 
 
-def _probe(case: str) -> tuple[float, float]:
-    """(RSS MiB before, after) of one case of _PROBE, run in a new interpreter."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+# Settings that would change the allocator under test: the probe runs without them.
+_ALLOCATOR_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "PYTHONMALLOC")
+
+
+def _probe(case: str) -> tuple[float, float, float]:
+    """RSS MiB (with the strings alive, after freeing them, after releasing) of one case of
+    _PROBE, run in a new interpreter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_ALLOCATOR_ENV)}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, case], capture_output=True, text=True, check=True, env=env
     ).stdout.split()
-    return float(out[0]), float(out[1])
+    return float(out[0]), float(out[1]), float(out[2])
 
 
 @pytest.fixture
@@ -142,15 +149,17 @@ def glibc() -> None:
 
 @pytest.mark.usefixtures("glibc")
 def test_release_hands_freed_heap_pages_back() -> None:
-    before, kept = _probe("keep")
-    assert before - kept < 10  # without it, 100 MB of freed holes stay resident
-    before, released = _probe("release")
-    assert before - released > 50
+    alive, freed, _ = _probe("keep")
+    assert alive > 100
+    assert alive - freed < 10  # free() alone keeps 100 MB of holes in the heap resident
+    alive, freed, released = _probe("release")
+    assert freed - released > 50
 
 
 @pytest.mark.usefixtures("glibc")
 def test_fixed_thresholds_keep_large_blocks_out_of_the_heap() -> None:
-    before, after = _probe("default")
-    assert before - after < 10  # 60 MB freed, none of it returned: it was heap
-    before, after = _probe("tuned")
-    assert before - after > 40  # mmapped blocks go back to the system when freed
+    alive, freed, _ = _probe("default")
+    assert alive > 60
+    assert alive - freed < 10  # 60 MB freed, none of it returned: it was heap
+    alive, freed, _ = _probe("tuned")
+    assert alive - freed > 40  # mmapped blocks go back to the system when freed
