@@ -228,9 +228,14 @@ def write_rows(path: Path, n: int) -> None:
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
 
 
+def env_for(base_url: str) -> dict[str, str]:
+    """Environment for `batchpipe` subprocesses talking to the emulator at ``base_url``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
+    env.update(ANTHROPIC_BASE_URL=base_url, ANTHROPIC_API_KEY="sk-test-key")
+    return env
+
+
 @pytest.fixture
 def cli_env(emulator_server: EmulatorServer) -> dict[str, str]:
     """Environment for `batchpipe` subprocesses talking to ``emulator_server`` over loopback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
-    env.update(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test-key")
-    return env
+    return env_for(emulator_server.url)

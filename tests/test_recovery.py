@@ -9,8 +9,8 @@ batches show what was created, canceled or paid for.
 from __future__ import annotations
 
 import json
-import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import anthropic
 import orjson
 import pyarrow.parquet as pq
-from conftest import job_args, run_batchpipe, write_rows
+from conftest import env_for, job_args, run_batchpipe, write_rows
 
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
@@ -132,33 +132,48 @@ def test_orphan_created_twice_adopts_the_oldest_and_answers_each_row_once(
         assert twin not in store.known_api_batch_ids()
 
 
+def _crash_with_a_lagging_api(
+    tmp_path: Path, sqlite_url: str, name: str, *, lag: float, caught_up: bool
+) -> tuple[Emulator, str, subprocess.CompletedProcess[str]]:
+    """Crash right after create against an API whose clock is ``lag`` s behind this host's,
+    then `run` again (the API's clock moved on by ``lag`` first if ``caught_up``).
+
+    Returns the emulator, the orphan's id and the second run.
+    """
+    lagging = Emulator(
+        EmulatorConfig(seed=3, processing_seconds=0.3), clock=lambda: time.time() - lag
+    )
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    with EmulatorServer(lagging, host="127.0.0.1", port=0) as server:
+        env = env_for(server.url)
+        orphan = _crash_after_create(lagging, env, sqlite_url, src, name)
+        if caught_up:
+            lagging.advance(lag)
+        done = run_batchpipe(
+            sqlite_url, {**env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
+            *job_args(src, name, tmp_path / "out.parquet"),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return lagging, orphan, done
+
+
 def test_an_orphan_is_found_when_our_clock_runs_ahead_of_the_api(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     # The API's clock is 10 minutes behind this host's: the orphan's created_at is 10
     # minutes before the intent our clock recorded, outside the 5-minute window. Unless
     # the window follows the API's clock, the batch is sent again and paid for twice.
-    lagging = Emulator(
-        EmulatorConfig(seed=3, processing_seconds=0.3), clock=lambda: time.time() - 600
+    lagging, orphan, done = _crash_with_a_lagging_api(
+        tmp_path, sqlite_url, "skewed", lag=600, caught_up=False
     )
-    src = tmp_path / "docs.jsonl"
-    out = tmp_path / "out.parquet"
-    write_rows(src, ROWS)
-    with EmulatorServer(lagging, host="127.0.0.1", port=0) as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
-        env.update(ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="sk-test-key")
-        orphan = _crash_after_create(lagging, env, sqlite_url, src, "skewed")
-        done = run_batchpipe(
-            sqlite_url, {**env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
-            *job_args(src, "skewed", out),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stderr
     assert lagging.stats()["requests_received"] == ROWS  # nothing was sent twice
     (widened,) = _events(done.stderr, "batch.orphan_window_widened")
     assert 595 <= widened["clock_lag_seconds"] <= 605
     (adopted,) = _events(done.stderr, "batch.orphan_adopted")
     assert (adopted["api_batch_id"], adopted["confirmed"]) == (orphan, True)
-    assert {r["result_status"] for r in pq.read_table(out).to_pylist()} == {"succeeded"}
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in rows} == {"succeeded"}
 
 
 def test_an_orphan_is_found_after_the_clocks_were_brought_together(
@@ -167,22 +182,9 @@ def test_an_orphan_is_found_after_the_clocks_were_brought_together(
     # At the crash the API's clock was 11 minutes behind this host's; by the restart the
     # two agree (NTP stepped one of them): no gap measured now explains why the orphan is
     # older than the window, and the last look before paying again must find it.
-    lagging = Emulator(
-        EmulatorConfig(seed=4, processing_seconds=0.3), clock=lambda: time.time() - 660
+    lagging, orphan, done = _crash_with_a_lagging_api(
+        tmp_path, sqlite_url, "stepped", lag=660, caught_up=True
     )
-    src = tmp_path / "docs.jsonl"
-    out = tmp_path / "out.parquet"
-    write_rows(src, ROWS)
-    with EmulatorServer(lagging, host="127.0.0.1", port=0) as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHPIPE_")}
-        env.update(ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="sk-test-key")
-        orphan = _crash_after_create(lagging, env, sqlite_url, src, "stepped")
-        lagging.advance(660)
-        done = run_batchpipe(
-            sqlite_url, {**env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run",
-            *job_args(src, "stepped", out),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stderr
     assert lagging.stats()["requests_received"] == ROWS  # nothing was sent twice
     assert not _events(done.stderr, "batch.orphan_window_widened")  # no gap left to see
     (adopted,) = _events(done.stderr, "batch.orphan_adopted")
