@@ -28,7 +28,7 @@ from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import approx_tokens, expected_text
 from batchpipe.errors import BatchpipeError, InputChangedError, UsageError
-from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec
+from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 
 PROMPT = "Classify the sentiment of: {{ body }}"
 
@@ -293,6 +293,34 @@ def test_export_refuses_an_input_that_changed(harness: Harness, tmp_path: Path) 
     with pytest.raises(InputChangedError, match="changed since the job was ingested"):
         pipeline.export(ctx, job, str(tmp_path / "late.parquet"))
     assert not (tmp_path / "late.parquet").exists()
+
+
+def test_export_refuses_a_job_with_rows_not_finished(harness: Harness, tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 30)
+    job = harness.run(spec_for(tmp_path, src, output=None))
+    ctx = harness.context()
+    # Not done: refused before anything is read.
+    harness.store.update_job(job.id, status=JobStatus.RUNNING)
+    running = harness.store.get_job(job.id)
+    assert running is not None
+    with pytest.raises(UsageError, match=r"is not finished \(0 row"):
+        pipeline.export(ctx, running, str(tmp_path / "early.parquet"))
+    # Marked done, but a row is pending again (a retry racing the export): the rows are
+    # checked as they stream, and the half-written file is removed.
+    harness.store.update_job(job.id, status=JobStatus.DONE)
+    engine = sa.create_engine(harness.db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE items SET status = 'pending' WHERE job_id = :j AND row_index = 17"),
+            {"j": job.id},
+        )
+    engine.dispose()
+    done = harness.store.get_job(job.id)
+    assert done is not None
+    with pytest.raises(UsageError, match=r"is not finished \(1 row"):
+        pipeline.export(ctx, done, str(tmp_path / "late.parquet"))
+    assert not list(tmp_path.glob("*late.parquet*"))
 
 
 def test_a_refused_create_fails_the_run_and_the_same_command_resumes(

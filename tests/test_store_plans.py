@@ -1,11 +1,11 @@
 """Query plans of the Store's per-row statements on PostgreSQL.
 
 A claim or a result updates one item per statement, 100,000 statements a batch. If the
-planner serves one of them from the ``(job_id, status)`` index instead of the primary key,
-each statement walks every item of the job in that status, and a 100,000-item submit spends
-ten minutes of server CPU (measured: bench/bench_pipeline.py --db postgres). A freshly loaded
-table has no statistics, which is exactly when the first claim runs, so ``insert_items``
-analyzes the table after its COPY (``db/bulk.py``).
+planner serves one of them from anything but the primary key (a sequential scan, or in
+revisions before 0006 the ``(job_id, status)`` index), each statement walks the job's items,
+and a 100,000-item submit spends ten minutes of server CPU (measured: bench/bench_pipeline.py
+--db postgres). A freshly loaded table has no statistics, which is exactly when the first
+claim runs, so ``insert_items`` analyzes the table after its COPY (``db/bulk.py``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _plan_of(store: Store, sql: str, params: Any) -> str:
 def test_a_batchs_items_are_read_by_its_row_span(pg_store: Store) -> None:
     """With statistics taken while everything was pending, 'submitted' looks rare to the
     planner; a batch's members must still come from the primary-key range of its rows, not
-    from the (job_id, status) index walking every in-flight row of the job."""
+    from a walk over the job's items."""
     job = pg_store.create_job(name="j", token="0123456789", spec={}, input_fingerprint="fp").id
     pg_store.insert_items(job, ((i, str(i), ItemStatus.PENDING, None) for i in range(40_000)))
     batches = [

@@ -49,10 +49,7 @@ def batch_members(
     """WHERE clause for the items of one batch (optionally only those in ``statuses``).
 
     There is no index on ``items.batch_id`` (every claim and result would update it), so the
-    batch's job and row span, read here, make it a range of the items' primary key. The
-    status test is written so that no index can serve it: PostgreSQL, whose statistics
-    (taken when the items were all pending) say almost nothing is submitted, otherwise
-    walks the (job_id, status) index through every in-flight row of the job instead.
+    batch's job and row span, read here, make it a range of the items' primary key.
     """
     span = conn.execute(
         sa.select(batches.c.job_id, batches.c.first_row, batches.c.last_row).where(
@@ -66,7 +63,7 @@ def batch_members(
     if first is not None and last is not None:
         where = sa.and_(where, items.c.row_index.between(first, last))
     if statuses is not None:
-        where = sa.and_(where, (items.c.status + sa.literal_column("''")).in_(list(statuses)))
+        where = sa.and_(where, items.c.status.in_(list(statuses)))
     return where
 
 

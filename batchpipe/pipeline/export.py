@@ -42,6 +42,18 @@ def result_columns(job: JobRow) -> list[tuple[str, str]]:
     return RESULT_COLUMN_TYPES + (outputs.columns() if outputs is not None else [])
 
 
+_UNFINISHED = frozenset({ItemStatus.PENDING.value, ItemStatus.SUBMITTED.value})
+
+
+def _not_finished(ctx: Context, job: JobRow) -> UsageError:
+    counts = ctx.store.count_items(job.id)
+    unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
+    return UsageError(
+        f"job {job.id} ({job.name}) is not finished ({unfinished} row(s) still pending or "
+        f"in flight); run `batchpipe tick --job {job.name}` or wait for `batchpipe run`"
+    )
+
+
 def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
     chunk: list[tuple[Any, ...]] = []
     outputs = output_schema(job_spec(job))
@@ -50,6 +62,10 @@ def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]
     # result columns but batch_id, which becomes the API's id, and truncated, derived here.
     for row in ctx.store.export_rows(job.id, page=_PAGE):
         status, text, stop_reason = row[2], row[3], row[4]
+        if status in _UNFINISHED:
+            # A finished job has none (checked here rather than by a count beforehand: that
+            # would walk every row once more); the half-written file is removed.
+            raise _not_finished(ctx, job)
         truncated = None if stop_reason is None else stop_reason == TRUNCATED
         values = (*row[1:10], api_ids.get(row[10]), row[11], truncated, row[12])
         if outputs is not None:
@@ -71,13 +87,8 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     target = dest or spec.output
     if target is None:
         raise UsageError(f"job {job.id} ({job.name}) has no output path; pass -o PATH")
-    counts = ctx.store.count_items(job.id)
-    unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
-    if unfinished or job.status not in {JobStatus.DONE, JobStatus.CANCELED}:
-        raise UsageError(
-            f"job {job.id} ({job.name}) is not finished ({unfinished} row(s) still pending or "
-            f"in flight); run `batchpipe tick --job {job.name}` or wait for `batchpipe run`"
-        )
+    if job.status not in {JobStatus.DONE, JobStatus.CANCELED}:
+        raise _not_finished(ctx, job)
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     ctx.progress.start("exporting", job.row_count)

@@ -19,7 +19,7 @@ from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.budget import check_estimate
 from batchpipe.pipeline.collect import collect, poll
-from batchpipe.pipeline.context import Context, bind, job_spec
+from batchpipe.pipeline.context import Context, NullProgress, bind, job_spec
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
@@ -106,9 +106,12 @@ def step(ctx: Context, job: JobRow) -> JobRow:
 
 
 def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
+    # Batches first: a batch still out settles the question without counting the items
+    # (a walk over the job's rows, there being no status index).
+    if ctx.store.list_batches(job.id, BatchStatus.unsettled()):
+        return job
     counts = ctx.store.count_items(job.id)
-    unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
-    if unfinished or ctx.store.list_batches(job.id, BatchStatus.unsettled()):
+    if counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0):
         return job
     final = JobStatus.CANCELED if job.status == JobStatus.CANCELING else JobStatus.DONE
     if ctx.store.update_job(job.id, expected_status=job.status, status=final):
@@ -146,6 +149,8 @@ def _no_fingerprint(ctx: Context, job: JobRow) -> tuple[int, ...]:
 
 def _show_waiting(ctx: Context, job: JobRow) -> None:
     """Report `waiting`: rows with a final answer out of all rows (a bar on a TTY)."""
+    if isinstance(ctx.progress, NullProgress):
+        return  # nothing is drawn: spare the count (a walk over the job's rows)
     counts = ctx.store.count_items(job.id)
     unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
     ctx.progress.start("waiting", job.row_count)
@@ -162,7 +167,7 @@ def run(ctx: Context, job: JobRow) -> JobRow:
     backoff = Backoff(spec.poll_interval)
     with ctx.lease(job):
         # Progress only matters to the adaptive backoff; a fixed interval skips the counts
-        # (a scan of the job's status index each, twice per poll).
+        # (a walk over the job's rows each, twice per poll).
         progress = _fingerprint if backoff.fixed is None else _no_fingerprint
         while True:
             before = progress(ctx, job)

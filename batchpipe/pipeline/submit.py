@@ -96,7 +96,7 @@ def _rows_for(
 
 def submit_pending(ctx: Context, job: JobRow) -> int:
     """Create batches for every pending item. Returns how many batches were created."""
-    pending_count = ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0)
+    pending_count = ctx.store.count_pending(job.id)
     if pending_count == 0:
         return 0
     spec = job_spec(job)
@@ -122,7 +122,7 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
             if last is not None and _create_within_budget(ctx, job, spec, guard, last):
                 created += 1
     ctx.progress.finish()
-    guard.finish(ctx.store.count_items(job.id).get(ItemStatus.PENDING, 0))
+    guard.finish()
     return created
 
 
