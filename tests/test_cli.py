@@ -82,6 +82,7 @@ def test_run_with_emulate_writes_joined_output(tmp_path: Path) -> None:
     assert table.column("doc_id").to_pylist() == [f"d{i}" for i in range(30)]
     assert set(table.column("result_status").to_pylist()) == {"succeeded"}
     assert batches_created(tmp_path) == 3
+    assert "rows by status: {'succeeded': 30}" in result.stderr
 
     status = invoke(tmp_path, "status", "--json")
     assert status.exit_code == 0

@@ -520,6 +520,31 @@ def test_rerun_items_counts_only_the_rows_it_sends_again(store: Store) -> None:
     assert items[2].batch_id == sent
 
 
+def test_a_result_value_of_an_unexpected_type_is_stored_as_text(store: Store) -> None:
+    """A results line off the API's schema (a number where the message belongs) is kept in
+    its string form on both databases; PostgreSQL's binary COPY refuses it, so the chunk
+    goes again in the text format."""
+    job = with_items(store, 3)
+    batch = plan(store, job, [0, 1, 2])
+    odd = errored(1, "invalid_request_error", ItemStatus.ERRORED)
+    odd.error_message = 404  # type: ignore[assignment]
+    assert store.apply_results(job, batch, [succeeded(0), odd, succeeded(2)]) == 3
+    rows = by_row(store, job)
+    assert rows[1].error_message == "404"
+    assert (rows[0].response_text, rows[2].response_text) == ("answer 0", "answer 2")
+    assert store.count_items(job)[ItemStatus.SUCCEEDED] == 2
+
+
+def test_insert_items_refuses_a_row_index_past_the_column(store: Store) -> None:
+    """PostgreSQL's binary COPY would wrap an int4 past 2**31 where text was refused."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite integers are 64-bit")
+    job = new_job(store)
+    with pytest.raises(StoreError, match="row index 2147483648 is out of range"):
+        store.insert_items(job, [(0, "a", P, None), (2**31, "b", P, None)])
+    assert store.count_items(job)[P] == 0
+
+
 def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Store) -> None:
     job = with_items(store, 2)
     first = plan(store, job, [0, 1])

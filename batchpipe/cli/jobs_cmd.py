@@ -141,9 +141,11 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
             return
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
         job = pipeline.run(ctx, job)
-        summary = pipeline.job_summary(ctx, job, with_batches=False)
+        # Only the counts: job_summary would also sum tokens and cost, another walk over
+        # every row of the job (0.2 s at a million).
+        by_status = ctx.store.count_items(job.id)
     _echo_job(job, "finished")
-    counts = {k: v for k, v in summary["counts"].items() if v}
+    counts = {k.value: v for k, v in by_status.items() if v}
     click.echo(f"  rows by status: {counts}", err=True)
     if spec.output:
         click.echo(f"  output: {spec.output}", err=True)

@@ -440,8 +440,14 @@ class BatchesMixin(StoreBase):
             if status is not ItemStatus.SUCCEEDED:  # a success stays on its item: history.py
                 history.append(_history_values(u))
         if on_postgres:
-            with self._begin() as conn:
-                return apply_by_copy(conn, job_id, batch_id, copied, now)
+            try:
+                with self._begin() as conn:
+                    return apply_by_copy(conn, job_id, batch_id, copied, now)
+            except TypeError:
+                # A value of another type than the API documents: nothing was committed;
+                # the text format stores it as the SQLite path does (see pg_apply).
+                with self._begin() as conn:
+                    return apply_by_copy(conn, job_id, batch_id, copied, now, binary=False)
         changed = 0
         shared = {"p_job_id": job_id, "p_now": now}
         with self._begin() as conn:

@@ -109,10 +109,37 @@ def _identity(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return row
 
 
+# COPY's binary format per column type: psycopg's C dumpers write it at a sixth of the text
+# format's CPU (1,000,000 items: 0.2 s against 1.3 s, mostly the timestamp's text). The
+# wire format must match the column's type exactly, hence the explicit names.
+def binary_type(column: sa.Column[Any]) -> str:
+    """The PostgreSQL type name COPY ... (FORMAT BINARY) writes ``column``'s values as."""
+    kind = column.type
+    if isinstance(kind, sa.TypeDecorator):
+        kind = kind.impl_instance
+    if isinstance(kind, sa.BigInteger):
+        return "int8"
+    if isinstance(kind, sa.Integer):
+        return "int4"
+    if isinstance(kind, sa.Float):
+        return "float8"
+    if isinstance(kind, sa.Boolean):
+        return "bool"
+    if isinstance(kind, sa.DateTime) and kind.timezone:
+        return "timestamptz"
+    if isinstance(kind, sa.String):  # Text too; varchar reads text's binary form
+        return "text"
+    raise TypeError(f"no binary COPY type for column {column.name!r} ({column.type!r})")
+
+
 def copy_rows(
     conn: sa.Connection, table: sa.Table, columns: Sequence[str], rows: Iterable[Any]
 ) -> int:
     """PostgreSQL only: ``COPY table (columns) FROM STDIN`` in the connection's transaction.
+
+    Binary format (see :func:`binary_type`): values must be what the column's type takes,
+    aware datetimes for timestamps, and int4 columns take ints below 2**31 (the binary
+    format would wrap a larger one where the text format is refused; callers bound theirs).
 
     Then ``ANALYZE table``: the per-row UPDATEs that follow a load (claiming items for a
     batch, applying results) look each row up by its key, and without statistics the planner
@@ -124,12 +151,14 @@ def copy_rows(
     """
     raw: Any = conn.connection.dbapi_connection  # a psycopg Connection
     cols = ", ".join(f'"{c}"' for c in columns)
-    sql = f'COPY "{table.name}" ({cols}) FROM STDIN'
+    sql = f'COPY "{table.name}" ({cols}) FROM STDIN (FORMAT BINARY)'
+    types = [binary_type(table.c[c]) for c in columns]
     dbapi = conn.dialect.loaded_dbapi
     count = 0
     try:
         with raw.cursor() as cur:
             with cur.copy(sql) as copy:
+                copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
                     count += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Collection, Iterable, Iterator
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ from batchpipe.errors import StoreError
 from batchpipe.models import TRUNCATED_STOP_REASON, ItemStatus
 
 INSERT_CHUNK = 10_000
+INT4_MAX = 2**31 - 1
 # How many row indexes find_duplicate_keys reports per duplicated key.
 DUPLICATE_EXAMPLES = 5
 TOKEN_FIELDS = (
@@ -91,6 +93,17 @@ def _insert_pending(job_id: int) -> BulkStatement:
     return BulkStatement(stmt, ("row_index", "row_key", "request_hash", "updated_at"))
 
 
+def _copied_items(
+    job_id: int, source: Iterable[tuple[Any, ...]], now: datetime
+) -> Iterator[tuple[Any, ...]]:
+    """insert_items' rows as the COPY of _INSERT_COLUMNS + updated_at takes them."""
+    for i, key, status, error, *rest in source:
+        # row_index is an int4: the binary COPY would wrap what the text form refuses.
+        if not 0 <= i <= INT4_MAX:
+            raise StoreError(f"row index {i} is out of range (0 to {INT4_MAX})")
+        yield job_id, i, key, ItemStatus(status).value, error, 0, _hash(rest), now
+
+
 class ItemsMixin(StoreBase):
     """Store methods for the ``items`` table."""
 
@@ -109,11 +122,8 @@ class ItemsMixin(StoreBase):
         source = iter(rows)
         with self._begin() as conn:
             if self.dialect == "postgresql":
-                # Plain tuples straight to COPY: see db/bulk.py.
-                shaped = (
-                    (job_id, i, key, ItemStatus(status).value, error, 0, _hash(rest), now)
-                    for i, key, status, error, *rest in source
-                )
+                # Plain tuples straight to a binary COPY: see db/bulk.py.
+                shaped = _copied_items(job_id, source, now)
                 return copy_rows(conn, items, (*_INSERT_COLUMNS, "updated_at"), shaped)
             pending_stmt = _insert_pending(job_id)
             now_value = driver_value(items.c.updated_at.type, conn.dialect, now)
