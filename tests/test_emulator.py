@@ -320,3 +320,22 @@ def test_unknown_route_is_404_over_plain_http(emulator_server: EmulatorServer) -
         assert resp.headers["request-id"].startswith("req_")
         # keep-alive survives error answers: the same connection serves the next call
         assert http.get("/v1/messages/batches", headers=headers).status_code == 200
+
+
+def test_a_body_without_a_length_is_refused_like_any_api_error(
+    emulator_server: EmulatorServer, emulator: Emulator, spec: dict[str, Any]
+) -> None:
+    """A chunked upload gets 411 in the API's error shape, dated by the emulator's clock,
+    and the connection closes (its body was never read)."""
+    emulator.advance(86_400)
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    pieces = iter([b'{"requests": ', b"[]}"])  # a generator body: httpx2 sends it chunked
+    with httpx2.Client(base_url=emulator_server.url) as http:
+        resp = http.post("/v1/messages/batches", headers=headers, content=pieces)
+    assert resp.status_code == 411
+    check(spec, "ErrorResponse", resp.json())
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.headers["connection"] == "close"
+    assert abs(parsedate_to_datetime(resp.headers["date"]).timestamp() - emulator.now()) < 2
+    assert len(resp.headers.get_list("date")) == 1
+    assert emulator.stats()["batches_created"] == 0

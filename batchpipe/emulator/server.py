@@ -96,11 +96,12 @@ class _Handler(BaseHTTPRequestHandler):
         return environ
 
     def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self.send_error(411, "Length Required")  # the SDK always sends Content-Length
-            self.close_connection = True
-            return
-        body = _Body(self.rfile, int(self.headers.get("Content-Length") or 0))
+            # The app refuses it (411, see wsgi.py); its body is left unread, so the
+            # connection cannot carry another request.
+            length, self.close_connection = 0, True
+        body = _Body(self.rfile, length)
         captured: list[Any] = []
 
         def start_response(

@@ -41,6 +41,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    411: "Length Required",
     408: "Request Timeout",
     409: "Conflict",
     413: "Payload Too Large",
@@ -119,6 +120,11 @@ class EmulatorApp:
         path = environ.get("PATH_INFO") or "/"
         request_id = new_id("req_")
         try:
+            if "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower():
+                # The SDK always sends Content-Length; a body of unknown length is refused.
+                raise ApiFailure(
+                    411, "invalid_request_error", "A request body needs a Content-Length header"
+                )
             if "/_emulator/" in path:
                 status, headers, body = self._control(
                     environ, path[path.index("/_emulator/") + 11 :], request_id
