@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batchpipe.db import Store, upgrade
+from batchpipe.db import Store, pg_apply, upgrade
 from batchpipe.db.base import batch_members
 from batchpipe.db.batches import _BULK_APPLY_FINAL, _BULK_APPLY_TRANSIENT, _BULK_CLAIM
 from batchpipe.db.bulk import BulkStatement
@@ -119,3 +119,36 @@ def test_a_batchs_items_are_read_by_its_row_span(pg_store: Store) -> None:
         plan = _plan_of(pg_store, statement, params)
         assert "pk_items" in plan, plan
         assert "ix_items_job_id_status" not in plan, plan
+
+
+@pytest.mark.postgres
+def test_result_lines_are_applied_through_the_primary_key(pg_store: Store) -> None:
+    """The apply's UPDATE … FROM joins a chunk of lines to their items. Statistics taken
+    while every item was pending say no item is submitted; a plan that believed them walked
+    every item of the job once per line (87 s for 100,000 lines, bench/bench_pipeline.py)."""
+    job = pg_store.create_job(name="j", token="0123456789", spec={}, input_fingerprint="fp").id
+    n = 40_000
+    pg_store.insert_items(job, ((i, str(i), ItemStatus.PENDING, None) for i in range(n)))
+    batch = pg_store.plan_batch(
+        job, round=1, items=[(r, f"0123456789-{r}-1", 1) for r in range(n)], request_bytes=1
+    ).id
+    lines = [
+        (i, f"0123456789-{i}-1", "succeeded", "x", None, None, 1, 1, None, None, None, None,
+         0.1, False, 1, "succeeded")
+        for i in range(5_000)
+    ]  # fmt: skip
+    assert len(lines[0]) == len(pg_apply.COLUMNS)
+    with pg_store._engine.connect() as conn:
+        raw: Any = conn.connection.dbapi_connection
+        with raw.cursor() as cur:
+            cur.execute(pg_apply._CREATE)
+            with cur.copy(pg_apply._COPY_BINARY) as copy:
+                copy.set_types(pg_apply._BINARY_TYPES)
+                for line in lines:
+                    copy.write_row(line)
+            cur.execute(
+                f"EXPLAIN {pg_apply._UPDATE}", {"job_id": job, "batch_id": batch, "now": None}
+            )
+            plan = "\n".join(r[0] for r in cur.fetchall())
+        conn.rollback()
+    assert "Seq Scan on items" not in plan, plan
