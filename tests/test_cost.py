@@ -137,6 +137,7 @@ def test_budget_stops_further_batches(harness: Harness, tmp_path: Path) -> None:
     assert "row(s) were not sent" in (job.error or "")
     sent = harness.emulator.stats()["requests_received"]
     assert 0 < sent < 40
+    assert f"; {40 - sent} row(s) were not sent" in (job.error or "")
     s = summary(harness, job)
     assert s["cost_usd"] <= cap
     assert s["counts"]["pending"] == 40 - sent

@@ -264,6 +264,17 @@ class BatchClient:
         )
         request_id = response.headers.get("request-id")
         lines = 0
+
+        def logged(level: Callable[..., Any], **extra: Any) -> None:
+            level(
+                "api.results",
+                batch_id=batch_id,
+                lines=lines,
+                latency_ms=_ms(started),
+                request_id=request_id,
+                **extra,
+            )
+
         try:
             for line, complete in split_lines(response.iter_bytes(), op, request_id):
                 record = parse_line(line, keep_content=keep_content)
@@ -281,26 +292,12 @@ class BatchClient:
             if lines < total:
                 raise broke_off(op, lines, request_id, f"{lines} of {total} lines arrived")
         except errors.APIError as exc:
-            log.warning(
-                "api.results",
-                batch_id=batch_id,
-                lines=lines,
-                latency_ms=_ms(started),
-                request_id=request_id,
-                error_type="incomplete_stream"
-                if isinstance(exc, errors.TransientAPIError)
-                else "invalid_line",
-            )
+            transient = isinstance(exc, errors.TransientAPIError)
+            logged(log.warning, error_type="incomplete_stream" if transient else "invalid_line")
             raise
         finally:
             response.close()
-        log.info(
-            "api.results",
-            batch_id=batch_id,
-            lines=lines,
-            latency_ms=_ms(started),
-            request_id=request_id,
-        )
+        logged(log.info)
 
     def cancel(self, batch_id: str) -> BatchInfo:
         """Ask the API to cancel a batch; it answers with the batch, normally ``canceling``."""

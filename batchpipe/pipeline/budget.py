@@ -19,7 +19,7 @@ from batchpipe import pricing
 from batchpipe.db import JobRow
 from batchpipe.errors import BudgetExceeded
 from batchpipe.log import get_logger
-from batchpipe.models import ItemStatus, JobSpec, JobStatus
+from batchpipe.models import JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind
 
 log = get_logger(__name__)
@@ -85,7 +85,7 @@ class BudgetGuard:
         if not self.held_back:
             return
         # Counted only here: without a status index, a count walks the job's rows.
-        pending = self._ctx.store.count_items(self._job.id).get(ItemStatus.PENDING, 0)
+        pending = self._ctx.store.count_pending(self._job.id)
         paid, _ = self._ctx.store.cost_total(self._job.id)
         out_requests, _ = self._ctx.store.unsettled_batches(self._job.id)
         logger = bind(self._job, log)
