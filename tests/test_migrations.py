@@ -27,6 +27,7 @@ from batchpipe.db import (
 from batchpipe.db.migrate import MIGRATIONS_DIR, alembic_config
 from batchpipe.db.schema import metadata
 from batchpipe.errors import StoreError
+from batchpipe.models import ItemStatus
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"jobs", "batches", "items", "attempts"}
@@ -61,8 +62,8 @@ def schema_diff(url: str) -> list[object]:
 
 def test_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0006"]
-    assert head_revision() == "0006"
+    assert script.get_heads() == ["0007"]
+    assert head_revision() == "0007"
     assert MIGRATIONS_DIR == REPO / "migrations"
 
 
@@ -78,10 +79,10 @@ def test_upgrade_matches_models_then_down_and_up_again(db_url: str) -> None:
     assert table_names(db_url) == {"alembic_version"}
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0006"
+    assert current_revision(db_url) == "0007"
     assert schema_diff(db_url) == []
     upgrade(db_url)  # already at head: a no-op, not an error
-    assert current_revision(db_url) == "0006"
+    assert current_revision(db_url) == "0007"
 
 
 def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
     with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
         Store.open(db_url, auto_migrate=False)
     assert "revision none" in str(err.value)
-    assert "needs 0006" in str(err.value)
+    assert "needs 0007" in str(err.value)
     assert current_revision(db_url) is None  # refused without touching it
 
 
@@ -152,7 +153,7 @@ def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'old0'")
     engine.dispose()
-    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0006"):
+    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0007"):
         Store.open(sqlite_url)  # auto_migrate applies to blank files only
 
 
@@ -191,7 +192,7 @@ def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert current_revision(url) == "0006"
+    assert current_revision(url) == "0007"
 
 
 def test_0004_gives_existing_batches_the_row_span_of_their_items(db_url: str) -> None:
@@ -224,3 +225,31 @@ def test_0004_gives_existing_batches_the_row_span_of_their_items(db_url: str) ->
         assert [i.row_index for i in store.iter_batch_items(1)] == [2, 3, 6]
         assert list(store.iter_batch_items(2)) == []  # no items left: NULL span, job scan
         assert store.requeue_batch_leftovers(1) == 3
+
+
+def test_0007_drops_request_hash_and_keeps_every_item(db_url: str) -> None:
+    """Items written before 0007 (with their hashes) keep their state and answers."""
+    upgrade(db_url)
+    downgrade(db_url, "0006")
+    now = "2026-01-01 00:00:00"
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, name, token, status, spec, row_count, invalid_count, "
+            f"created_at, updated_at) VALUES (1, 'j', 'tok', 'running', '{{}}', 2, 0, "
+            f"'{now}', '{now}')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO items (job_id, row_index, row_key, status, attempts, request_hash, "
+            "response_text, cost_usd) VALUES (1, 0, 'a', 'succeeded', 1, 'h0', 'yes', 0.5), "
+            "(1, 1, 'b', 'pending', 0, 'h1', NULL, NULL)"
+        )
+    engine.dispose()
+    upgrade(db_url)
+    assert schema_diff(db_url) == []
+    with Store.open(db_url, auto_migrate=False) as store:
+        got = [(i.row_key, i.status, i.response_text, i.cost_usd) for i in store.iter_items(1)]
+        assert got == [
+            ("a", ItemStatus.SUCCEEDED, "yes", 0.5),
+            ("b", ItemStatus.PENDING, None, None),
+        ]

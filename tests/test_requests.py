@@ -192,22 +192,6 @@ def test_request_bytes_and_hash() -> None:
     assert renderer.request_hash(other_model) != digest
 
 
-@pytest.mark.parametrize(
-    "body", ["é", 'quote " and \\ and \n', "\u2028" * 3, 12.5, ["a", {"b": None}]]
-)
-def test_hash_and_size_come_from_one_serialization(body: object) -> None:
-    spec = make_spec(system="sys {{ body }}", temperature=0.2, params={"metadata": {"z": 1}})
-    renderer = RequestRenderer(spec)
-    params = renderer.render({"body": body}, 0)
-    assert isinstance(params, dict)
-    got = renderer.request_hash_and_size("0123456789-41-99", params)
-    expected = (
-        renderer.request_hash(params),
-        len(renderer.request_bytes("0123456789-41-99", params)),
-    )
-    assert got == expected
-
-
 # ---------------------------------------------------------------- row checks
 
 

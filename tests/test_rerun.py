@@ -57,7 +57,7 @@ def current(harness: Harness, job_id: int) -> JobRow:
 def snapshot(harness: Harness, job_id: int) -> list[tuple[Any, ...]]:
     """Every item's state that a lost answer or a half-done re-queue would change."""
     return [
-        (i.row_index, i.status, i.custom_id, i.response_text, i.request_hash, i.attempts)
+        (i.row_index, i.status, i.custom_id, i.response_text, i.cost_usd, i.attempts)
         for i in harness.store.iter_items(job_id)
     ]
 

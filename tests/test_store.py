@@ -493,7 +493,7 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     retry = plan(store, job, [0, 1, 2], attempt=2)
     store.apply_results(job, retry, [succeeded(r, attempt=2) for r in range(3)])
     changed, unchanged = store.rerun_items(
-        job, [(0, "h0", True), (1, "h1", False), (2, "h2", True)], spec={"model": "m"}
+        job, [(0, True), (1, False), (2, True)], spec={"model": "m"}
     )
     assert (changed, unchanged) == (2, 1)
     assert history_of(store, job) == [
@@ -513,7 +513,7 @@ def test_rerun_items_counts_only_the_rows_it_sends_again(store: Store) -> None:
     )
     sent = plan(store, job, [2])
     # Row 1 is invalid and row 2 in flight: neither is sent again, whatever the caller says.
-    rows = [(0, "h0", True), (1, "h1", True), (2, "h2", True)]
+    rows = [(0, True), (1, True), (2, True)]
     assert store.rerun_items(job, rows, spec={"model": "m"}) == (1, 0)
     items = by_row(store, job)
     assert [items[r].status for r in range(3)] == [P, ItemStatus.INVALID, S]
@@ -599,11 +599,11 @@ def test_the_first_of_repeated_lines_wins_and_a_success_keeps_what_it_carries(
 
 def test_insert_items_keeps_a_pending_rows_message(store: Store) -> None:
     job = new_job(store)
-    store.insert_items(job, [(0, "a", P, None, "h0"), (1, "b", P, "note", "h1")])
+    store.insert_items(job, [(0, "a", P, None), (1, "b", P, "note")])
     items = by_row(store, job)
-    assert [(items[i].error_message, items[i].request_hash) for i in (0, 1)] == [
-        (None, "h0"),
-        ("note", "h1"),
+    assert [(items[i].status, items[i].error_message) for i in (0, 1)] == [
+        (P, None),
+        (P, "note"),
     ]
 
 

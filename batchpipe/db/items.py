@@ -51,9 +51,7 @@ EXPORT_FIELDS: tuple[str, ...] = (
 )
 _ITEM_COLUMNS = [items.c[f] for f in ItemRow.__dataclass_fields__]
 # insert_items: one tuple per row in this order, updated_at shared by the whole call.
-_INSERT_COLUMNS = (
-    "job_id", "row_index", "row_key", "status", "error_message", "attempts", "request_hash"
-)  # fmt: skip
+_INSERT_COLUMNS = ("job_id", "row_index", "row_key", "status", "error_message", "attempts")
 _INSERT = BulkStatement(
     sa.insert(items).values(
         {c: sa.bindparam(c) for c in _INSERT_COLUMNS}
@@ -64,18 +62,13 @@ _INSERT = BulkStatement(
 PENDING = ItemStatus.PENDING.value
 
 
-def _hash(rest: list[Any]) -> Any:
-    """The optional fifth field of an insert_items row (its request hash), or None."""
-    return rest[0] if rest else None
-
-
 def _insert_pending(job_id: int) -> BulkStatement:
     """INSERT of a pending item on SQLite binding only what varies from row to row.
 
-    Rows are ``(row_index, row_key, request_hash, updated_at)``, the time already in the
-    driver's form; the job, status and attempts are literals of the statement. Binding
-    seven values a row, four of them the same for every row, cost 0.8 s of SQLite's CPU
-    per million rows inserted, a fifth of the insert.
+    Rows are ``(row_index, row_key, updated_at)``, the time already in the driver's form;
+    the job, status and attempts are literals of the statement. Binding seven values a row,
+    four of them the same for every row, cost 0.8 s of SQLite's CPU per million rows
+    inserted, a fifth of the insert.
     """
     stmt = (
         sa.insert(items)
@@ -86,32 +79,28 @@ def _insert_pending(job_id: int) -> BulkStatement:
             attempts=sa.literal_column("0"),
             row_index=sa.bindparam("row_index"),
             row_key=sa.bindparam("row_key"),
-            request_hash=sa.bindparam("request_hash"),
             updated_at=sa.bindparam("updated_at"),
         )
     )
-    return BulkStatement(stmt, ("row_index", "row_key", "request_hash", "updated_at"))
+    return BulkStatement(stmt, ("row_index", "row_key", "updated_at"))
 
 
 def _copied_items(
     job_id: int, source: Iterable[tuple[Any, ...]], now: datetime
 ) -> Iterator[tuple[Any, ...]]:
     """insert_items' rows as the COPY of _INSERT_COLUMNS + updated_at takes them."""
-    for i, key, status, error, *rest in source:
+    for i, key, status, error in source:
         # row_index is an int4: the binary COPY would wrap what the text form refuses.
         if not 0 <= i <= INT4_MAX:
             raise StoreError(f"row index {i} is out of range (0 to {INT4_MAX})")
-        yield job_id, i, key, ItemStatus(status).value, error, 0, _hash(rest), now
+        yield job_id, i, key, ItemStatus(status).value, error, 0, now
 
 
 class ItemsMixin(StoreBase):
     """Store methods for the ``items`` table."""
 
     def insert_items(self, job_id: int, rows: Iterable[tuple[Any, ...]]) -> int:
-        """Insert ``(row_index, row_key, status, error_message[, request_hash])`` rows.
-
-        Returns how many. The optional fifth field is the hash of the row's rendered request
-        (what a later change of template or model is compared against).
+        """Insert ``(row_index, row_key, status, error_message)`` rows; returns how many.
 
         The iterable is pulled lazily in chunks of INSERT_CHUNK, each sent as one executemany,
         all inside one transaction: a failure half way (a duplicate row_index, a dead
@@ -130,12 +119,12 @@ class ItemsMixin(StoreBase):
             while chunk := list(itertools.islice(source, INSERT_CHUNK)):
                 pending: list[tuple[Any, ...]] = []
                 others: list[tuple[Any, ...]] = []
-                for i, key, status, error, *rest in chunk:
+                for i, key, status, error in chunk:
                     if status == PENDING and error is None:
-                        pending.append((i, key, _hash(rest), now_value))
+                        pending.append((i, key, now_value))
                     else:
                         status_value = ItemStatus(status).value
-                        others.append((job_id, i, key, status_value, error, 0, _hash(rest)))
+                        others.append((job_id, i, key, status_value, error, 0))
                 total += pending_stmt.execute(conn, pending)
                 total += _INSERT.execute(conn, others, {"p_now": now})
         return total

@@ -2,7 +2,7 @@
 
 The read side of cost control and reports (`status`, `report`, the budget guard): a few
 aggregate queries, each one short transaction. The write side of "re-run what changed":
-request-hash updates and re-queues by row index, in chunks, all in one transaction.
+re-queues by row index, in chunks, all in one transaction.
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ class LedgerMixin(StoreBase):
             return {int(a): int(n) for a, n in conn.execute(stmt)}
 
     def rerun_items(
-        self, job_id: int, rows: Iterable[tuple[int, str, bool]], *, spec: Mapping[str, Any]
+        self, job_id: int, rows: Iterable[tuple[int, bool]], *, spec: Mapping[str, Any]
     ) -> tuple[int, int]:
         """Adopt a re-run's settings in one transaction; returns ``(changed, unchanged)``.
 
-        ``rows`` yields ``(row_index, new request hash, changed?)``. Changed rows go back to
-        pending with their results cleared; unchanged ones only get the new hash. Then the
-        job takes ``spec`` and, if any row changed, the status ``running`` (with its error and
-        ``exported_at`` cleared: the output no longer holds every answer).
+        ``rows`` yields ``(row_index, changed?)``. Changed rows go back to pending with their
+        results cleared; unchanged ones are only counted. Then the job takes ``spec`` and, if
+        any row changed, the status ``running`` (with its error and ``exported_at`` cleared:
+        the output no longer holds every answer).
 
         All of it commits together or not at all: if ``rows`` raises half way (a row that
         does not render) or the process dies, no answer is lost and the job keeps its old
@@ -96,14 +96,13 @@ class LedgerMixin(StoreBase):
         with self._begin() as conn:
             shared = {"p_job": job_id, "p_now": now}
             while chunk := list(itertools.islice(source, _CHUNK)):
-                requeue = [(row, new_hash) for row, new_hash, differs in chunk if differs]
-                keep = [(row, new_hash) for row, new_hash, differs in chunk if not differs]
+                requeue = [(row,) for row, differs in chunk if differs]
+                unchanged += len(chunk) - len(requeue)
                 # A succeeded answer about to be cleared goes into the history first.
-                ARCHIVE_ROWS[self.dialect].execute(conn, [(row,) for row, _ in requeue], shared)
-                # Counted by what the statements changed: a row in flight or invalid that
+                ARCHIVE_ROWS[self.dialect].execute(conn, requeue, shared)
+                # Counted by what the statement changed: a row in flight or invalid that
                 # was passed in as changed is left alone and not counted.
                 changed += _REQUEUE.execute(conn, requeue, shared)
-                unchanged += _SET_HASH.execute(conn, keep, shared)
             values: dict[str, Any] = {"spec": dict(spec), "updated_at": now}
             if changed:
                 values.update(status=JobStatus.RUNNING.value, error=None, exported_at=None)
@@ -112,13 +111,12 @@ class LedgerMixin(StoreBase):
 
 
 def _requeue_statement() -> sa.Update:
-    """UPDATE for one changed row of a re-run: pending again, results cleared, new hash."""
+    """UPDATE for one changed row of a re-run: pending again, results cleared."""
     values: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
     values.update(
         status=ItemStatus.PENDING.value,
         custom_id=None,
         batch_id=None,
-        request_hash=sa.bindparam("p_hash"),
         updated_at=sa.bindparam("p_now", type_=items.c.updated_at.type),
     )
     return (
@@ -134,13 +132,6 @@ def _requeue_statement() -> sa.Update:
     )
 
 
-# Driver-level executemany of (row_index, hash) tuples, as the pipeline's other bulk writes
+# Driver-level executemany of (row_index,) tuples, as the pipeline's other bulk writes
 # (db/bulk.py); p_job and p_now are shared by the whole call.
-_REQUEUE = BulkStatement(_requeue_statement(), ("p_row", "p_hash"))
-# Unchanged rows of a re-run: only the hash moves on (p_now is not used).
-_SET_HASH = BulkStatement(
-    sa.update(items)
-    .where(items.c.job_id == sa.bindparam("p_job"), items.c.row_index == sa.bindparam("p_row"))
-    .values(request_hash=sa.bindparam("p_hash")),
-    ("p_row", "p_hash"),
-)
+_REQUEUE = BulkStatement(_requeue_statement(), ("p_row",))

@@ -125,7 +125,6 @@ class ItemRow:
     cache_read_input_tokens: int | None
     error_type: str | None
     error_message: str | None
-    request_hash: str | None = None
     cost_usd: float | None = None
 
     @classmethod

@@ -134,7 +134,6 @@ items = sa.Table(
     sa.Column("cache_read_input_tokens", sa.Integer, nullable=True),
     sa.Column("error_type", sa.String(64), nullable=True),
     sa.Column("error_message", sa.Text, nullable=True),
-    sa.Column("request_hash", sa.String(128), nullable=True),
     # Dollars paid for the row so far (every attempt, batch prices); NULL: nothing priced yet.
     sa.Column("cost_usd", sa.Float, nullable=True),
     sa.Column("updated_at", UTCDateTime, nullable=True),

@@ -26,7 +26,6 @@ from batchpipe.requests import (
     RowProblem,
     check_result_column_clash,
     check_row_key,
-    format_custom_id,
     new_job_token,
 )
 
@@ -57,8 +56,6 @@ REQUEST_FIELDS = (
 # of jobs started before they existed stay the same.
 _NAME_NEUTRAL_DEFAULTS = {"output_schema": None, "output_mode": "tool", "cache_system": False}
 _SHOWN_PROBLEMS = 20
-# The create body wraps requests in {"requests":[...]}: 14 bytes of framing plus commas.
-_FRAMING_BYTES = 16
 
 log = get_logger(__name__)
 
@@ -161,22 +158,21 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     counts = {"rows": 0, "invalid": 0}
     read = renderer.template_columns() | ({spec.id_column} if spec.id_column else set())
 
-    def items() -> Iterator[tuple[int, str, ItemStatus, str | None, str | None]]:
+    def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
         ctx.progress.start("validating rows")
         row_index = -1
         for chunk in dataset.iter_rows(columns=read):
             for row in chunk:
                 row_index += 1
-                problem = _check_row(renderer, spec, job.token, row, row_index)
-                if isinstance(problem, RowProblem):
+                checked = _check_row(renderer, spec, row, row_index)
+                if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
                     if len(problems) < _SHOWN_PROBLEMS:
-                        problems.append(problem)
-                    key = problem.row_key if problem.row_key is not None else f"<row {row_index}>"
-                    yield row_index, key, ItemStatus.INVALID, problem.message, None
+                        problems.append(checked)
+                    key = checked.row_key if checked.row_key is not None else f"<row {row_index}>"
+                    yield row_index, key, ItemStatus.INVALID, checked.message
                 else:
-                    key, request_hash = problem
-                    yield row_index, key, ItemStatus.PENDING, None, request_hash
+                    yield row_index, checked, ItemStatus.PENDING, None
             ctx.progress.advance(len(chunk))
             ctx.heartbeat(job.id)
         counts["rows"] = row_index + 1
@@ -221,26 +217,20 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
 
 
 def _check_row(
-    renderer: RequestRenderer, spec: JobSpec, token: str, row: dict[str, object], row_index: int
-) -> tuple[str, str] | RowProblem:
-    """The row's key and request hash if it can be sent, else what is wrong with it."""
+    renderer: RequestRenderer, spec: JobSpec, row: dict[str, object], row_index: int
+) -> str | RowProblem:
+    """The row's key if it can be sent, else what is wrong with it.
+
+    Rendering checks the request's size too, with the longest custom_id any attempt can
+    get, so no attempt can overflow a batch.
+    """
     key = check_row_key(row, spec.id_column, row_index)
     if isinstance(key, RowProblem):
         return key
     params = renderer.render(row, row_index)
     if isinstance(params, RowProblem):
         return params._replace(row_key=key if spec.id_column else None)
-    # Size with the longest custom_id this row can get, so no attempt can overflow a batch.
-    request_hash, size = renderer.request_hash_and_size(
-        format_custom_id(token, row_index, 99), params
-    )
-    if size + _FRAMING_BYTES > spec.max_batch_bytes:
-        return RowProblem(
-            row_index,
-            key if spec.id_column else None,
-            f"request is {size:,} bytes, over the {spec.max_batch_bytes:,}-byte batch limit",
-        )
-    return key, request_hash
+    return key
 
 
 def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:

@@ -1,8 +1,11 @@
 """Re-run what changed: a known job with a new template, model or other request setting.
 
-Every item records the hash of the request it was sent as (``request_hash``, written at
-ingest). With new settings, each row is rendered again and hashed; only rows whose hash
-differs go back to ``pending``. The others keep their answers and cost nothing more.
+The input is the one the job was ingested from (its fingerprint is checked), and the job
+holds the settings its rows were last sent with. So with new settings each row is rendered
+twice, with the job's settings and with the new ones; only rows whose request differs go
+back to ``pending``. The others keep their answers and cost nothing more. (A settings change
+that leaves a row's request as it was, such as a column the template does not use, sends
+nothing.)
 
 The count comes first: :func:`plan_rerun` reads and renders, writes nothing; applying needs
 an explicit confirmation (``--yes`` on the command line) and is all or nothing: the new
@@ -52,11 +55,13 @@ class RerunPlan:
         )
 
 
-def _hashes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, str, bool]]:
-    """``(row_index, new request hash, changed?)`` for every sendable row, in row order."""
+def _changes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, bool]]:
+    """``(row_index, changed?)`` for every sendable row, in row order."""
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
+    # Rows went out with the job's settings: a re-run adopts the new ones (apply_rerun).
+    sent_with = RequestRenderer(job_spec(job))
     items = ctx.store.iter_items(job.id)
     for chunk in dataset.iter_rows():
         for row in chunk:
@@ -71,14 +76,18 @@ def _hashes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, str
                     f"job {job.id}: with the new settings row {item.row_index + 1} does not "
                     f"render ({params.message}); nothing was changed"
                 )
-            new = renderer.request_hash(params)
-            yield item.row_index, new, new != item.request_hash
+            before = sent_with.render(row, item.row_index)
+            if isinstance(before, RowProblem):
+                yield item.row_index, True
+                continue
+            # Compared with keys sorted: the same request whatever order the code built it in.
+            yield item.row_index, renderer.request_hash(params) != sent_with.request_hash(before)
 
 
 def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:
     """Count the rows whose request the new settings change (reads only)."""
     changed = unchanged = 0
-    for _, _, differs in _hashes(ctx, job, spec):
+    for _, differs in _changes(ctx, job, spec):
         if differs:
             changed += 1
         else:
@@ -109,13 +118,13 @@ def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> 
         }
     )
     changed, unchanged = ctx.store.rerun_items(
-        job.id, _with_failpoint(_hashes(ctx, job, spec)), spec=new_spec.model_dump()
+        job.id, _with_failpoint(_changes(ctx, job, spec)), spec=new_spec.model_dump()
     )
     bind(job, log).info("job.rerun", fields=fields, changed=changed, unchanged=unchanged)
     return RerunPlan(job.id, job.name, fields, changed, unchanged)
 
 
-def _with_failpoint(rows: Iterator[tuple[int, str, bool]]) -> Iterator[tuple[int, str, bool]]:
+def _with_failpoint(rows: Iterator[tuple[int, bool]]) -> Iterator[tuple[int, bool]]:
     """``rows``, with the crash tests' ``mid_rerun`` failpoint after the first few thousand."""
     for n, row in enumerate(rows):
         if n == _FAILPOINT_AFTER:

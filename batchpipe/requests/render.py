@@ -19,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from batchpipe.errors import InputError, UsageError
 from batchpipe.models import JobSpec
-from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES, WRAPPER_BYTES
+from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
 from batchpipe.structured import OutputSchema
 
 # Marks a column absent from the row (as opposed to present and null).
@@ -245,14 +245,3 @@ class RequestRenderer:
         """A short hash of the params (keys sorted), stable across runs and processes."""
         canonical = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
         return hashlib.blake2b(canonical, digest_size=8).hexdigest()
-
-    def request_hash_and_size(self, custom_id: str, params: dict[str, Any]) -> tuple[str, int]:
-        """``request_hash(params)`` and ``len(request_bytes(custom_id, params))``.
-
-        One serialization for both: sorting the keys changes no length, and a custom_id
-        (``[A-Za-z0-9_-]``) needs no escaping, so the request's size is the canonical
-        params' size plus the wrapper's.
-        """
-        canonical = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
-        digest = hashlib.blake2b(canonical, digest_size=8).hexdigest()
-        return digest, len(canonical) + len(custom_id) + WRAPPER_BYTES
