@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from batchpipe.db import ItemRow, ItemUpdate, JobNameTaken, Store, upgrade
+from batchpipe.db import ItemRow, JobNameTaken, Store, upgrade
 from batchpipe.db.schema import attempts
 from batchpipe.errors import StoreError
-from batchpipe.models import BatchStatus, ItemStatus, JobStatus
+from batchpipe.models import BatchStatus, ItemStatus, JobStatus, ResultRecord, ResultType
 
 P, S = ItemStatus.PENDING, ItemStatus.SUBMITTED
 
@@ -47,25 +47,25 @@ def plan(store: Store, job: int, rows: list[int], attempt: int = 1) -> int:
     return batch.id
 
 
-def succeeded(row: int, attempt: int = 1, **kw: object) -> ItemUpdate:
+def succeeded(row: int, attempt: int = 1, **kw: object) -> ResultRecord:
     fields: dict[str, object] = {"response_text": f"answer {row}", "input_tokens": 10}
     fields.update(kw)
-    return ItemUpdate(
+    return ResultRecord(
         row_index=row,
         custom_id=cid(row, attempt),
         status=ItemStatus.SUCCEEDED,
-        result_type="succeeded",
+        result_type=ResultType.SUCCEEDED,
         attempt=attempt,
         **fields,  # type: ignore[arg-type]
     )
 
 
-def errored(row: int, error_type: str, status: ItemStatus, attempt: int = 1) -> ItemUpdate:
-    return ItemUpdate(
+def errored(row: int, error_type: str, status: ItemStatus, attempt: int = 1) -> ResultRecord:
+    return ResultRecord(
         row_index=row,
         custom_id=cid(row, attempt),
         status=status,
-        result_type="errored",
+        result_type=ResultType.ERRORED,
         attempt=attempt,
         error_type=error_type,
         error_message="boom",
@@ -298,11 +298,11 @@ def test_plan_batch_by_range_keeps_each_rows_attempt(store: Store) -> None:
         job,
         first,
         [
-            ItemUpdate(
+            ResultRecord(
                 row_index=r,
                 custom_id=cid(r),
                 status=P,
-                result_type="errored",
+                result_type=ResultType.ERRORED,
                 attempt=1,
                 error_type="overloaded_error",
             )
@@ -557,7 +557,7 @@ def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Stor
     assert (items[0].status, items[0].attempts) == (ItemStatus.SUCCEEDED, 2)
     assert items[0].cost_usd == 0.5
     assert (items[1].batch_id, items[1].cost_usd) == (first, 0.25)
-    priced = ItemUpdate(**{**asdict(succeeded(1)), "cost_usd": 0.25})
+    priced = ResultRecord(**{**asdict(succeeded(1)), "cost_usd": 0.25})
     assert store.apply_results(job, first, [priced]) == 0  # already applied: no second charge
     assert by_row(store, job)[1].cost_usd == 0.25
 

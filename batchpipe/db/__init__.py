@@ -12,13 +12,12 @@ SQLAlchemy and alembic are imported only inside this package. Modules:
 from batchpipe.db.base import JobNameTaken
 from batchpipe.db.connect import mask_url, sqlite_path
 from batchpipe.db.migrate import current_revision, downgrade, head_revision, upgrade
-from batchpipe.db.rows import BatchRow, ItemRow, ItemUpdate, JobRow, PendingItem
+from batchpipe.db.rows import BatchRow, ItemRow, JobRow, PendingItem
 from batchpipe.db.store import Store
 
 __all__ = [
     "BatchRow",
     "ItemRow",
-    "ItemUpdate",
     "JobNameTaken",
     "JobRow",
     "PendingItem",

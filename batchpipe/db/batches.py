@@ -21,11 +21,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from batchpipe.db.base import StoreBase, batch_members, status_values
 from batchpipe.db.bulk import BulkStatement, driver_value
 from batchpipe.db.pg_apply import apply_by_copy
-from batchpipe.db.rows import RESULT_FIELDS, BatchRow, ItemUpdate
+from batchpipe.db.rows import RESULT_FIELDS, BatchRow
 from batchpipe.db.schema import attempts, batches
 from batchpipe.db.schema import items as item_table
 from batchpipe.errors import StoreError
-from batchpipe.models import BatchStatus, ItemStatus
+from batchpipe.models import BatchStatus, ItemStatus, ResultRecord
 
 SUBMITTED = ItemStatus.SUBMITTED.value
 PENDING = ItemStatus.PENDING.value
@@ -140,7 +140,9 @@ _HISTORY_ROW = (
     "row_index", "attempt", "custom_id", "result_type", "error_type", "error_message",
     "input_tokens", "output_tokens",
 )  # fmt: skip
-_history_values = operator.attrgetter(*_HISTORY_ROW)
+# A history row is these two around the result type, which is bound as its string value.
+_history_key = operator.attrgetter(*_HISTORY_ROW[: _HISTORY_ROW.index("result_type")])
+_history_rest = operator.attrgetter(*_HISTORY_ROW[_HISTORY_ROW.index("result_type") + 1 :])
 _HISTORY_VALUES = {c: sa.bindparam(c) for c in (*_HISTORY_ROW, "job_id", "batch_id")} | {
     "recorded_at": sa.bindparam("p_now", type_=attempts.c.recorded_at.type)
 }
@@ -392,7 +394,7 @@ class BatchesMixin(StoreBase):
             )
             return int(conn.execute(stmt).rowcount)
 
-    def apply_results(self, job_id: int, batch_id: int, updates: Sequence[ItemUpdate]) -> int:
+    def apply_results(self, job_id: int, batch_id: int, updates: Sequence[ResultRecord]) -> int:
         """Apply result lines of one batch; return how many items changed.
 
         Idempotent: an item changes only while submitted under the line's custom_id, and the
@@ -412,9 +414,11 @@ class BatchesMixin(StoreBase):
         copied: list[tuple[Any, ...]] = []  # PostgreSQL: one tuple of pg_apply.COLUMNS each
         seen: set[str] = set()
         for u in updates:
-            status = u.status if isinstance(u.status, ItemStatus) else ItemStatus(u.status)
-            if status is ItemStatus.SUBMITTED:
-                raise ValueError(f"row {u.row_index}: a result cannot leave an item submitted")
+            status = u.status
+            if status is None or status is ItemStatus.SUBMITTED:
+                raise ValueError(
+                    f"row {u.row_index}: a result leaves its item final or pending, not {status}"
+                )
             # A line repeated in the file counts once, the first one (as on PostgreSQL): the
             # statements below run one kind of line after another, not in file order.
             if u.custom_id in seen:
@@ -434,11 +438,11 @@ class BatchesMixin(StoreBase):
             row = (u.row_index, u.custom_id, status.value, *_result_values(u), u.cost_usd)
             leaves = status is ItemStatus.PENDING
             if on_postgres:
-                copied.append((*row, leaves, u.attempt, u.result_type))
+                copied.append((*row, leaves, u.attempt, u.result_type.value))
                 continue
             (transient if leaves else final).append(row)
             if status is not ItemStatus.SUCCEEDED:  # a success stays on its item: history.py
-                history.append(_history_values(u))
+                history.append((*_history_key(u), u.result_type.value, *_history_rest(u)))
         if on_postgres:
             try:
                 with self._begin() as conn:

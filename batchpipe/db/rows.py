@@ -3,7 +3,8 @@
 Callers never see a SQLAlchemy ``Row``: statuses come back as the enums from
 :mod:`batchpipe.models`, timestamps as aware UTC datetimes. Job and batch records are
 frozen; the per-item ones are slotted dataclasses that are not, because a run builds
-millions of them (see ``ItemUpdate``); treat them as read-only all the same.
+millions of them (as with ``models.ResultRecord``, which the Store takes in for results);
+treat them as read-only all the same.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class BatchRow:
         )
 
 
-# Not frozen (see ItemUpdate): the Store builds one per item read, a million to submit 1M rows.
+# Not frozen (see models.ResultRecord): the Store builds one per item read, a million to
+# submit 1M rows.
 @dataclass(slots=True)
 class ItemRow:
     """One row of ``items`` (one input row's state and latest result)."""
@@ -150,36 +152,7 @@ class PendingItem(NamedTuple):
 _ITEM_STATUSES = {s.value: s for s in ItemStatus}
 
 
-# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,
-# three times the cost of a plain one, and one is built for every result line.
-@dataclass(slots=True)
-class ItemUpdate:
-    """One applied result line: the new state of one item plus its attempt's outcome.
-
-    ``status`` is decided by the pipeline: a final status, or ``pending`` for a transient
-    failure that still has attempts left. ``result_type`` is the API's result type and goes
-    into the attempts history.
-    """
-
-    row_index: int
-    custom_id: str
-    status: ItemStatus
-    result_type: str
-    attempt: int
-    response_text: str | None = None
-    stop_reason: str | None = None
-    model: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    # This attempt's price; added to the item's running total (never cleared by a requeue).
-    cost_usd: float | None = None
-
-
-# The item columns an ItemUpdate writes (besides status), and the ones a requeue clears.
+# The item columns a result writes (besides status), and the ones a requeue clears.
 RESULT_FIELDS: tuple[str, ...] = (
     "response_text",
     "stop_reason",

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict
 from datetime import timedelta
 
-from batchpipe.db import BatchRow, ItemUpdate, JobRow
+from batchpipe.db import BatchRow, JobRow
 from batchpipe.errors import APIError, NeedsAttention, TransientAPIError
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
@@ -112,7 +112,7 @@ def _collect_batch(
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     if batch.created_at and api_now(ctx) - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
         logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
-    buf: list[ItemUpdate] = []
+    buf: list[ResultRecord] = []
     applied = foreign = lines = 0
     usage = {"input_tokens": 0, "output_tokens": 0}
     # Lines that did not succeed, by error type (or result type: expired, canceled).
@@ -195,20 +195,20 @@ def _collect_batch(
 def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:
     """Results were archived before we collected them: say so loudly, never resend silently."""
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
-    updates: list[ItemUpdate] = []
+    updates: list[ResultRecord] = []
     for item in ctx.store.iter_batch_items(batch.id, statuses={ItemStatus.SUBMITTED}):
         if item.custom_id is not None:
             updates.append(
-                ItemUpdate(
-                    row_index=item.row_index,
+                ResultRecord(
                     custom_id=item.custom_id,
-                    status=ItemStatus.ERRORED,
-                    result_type="errored",
-                    attempt=item.attempts,
+                    result_type=ResultType.ERRORED,
                     error_type="results_archived",
                     error_message="results were archived (29 days after creation) before "
                     "batchpipe collected them; `batchpipe retry` with --error-type "
                     "results_archived sends them again (and pays again)",
+                    row_index=item.row_index,
+                    attempt=item.attempts,
+                    status=ItemStatus.ERRORED,
                 )
             )
     applied = ctx.store.apply_results(job.id, batch.id, updates) if updates else 0
