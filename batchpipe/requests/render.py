@@ -45,6 +45,9 @@ def check_row_key(
     """The row key as a string (the row index without an id column), or a RowProblem."""
     if id_column is None:
         return str(row_index)
+    value = row.get(id_column)
+    if type(value) is str and value and not value.isspace():
+        return value  # the common case, in one test rather than the checks below
     if id_column not in row:
         return RowProblem(row_index, None, f"column {id_column!r} (the id column) is missing")
     value = row[id_column]
