@@ -30,19 +30,29 @@ from batchpipe.jsonl import TypeInference, iter_row_chunks
 Format = Literal["jsonl", "parquet"]
 
 
-def _use_system_memory_pool() -> None:
-    """Arrow allocates from the system allocator unless ARROW_DEFAULT_MEMORY_POOL says.
+def _choose_memory_pool() -> None:
+    """Arrow allocates from its jemalloc pool (the system allocator where the wheel has no
+    jemalloc) unless ARROW_DEFAULT_MEMORY_POOL says otherwise.
 
-    Measured with bench/bench_pipeline.py at 100,000 rows: with the wheel's default
-    (mimalloc) pool the run peaked at 305 MiB RSS, with the system allocator at 235 MiB
-    for about the same CPU time (10.5-12 s); mimalloc keeps much of what Arrow frees while
-    reading and writing Parquet. jemalloc peaked at 265 MiB but cost 15.6 s of CPU.
+    Not the system allocator: :mod:`batchpipe.memory` fixes glibc's mmap threshold at
+    128 KiB, so every decoded Parquet page came from a fresh mmap, and the page faults cost
+    0.4 s of system CPU per read of a 1,000,000-row input (read three times per run).
+    jemalloc reuses what it freed for the next batch. Not the wheel's default (mimalloc):
+    it keeps much of what Arrow frees (100,000 rows peaked at 305 MiB against 235 MiB).
+    bench/bench_pipeline.py at 1,000,000 rows: on PostgreSQL 22.4 s CPU with the system
+    allocator, 19.3-20.2 s with jemalloc; on SQLite 27.5 s, then 26.0-26.3 s; peak RSS
+    259-265 MiB either way.
     """
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        pa.set_memory_pool(pa.system_memory_pool())
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowException):  # a pyarrow built without jemalloc
+        pool = pa.system_memory_pool()
+    pa.set_memory_pool(pool)
 
 
-_use_system_memory_pool()
+_choose_memory_pool()
 
 _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl",
