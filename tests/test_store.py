@@ -6,11 +6,13 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from batchpipe.db import ItemRow, JobNameTaken, Store, upgrade
+from batchpipe.db import items as items_module
 from batchpipe.db.schema import attempts
 from batchpipe.errors import StoreError
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus, ResultRecord, ResultType
@@ -221,6 +223,31 @@ def test_iter_pending_pages_through_pending_rows_only(store: Store) -> None:
     assert [p.row_index for p in got] == [0, 2, 3, 5, 6, 7, 8]
     assert got[1] == (2, 1, "max_tokens")
     assert {(p.attempts, p.stop_reason) for p in got if p.row_index != 2} == {(0, None)}
+
+
+def test_iter_pending_knows_runs_of_new_rows_without_reading_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = new_job(store)
+    rows = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14, 15]  # a gap: 11 to 13 are not items
+    store.insert_items(job, [(i, str(i), P, None) for i in rows])
+    sent = plan(store, job, [5])
+    store.apply_results(job, sent, [errored(5, "overloaded_error", P)])  # sent once already
+    got = list(store.iter_pending(job, page=3))
+    assert [p.row_index for p in got] == rows
+    assert [(p.attempts, p.stop_reason) for p in got] == [(1 if i == 5 else 0, None) for i in rows]
+    # Windows of three row indexes: 0-2 and 6-8 are known by a count alone; 3-5 holds a row
+    # sent before, 9-11 a gap, so those are read, and reading goes on from the last row read.
+    reads: list[object] = []
+    read = items_module._fetch_raw
+
+    def fetch(conn: sa.Connection, stmt: sa.Select[Any]) -> list[tuple[Any, ...]]:
+        reads.append(stmt)
+        return read(conn, stmt)
+
+    monkeypatch.setattr(items_module, "_fetch_raw", fetch)
+    assert list(store.iter_pending(job, page=3)) == got
+    assert len(reads) == 3  # from 3 (3, 4, 5), from 9 (9, 10, 14), from 15 (15, the end)
 
 
 def test_insert_items_is_all_or_nothing(store: Store) -> None:

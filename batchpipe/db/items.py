@@ -184,12 +184,42 @@ class ItemsMixin(StoreBase):
             yield ItemRow.from_tuple(row)
 
     def iter_pending(self, job_id: int, *, page: int = 10_000) -> Iterator[PendingItem]:
-        """The job's pending items in row order, as the few fields submit needs."""
-        base = sa.select(items.c.row_index, items.c.attempts, items.c.stop_reason).where(
-            items.c.job_id == job_id, items.c.status == ItemStatus.PENDING.value
+        """The job's pending items in row order, as the few fields submit needs.
+
+        Each next ``page`` of row indexes is first counted: when every one of them is a
+        pending item never sent and never cut short (all of a new job's rows), the items
+        are known without reading them, ``(row_index, 0, None)``. Otherwise the next
+        ``page`` pending items are read. Counting a page costs SQLite a fifth of reading it
+        (0.15 s against 0.74 s for a million items).
+        """
+        if page < 1:
+            raise ValueError("page must be at least 1")
+        key = items.c.row_index
+        pending = [items.c.job_id == job_id, items.c.status == ItemStatus.PENDING.value]
+        fresh = sa.select(sa.func.count()).where(
+            *pending, items.c.attempts == 0, items.c.stop_reason.is_(None)
         )
-        for rows in self._keyset_pages(base, 0, page):
+        read = (
+            sa.select(key, items.c.attempts, items.c.stop_reason)
+            .where(*pending)
+            .order_by(key)
+            .limit(page)
+        )
+        start = 0
+        while True:
+            end = start + page - 1
+            with self._begin() as conn:
+                # Row indexes are unique within a job: page of them in the window means all.
+                known = conn.execute(fresh.where(key.between(start, end))).scalar_one() == page
+                rows = [] if known else _fetch_raw(conn, read.where(key >= start))
+            if known:
+                yield from (PendingItem(i, 0, None) for i in range(start, end + 1))
+                start = end + 1
+                continue
             yield from map(PendingItem._make, rows)
+            if len(rows) < page:
+                return
+            start = rows[-1][0] + 1
 
     def iter_batch_items(
         self,
