@@ -688,16 +688,19 @@ def test_export_rows_order_join_and_usage(store: Store) -> None:
     )  # fmt: skip
     assert rows[3][10] == batch
     assert [(b.id, b.api_batch_id) for b in store.list_batches(job)] == [(batch, "msgbatch_9")]
-    assert store.usage_totals(job) == {
+    counts, usage = store.count_items_and_usage(job)
+    assert usage == {
         "input_tokens": 20,
         "output_tokens": 8,
         "cache_creation_input_tokens": 2,
         "cache_read_input_tokens": 4,
     }
+    assert counts == store.count_items(job)
+    assert (counts[ItemStatus.SUCCEEDED], counts[P]) == (2, 3)
     empty = new_job(store, "empty", "ffffffffff")
-    assert store.usage_totals(empty) == dict.fromkeys(
-        ["input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"],
-        0,
+    assert store.count_items_and_usage(empty) == (
+        dict.fromkeys(ItemStatus, 0),
+        dict.fromkeys(items_module.TOKEN_FIELDS, 0),
     )
     assert list(store.export_rows(empty)) == []
 
@@ -722,7 +725,7 @@ def test_job_totals_sum_tokens_cost_and_truncated_answers_in_one_pass(store: Sto
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 3,
     }
-    assert totals.usage == store.usage_totals(job)
+    assert totals.usage == store.count_items_and_usage(job)[1]
     # Rows without a price (the unpriced success, the errored line) count in neither.
     assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 2)
     assert totals.truncated == 1

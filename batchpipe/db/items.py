@@ -262,10 +262,27 @@ class ItemsMixin(StoreBase):
         with self._begin() as conn:
             return int(conn.execute(stmt).scalar_one())
 
-    def usage_totals(self, job_id: int) -> dict[str, int]:
-        """Token sums over the job's items: input, output and both cache kinds (the scan of
-        ``job_totals``; its other sums cost next to nothing beside reading the rows)."""
-        return self.job_totals(job_id).usage
+    def count_items_and_usage(self, job_id: int) -> tuple[dict[ItemStatus, int], dict[str, int]]:
+        """:meth:`count_items` and the token sums (input, output, both cache kinds) in one
+        scan: the end of a job logs both, and each walk over a million items costs SQLite
+        0.2 s, the sums next to nothing beside reading the rows."""
+        stmt = (
+            sa.select(
+                items.c.status,
+                sa.func.count(),
+                *(sa.func.coalesce(sa.func.sum(items.c[f]), 0) for f in TOKEN_FIELDS),
+            )
+            .where(items.c.job_id == job_id)
+            .group_by(items.c.status)
+        )
+        counts = dict.fromkeys(ItemStatus, 0)
+        usage = dict.fromkeys(TOKEN_FIELDS, 0)
+        with self._begin() as conn:
+            for status, count, *tokens in conn.execute(stmt):
+                counts[ItemStatus(status)] = int(count)
+                for field, n in zip(TOKEN_FIELDS, tokens, strict=True):
+                    usage[field] += int(n)
+        return counts, usage
 
     def job_totals(self, job_id: int) -> JobTotals:
         """Tokens, cost and truncated answers over the job's items, in one scan.

@@ -110,12 +110,12 @@ def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
     # (a walk over the job's rows, there being no status index).
     if ctx.store.list_batches(job.id, BatchStatus.unsettled()):
         return job
-    counts = ctx.store.count_items(job.id)
+    # The token sums come with the counts: the log line below wants both.
+    counts, usage = ctx.store.count_items_and_usage(job.id)
     if counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0):
         return job
     final = JobStatus.CANCELED if job.status == JobStatus.CANCELING else JobStatus.DONE
     if ctx.store.update_job(job.id, expected_status=job.status, status=final):
-        usage = ctx.store.usage_totals(job.id)
         bind(job, log).info(
             "job.finished", status=final.value, **{k.value: v for k, v in counts.items()}, **usage
         )
