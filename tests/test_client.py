@@ -336,7 +336,10 @@ def test_not_found_is_retried_then_api_error(client: BatchClient, emu: Emulator)
 def test_transient_not_found_after_create_is_ridden_out(client: BatchClient, emu: Emulator) -> None:
     batch = client.create(_body(1)[0], count=1)
     emu.configure(fail_next=[404, 404])
+    waits: list[float] = []
+    client.sleep, client.not_found_delay = waits.append, 1.0
     assert client.retrieve(batch.id).id == batch.id
+    assert waits == [1.0, 2.0]  # the waits grow, through the client's own sleep
 
 
 def test_too_large_is_api_error(client: BatchClient, emu: Emulator) -> None:

@@ -371,7 +371,7 @@ class BatchClient:
                     event, op, fn, batch_id=batch_id, remap_not_found=False, log_success=log_success
                 )
             except anthropic.NotFoundError:
-                time.sleep(self.not_found_delay * (attempt + 1))
+                self.sleep(self.not_found_delay * (attempt + 1))
         return self._call(event, op, fn, batch_id=batch_id, log_success=log_success)
 
     def _map_error(self, op: str, exc: anthropic.AnthropicError) -> errors.APIError:
