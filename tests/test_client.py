@@ -228,6 +228,16 @@ def test_text_blocks_are_joined_and_other_blocks_skipped() -> None:
     assert (record.cache_creation_input_tokens, record.cache_read_input_tokens) == (5, 7)
     assert parse_line(b'{"custom_id":"x","result":{"type":"mystery"}}', keep_content=False) is None
     assert parse_line(b'{"custom_id":"x","res', keep_content=False) is None
+    # One block, the usual answer: its text, or None when it is not a text block.
+    for block, text in [
+        ({"type": "text", "text": "Only."}, "Only."),
+        ({"type": "text", "text": ""}, ""),
+        ({"type": "tool_use", "id": "toolu_1", "name": "n", "input": {}}, None),
+    ]:
+        one = {"custom_id": "x-1", "result": {"type": "succeeded", "message": {"content": [block]}}}
+        record = parse_line(orjson.dumps(one), keep_content=False)
+        assert record is not None
+        assert record.response_text == text
 
 
 def test_results_lines_split_across_network_chunks() -> None:

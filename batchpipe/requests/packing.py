@@ -34,6 +34,10 @@ class PlannedBatch:
     """
 
     items: list[tuple[int, str, int]] = field(default_factory=list)
+    # Number of requests, and the size of the full body (head and tail included): kept as
+    # requests arrive rather than computed, since the packer asks before every request.
+    count: int = field(default=0, init=False)
+    nbytes: int = field(default=FRAME_BYTES, init=False)
     _file: IO[bytes] = field(default_factory=_body_file)
     _ends: list[int] = field(default_factory=list)  # end offset of each request in _file
     _sealed: bool = False
@@ -52,13 +56,16 @@ class PlannedBatch:
         """Add one serialized request (its item goes into ``items`` separately)."""
         if self._sealed:
             raise ValueError("the batch's body was already built; it takes no more requests")
-        # Offsets are counted here: tell() on the buffered file costs a seek each time.
-        end = self._ends[-1] if self._ends else len(BODY_HEAD)
-        if self._ends:
-            self._file.write(b",")
-            end += 1
-        self._file.write(payload)
-        self._ends.append(end + len(payload))
+        # Offsets are counted here: tell() on the buffered file costs a seek each time. One
+        # write with the comma: cheaper than two (copying ~1 KB costs less than a call).
+        if self.count:
+            self._file.write(b"," + payload)
+            self.nbytes += 1 + len(payload)
+        else:
+            self._file.write(payload)
+            self.nbytes += len(payload)
+        self.count += 1
+        self._ends.append(self.nbytes - len(BODY_TAIL))
 
     @property
     def payloads(self) -> list[bytes]:
@@ -71,16 +78,6 @@ class PlannedBatch:
         self._file.seek(at)
         starts = [len(BODY_HEAD), *(end + 1 for end in self._ends[:-1])]
         return [body[a:b] for a, b in zip(starts, self._ends, strict=True)]
-
-    @property
-    def count(self) -> int:
-        """Number of requests."""
-        return len(self._ends)
-
-    @property
-    def nbytes(self) -> int:
-        """The size of the full body, without building it."""
-        return (self._ends[-1] if self._ends else len(BODY_HEAD)) + len(BODY_TAIL)
 
     def body_file(self) -> IO[bytes]:
         """The full create body ``{"requests":[…]}`` as a file positioned at its start.
@@ -142,9 +139,8 @@ class BatchPacker:
             )
         full = None
         current = self._current
-        if current.count and (
-            current.count >= self._max_requests or current.nbytes + 1 + size > self._max_bytes
-        ):
+        count = current.count
+        if count and (count >= self._max_requests or current.nbytes + 1 + size > self._max_bytes):
             full = current
             current = self._current = PlannedBatch()
         current.items.append((row_index, custom_id, attempt))
