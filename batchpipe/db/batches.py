@@ -424,22 +424,29 @@ class BatchesMixin(StoreBase):
             if u.custom_id in seen:
                 continue
             seen.add(u.custom_id)
-            if (
-                status is ItemStatus.SUCCEEDED
-                and u.error_type is None
-                and u.error_message is None
-                and not on_postgres
-            ):
+            leaves = status is ItemStatus.PENDING
+            if on_postgres:
+                # One tuple straight in pg_apply.COLUMNS order: every line takes this path.
+                copied.append(
+                    (
+                        u.row_index,
+                        u.custom_id,
+                        status.value,
+                        *_result_values(u),
+                        u.cost_usd,
+                        leaves,
+                        u.attempt,
+                        u.result_type.value,
+                    )
+                )
+                continue
+            if status is ItemStatus.SUCCEEDED and u.error_type is None and u.error_message is None:
                 kept.append(
                     (*_kept_values(u), u.cost_usd, now_value, job_id, u.row_index, u.custom_id)
                 )
                 continue
             # In _APPLY_ROW order: key, status, RESULT_FIELDS, cost.
             row = (u.row_index, u.custom_id, status.value, *_result_values(u), u.cost_usd)
-            leaves = status is ItemStatus.PENDING
-            if on_postgres:
-                copied.append((*row, leaves, u.attempt, u.result_type.value))
-                continue
             (transient if leaves else final).append(row)
             if status is not ItemStatus.SUCCEEDED:  # a success stays on its item: history.py
                 history.append((*_history_key(u), u.result_type.value, *_history_rest(u)))
