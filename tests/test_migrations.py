@@ -195,23 +195,33 @@ def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
     assert current_revision(url) == "0007"
 
 
-def test_0004_gives_existing_batches_the_row_span_of_their_items(db_url: str) -> None:
-    """Batches from before 0004 are found by their items' rows once the index is gone."""
+NOW = "2026-01-01 00:00:00"
+
+
+def _job_one_at(db_url: str, revision: str, *, rows: int) -> sa.Engine:
+    """A database at ``revision`` (migrated down from head) holding job 1 of ``rows`` rows;
+    an engine on it, which the caller disposes of."""
     upgrade(db_url)
-    downgrade(db_url, "0003")
-    now = "2026-01-01 00:00:00"
+    downgrade(db_url, revision)
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO jobs (id, name, token, status, spec, row_count, invalid_count, "
-            f"created_at, updated_at) VALUES (1, 'j', 'tok', 'running', '{{}}', 9, 0, "
-            f"'{now}', '{now}')"
+            f"created_at, updated_at) VALUES (1, 'j', 'tok', 'running', '{{}}', {rows}, 0, "
+            f"'{NOW}', '{NOW}')"
         )
+    return engine
+
+
+def test_0004_gives_existing_batches_the_row_span_of_their_items(db_url: str) -> None:
+    """Batches from before 0004 are found by their items' rows once the index is gone."""
+    engine = _job_one_at(db_url, "0003", rows=9)
+    with engine.begin() as conn:
         for batch in (1, 2):
             conn.exec_driver_sql(
                 "INSERT INTO batches (id, job_id, status, round, request_count, "
                 "request_bytes, first_custom_id, last_custom_id, intent_at) VALUES "
-                f"({batch}, 1, 'in_progress', 1, 3, 9, 'a', 'b', '{now}')"
+                f"({batch}, 1, 'in_progress', 1, 3, 9, 'a', 'b', '{NOW}')"
             )
         for row, batch in [(0, None), (2, 1), (3, 1), (6, 1), (7, None)]:
             conn.exec_driver_sql(
@@ -229,16 +239,8 @@ def test_0004_gives_existing_batches_the_row_span_of_their_items(db_url: str) ->
 
 def test_0007_drops_request_hash_and_keeps_every_item(db_url: str) -> None:
     """Items written before 0007 (with their hashes) keep their state and answers."""
-    upgrade(db_url)
-    downgrade(db_url, "0006")
-    now = "2026-01-01 00:00:00"
-    engine = sa.create_engine(db_url)
+    engine = _job_one_at(db_url, "0006", rows=2)
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO jobs (id, name, token, status, spec, row_count, invalid_count, "
-            f"created_at, updated_at) VALUES (1, 'j', 'tok', 'running', '{{}}', 2, 0, "
-            f"'{now}', '{now}')"
-        )
         conn.exec_driver_sql(
             "INSERT INTO items (job_id, row_index, row_key, status, attempts, request_hash, "
             "response_text, cost_usd) VALUES (1, 0, 'a', 'succeeded', 1, 'h0', 'yes', 0.5), "
