@@ -171,3 +171,41 @@ def test_tick_exports_again_after_a_retry(harness: Harness, tmp_path: Path) -> N
         assert pipeline.tick(ctx).exported == []  # exported once, not on every tick
     finally:
         ctx.close()
+
+
+def test_a_rerun_after_retry_max_tokens_compares_with_what_rows_were_sent_with(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """`retry --max-tokens` sends only the failed rows with the new max_tokens. A later run of
+    the original command must not count the others as changed (they went out with the
+    original one) and pay for them twice; a template change still re-sends its rows."""
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, 40)
+    first = spec_for(tmp_path, src)
+    harness.emulator.configure(invalid_rate=0.3)
+    job = harness.run(first)
+    harness.emulator.configure(invalid_rate=0.0)
+    ctx = harness.context()
+    try:
+        failed = pipeline.retry(ctx, job, statuses={ItemStatus.ERRORED}, max_tokens=512)
+        assert 0 < failed < 40
+        job = pipeline.run(ctx, current(harness, job.id))
+        assert job_spec_of(current(harness, job.id)).max_tokens == 512
+        plan = pipeline.check_rerun(ctx, "job", first)  # the original command, max_tokens 256
+        assert plan is not None
+        assert plan.fields == ["max_tokens"]
+        assert (plan.changed, plan.unchanged) == (0, 40)
+        other = first.model_copy(update={"prompt": first.prompt + "!"})
+        plan = pipeline.check_rerun(ctx, "job", other)
+        assert plan is not None
+        assert (plan.changed, plan.unchanged) == (40, 0)
+        # Adopting the re-run makes the new settings what every row is compared with.
+        pipeline.prepare(ctx, "job", other, confirm_rerun=True)
+        assert current(harness, job.id).request_spec is None
+        assert pipeline.check_rerun(ctx, "job", other) is None
+    finally:
+        ctx.close()
+
+
+def job_spec_of(job: JobRow) -> JobSpec:
+    return JobSpec.model_validate(job.spec)

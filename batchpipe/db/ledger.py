@@ -103,7 +103,8 @@ class LedgerMixin(StoreBase):
                 # Counted by what the statement changed: a row in flight or invalid that
                 # was passed in as changed is left alone and not counted.
                 changed += _REQUEUE.execute(conn, requeue, shared)
-            values: dict[str, Any] = {"spec": dict(spec), "updated_at": now}
+            # Every row's request is now what ``spec`` renders (or is sent again with it).
+            values: dict[str, Any] = {"spec": dict(spec), "request_spec": None, "updated_at": now}
             if changed:
                 values.update(status=JobStatus.RUNNING.value, error=None, exported_at=None)
             conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(values))

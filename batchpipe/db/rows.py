@@ -3,8 +3,8 @@
 Callers never see a SQLAlchemy ``Row``: statuses come back as the enums from
 :mod:`batchpipe.models`, timestamps as aware UTC datetimes. Job and batch records are
 frozen; the per-item ones are slotted dataclasses that are not, because a run builds
-millions of them (as with ``models.ResultRecord``, which the Store takes in for results);
-treat them as read-only all the same.
+millions of them; treat them as read-only all the same. Results come in as
+``models.ResultRecord``, which collect fills in before the Store applies it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class JobRow:
     lease_owner: str | None
     lease_until: datetime | None
     exported_at: datetime | None
+    request_spec: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> JobRow:
@@ -56,6 +57,7 @@ class JobRow:
             lease_owner=m["lease_owner"],
             lease_until=m["lease_until"],
             exported_at=m["exported_at"],
+            request_spec=None if m["request_spec"] is None else dict(m["request_spec"]),
         )
 
 

@@ -77,6 +77,11 @@ jobs = sa.Table(
     # When the output file was last written; cleared when rows are sent again (retry,
     # re-run), so NULL on a done job with an output means its export is due (or stale).
     sa.Column("exported_at", UTCDateTime, nullable=True),
+    # The settings the rows' requests were last defined by (at ingest or a re-run), kept
+    # when the spec moves on without sending every row again (`retry --max-tokens`); NULL
+    # when that is the spec itself. A re-run compares each row's request under these with
+    # its request under the new settings.
+    sa.Column("request_spec", sa.JSON, nullable=True),
     sa.Index(None, "status"),
 )
 

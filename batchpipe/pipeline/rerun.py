@@ -1,17 +1,18 @@
 """Re-run what changed: a known job with a new template, model or other request setting.
 
 The input is the one the job was ingested from (its fingerprint is checked), and the job
-holds the settings its rows were last sent with. So with new settings each row is rendered
-twice, with the job's settings and with the new ones; only rows whose request differs go
-back to ``pending``. The others keep their answers and cost nothing more. (A settings change
-that leaves a row's request as it was, such as a column the template does not use, sends
-nothing.)
+holds the settings its rows' requests were defined by at ingest or the last re-run: its spec,
+or ``request_spec`` once ``retry --max-tokens`` moved the spec on for the retried rows only.
+So with new settings each row is rendered twice, with those settings and with the new ones;
+only rows whose request differs go back to ``pending``. The others keep their answers and
+cost nothing more. (A settings change that leaves a row's request as it was, such as a
+column the template does not use, sends nothing.)
 
 The count comes first: :func:`plan_rerun` reads and renders, writes nothing; applying needs
 an explicit confirmation (``--yes`` on the command line) and is all or nothing: the new
-settings, the re-queued rows and the new hashes commit in one transaction. Attempts keep
-counting across the change, because custom_ids encode them and must never repeat; what a
-re-sent row already cost stays in its ``cost_usd``.
+settings and the re-queued rows commit in one transaction. Attempts keep counting across
+the change, because custom_ids encode them and must never repeat; what a re-sent row
+already cost stays in its ``cost_usd``.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ def _changes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, bo
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
-    # Rows went out with the job's settings: a re-run adopts the new ones (apply_rerun).
-    sent_with = RequestRenderer(job_spec(job))
+    # What the rows' requests were defined by; a re-run adopts the new ones (apply_rerun).
+    defined_by = (
+        job_spec(job) if job.request_spec is None else JobSpec.model_validate(job.request_spec)
+    )
+    sent_with = RequestRenderer(defined_by)
     items = ctx.store.iter_items(job.id)
     for chunk in dataset.iter_rows():
         for row in chunk:

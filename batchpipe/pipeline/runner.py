@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchpipe.db import JobRow
 from batchpipe.errors import (
@@ -299,9 +300,14 @@ def retry(
             (i.attempts for i in ctx.store.iter_items(job.id, statuses=statuses)), default=0
         )
         updates: dict[str, object] = {"max_attempts": highest + spec.max_attempts}
+        moved: dict[str, Any] = {}
         if max_tokens is not None:
             updates["max_tokens"] = max_tokens
-        ctx.store.update_job(job.id, spec={**spec.model_dump(), **updates})
+            if max_tokens != spec.max_tokens and job.request_spec is None:
+                # Only the requeued rows go out with it: what the others were sent with is
+                # kept for a later re-run to compare against (see pipeline/rerun.py).
+                moved["request_spec"] = spec.model_dump()
+        ctx.store.update_job(job.id, spec={**spec.model_dump(), **updates}, **moved)
         count = ctx.store.requeue_items(job.id, statuses=statuses, error_types=error_types)
         if count:
             # The output file no longer holds these rows' final answers: export it again.
