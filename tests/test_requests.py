@@ -162,6 +162,31 @@ def test_oversized_request_is_a_row_problem() -> None:
     )
 
 
+@pytest.mark.parametrize("cache_system", [False, True])
+def test_every_request_the_render_accepts_fits_a_batch(cache_system: bool) -> None:
+    """Rows near the limit, of characters JSON escapes to six bytes: the render either flags
+    the row or the request fits a batch alone, with the longest custom_id."""
+    spec = make_spec(
+        max_batch_bytes=1024, prompt="{{ body }}", system="{{ note }}", cache_system=cache_system
+    )
+    renderer = RequestRenderer(spec)
+    accepted = 0
+    for n in range(100, 180):
+        params = renderer.render({"body": "\x01", "note": "\x01" * n}, 0)
+        if isinstance(params, RowProblem):
+            continue
+        accepted += 1
+        payload = renderer.request_bytes("a" * 64, params)
+        with BatchPacker(1, spec.max_batch_bytes) as packer:
+            packer.add(0, "a" * 64, 1, payload)  # raises if no batch can hold it
+    assert 0 < accepted < 80
+
+
+def test_a_template_that_is_not_valid_text_is_refused_up_front() -> None:
+    with pytest.raises(UsageError, match="prompt template is not valid text"):
+        RequestRenderer(make_spec(prompt="Summarise \udcff: {{ body }}"))
+
+
 @pytest.mark.parametrize("which", ["prompt", "system"])
 def test_template_syntax_error_names_template_and_line(which: str) -> None:
     broken = "line one\nline two {{ body "

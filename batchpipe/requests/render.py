@@ -164,9 +164,19 @@ class RequestRenderer:
         # Largest params JSON that still fits one request into one batch body.
         self._max_params_bytes = spec.max_batch_bytes - FRAME_BYTES - REQUEST_WRAPPER_BYTES
         fixed = {**self._head, "messages": [{"role": "user", "content": ""}], **self._tail}
-        self._fixed_bytes = len(orjson.dumps({**fixed, "system": ""}))
+        # The system prompt in the shape it is sent: a cacheable one is a whole text block.
+        self._fixed_bytes = len(orjson.dumps({**fixed, "system": self._system_param("")}))
 
     def _compile(self, name: str, source: str) -> _SimpleTemplate | jinja2.Template:
+        try:
+            # Rows only hold valid text (Arrow and orjson check it), so a request can only
+            # fail to serialize through the template: refuse it here, not at submit.
+            source.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UsageError(
+                f"{name} template is not valid text ({exc.reason} at character {exc.start}); "
+                f"fix the --{name} template"
+            ) from None
         try:
             ast = self._env.parse(source)
             referenced = self._referenced(ast)
@@ -211,16 +221,17 @@ class RequestRenderer:
         params = {**self._head, "messages": [{"role": "user", "content": text}]}
         # A system prompt that renders to nothing is left out: the API rejects empty text.
         if system is not None and system.strip():
-            # A cacheable system prompt is sent as one text block marked for the prompt cache,
-            # so rows sharing it pay the cache-read price for it after the first.
-            params["system"] = (
-                [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
-                if self._spec.cache_system
-                else system
-            )
+            params["system"] = self._system_param(system)
         params.update(self._tail)
         problem = self._check_size(params, text, system, row_index)
         return problem if problem is not None else params
+
+    def _system_param(self, system: str) -> str | list[dict[str, Any]]:
+        # A cacheable system prompt is sent as one text block marked for the prompt cache,
+        # so rows sharing it pay the cache-read price for it after the first.
+        if self._spec.cache_system:
+            return [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+        return system
 
     def _check_size(
         self, params: dict[str, Any], text: str, system: str | None, row_index: int
