@@ -264,7 +264,7 @@ class ResultRecord:
     The client fills in what the line says. Collect then fills in the item it answers and
     what it decided (``row_index``, ``attempt``, ``status``, ``cost_usd``; see
     ``pipeline/outcome.py``), and the store applies the record as it is: one object per
-    line, not a second one built from it (0.6 s less per million lines).
+    line, not a second one built from it (0.8 us less a line).
     """
 
     custom_id: str

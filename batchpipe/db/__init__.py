@@ -3,7 +3,7 @@
 SQLAlchemy and alembic are imported only inside this package. Modules:
 
 - ``schema``: the tables (SQLAlchemy Core)
-- ``rows``: the records the Store returns and takes
+- ``rows``: the records the Store returns (results come in as ``models.ResultRecord``)
 - ``connect``: engines per dialect, masked URLs
 - ``migrate``: alembic upgrade/downgrade/revisions, driven from code
 - ``store``: :class:`Store`, built from ``jobs``, ``items`` and ``batches``
