@@ -140,9 +140,6 @@ _HISTORY_ROW = (
     "row_index", "attempt", "custom_id", "result_type", "error_type", "error_message",
     "input_tokens", "output_tokens",
 )  # fmt: skip
-# A history row is these two around the result type, which is bound as its string value.
-_history_key = operator.attrgetter(*_HISTORY_ROW[: _HISTORY_ROW.index("result_type")])
-_history_rest = operator.attrgetter(*_HISTORY_ROW[_HISTORY_ROW.index("result_type") + 1 :])
 _HISTORY_VALUES = {c: sa.bindparam(c) for c in (*_HISTORY_ROW, "job_id", "batch_id")} | {
     "recorded_at": sa.bindparam("p_now", type_=attempts.c.recorded_at.type)
 }
@@ -449,7 +446,19 @@ class BatchesMixin(StoreBase):
             row = (u.row_index, u.custom_id, status.value, *_result_values(u), u.cost_usd)
             (transient if leaves else final).append(row)
             if status is not ItemStatus.SUCCEEDED:  # a success stays on its item: history.py
-                history.append((*_history_key(u), u.result_type.value, *_history_rest(u)))
+                # In _HISTORY_ROW order; the result type is bound as its string.
+                history.append(
+                    (
+                        u.row_index,
+                        u.attempt,
+                        u.custom_id,
+                        u.result_type.value,
+                        u.error_type,
+                        u.error_message,
+                        u.input_tokens,
+                        u.output_tokens,
+                    )
+                )
         if on_postgres:
             try:
                 with self._begin() as conn:

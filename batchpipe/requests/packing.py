@@ -34,9 +34,8 @@ class PlannedBatch:
     """
 
     items: list[tuple[int, str, int]] = field(default_factory=list)
-    # Number of requests, and the size of the full body (head and tail included): kept as
-    # requests arrive rather than computed, since the packer asks before every request.
-    count: int = field(default=0, init=False)
+    # The size of the full body (head and tail included), kept as requests arrive: the
+    # packer asks before every request.
     nbytes: int = field(default=FRAME_BYTES, init=False)
     _file: IO[bytes] = field(default_factory=_body_file)
     _ends: list[int] = field(default_factory=list)  # end offset of each request in _file
@@ -58,13 +57,12 @@ class PlannedBatch:
             raise ValueError("the batch's body was already built; it takes no more requests")
         # Offsets are counted here: tell() on the buffered file costs a seek each time. One
         # write with the comma: cheaper than two (copying ~1 KB costs less than a call).
-        if self.count:
+        if self._ends:
             self._file.write(b"," + payload)
             self.nbytes += 1 + len(payload)
         else:
             self._file.write(payload)
             self.nbytes += len(payload)
-        self.count += 1
         self._ends.append(self.nbytes - len(BODY_TAIL))
 
     @property
@@ -78,6 +76,11 @@ class PlannedBatch:
         self._file.seek(at)
         starts = [len(BODY_HEAD), *(end + 1 for end in self._ends[:-1])]
         return [body[a:b] for a, b in zip(starts, self._ends, strict=True)]
+
+    @property
+    def count(self) -> int:
+        """Number of requests."""
+        return len(self._ends)
 
     def body_file(self) -> IO[bytes]:
         """The full create body ``{"requests":[…]}`` as a file positioned at its start.
