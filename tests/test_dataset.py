@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import re
 import shutil
@@ -110,12 +111,25 @@ def test_fingerprint_changes_with_one_byte(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 1000)
     first = Dataset(str(path)).fingerprint()
     assert first == Dataset(str(path)).fingerprint()
-    assert first.startswith("blake2b:")
+    assert first.startswith("sha256:")
     assert first.endswith(f":{path.stat().st_size}")
     raw = bytearray(path.read_bytes())
     raw[5000] = ord("j") if raw[5000] != ord("j") else ord("k")
     path.write_bytes(bytes(raw))
     assert Dataset(str(path)).fingerprint() != first
+
+
+def test_fingerprint_like_an_older_one_uses_its_algorithm(tmp_path: Path) -> None:
+    # Jobs ingested before sha256 recorded blake2b; they must still compare equal.
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 10)
+    data = path.read_bytes()
+    recorded = f"blake2b:{hashlib.blake2b(data, digest_size=20).hexdigest()}:{len(data)}"
+    assert Dataset(str(path)).fingerprint(like=recorded) == recorded
+    now = Dataset(str(path)).fingerprint()
+    assert now == f"sha256:{hashlib.sha256(data).hexdigest()}:{len(data)}"
+    assert Dataset(str(path)).fingerprint(like=now) == now
+    with pytest.raises(ValueError, match="unknown fingerprint algorithm 'sha3000'"):
+        Dataset(str(path)).fingerprint(like="sha3000:00:1")
 
 
 def test_unknown_extension_names_the_option(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the test takes `db_url`).
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import approx_tokens, expected_text
-from batchpipe.errors import BatchpipeError, InputChangedError, UsageError
+from batchpipe.errors import BatchpipeError, InputChangedError, StoreError, UsageError
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 
 PROMPT = "Classify the sentiment of: {{ body }}"
@@ -293,6 +294,31 @@ def test_export_refuses_an_input_that_changed(harness: Harness, tmp_path: Path) 
     with pytest.raises(InputChangedError, match="changed since the job was ingested"):
         pipeline.export(ctx, job, str(tmp_path / "late.parquet"))
     assert not (tmp_path / "late.parquet").exists()
+
+
+def test_a_job_fingerprinted_by_an_older_or_newer_batchpipe(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 10)
+    job = harness.run(spec_for(tmp_path, src, output=None))
+    ctx = harness.context()
+    assert job.input_fingerprint is not None
+    assert job.input_fingerprint.startswith("sha256:")
+    # Recorded before the switch to sha256: still the same input, so the export goes on.
+    data = src.read_bytes()
+    older = f"blake2b:{hashlib.blake2b(data, digest_size=20).hexdigest()}:{len(data)}"
+    ctx.store.update_job(job.id, input_fingerprint=older)
+    job = ctx.store.get_job(job.id)
+    pipeline.export(ctx, job, str(tmp_path / "old.parquet"))
+    assert pq.read_table(tmp_path / "old.parquet").num_rows == 10
+    # An algorithm from a later version: say so rather than call the input changed.
+    ctx.store.update_job(job.id, input_fingerprint="sha3000:abc:1")
+    job = ctx.store.get_job(job.id)
+    with pytest.raises(StoreError, match="recorded by a newer batchpipe; upgrade"):
+        pipeline.export(ctx, job, str(tmp_path / "new.parquet"))
+    assert not (tmp_path / "new.parquet").exists()
+    ctx.close()
 
 
 def test_export_refuses_a_job_with_rows_not_finished(harness: Harness, tmp_path: Path) -> None:

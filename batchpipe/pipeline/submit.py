@@ -21,6 +21,7 @@ from batchpipe.errors import (
     CreateRefused,
     InputChangedError,
     NeedsAttention,
+    StoreError,
     TransientAPIError,
 )
 from batchpipe.log import get_logger
@@ -49,7 +50,14 @@ def check_fingerprint(dataset: Dataset, job: JobRow) -> None:
     """Refuse to go on if the input is not the file the job was ingested from."""
     if job.input_fingerprint is None:
         return
-    now = dataset.fingerprint()
+    try:
+        # Hashed as it was recorded: a job from before sha256 recorded blake2b.
+        now = dataset.fingerprint(like=job.input_fingerprint)
+    except ValueError:
+        raise StoreError(
+            f"job {job.id} ({job.name}): its input fingerprint {job.input_fingerprint[:24]}… "
+            "was recorded by a newer batchpipe; upgrade batchpipe to go on with this job"
+        ) from None
     if now != job.input_fingerprint:
         raise InputChangedError(
             f"job {job.id} ({job.name}): {dataset.uri} changed since the job was ingested "
