@@ -2,7 +2,9 @@
 
 The emulator runs in a child process (so each side's peak RSS is its own); this process
 creates the batch with the official SDK (~600-character prompts), waits for it to end and
-streams the results back, then prints wall time per phase and peak RSS of both sides.
+streams the results back, then prints per phase the wall time and the emulator's own CPU
+time (what the emulator spent, apart from the SDK's encoding and decoding in this process),
+and peak RSS of both sides.
 
     .venv/bin/python bench/bench_emulator.py [--requests 100000] [--prompt-chars 600]
 """
@@ -90,6 +92,12 @@ def main() -> None:
     assert server.stdout is not None
     url = server.stdout.readline().strip()
     server_rss = PeakRss(server.pid)
+    emulator = psutil.Process(server.pid)
+
+    def emulator_cpu() -> float:
+        times = emulator.cpu_times()
+        return float(times.user + times.system)
+
     client_rss = PeakRss(os.getpid())
     try:
         rng = random.Random(0)
@@ -106,17 +114,21 @@ def main() -> None:
             for i in range(args.requests)
         ]
         t1 = time.perf_counter()
+        c1 = emulator_cpu()
         client = anthropic.Anthropic(api_key="bench", base_url=url, max_retries=0, timeout=600)
         batch = client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
         t2 = time.perf_counter()
+        c2 = emulator_cpu()
         del requests
         ended = client.messages.batches.retrieve(batch.id)  # ends (and is answered) here
         t3 = time.perf_counter()
+        c3 = emulator_cpu()
         lines = succeeded = 0
         for line in client.messages.batches.results(batch.id):
             lines += 1
             succeeded += line.result.type == "succeeded"
         t4 = time.perf_counter()
+        c4 = emulator_cpu()
         stats = httpx2.get(f"{url}/_emulator/stats").json()
     finally:
         server_peak = server_rss.stop()
@@ -126,10 +138,13 @@ def main() -> None:
 
     mib = 1024 * 1024
     print(f"requests            {args.requests} x ~{args.prompt_chars}-char prompts")
+    print(f"{'phase':19} {'wall':>9} {'emulator CPU':>14}")
     print(f"build requests      {t1 - t0:7.2f} s")
-    print(f"create (SDK, HTTP)  {t2 - t1:7.2f} s")
-    print(f"end batch (answer)  {t3 - t2:7.2f} s   status={ended.processing_status}")
-    print(f"stream results      {t4 - t3:7.2f} s   lines={lines} succeeded={succeeded}")
+    print(f"create (SDK, HTTP)  {t2 - t1:7.2f} s {c2 - c1:11.2f} s")
+    print(
+        f"end batch (answer)  {t3 - t2:7.2f} s {c3 - c2:11.2f} s   status={ended.processing_status}"
+    )
+    print(f"stream results      {t4 - t3:7.2f} s {c4 - c3:11.2f} s   lines={lines} ok={succeeded}")
     print(f"total               {t4 - t0:7.2f} s")
     print(f"peak RSS client     {client_peak / mib:7.0f} MiB")
     print(f"peak RSS emulator   {server_peak / mib:7.0f} MiB")
