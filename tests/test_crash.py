@@ -7,9 +7,11 @@ exact step; the chaos test kills at seeded random moments instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -85,6 +87,28 @@ def test_crash_mid_download_resumes_without_duplicates(
     assert fast_emulator.stats()["requests_received"] == 12_000
 
 
+def _job_state(db: Path) -> tuple[object, ...] | None:
+    """The job's status, its batches' statuses and its rows by status (None before the
+    job exists): what a process changes as it works."""
+    if not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            job = conn.execute("SELECT id, status FROM jobs").fetchone()
+        except sqlite3.OperationalError:
+            return None  # the schema is not there yet
+        if job is None:
+            return None
+        batches = conn.execute(
+            "SELECT status FROM batches WHERE job_id = ? ORDER BY id", (job[0],)
+        ).fetchall()
+        rows = conn.execute(
+            "SELECT status, count(*) FROM items WHERE job_id = ? GROUP BY status ORDER BY status",
+            (job[0],),
+        ).fetchall()
+    return job[1], tuple(batches), tuple(rows)
+
+
 def _export(path: Path) -> list[dict[str, object]]:
     # custom_id and batch_id carry a job's random token and the API's ids: they differ
     # between any two runs; every other column must match.
@@ -115,9 +139,12 @@ def test_chaos_random_sigkills_until_done(
     # grace keeps the restart from sending it again.
     env = {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "2"}
     rng = random.Random(20240601)
-    kills = 0
-    deadline = time.monotonic() + 60
-    while kills < 8 and time.monotonic() < deadline:
+    kills = landed = 0
+    deadline = time.monotonic() + 90
+    # Until three kills have landed mid-work: the killed process had changed the job's
+    # state (so it was past start-up) and the job was not done.
+    while landed < 3 and kills < 16 and time.monotonic() < deadline:
+        before = _job_state(tmp_path / "chaos.db")
         proc = subprocess.Popen(
             batchpipe_argv(chaos_db, "run", *job_args(src, "chaos", out)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -130,9 +157,11 @@ def test_chaos_random_sigkills_until_done(
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()  # reaped, so the next process sees the lease holder is dead
         kills += 1
+        after = _job_state(tmp_path / "chaos.db")
+        landed += after != before and after is not None and after[0] != "done"
     final = run_batchpipe(chaos_db, env, "run", *job_args(src, "chaos", out))
     assert final.returncode == 0, final.stderr
-    assert kills >= 3
+    assert landed >= 3, f"only {landed} of {kills} kills landed mid-work"
 
     assert _final_counts(chaos_db, "chaos") == {ItemStatus.SUCCEEDED: ROWS}
     assert _export(out) == _export(reference)
