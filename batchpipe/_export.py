@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batchpipe.errors import InputChangedError, UsageError
+from batchpipe.errors import InputChangedError, OutputNotWritable
 from batchpipe.jsonl import encode_json_columns
 
 # zstd: answers are text, which it packs much tighter than the default snappy, about as fast.
@@ -138,7 +138,7 @@ class JoinedWriter:
                 )
         except (pa.ArrowException, OSError) as exc:
             self.abort()
-            raise UsageError(f"cannot write {dest}: {exc}") from None
+            raise OutputNotWritable(f"cannot write {dest}: {exc}") from None
 
     def _result_arrays(self, results: Sequence[tuple[Any, ...]]) -> list[pa.Array]:
         width = len(self._names)

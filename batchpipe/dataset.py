@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchpipe._export import JoinedWriter, ResultCursor
-from batchpipe.errors import InputError, UsageError
+from batchpipe.errors import InputError, OutputNotWritable, UsageError
 from batchpipe.jsonl import TypeInference, iter_row_chunks
 
 Format = Literal["jsonl", "parquet"]
@@ -86,14 +86,43 @@ _RESULT_TYPES: dict[str, pa.DataType] = {
 }
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+def _resolve(uri: str, *, writing: bool = False) -> tuple[pafs.FileSystem, str]:
     """A filesystem and path for a local path or a pyarrow filesystem URI."""
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(uri)  # type: ignore[no-any-return]
         except (pa.ArrowException, OSError, ValueError) as exc:
+            if writing:
+                raise OutputNotWritable(f"cannot write {uri}: {exc}") from None
             raise InputError(f"cannot read {uri}: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def check_writable(dest: str) -> tuple[pafs.FileSystem, str]:
+    """Make sure ``dest`` can be written, before anything is spent on a job; its filesystem
+    and path.
+
+    Creates the output's folder as the export does (like most writers users know). On a
+    local disk it also creates and removes a probe file beside ``dest``, and refuses a
+    ``dest`` that is a folder: permissions, a read-only mount or a full disk show now, not
+    after every answer was paid for. An object store is not probed (a write there costs a
+    request and says little about the final one). :class:`OutputNotWritable` otherwise.
+    """
+    fs, path = _resolve(dest, writing=True)
+    folder = posixpath.dirname(path) or "."
+    try:
+        fs.create_dir(folder, recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{dest} is a folder; name a file in it")
+            probe = posixpath.join(
+                folder, f".{posixpath.basename(path)}.{secrets.token_hex(4)}.probe"
+            )
+            fs.open_output_stream(probe).close()
+            fs.delete_file(probe)
+    except (pa.ArrowException, OSError) as exc:
+        raise OutputNotWritable(f"cannot write {dest}: {exc}") from None
+    return fs, path
 
 
 def guess_format(uri: str) -> Format:
@@ -349,12 +378,7 @@ def write_joined(
     if not check_each_row:
         _refuse_clash(dataset.uri, [c for c in dataset.columns() if c in added])
     cursor = ResultCursor(results, dataset.uri)
-    fs, path = _resolve(dest)
-    # Like most writers users know, create the output's folder if it does not exist yet.
-    try:
-        fs.create_dir(posixpath.dirname(path) or ".", recursive=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write {dest}: {exc}") from None
+    fs, path = check_writable(dest)
     tmp = posixpath.join(
         posixpath.dirname(path), f".{posixpath.basename(path)}.{secrets.token_hex(4)}.tmp"
     )

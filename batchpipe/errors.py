@@ -5,6 +5,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
 
     BatchpipeError                 1  terminal failure
     ├── UsageError                 2  bad flags, config file or environment; fix and re-run
+    │   └── OutputNotWritable      2  the output path cannot be written; choose another
     ├── InputError                 1  the dataset itself is bad (names file, line/row, column)
     │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
     │   └── InputChangedError      1  the input changed since submission; refusing to mislabel
@@ -43,6 +44,10 @@ class UsageError(BatchpipeError):
     """Bad command line, job file or environment."""
 
     exit_code = EXIT_USAGE
+
+
+class OutputNotWritable(UsageError):
+    """The output path cannot be written (its folder cannot be made, it is a folder …)."""
 
 
 class InputError(BatchpipeError):

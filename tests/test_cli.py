@@ -137,6 +137,30 @@ def test_unreadable_path_names_it(tmp_path: Path) -> None:
     assert batches_created(tmp_path) == 0
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    (tmp_path / "a-file").write_text("not a folder")
+    result = invoke(tmp_path, *run_args(src, tmp_path / "a-file" / "out.parquet"))
+    assert result.exit_code == 2, result.output
+    assert re.search(r"cannot write .*a-file/out\.parquet", result.stderr), result.stderr
+    assert "Traceback" not in result.output
+    assert batches_created(tmp_path) == 0
+    assert json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"] == []
+
+
+def test_an_export_that_fails_says_where_the_answers_are(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    assert invoke(tmp_path, *run_args(src, tmp_path / "out.parquet")).exit_code == 0
+    (tmp_path / "a-file").write_text("not a folder")
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    result = invoke(tmp_path, "export", job["name"], "-o", str(tmp_path / "a-file" / "o.parquet"))
+    assert result.exit_code == 2, result.output
+    assert f"write them elsewhere with `batchpipe export {job['name']} -o PATH`" in result.stderr
+    assert batches_created(tmp_path) == 1
+
+
 def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     src = tmp_path / "in.parquet"
     pq.write_table(

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchpipe.dataset import Dataset, write_joined
-from batchpipe.errors import InputChangedError, InputError, UsageError
+from batchpipe.dataset import Dataset, check_writable, write_joined
+from batchpipe.errors import InputChangedError, InputError, OutputNotWritable, UsageError
 
 RESULT_COLUMNS = [
     ("custom_id", "string"),
@@ -457,6 +457,21 @@ def test_output_folder_that_cannot_exist(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(UsageError, match=r"cannot write .*a-file"):
         write_joined(data, results_for(1), RESULT_COLUMNS, str(tmp_path / "a-file" / "o.jsonl"))
+
+
+def test_check_writable_refuses_what_the_export_could_not_write(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(OutputNotWritable, match=r"cannot write .*a-file/o\.parquet"):
+        check_writable(str(tmp_path / "a-file" / "o.parquet"))
+    with pytest.raises(OutputNotWritable, match=r"a-folder is a folder; name a file in it"):
+        check_writable(str(tmp_path / "a-folder"))
+    with pytest.raises(OutputNotWritable, match=r"cannot write nosuch://x"):
+        check_writable("nosuch://x/o.parquet")
+    # A writable path: its folder is made as the export would, and no probe is left behind.
+    check_writable(str(tmp_path / "new" / "o.parquet"))
+    assert list((tmp_path / "new").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "new"]
 
 
 # ---------------------------------------------------------------- memory

@@ -7,7 +7,7 @@ from typing import Any
 
 from batchpipe.dataset import Dataset, write_joined
 from batchpipe.db import JobRow
-from batchpipe.errors import UsageError
+from batchpipe.errors import OutputNotWritable, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
@@ -92,7 +92,13 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     ctx.progress.start("exporting", job.row_count)
-    rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)
+    try:
+        rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)
+    except OutputNotWritable as exc:
+        raise OutputNotWritable(
+            f"{exc}; the job's answers are kept in the state database: write them elsewhere "
+            f"with `batchpipe export {job.name} -o PATH`"
+        ) from None
     ctx.progress.finish()
     failpoint("after_export")
     if target == spec.output:

@@ -6,6 +6,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchpipe.dataset import check_writable
 from batchpipe.db import JobRow
 from batchpipe.errors import (
     APIError,
@@ -43,7 +44,11 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     A known job given settings that change its requests (template, model …) is re-run for
     the rows whose request changed, but only with ``confirm_rerun``; without it the error says
     how many rows that would be. With a budget, a job not yet sent is checked against it.
+    The output path is checked first (:func:`~batchpipe.dataset.check_writable`).
     """
+    if spec.output is not None:
+        # Before anything is spent: an unwritable output would only show at the export.
+        check_writable(spec.output)
     try:
         job = open_job(ctx, name, spec)
     except RequestsChanged as changed:
