@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import decimal
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -26,6 +26,15 @@ from batchpipe.jsonl import encode_json_columns
 
 # zstd: answers are text, which it packs much tighter than the default snappy, about as fast.
 _PARQUET_COMPRESSION = "zstd"
+
+
+@contextlib.contextmanager
+def writing_to(dest: str) -> Iterator[None]:
+    """An OSError while writing ``dest`` (a full disk, a lost mount) as OutputNotWritable."""
+    try:
+        yield
+    except OSError as exc:  # pyarrow's IO errors are OSErrors too
+        raise OutputNotWritable(f"cannot write {dest}: {exc}") from None
 
 
 class ResultCursor:
@@ -163,15 +172,17 @@ class JoinedWriter:
         inputs = pa.Table.from_batches(batches, schema=self._in_schema)
         columns = [*inputs.columns, *self._result_arrays(results)]
         table = pa.Table.from_arrays(columns, schema=self._out_schema)
-        self._parquet.write_table(table, row_group_size=max(table.num_rows, 1))
+        with writing_to(self._dest):
+            self._parquet.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def write_rows(self, rows: list[dict[str, Any]], results: Sequence[tuple[Any, ...]]) -> None:
         """Append one chunk of row dicts (JSONL input, or any input to JSONL output)."""
         if self._parquet is None:
             names, write = self._names, self._stream.write
-            for row, result in zip(rows, results, strict=True):
-                row.update(zip(names, result, strict=True))
-                write(dumps_row(row))
+            with writing_to(self._dest):
+                for row, result in zip(rows, results, strict=True):
+                    row.update(zip(names, result, strict=True))
+                    write(dumps_row(row))
             return
         if self._json_columns:
             encode_json_columns(rows, self._json_columns)
@@ -185,14 +196,16 @@ class JoinedWriter:
                 f"({exc}); was it modified during the export? export again"
             ) from None
         arrays = [*inputs.columns, *self._result_arrays(results)]
-        self._parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._out_schema))
+        with writing_to(self._dest):
+            self._parquet.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._out_schema))
 
     def close(self) -> None:
         """Finish the file (it is still at the temporary name)."""
-        if self._parquet is not None:
-            self._parquet.close()
-        if self._stream is not None:
-            self._stream.close()
+        with writing_to(self._dest):
+            if self._parquet is not None:
+                self._parquet.close()
+            if self._stream is not None:
+                self._stream.close()
 
     def abort(self) -> None:
         """Close whatever is open and delete the temporary file; never raises."""

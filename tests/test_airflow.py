@@ -182,3 +182,25 @@ def test_submit_killed_after_create_is_retried_without_a_second_submission(
     (job,) = json.loads(status.stdout)["jobs"]
     assert job["status"] == "done"
     assert len(job["batches"]) == 3
+
+
+def test_an_output_folder_that_cannot_be_written_fails_the_export_without_retries(
+    airflow_bin: Path,
+    airflow_env: dict[str, str],
+    slow_emulator: tuple[Emulator, str],
+    tmp_path: Path,
+) -> None:
+    emulator, url = slow_emulator
+    emulator.configure(processing_seconds=0)
+    env, _ = _run_env(airflow_env, tmp_path, url)
+    (tmp_path / "a-file").write_text("not a folder")
+    env["BATCHPIPE_OUTPUT_DIR"] = str(tmp_path / "a-file" / "out")
+
+    rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+
+    assert rc != 0, f"DAG run should fail; log in {tmp_path / 'airflow.log'}"
+    assert "batchpipe export failed (exit 2)" in logs
+    assert "write them elsewhere with `batchpipe export" in logs
+    # Exit 2 is terminal: the export ran once, not once per retry.
+    assert logs.count("[DAG TEST] starting task_id=export") == 1
+    assert emulator.stats()["batches_created"] == 1

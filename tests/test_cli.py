@@ -150,6 +150,34 @@ def test_an_output_that_cannot_be_written_is_refused_before_anything_is_sent(
     assert json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"] == []
 
 
+def test_a_resumed_job_checks_the_output_it_was_given(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    first = run_args(src, tmp_path / "outdir" / "out.parquet")
+    assert invoke(tmp_path, "submit", *first[1:]).exit_code == 0
+    (tmp_path / "outdir").rmdir()
+    (tmp_path / "outdir").write_text("now a file")
+    # Without -o the job keeps its output, and that is what is checked.
+    without_output = first[: first.index("-o")]
+    result = invoke(tmp_path, *without_output)
+    assert result.exit_code == 2, result.output
+    assert re.search(r"cannot write .*outdir/out\.parquet", result.stderr), result.stderr
+    # A new -o moves the job's output; the run finishes there, with nothing sent twice.
+    result = invoke(tmp_path, *without_output, "-o", str(tmp_path / "good.parquet"))
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "good.parquet").num_rows == 5
+    assert batches_created(tmp_path) == 1
+
+
+def test_an_output_that_is_the_input_is_refused(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    before = src.read_bytes()
+    result = invoke(tmp_path, *run_args(src, src))
+    assert result.exit_code == 2, result.output
+    assert "it is the job's input" in result.stderr
+    assert src.read_bytes() == before
+    assert batches_created(tmp_path) == 0
+
+
 def test_an_export_that_fails_says_where_the_answers_are(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(5))
     assert invoke(tmp_path, *run_args(src, tmp_path / "out.parquet")).exit_code == 0

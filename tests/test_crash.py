@@ -95,8 +95,8 @@ def _job_state(db: Path) -> tuple[object, ...] | None:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         try:
             job = conn.execute("SELECT id, status FROM jobs").fetchone()
-        except sqlite3.OperationalError:
-            return None  # the schema is not there yet
+        except sqlite3.DatabaseError:
+            return None  # the schema is not there yet, or the file is still being made
         if job is None:
             return None
         batches = conn.execute(
@@ -133,7 +133,8 @@ def test_chaos_random_sigkills_until_done(
     # kills to land mid-work, however loaded the machine is.
     fast_emulator.configure(processing_seconds=4.0, slow_rate=0.3, slow_seconds=0.2)
 
-    chaos_db = f"sqlite:///{tmp_path / 'chaos.db'}"
+    chaos_file = tmp_path / "chaos.db"
+    chaos_db = f"sqlite:///{chaos_file}"
     out = tmp_path / "chaos.parquet"
     # A create still on the wire when its process died may land a moment later: a short
     # grace keeps the restart from sending it again.
@@ -141,23 +142,28 @@ def test_chaos_random_sigkills_until_done(
     rng = random.Random(20240601)
     kills = landed = 0
     deadline = time.monotonic() + 90
-    # Until three kills have landed mid-work: the killed process had changed the job's
-    # state (so it was past start-up) and the job was not done.
-    while landed < 3 and kills < 16 and time.monotonic() < deadline:
-        before = _job_state(tmp_path / "chaos.db")
+    # Each process is killed at a random moment after it has changed the job's state (its
+    # status, batches or rows), so past start-up and mid-work, until three kills landed
+    # while the job was not done.
+    while landed < 3 and kills < 12 and time.monotonic() < deadline:
+        before = _job_state(chaos_file)
         proc = subprocess.Popen(
             batchpipe_argv(chaos_db, "run", *job_args(src, "chaos", out)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        # Start-up takes ~1-3 s, then work; the kills must come faster than batches end
-        # (4 s), or a quick machine finishes the job before three of them (seen in CI).
-        time.sleep(rng.uniform(0.5, 3.0))
+        changed_by = time.monotonic() + 15
+        while _job_state(chaos_file) == before and proc.poll() is None:
+            if time.monotonic() > changed_by:
+                break
+            time.sleep(0.05)
+        # Somewhere in the next stretch of work: a create, a download, a wait, an apply.
+        time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is not None:
             break  # it finished before the kill
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()  # reaped, so the next process sees the lease holder is dead
         kills += 1
-        after = _job_state(tmp_path / "chaos.db")
+        after = _job_state(chaos_file)
         landed += after != before and after is not None and after[0] != "done"
     final = run_batchpipe(chaos_db, env, "run", *job_args(src, "chaos", out))
     assert final.returncode == 0, final.stderr

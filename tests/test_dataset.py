@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +224,8 @@ def _open_error(path: Path) -> str:
 _NO_DROP = "cannot drop to nobody: "
 
 
-def _as_nobody(path: Path) -> str:
-    """``_open_error(path)`` in a forked child that dropped root for the nobody user.
+def _as_nobody(probe: Callable[[], str]) -> str:
+    """``probe()`` in a forked child that dropped root for the nobody user.
 
     Root reads any file, and CI runs as root; the child keeps the loaded interpreter, so it
     needs no access to the virtualenv. It is given 60 s, then killed. A child that cannot
@@ -244,7 +244,7 @@ def _as_nobody(path: Path) -> str:
                 message = f"{_NO_DROP}{exc}"
             else:
                 try:
-                    message = _open_error(path)
+                    message = probe()
                 except BaseException as exc:  # reported to the parent as text
                     message = f"child failed: {exc!r}"
             os.write(write_end, message.encode())
@@ -269,7 +269,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
         shared.chmod(0o755)
         path = write_jsonl(shared / "secret.jsonl", [{"a": 1}])
         path.chmod(0)
-        message = _as_nobody(path) if os.geteuid() == 0 else _open_error(path)
+        message = _as_nobody(lambda: _open_error(path)) if os.geteuid() == 0 else _open_error(path)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     if message.startswith(_NO_DROP):
@@ -468,10 +468,62 @@ def test_check_writable_refuses_what_the_export_could_not_write(tmp_path: Path) 
         check_writable(str(tmp_path / "a-folder"))
     with pytest.raises(OutputNotWritable, match=r"cannot write nosuch://x"):
         check_writable("nosuch://x/o.parquet")
+    with pytest.raises(OutputNotWritable, match=r"out/ is a folder|out/: it names a folder"):
+        check_writable(str(tmp_path / "out") + "/")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"a": 1}])
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for same in (src, tmp_path / "link.jsonl", tmp_path / "a-folder" / ".." / "in.jsonl"):
+        with pytest.raises(OutputNotWritable, match=r"it is the job's input"):
+            check_writable(str(same), source=str(src))
+    (tmp_path / "link.jsonl").unlink()
+    src.unlink()
     # A writable path: its folder is made as the export would, and no probe is left behind.
     check_writable(str(tmp_path / "new" / "o.parquet"))
     assert list((tmp_path / "new").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "new"]
+
+
+def _write_error(dest: Path) -> str:
+    """The OutputNotWritable message of checking ``dest``, or what happened instead."""
+    try:
+        check_writable(str(dest))
+    except OutputNotWritable as exc:
+        return str(exc)
+    return "writable"
+
+
+def test_a_folder_without_write_permission_is_refused_before_the_export(tmp_path: Path) -> None:
+    # A read-only folder anyone may enter; root writes anywhere, so the check runs as nobody.
+    shared = Path(tempfile.mkdtemp(prefix="batchpipe-perm-"))
+    try:
+        (shared / "ro").mkdir()
+        shared.chmod(0o755)
+        (shared / "ro").chmod(0o555)
+        dest = shared / "ro" / "out.parquet"
+        message = (
+            _as_nobody(lambda: _write_error(dest)) if os.geteuid() == 0 else _write_error(dest)
+        )
+        left = sorted(p.name for p in (shared / "ro").iterdir())
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    if message.startswith(_NO_DROP):
+        pytest.skip(message)
+    assert re.search(r"cannot write .*ro/out\.parquet: .*[Pp]ermission denied", message), message
+    assert left == []
+
+
+def test_a_write_that_fails_late_is_an_output_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = Dataset(str(write_jsonl(tmp_path / "in.jsonl", [{"a": 1}])))
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OutputNotWritable, match=r"cannot write .*o\.parquet: .*No space left"):
+        write_joined(data, results_for(1), RESULT_COLUMNS, str(tmp_path / "o.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no temporary left
 
 
 # ---------------------------------------------------------------- memory

@@ -18,7 +18,7 @@ import orjson
 from batchpipe import pricing
 from batchpipe.dataset import Dataset
 from batchpipe.db import ItemRow, JobRow
-from batchpipe.errors import InputError
+from batchpipe.errors import InputError, StoreError
 from batchpipe.models import ItemStatus
 from batchpipe.pipeline.context import Context, job_spec
 from batchpipe.pipeline.outcome import output_schema
@@ -133,7 +133,7 @@ def _input_rows(job: JobRow, wanted: set[int]) -> dict[int, dict[str, Any]]:
     try:
         dataset = Dataset(spec.input, spec.input_format)
         check_fingerprint(dataset, job)
-    except (InputError, OSError):
+    except (InputError, StoreError, OSError):
         return {}
     found: dict[int, dict[str, Any]] = {}
     index = 0

@@ -46,9 +46,12 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     how many rows that would be. With a budget, a job not yet sent is checked against it.
     The output path is checked first (:func:`~batchpipe.dataset.check_writable`).
     """
-    if spec.output is not None:
+    known = ctx.store.get_job(name)
+    # Without -o a known job keeps the output it was given (see open_job).
+    output = spec.output or (job_spec(known).output if known is not None else None)
+    if output:
         # Before anything is spent: an unwritable output would only show at the export.
-        check_writable(spec.output)
+        check_writable(output, source=spec.input)
     try:
         job = open_job(ctx, name, spec)
     except RequestsChanged as changed:

@@ -56,7 +56,8 @@ def check_fingerprint(dataset: Dataset, job: JobRow) -> None:
     except ValueError:
         raise StoreError(
             f"job {job.id} ({job.name}): its input fingerprint {job.input_fingerprint[:24]}… "
-            "was recorded by a newer batchpipe; upgrade batchpipe to go on with this job"
+            "is of a kind this batchpipe does not know (recorded by a newer version?); "
+            "upgrade batchpipe to go on with this job"
         ) from None
     if now != job.input_fingerprint:
         raise InputChangedError(

@@ -18,7 +18,8 @@ which takes minutes to 24 hours) → export.
   ``BATCHPIPE_DATABASE_URL`` (use PostgreSQL when workers run on several machines),
   ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``.
 - Exit codes: 75 from ``tick`` means "try again later" (the sensor pokes again); 1 means the
-  job failed for good (the task fails without retrying).
+  job failed for good and 2 that the command or its settings are wrong (e.g. an output path
+  that cannot be written): either way the task fails without retrying.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def _batchpipe(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedPr
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
     if proc.stderr:
         print(proc.stderr.rstrip())  # the task log is where Airflow users look
-    if proc.returncode == 1:
-        # Terminal: retrying the same command cannot help; fail without using up retries.
-        raise AirflowFailException(f"batchpipe {args[0]} failed (exit 1); see the log above")
+    if proc.returncode in (1, 2):
+        # Terminal (a failed job, or bad settings): retrying the same command cannot help;
+        # fail without using up retries.
+        raise AirflowFailException(
+            f"batchpipe {args[0]} failed (exit {proc.returncode}); see the log above"
+        )
     if proc.returncode not in ok:
         raise RuntimeError(f"batchpipe {args[0]} exited {proc.returncode}")
     return proc
@@ -113,8 +117,8 @@ def classify_reviews() -> None:
     def export(name: str) -> str:
         """Write the joined results; return the file's path."""
         out_dir = _setting("batchpipe_output_dir", "BATCHPIPE_OUTPUT_DIR", "/tmp/batchpipe")  # noqa: S108
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
         path = str(Path(out_dir) / f"{name}.parquet")
+        # batchpipe makes the folder; one it cannot write is exit 2, failed without retries.
         _batchpipe("export", name, "-o", path)
         return path
 
