@@ -212,13 +212,18 @@ def test_directory(tmp_path: Path) -> None:
         Dataset(str(tmp_path / "dir.jsonl"))
 
 
+def _error_of(call: Callable[[], object], error: type[Exception]) -> str:
+    """The message of the ``error`` that ``call()`` raises, or "no error"."""
+    try:
+        call()
+    except error as exc:
+        return str(exc)
+    return "no error"
+
+
 def _open_error(path: Path) -> str:
     """The InputError message of opening ``path``, or what happened instead."""
-    try:
-        Dataset(str(path))
-    except InputError as exc:
-        return str(exc)
-    return "opened"
+    return _error_of(lambda: Dataset(str(path)), InputError)
 
 
 _NO_DROP = "cannot drop to nobody: "
@@ -485,11 +490,7 @@ def test_check_writable_refuses_what_the_export_could_not_write(tmp_path: Path) 
 
 def _write_error(dest: Path) -> str:
     """The OutputNotWritable message of checking ``dest``, or what happened instead."""
-    try:
-        check_writable(str(dest))
-    except OutputNotWritable as exc:
-        return str(exc)
-    return "writable"
+    return _error_of(lambda: check_writable(str(dest)), OutputNotWritable)
 
 
 def test_a_folder_without_write_permission_is_refused_before_the_export(tmp_path: Path) -> None:
