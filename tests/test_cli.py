@@ -13,7 +13,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from batchpipe.cli import cli
+from batchpipe.db import Store
 from batchpipe.emulator import Emulator
+from batchpipe.models import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Classify: {{ body }}"
@@ -200,6 +202,76 @@ def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["result_status"] for r in lines] == ["succeeded", "invalid"]
     assert "column 'body' is null" in lines[1]["error_message"]
+
+
+def test_skip_invalid_given_after_a_failed_validation_resumes_the_job(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": "a", "body": "x"}, {"doc_id": "b", "body": None}]), src
+    )
+    out = tmp_path / "out.jsonl"
+    failed = invoke(tmp_path, *run_args(src, out))
+    assert failed.exit_code == 1
+    assert "--skip-invalid" in failed.stderr
+    # The flag the error suggests, on the same command: the same job, now sent.
+    result = invoke(tmp_path, *run_args(src, out, "--skip-invalid"))
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["result_status"] for r in lines] == ["succeeded", "invalid"]
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("template", r"prompt template, line 1"),
+        ("extension", r"cannot tell the format of .*in\.txt"),
+        ("missing", r"cannot read .*nope\.jsonl: no such file"),
+    ],
+)
+def test_a_command_refused_at_the_start_records_no_job(
+    tmp_path: Path, case: str, message: str
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    args = run_args(src, tmp_path / "out.parquet")
+    if case == "template":
+        args[args.index(PROMPT)] = "Classify: {{ body "
+    elif case == "extension":
+        args[1] = str(src.rename(tmp_path / "in.txt"))
+    else:
+        args[1] = str(tmp_path / "nope.jsonl")
+    result = invoke(tmp_path, *args)
+    assert result.exit_code in (1, 2), result.output
+    assert re.search(message, result.stderr), result.stderr
+    assert json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"] == []
+    # So cron's tick has nothing to trip over.
+    tick = invoke(tmp_path, "tick", "--emulate")
+    assert tick.exit_code == 0, tick.output
+    assert "nothing to do" in tick.stderr
+
+
+def test_a_job_whose_rows_were_never_validated_waits_for_its_command(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    out = tmp_path / "out.parquet"
+    # As a process killed while validating leaves it: the job recorded, no rows yet.
+    with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        spec = JobSpec(
+            input=str(src), prompt=PROMPT, model="claude-haiku-4-5", max_tokens=64,
+            id_column="doc_id", output=str(out),
+        )  # fmt: skip
+        store.create_job(
+            name="j", token="0123456789", spec=spec.model_dump(), input_fingerprint=None
+        )
+    tick = invoke(tmp_path, "tick", "--emulate")
+    assert tick.exit_code == 0, tick.output
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "running"  # not done: nothing was ever validated or sent
+    assert job["next_action"] == "run the job's command again: its rows were not validated yet"
+    assert not out.exists()
+    result = invoke(tmp_path, *run_args(src, out), "--job", "j")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).num_rows == 3
 
 
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:

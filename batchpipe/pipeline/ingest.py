@@ -41,7 +41,7 @@ _NON_IDENTITY_FIELDS = {
     "max_cost",
 }
 # Settings a later run may change for a known job without changing its requests.
-_CARRIED_FIELDS = ("output", "max_cost", "retry_truncated_max_tokens")
+_CARRIED_FIELDS = ("output", "max_cost", "retry_truncated_max_tokens", "skip_invalid")
 # Spec fields that shape requests: changing them re-runs the rows whose request changed.
 REQUEST_FIELDS = (
     frozenset(JobSpec.model_fields)

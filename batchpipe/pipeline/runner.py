@@ -6,7 +6,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchpipe.dataset import check_writable
+from batchpipe.dataset import Dataset, check_writable
 from batchpipe.db import JobRow
 from batchpipe.errors import (
     APIError,
@@ -26,6 +26,7 @@ from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
 from batchpipe.pipeline.submit import recover_planned, resend_planned, submit_pending
+from batchpipe.requests import RequestRenderer
 
 MIN_POLL, MAX_POLL = 30.0, 300.0
 
@@ -52,6 +53,11 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     if output:
         # Before anything is spent: an unwritable output would only show at the export.
         check_writable(output, source=spec.input)
+    if known is None or known.row_count == 0:
+        # A template that does not compile, an input that is missing or of an unknown
+        # format: refused before a job is recorded, as a job never ingested is no job.
+        RequestRenderer(spec)
+        Dataset(spec.input, spec.input_format)
     try:
         job = open_job(ctx, name, spec)
     except RequestsChanged as changed:
@@ -74,7 +80,8 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
             bind(job, log).info("job.resumed_after_failure")
         try:
             job = ingest(ctx, _reload(ctx, job))
-        except InputError as exc:
+        except (InputError, UsageError) as exc:
+            # Failed, not left running with no rows: nothing would ever advance it.
             ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
             raise
         check_estimate(ctx, job, job_spec(job))
@@ -101,7 +108,9 @@ def step(ctx: Context, job: JobRow) -> JobRow:
     The caller holds the job's lease.
     """
     job = _reload(ctx, job)
-    if not job.status.is_active():
+    if not job.status.is_active() or job.row_count == 0:
+        # No rows yet: the process validating them died. Only the job's command (prepare)
+        # ingests; with nothing recorded there is nothing to advance, and nothing is done.
         return job
     recover_planned(ctx, job)
     poll(ctx, job)
