@@ -98,11 +98,36 @@ def _resolve(uri: str, *, writing: bool = False) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+# What an output is written as, by its extension (nothing else is guessed: an `out.csv` or
+# `out.jsonl.gz` written as Parquet would surprise whoever opens it).
+_OUTPUT_EXTENSIONS: dict[str, Format] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+
+def output_format(dest: str) -> Format:
+    """The format ``dest`` is written in, from its extension; :class:`OutputNotWritable`
+    for any other extension."""
+    name = dest.rstrip("/").rsplit("/", 1)[-1].lower()
+    fmt = _OUTPUT_EXTENSIONS.get(posixpath.splitext(name)[1])
+    if fmt is None:
+        known = ", ".join(_OUTPUT_EXTENSIONS)
+        raise OutputNotWritable(
+            f"cannot tell what to write {dest} as from its extension; end it in one of "
+            f"{known} (Parquet or JSONL, uncompressed)"
+        )
+    return fmt
+
+
 def check_writable(dest: str, *, source: str | None = None) -> tuple[pafs.FileSystem, str]:
     """Make sure ``dest`` can be written, before anything is spent on a job; its filesystem
     and path.
 
-    Refuses a ``dest`` that names a folder, or that is ``source`` (the job's input: the
+    Refuses a ``dest`` that names a folder, of no output format (:func:`output_format`),
+    or that is ``source`` (the job's input: the
     export would replace it, and the job could no longer read the rows it was ingested
     from). Creates the output's folder as the export does (like most writers users know).
     On a local disk it also creates and removes a probe file beside ``dest``, so missing
@@ -114,6 +139,7 @@ def check_writable(dest: str, *, source: str | None = None) -> tuple[pafs.FileSy
     folder = posixpath.dirname(path) or "."
     if dest.endswith("/") or not posixpath.basename(path):
         raise OutputNotWritable(f"cannot write {dest}: it names a folder; name a file in it")
+    output_format(dest)
     if source is not None and _same_file(fs, path, source):
         raise OutputNotWritable(
             f"cannot write {dest}: it is the job's input, which must stay as it was ingested; "
@@ -377,11 +403,11 @@ def write_joined(
 
     ``results`` yields chunks (any size) of tuples, one tuple per input row in input order,
     fields in ``result_columns`` order (``(name, type)``, type one of string, int64, float64,
-    bool, or ``list<…>`` of one of those). Input columns keep their types. Output is Parquet,
-    or JSONL when ``dest`` ends with ``.jsonl``. The file appears at ``dest`` complete or not
-    at all: it is written beside it under a temporary name and renamed into place; on any
-    error (including too few or too many results: :class:`InputChangedError`) the temporary
-    file is removed.
+    bool, or ``list<…>`` of one of those). Input columns keep their types. Output is Parquet
+    or JSONL by ``dest``'s extension (:func:`output_format`). The file appears at ``dest``
+    complete or not at all: it is written beside it under a temporary name and renamed into
+    place; on any error (including too few or too many results: :class:`InputChangedError`)
+    the temporary file is removed.
     """
     names = [name for name, _ in result_columns]
     types: list[pa.DataType] = []
@@ -389,7 +415,7 @@ def write_joined(
         if type_name not in _RESULT_TYPES:
             raise ValueError(f"result column {name!r}: unknown type {type_name!r}")
         types.append(_RESULT_TYPES[type_name])
-    as_jsonl = dest.lower().endswith(".jsonl")
+    as_jsonl = output_format(dest) == "jsonl"
     # Schema inference (a full JSONL pass) happens before any file is created.
     schema = None if as_jsonl else dataset.arrow_schema()
     added = frozenset(names)

@@ -170,6 +170,26 @@ def test_a_resumed_job_checks_the_output_it_was_given(tmp_path: Path) -> None:
     assert batches_created(tmp_path) == 1
 
 
+@pytest.mark.parametrize("name", ["out.csv", "out.jsonl.gz", "out"])
+def test_an_output_of_no_known_format_is_refused_before_anything_is_sent(
+    tmp_path: Path, name: str
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    result = invoke(tmp_path, *run_args(src, tmp_path / name))
+    assert result.exit_code == 2, result.output
+    assert "end it in one of .parquet, .pq, .jsonl, .ndjson" in result.stderr
+    assert batches_created(tmp_path) == 0
+    assert not (tmp_path / name).exists()
+
+
+def test_an_ndjson_output_is_jsonl(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    result = invoke(tmp_path, *run_args(src, tmp_path / "out.ndjson"))
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "out.ndjson").read_text().splitlines()]
+    assert [r["doc_id"] for r in lines] == ["d0", "d1", "d2"]
+
+
 def test_an_output_that_is_the_input_is_refused(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(5))
     before = src.read_bytes()

@@ -466,18 +466,20 @@ def test_output_folder_that_cannot_exist(tmp_path: Path) -> None:
 
 def test_check_writable_refuses_what_the_export_could_not_write(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
-    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-folder.parquet").mkdir()  # as Spark writes a dataset
     with pytest.raises(OutputNotWritable, match=r"cannot write .*a-file/o\.parquet"):
         check_writable(str(tmp_path / "a-file" / "o.parquet"))
-    with pytest.raises(OutputNotWritable, match=r"a-folder is a folder; name a file in it"):
-        check_writable(str(tmp_path / "a-folder"))
+    with pytest.raises(OutputNotWritable, match=r"a-folder\.parquet is a folder; name a file"):
+        check_writable(str(tmp_path / "a-folder.parquet"))
+    with pytest.raises(OutputNotWritable, match=r"o\.csv as from its extension; end it in one"):
+        check_writable(str(tmp_path / "o.csv"))
     with pytest.raises(OutputNotWritable, match=r"cannot write nosuch://x"):
         check_writable("nosuch://x/o.parquet")
     with pytest.raises(OutputNotWritable, match=r"out/ is a folder|out/: it names a folder"):
         check_writable(str(tmp_path / "out") + "/")
     src = write_jsonl(tmp_path / "in.jsonl", [{"a": 1}])
     (tmp_path / "link.jsonl").symlink_to(src)
-    for same in (src, tmp_path / "link.jsonl", tmp_path / "a-folder" / ".." / "in.jsonl"):
+    for same in (src, tmp_path / "link.jsonl", tmp_path / "a-folder.parquet" / ".." / "in.jsonl"):
         with pytest.raises(OutputNotWritable, match=r"it is the job's input"):
             check_writable(str(same), source=str(src))
     (tmp_path / "link.jsonl").unlink()
@@ -485,7 +487,7 @@ def test_check_writable_refuses_what_the_export_could_not_write(tmp_path: Path) 
     # A writable path: its folder is made as the export would, and no probe is left behind.
     check_writable(str(tmp_path / "new" / "o.parquet"))
     assert list((tmp_path / "new").iterdir()) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder.parquet", "new"]
 
 
 def _write_error(dest: Path) -> str:
