@@ -82,6 +82,29 @@ def _same_requests_again(emulator: Emulator, client: anthropic.Anthropic, orphan
     return twin.id
 
 
+def test_a_create_interrupted_before_it_was_sent_says_when_it_goes_again(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    args = job_args(src, "j")
+    failpoint = {**cli_env, "BATCHPIPE_FAILPOINT": "after_intent"}
+    killed = run_batchpipe(sqlite_url, failpoint, "submit", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert emulator.stats()["batches_created"] == 0
+    ticked = run_batchpipe(sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "600"}, "tick")
+    assert ticked.returncode == 0, ticked.stderr
+    (pending,) = _events(ticked.stderr, "batch.orphan_pending")
+    assert 590 <= pending["resend_in_s"] <= 600
+    status = run_batchpipe(sqlite_url, cli_env, "status", "j", "--json")
+    (job,) = json.loads(status.stdout)["jobs"]
+    assert "sent again when BATCHPIPE_ORPHAN_GRACE" in job["next_action"]
+    # With the grace passed, the rows go out once, under the intent's custom_ids.
+    done = run_batchpipe(sqlite_url, {**cli_env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run", *args)
+    assert done.returncode == 0, done.stderr
+    assert emulator.stats()["requests_received"] == ROWS
+
+
 # ---------------------------------------------------------------------- adoption
 
 

@@ -28,7 +28,10 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
         return done
     statuses = {b.status for b in batches}
     if BatchStatus.PLANNED in statuses:
-        return "recover a batch whose create was interrupted"
+        return (
+            "recover a batch whose create was interrupted: adopted once the API lists it, "
+            "else sent again when BATCHPIPE_ORPHAN_GRACE (default 660 s) has passed since"
+        )
     if BatchStatus.ENDED in statuses:
         return "collect results"
     if counts.get(ItemStatus.PENDING):

@@ -297,7 +297,14 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
             else:
                 resend_planned(ctx, job, batch)
         else:
-            logger.info("batch.orphan_pending", batch_id=batch.id)
+            # Say how long until it is sent again: a create interrupted before it left
+            # looks the same as one the API's list does not show yet, and waits the grace.
+            waited = (now - batch.intent_at).total_seconds()
+            logger.info(
+                "batch.orphan_pending",
+                batch_id=batch.id,
+                resend_in_s=max(0, round(ctx.orphan_grace_seconds - waited)),
+            )
 
 
 def _adopt(
