@@ -294,6 +294,32 @@ def test_a_job_whose_rows_were_never_validated_waits_for_its_command(tmp_path: P
     assert pq.read_table(out).num_rows == 3
 
 
+def test_dry_run_of_a_new_job_checks_what_the_command_would(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    args = run_args(src, tmp_path / "out.parquet", "--job", "j", "--dry-run")
+    result = invoke(tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    assert "dry run: no job j yet; this command would start it" in result.stderr
+    assert result.stdout.strip() == "0"
+    broken = list(args)
+    broken[broken.index(PROMPT)] = "Classify: {{ body "
+    result = invoke(tmp_path, *broken)
+    assert result.exit_code == 2, result.output
+    assert "prompt template, line 1" in result.stderr
+    assert json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"] == []
+    # A known job: the same settings change nothing; a new prompt changes every row.
+    assert invoke(tmp_path, *args[:-1]).exit_code == 0
+    result = invoke(tmp_path, *args)
+    assert "dry run: job j's requests would not change; none sent again" in result.stderr
+    assert result.stdout.strip() == "0"
+    reworded = list(args)
+    reworded[reworded.index(PROMPT)] = "Label: {{ body }}"
+    result = invoke(tmp_path, *reworded)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "3"
+    assert batches_created(tmp_path) == 1  # a dry run sends nothing
+
+
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)

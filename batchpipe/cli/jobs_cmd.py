@@ -108,9 +108,11 @@ def _spec_from(kwargs: dict[str, Any]) -> tuple[str | None, JobSpec]:
     return job_name, spec
 
 
-def _echo_plan(plan: pipeline.RerunPlan | None) -> None:
-    if plan is None:
-        click.echo("dry run: no existing job whose requests these settings change", err=True)
+def _echo_plan(plan: pipeline.RerunPlan | None, name: str, known: bool) -> None:
+    if plan is None and not known:
+        click.echo(f"dry run: no job {name} yet; this command would start it", err=True)
+    elif plan is None:
+        click.echo(f"dry run: job {name}'s requests would not change; none sent again", err=True)
     else:
         click.echo(f"dry run: {plan.describe()}", err=True)
     click.echo(str(plan.changed if plan else 0))
@@ -137,7 +139,8 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     with pipeline_context(state, emulate=emulate) as ctx:
         name = name or pipeline.default_job_name(spec)
         if dry_run:
-            _echo_plan(pipeline.check_rerun(ctx, name, spec))
+            known = ctx.store.get_job(name) is not None
+            _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
         job = pipeline.run(ctx, job)
@@ -165,7 +168,8 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
     with pipeline_context(state, emulate=emulate) as ctx:
         name = name or pipeline.default_job_name(spec)
         if dry_run:
-            _echo_plan(pipeline.check_rerun(ctx, name, spec))
+            known = ctx.store.get_job(name) is not None
+            _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
         with ctx.lease(job):

@@ -91,10 +91,14 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
 def check_rerun(ctx: Context, name: str, spec: JobSpec) -> RerunPlan | None:
     """What re-running a known job with ``spec`` would send (for --dry-run); writes nothing.
 
-    None when there is no such job or its requests would not change.
+    None when there is no such job or its requests would not change. For a job not yet
+    recorded the templates are compiled and the input opened, as the real command would
+    first: a dry run of a command that would be refused is refused too.
     """
     job = ctx.store.get_job(name)
     if job is None:
+        RequestRenderer(spec)
+        Dataset(spec.input, spec.input_format)
         return None
     old = job_spec(job).model_dump(include=set(REQUEST_FIELDS))
     new = spec.model_dump(include=set(REQUEST_FIELDS))
