@@ -92,6 +92,10 @@ def test_run_with_emulate_writes_joined_output(tmp_path: Path) -> None:
     assert job["status"] == "done"
     assert job["counts"]["succeeded"] == 30
     assert len(job["batches"]) == 3
+    # Tokens are each row's last attempt; the cost counts every attempt: the text says so.
+    text = invoke(tmp_path, "status").stdout
+    assert "tokens (last attempts) in " in text
+    assert re.search(r"cost \$\d+\.\d{4} \(every attempt, batch prices, table ", text), text
 
 
 BAD_INPUTS = {

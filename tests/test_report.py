@@ -7,6 +7,7 @@ installs it) load it from disk, dump its DOM and take a screenshot.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -72,6 +73,13 @@ def test_text_report(finished_job: tuple[list[str], Path]) -> None:
     assert re.search(r"cost \$\d+\.\d{4} \(batch prices, table 2025-11-24\); per 1,000", out)
     assert out.count("\n  row ") == 5
     assert "body=review" in out  # the sampled rows' input, for review
+    # Rows are numbered from 1, as validation numbers them: row N is line N of the input.
+    lines = (finished_job[1] / "reviews.jsonl").read_text().splitlines()
+    report = CliRunner().invoke(cli, [*root, "report", "reviews", "--json"])
+    sample = json.loads(report.stdout)["sample"]
+    assert sample
+    for row in sample:
+        assert json.loads(lines[row["row"] - 1])["doc_id"] == row["key"]
 
 
 def test_html_report_in_headless_chromium(finished_job: tuple[list[str], Path]) -> None:

@@ -43,10 +43,13 @@ def _render_job(summary: dict[str, Any]) -> str:
         f"job {s['id']} ({s['name']}): {s['status']}, age {_age(s['age_seconds'])}",
         f"  input {s['input']} -> {s['output'] or '(no output path)'}, model {s['model']}",
         f"  rows {s['rows']}: {_counts_text(s['counts'])}; requests sent {s['requests_sent']}",
-        f"  tokens in {usage.get('input_tokens', 0)}, out {usage.get('output_tokens', 0)}, "
+        # Each row's last attempt (its answer); the cost line below counts every attempt.
+        f"  tokens (last attempts) in {usage.get('input_tokens', 0)}, "
+        f"out {usage.get('output_tokens', 0)}, "
         f"cache write {usage.get('cache_creation_input_tokens', 0)}, "
         f"cache read {usage.get('cache_read_input_tokens', 0)}",
-        f"  cost ${s.get('cost_usd', 0):.4f} (batch prices, table {s.get('price_table')}); "
+        f"  cost ${s.get('cost_usd', 0):.4f} (every attempt, batch prices, table "
+        f"{s.get('price_table')}); "
         f"truncated at max_tokens: {s.get('truncated', 0)}",
         f"  next: {summary['next_action']}",
     ]

@@ -97,7 +97,8 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
         row = inputs.get(item.row_index, {})
         rows.append(
             {
-                "row": item.row_index,
+                # Counted from 1, as validation messages and editors count lines.
+                "row": item.row_index + 1,
                 "key": item.row_key,
                 "status": item.status.value,
                 "label": _label_of(item, label_field),
