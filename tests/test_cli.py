@@ -324,6 +324,36 @@ def test_dry_run_of_a_new_job_checks_what_the_command_would(tmp_path: Path) -> N
     assert batches_created(tmp_path) == 1  # a dry run sends nothing
 
 
+def test_a_job_held_by_another_process_names_it_and_how_to_go_on(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    assert invoke(tmp_path, *run_args(src, tmp_path / "out.parquet"), "--job", "j").exit_code == 0
+    with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        job = store.get_job("j")
+        assert job is not None
+        assert store.acquire_lease(job.id, "worker-7:4242:abcd", 600)
+    result = invoke(tmp_path, "cancel", "j")
+    assert result.exit_code == 75, result.output
+    assert "being worked on by another process (worker-7:4242:abcd)" in result.stderr
+    assert "a `batchpipe run` stops with Ctrl-C and resumes later" in result.stderr
+    (job_status,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job_status["status"] == "done"  # untouched
+
+
+def test_next_action_to_export_asks_for_a_path_only_without_one(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    with_output = [*run_args(src, tmp_path / "out.parquet"), "--job", "a"]
+    without = [*run_args(src, tmp_path / "unused.parquet")[:-2], "--job", "b"]
+    assert invoke(tmp_path, *with_output).exit_code == 0
+    assert invoke(tmp_path, *without).exit_code == 0
+    with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        job = store.get_job("a")
+        assert job is not None
+        store.update_job(job.id, exported_at=None)  # as after a retry, before the export
+    jobs = {j["name"]: j for j in json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]}
+    assert jobs["a"]["next_action"] == "`batchpipe export a`"
+    assert jobs["b"]["next_action"] == "`batchpipe export b -o PATH`"
+
+
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)

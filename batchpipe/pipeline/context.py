@@ -147,9 +147,12 @@ class Context:
     def lease(self, job: JobRow) -> Iterator[None]:
         """Hold the job's lease for the block, or raise JobLocked."""
         if not self.try_lease(job):
+            current = self.store.get_job(job.id)
+            holder = f" ({current.lease_owner})" if current and current.lease_owner else ""
             raise JobLocked(
-                f"job {job.id} ({job.name}) is being worked on by another process; "
-                "try again later (tick skips it until that process is done)"
+                f"job {job.id} ({job.name}) is being worked on by another process{holder}; "
+                "try again when it is done, or stop it first (a `batchpipe run` stops with "
+                "Ctrl-C and resumes later)"
             )
         try:
             yield

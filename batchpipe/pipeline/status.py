@@ -22,7 +22,10 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
         output = job.spec.get("output")
         # Written and not stale: a retry or re-run since the export cleared exported_at.
         written = isinstance(output, str) and job.exported_at is not None
-        done = f"none (output in {output})" if written else f"`batchpipe export {job.name} -o PATH`"
+        if written:
+            done = f"none (output in {output})"
+        else:  # the job's own output path, when it has one, needs no -o
+            done = f"`batchpipe export {job.name}{'' if output else ' -o PATH'}`"
         if failed:
             done += f"; {failed} row(s) failed (`batchpipe retry {job.name}` sends them again)"
         return done
