@@ -10,6 +10,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
     │   └── InputChangedError      1  the input changed since submission; refusing to mislabel
     ├── StoreError                 1  the state database is unusable or out of date
+    │   └── StoreUnreachable      75  no connection to the database server; try later
     ├── JobLocked                 75  another process is working on this job; try later
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key
@@ -68,6 +69,12 @@ class InputChangedError(InputError):
 
 class StoreError(BatchpipeError):
     """The state database is unusable (unreachable, not migrated, inconsistent)."""
+
+
+class StoreUnreachable(StoreError):
+    """No connection to the database server (down, restarting, network): try later."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class JobLocked(BatchpipeError):

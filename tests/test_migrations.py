@@ -26,7 +26,7 @@ from batchpipe.db import (
 )
 from batchpipe.db.migrate import MIGRATIONS_DIR, alembic_config
 from batchpipe.db.schema import metadata
-from batchpipe.errors import StoreError
+from batchpipe.errors import StoreError, StoreUnreachable
 from batchpipe.models import ItemStatus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,26 @@ def test_errors_never_show_the_password() -> None:
         assert secret not in message
         assert "batch:***@127.0.0.1" in message
         assert err.value.__cause__ is None or secret not in str(err.value.__cause__)
+
+
+@pytest.mark.postgres
+def test_a_server_that_cannot_be_reached_is_try_later_and_a_refusal_is_not(
+    postgres_server: str, tmp_path: Path
+) -> None:
+    down = f"postgresql+psycopg://batch@127.0.0.1:{closed_port()}/state"
+    with pytest.raises(StoreUnreachable, match=r"cannot reach database .*try again when") as err:
+        Store.open(down)
+    assert err.value.exit_code == 75  # cron and Airflow try again later
+    # The server answers, and refuses: that is not fixed by waiting.
+    with pytest.raises(StoreError, match=r"cannot open database .*nosuchdb") as err:
+        Store.open(f"{postgres_server}/nosuchdb")
+    assert not isinstance(err.value, StoreUnreachable)
+    assert err.value.exit_code == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "batchpipe", "--db", down, "tick"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 75, result.stderr
 
 
 def test_mask_url_without_password() -> None:
