@@ -33,7 +33,8 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
     if BatchStatus.PLANNED in statuses:
         return (
             "recover a batch whose create was interrupted: adopted once the API lists it, "
-            "else sent again when BATCHPIPE_ORPHAN_GRACE (default 660 s) has passed since"
+            "else sent again when BATCHPIPE_ORPHAN_GRACE (default 660 s) has passed since "
+            "the attempt"
         )
     if BatchStatus.ENDED in statuses:
         return "collect results"
