@@ -354,6 +354,16 @@ def test_next_action_to_export_asks_for_a_path_only_without_one(tmp_path: Path) 
     assert jobs["b"]["next_action"] == "`batchpipe export b -o PATH`"
 
 
+def test_tick_without_an_api_key_is_a_usage_error_like_run(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    args = [*run_args(src, tmp_path / "out.parquet"), "--job", "j"]
+    assert invoke(tmp_path, "submit", *args[1:]).exit_code == 0
+    result = invoke(tmp_path, "tick")  # not --emulate, and ANTHROPIC_API_KEY is empty
+    assert result.exit_code == 2, result.output
+    assert "ANTHROPIC_API_KEY is not set" in result.stderr
+    assert invoke(tmp_path, "tick", "--emulate").exit_code == 0
+
+
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)

@@ -194,7 +194,8 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
 
     Polls, collects, resubmits and exports when a job is done. Safe when runs overlap: a job
     another process is working on is skipped. Exit codes: 0 done or nothing to do, 1 a job
-    failed, 75 the API is unavailable or the asked-for job is busy (try later).
+    failed, 2 only settings are wrong (e.g. no API key), 75 the API is unavailable or the
+    asked-for job is busy (try later).
     """
     with pipeline_context(state, emulate=emulate) as ctx:
         jobs = [_find_job(ctx, ref) for ref in job_refs] if job_refs else None
@@ -214,7 +215,7 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
     for job, why in report.failed:
         click.echo(f"error: job {job.id} ({job.name}): {why}", err=True)
     if report.failed:
-        sys.exit(1)
+        sys.exit(report.failure_exit_code())
     if report.unavailable or (job_refs and report.locked):
         sys.exit(EXIT_TEMPFAIL)
 

@@ -9,6 +9,7 @@ from typing import Any
 from batchpipe.dataset import Dataset, check_writable
 from batchpipe.db import JobRow
 from batchpipe.errors import (
+    EXIT_USAGE,
     APIError,
     BatchpipeError,
     InputError,
@@ -221,6 +222,14 @@ class TickReport:
     locked: list[JobRow] = field(default_factory=list)
     unavailable: list[tuple[JobRow, str]] = field(default_factory=list)
     failed: list[tuple[JobRow, str]] = field(default_factory=list)
+    # The exit code of each failure: 2 when only settings are wrong (no API key, say).
+    failed_exit_codes: list[int] = field(default_factory=list)
+
+    def failure_exit_code(self) -> int:
+        """2 when every failure is a usage or configuration error, else 1 (0: none)."""
+        if not self.failed_exit_codes:
+            return 0
+        return EXIT_USAGE if all(c == EXIT_USAGE for c in self.failed_exit_codes) else 1
 
 
 def _needs_export(job: JobRow) -> bool:
@@ -251,6 +260,7 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
                 # step() leaves such a job alone; asked for by name, it must keep failing
                 # (as `run` does) rather than look fine to cron until a human resolves it.
                 report.failed.append((job, job.error or f"job {job.id} needs attention"))
+                report.failed_exit_codes.append(NeedsAttention.exit_code)
                 continue
             report.advanced.append(job)
             if _needs_export(job):
@@ -263,6 +273,7 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
                 report.locked.append(job)
             else:
                 report.failed.append((job, str(exc)))
+                report.failed_exit_codes.append(exc.exit_code)
         finally:
             ctx.store.release_lease(job.id, ctx.owner)
     return report
