@@ -364,6 +364,17 @@ def test_tick_without_an_api_key_is_a_usage_error_like_run(tmp_path: Path) -> No
     assert invoke(tmp_path, "tick", "--emulate").exit_code == 0
 
 
+def test_estimate_checks_the_columns_as_the_run_would(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    args = run_args(src, tmp_path / "out.parquet")
+    args[args.index("doc_id")] = "nope"
+    result = invoke(tmp_path, "estimate", *args[1:], "--offline")
+    assert result.exit_code == 1, result.output
+    assert "--id-column 'nope' is not a column of the input" in result.stderr
+    good = invoke(tmp_path, "estimate", *run_args(src, tmp_path / "out.parquet")[1:], "--offline")
+    assert good.exit_code == 0, good.output
+
+
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)

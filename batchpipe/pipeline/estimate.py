@@ -24,6 +24,7 @@ from batchpipe.dataset import Dataset
 from batchpipe.errors import UsageError
 from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
+from batchpipe.pipeline.ingest import check_columns
 from batchpipe.requests import RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
 
@@ -120,10 +121,14 @@ def estimate(
             "cost cannot be estimated"
         )
     renderer = RequestRenderer(spec)
+    dataset = Dataset(spec.input, spec.input_format)
+    # The columns as the run would check them: an estimate of a job that cannot start
+    # (an --id-column or template column the input lacks) is refused the same way.
+    check_columns(dataset, spec, renderer)
     rng = random.Random(seed)
     reservoir: list[dict[str, Any]] = []
     rows = total_bytes = 0
-    for chunk in Dataset(spec.input, spec.input_format).iter_rows():
+    for chunk in dataset.iter_rows():
         for row in chunk:
             params = renderer.render(row, rows)
             if isinstance(params, RowProblem):

@@ -126,7 +126,7 @@ def _describe(problem: RowProblem) -> str:
     return f"{who}: {problem.message}"
 
 
-def _preflight_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) -> None:
+def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) -> None:
     """Column-level checks that need no row: clashes, unknown template or id columns."""
     columns = dataset.columns()
     outputs = spec.output_schema or {}
@@ -151,7 +151,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     spec = job_spec(job)
     dataset = Dataset(spec.input, spec.input_format)
     renderer = RequestRenderer(spec)
-    _preflight_columns(dataset, spec, renderer)
+    check_columns(dataset, spec, renderer)
     fingerprint = dataset.fingerprint()
     logger = bind(job, log)
     problems: list[RowProblem] = []
