@@ -37,6 +37,13 @@ def run_args(src: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def with_prompt(args: list[str], prompt: str) -> list[str]:
+    """``args`` (from run_args) with another --prompt."""
+    changed = list(args)
+    changed[changed.index(PROMPT)] = prompt
+    return changed
+
+
 def batches_created(tmp_path: Path) -> int:
     state = tmp_path / "state.db.emulator.json"
     return int(Emulator.load(state).stats()["batches_created"]) if state.exists() else 0
@@ -260,7 +267,7 @@ def test_a_command_refused_at_the_start_records_no_job(
     src = write_jsonl(tmp_path / "in.jsonl", rows(3))
     args = run_args(src, tmp_path / "out.parquet")
     if case == "template":
-        args[args.index(PROMPT)] = "Classify: {{ body "
+        args = with_prompt(args, "Classify: {{ body ")
     elif case == "extension":
         args[1] = str(src.rename(tmp_path / "in.txt"))
     else:
@@ -305,9 +312,7 @@ def test_dry_run_of_a_new_job_checks_what_the_command_would(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     assert "dry run: no job j yet; this command would start it" in result.stderr
     assert result.stdout.strip() == "0"
-    broken = list(args)
-    broken[broken.index(PROMPT)] = "Classify: {{ body "
-    result = invoke(tmp_path, *broken)
+    result = invoke(tmp_path, *with_prompt(args, "Classify: {{ body "))
     assert result.exit_code == 2, result.output
     assert "prompt template, line 1" in result.stderr
     assert json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"] == []
@@ -316,9 +321,7 @@ def test_dry_run_of_a_new_job_checks_what_the_command_would(tmp_path: Path) -> N
     result = invoke(tmp_path, *args)
     assert "dry run: job j's requests would not change; none sent again" in result.stderr
     assert result.stdout.strip() == "0"
-    reworded = list(args)
-    reworded[reworded.index(PROMPT)] = "Label: {{ body }}"
-    result = invoke(tmp_path, *reworded)
+    result = invoke(tmp_path, *with_prompt(args, "Label: {{ body }}"))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "3"
     assert batches_created(tmp_path) == 1  # a dry run sends nothing
