@@ -136,6 +136,10 @@ def test_missing_and_null_columns_are_row_problems() -> None:
     assert problem == RowProblem(9, None, "column 'lang' is null")
     assert isinstance(problem, RowProblem)
     assert problem._replace(row_key="k9").describe() == "row 9 (key 'k9'): column 'lang' is null"
+    # Every absent column of a row is named, in column order, so one fix covers them all.
+    assert renderer.render({"body": None, "lang": None}, 2) == RowProblem(
+        2, None, "column 'body' is null; column 'lang' is null; column 'title' is missing"
+    )
 
 
 def test_empty_prompt_is_a_row_problem() -> None:

@@ -205,8 +205,7 @@ class RequestRenderer:
         for column in self._column_order:
             value = row.get(column, _MISSING)
             if value is None or value is _MISSING:
-                what = "missing" if value is _MISSING else "null"
-                return RowProblem(row_index, None, f"column {column!r} is {what}")
+                return self._absent_columns(row, row_index)
         try:
             text = self._prompt.render(row)
             system = self._system.render(row) if self._system is not None else None
@@ -225,6 +224,16 @@ class RequestRenderer:
         params.update(self._tail)
         problem = self._check_size(params, text, system, row_index)
         return problem if problem is not None else params
+
+    def _absent_columns(self, row: Mapping[str, Any], row_index: int) -> RowProblem:
+        # Every absent column of the row at once, so one fix of the data covers them all.
+        absent = []
+        for column in self._column_order:
+            value = row.get(column, _MISSING)
+            if value is None or value is _MISSING:
+                what = "missing" if value is _MISSING else "null"
+                absent.append(f"column {column!r} is {what}")
+        return RowProblem(row_index, None, "; ".join(absent))
 
     def _system_param(self, system: str) -> str | list[dict[str, Any]]:
         # A cacheable system prompt is sent as one text block marked for the prompt cache,
