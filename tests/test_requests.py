@@ -204,21 +204,21 @@ def test_templates_run_in_a_sandbox() -> None:
     assert isinstance(renderer.render({"body": "x"}, 0), RowProblem)
 
 
-def test_request_bytes_and_hash() -> None:
+def test_request_bytes_and_canonical_form() -> None:
     renderer = RequestRenderer(make_spec(params={"metadata": {"user_id": "u", "a": 1}}))
     params = renderer.render({"body": "é"}, 0)
     assert isinstance(params, dict)
     raw = renderer.request_bytes("tok-0-1", params)
     assert orjson.loads(raw) == {"custom_id": "tok-0-1", "params": params}
-    digest = renderer.request_hash(params)
-    # Stable: same params in another key order give the same hash.
-    assert renderer.request_hash(dict(reversed(list(params.items())))) == digest
+    canonical = renderer.canonical_request(params)
+    # Stable: same params in another key order give the same form.
+    assert renderer.canonical_request(dict(reversed(list(params.items())))) == canonical
     changed = renderer.render({"body": "e"}, 0)
     assert isinstance(changed, dict)
-    assert renderer.request_hash(changed) != digest
+    assert renderer.canonical_request(changed) != canonical
     other_model = RequestRenderer(make_spec(model="claude-other")).render({"body": "é"}, 0)
     assert isinstance(other_model, dict)
-    assert renderer.request_hash(other_model) != digest
+    assert renderer.canonical_request(other_model) != canonical
 
 
 # ---------------------------------------------------------------- row checks

@@ -212,7 +212,7 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
         )
     for job, why in report.unavailable:
         click.echo(f"job {job.id} ({job.name}): API unavailable, will retry: {why}", err=True)
-    for job, why in report.failed:
+    for job, why, _ in report.failed:
         click.echo(f"error: job {job.id} ({job.name}): {why}", err=True)
     if report.failed:
         sys.exit(report.failure_exit_code())

@@ -85,7 +85,10 @@ def _changes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, bo
                 yield item.row_index, True
                 continue
             # Compared with keys sorted: the same request whatever order the code built it in.
-            yield item.row_index, renderer.request_hash(params) != sent_with.request_hash(before)
+            yield (
+                item.row_index,
+                (renderer.canonical_request(params) != sent_with.canonical_request(before)),
+            )
 
 
 def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:

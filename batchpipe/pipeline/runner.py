@@ -55,10 +55,7 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
         # Before anything is spent: an unwritable output would only show at the export.
         check_writable(output, source=spec.input)
     if known is None or known.row_count == 0:
-        # A template that does not compile, an input that is missing or of an unknown
-        # format: refused before a job is recorded, as a job never ingested is no job.
-        RequestRenderer(spec)
-        Dataset(spec.input, spec.input_format)
+        _check_startable(spec)  # before a job is recorded: a refused command leaves none
     try:
         job = open_job(ctx, name, spec)
     except RequestsChanged as changed:
@@ -89,6 +86,13 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
         return job
 
 
+def _check_startable(spec: JobSpec) -> None:
+    """Refuse a template that does not compile, or an input that is missing or of an unknown
+    format (UsageError, InputError): what ingest would stop on before reading a row."""
+    RequestRenderer(spec)
+    Dataset(spec.input, spec.input_format)
+
+
 def check_rerun(ctx: Context, name: str, spec: JobSpec) -> RerunPlan | None:
     """What re-running a known job with ``spec`` would send (for --dry-run); writes nothing.
 
@@ -98,8 +102,7 @@ def check_rerun(ctx: Context, name: str, spec: JobSpec) -> RerunPlan | None:
     """
     job = ctx.store.get_job(name)
     if job is None:
-        RequestRenderer(spec)
-        Dataset(spec.input, spec.input_format)
+        _check_startable(spec)
         return None
     old = job_spec(job).model_dump(include=set(REQUEST_FIELDS))
     new = spec.model_dump(include=set(REQUEST_FIELDS))
@@ -221,15 +224,14 @@ class TickReport:
     exported: list[tuple[JobRow, str]] = field(default_factory=list)
     locked: list[JobRow] = field(default_factory=list)
     unavailable: list[tuple[JobRow, str]] = field(default_factory=list)
-    failed: list[tuple[JobRow, str]] = field(default_factory=list)
-    # The exit code of each failure: 2 when only settings are wrong (no API key, say).
-    failed_exit_codes: list[int] = field(default_factory=list)
+    # (job, why, exit code): 2 when only settings are wrong (no API key, say).
+    failed: list[tuple[JobRow, str, int]] = field(default_factory=list)
 
     def failure_exit_code(self) -> int:
         """2 when every failure is a usage or configuration error, else 1 (0: none)."""
-        if not self.failed_exit_codes:
+        if not self.failed:
             return 0
-        return EXIT_USAGE if all(c == EXIT_USAGE for c in self.failed_exit_codes) else 1
+        return EXIT_USAGE if all(code == EXIT_USAGE for _, _, code in self.failed) else 1
 
 
 def _needs_export(job: JobRow) -> bool:
@@ -259,8 +261,8 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
             if job.status == JobStatus.NEEDS_ATTENTION:
                 # step() leaves such a job alone; asked for by name, it must keep failing
                 # (as `run` does) rather than look fine to cron until a human resolves it.
-                report.failed.append((job, job.error or f"job {job.id} needs attention"))
-                report.failed_exit_codes.append(NeedsAttention.exit_code)
+                why = job.error or f"job {job.id} needs attention"
+                report.failed.append((job, why, NeedsAttention.exit_code))
                 continue
             report.advanced.append(job)
             if _needs_export(job):
@@ -272,8 +274,7 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
             if isinstance(exc, JobLocked):
                 report.locked.append(job)
             else:
-                report.failed.append((job, str(exc)))
-                report.failed_exit_codes.append(exc.exit_code)
+                report.failed.append((job, str(exc), exc.exit_code))
         finally:
             ctx.store.release_lease(job.id, ctx.owner)
     return report

@@ -8,7 +8,6 @@ report every bad row before anything is sent.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -264,7 +263,7 @@ class RequestRenderer:
         """One request as it goes into a create body: ``{"custom_id":…,"params":…}``."""
         return orjson.dumps({"custom_id": custom_id, "params": params})
 
-    def request_hash(self, params: dict[str, Any]) -> str:
-        """A short hash of the params (keys sorted), stable across runs and processes."""
-        canonical = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
-        return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+    def canonical_request(self, params: dict[str, Any]) -> bytes:
+        """The params as JSON with keys sorted: equal for the same request however the
+        code built it (what a re-run compares; nothing is stored, so nothing is hashed)."""
+        return orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
