@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,25 @@ def test_concurrent_processes_open_one_new_sqlite_file(tmp_path: Path) -> None:
     outcomes = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
     assert [(err, rc) for err, rc in outcomes if rc != 0] == []
     assert current_revision(url) == head_revision()
+
+
+def test_a_new_file_another_process_is_writing_is_opened_once_it_is_free(tmp_path: Path) -> None:
+    """The lock behind the flake of the test above, made on purpose: while another
+    connection holds a write lock on a file still in rollback mode, switching it to WAL
+    fails at once ("database is locked"), whatever the busy timeout. Store.open waits."""
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE scratch (x)")  # never committed: the file stays blank
+    release = threading.Timer(0.3, lambda: other.execute("ROLLBACK"))
+    release.start()
+    try:
+        with Store.open(f"sqlite:///{path}") as store:
+            assert store.list_jobs() == []
+    finally:
+        release.join()
+        other.close()
+    assert current_revision(f"sqlite:///{path}") == head_revision()
 
 
 def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:

@@ -7,6 +7,8 @@ at head is refused with the command that fixes it. The per-table methods live in
 
 from __future__ import annotations
 
+import time
+
 import sqlalchemy as sa
 
 from batchpipe.db.batches import BatchesMixin
@@ -16,6 +18,11 @@ from batchpipe.db.jobs import JobsMixin
 from batchpipe.db.ledger import LedgerMixin
 from batchpipe.db.migrate import head_revision, revision_of, upgrade
 from batchpipe.errors import StoreError, StoreUnreachable
+
+# How long Store.open keeps retrying a SQLite file that is locked in a way SQLite does not
+# wait out itself (see _inspect), and the pause between tries.
+_LOCKED_PATIENCE_S = 10.0
+_LOCKED_PAUSE_S = 0.05
 
 
 class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
@@ -80,9 +87,24 @@ class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
 
 
 def _inspect(engine: sa.Engine) -> tuple[str | None, bool]:
-    """The database's revision, and whether it has any tables at all."""
-    with engine.connect() as conn:
-        return revision_of(conn), bool(sa.inspect(conn).get_table_names())
+    """The database's revision, and whether it has any tables at all.
+
+    A SQLite file that another process is turning into WAL this moment refuses the first
+    look with "database is locked" whatever the busy timeout (SQLite does not wait for that
+    lock: seen with six workers opening one new file under load), so that is retried.
+    """
+    waited = 0.0
+    while True:
+        try:
+            with engine.connect() as conn:
+                return revision_of(conn), bool(sa.inspect(conn).get_table_names())
+        except sa.exc.OperationalError as exc:
+            locked = engine.dialect.name == "sqlite" and "database is locked" in str(exc.orig)
+            if not locked or waited >= _LOCKED_PATIENCE_S:
+                raise
+            engine.dispose()  # the pool's connection may be the one that saw the lock
+            time.sleep(_LOCKED_PAUSE_S)
+            waited += _LOCKED_PAUSE_S
 
 
 def _revision_or_none(engine: sa.Engine) -> str | None:
