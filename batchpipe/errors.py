@@ -18,6 +18,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │       └── CreateRefused     75  a create refused for now (429/503/529): nothing created
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
     ├── BudgetExceeded             1  sending more would pass the job's --max-cost
+    ├── RowsFailed                 1  the job ended with more failed rows than --max-failed
     └── Interrupted              130  Ctrl-C / SIGTERM; the job resumes on the next run
 
 Messages name the ids involved and the next step, e.g.
@@ -113,6 +114,11 @@ class NeedsAttention(BatchpipeError):
 
 class BudgetExceeded(BatchpipeError):
     """The job's estimate or spend would pass its budget (``--max-cost``); nothing more is sent."""
+
+
+class RowsFailed(BatchpipeError):
+    """A job finished (its output written) with more rows lacking an answer than
+    ``--max-failed`` allows."""
 
 
 class Interrupted(BatchpipeError):

@@ -6,8 +6,10 @@ whether it is terminal. Nothing here does I/O.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -22,6 +24,8 @@ DEFAULT_MAX_BATCH_BYTES = 250 * 1000 * 1000
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 # The stop_reason of an answer cut off at max_tokens (a truncated answer).
 TRUNCATED_STOP_REASON = "max_tokens"
+# JobSpec.max_failed: a count of rows, or a percentage of them.
+_MAX_FAILED = re.compile(r"\d+|\d+(\.\d+)?%")
 # The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
 # max_tokens, temperature, metadata ... which that endpoint would reject.
 COUNT_TOKENS_KEYS = frozenset({
@@ -110,6 +114,18 @@ class ItemStatus(StrEnum):
         """True when the row has its final answer (or final failure)."""
         return self not in {ItemStatus.PENDING, ItemStatus.SUBMITTED}
 
+    def is_failure(self) -> bool:
+        """True for a row that ended without a usable answer (what ``--max-failed`` counts).
+
+        Canceled rows are not failures: the user stopped them.
+        """
+        return self in {
+            ItemStatus.ERRORED,
+            ItemStatus.EXPIRED,
+            ItemStatus.INVALID,
+            ItemStatus.INVALID_OUTPUT,
+        }
+
 
 class ResultType(StrEnum):
     """The API's per-request result types (``result.type`` in the results file)."""
@@ -176,6 +192,38 @@ class JobSpec(BaseModel):
     max_cost: float | None = Field(
         default=None, gt=0, description="Budget in USD; submitting stops before passing it"
     )
+    max_failed: str | None = Field(
+        default=None,
+        description="Rows that may end without an answer before the job counts as failed: "
+        "a count ('0', '25') or a percentage of the rows ('5%'); unset: all but one",
+    )
+
+    @field_validator("max_failed", mode="before")
+    @classmethod
+    def _max_failed_is_count_or_share(cls, value: Any) -> Any:
+        # A job file may well say `max_failed = 10`; the stored form is the text either way.
+        if value is None:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        text = value.strip() if isinstance(value, str) else ""
+        if not _MAX_FAILED.fullmatch(text) or (text.endswith("%") and float(text[:-1]) > 100):
+            raise ValueError(
+                f"max_failed {value!r}: give a count of rows (e.g. 0 or 25) "
+                "or a percentage of them (e.g. 5% or 0.5%)"
+            )
+        return text
+
+    def failed_rows_allowed(self, row_count: int) -> int:
+        """How many of ``row_count`` rows may fail (see ``max_failed``) with the job still a
+        success. Unset, every row but one may: a job counts as failed only when no row got an
+        answer."""
+        if self.max_failed is None:
+            return max(row_count - 1, 0)
+        if self.max_failed.endswith("%"):
+            # Decimal, not float: 7% of 100 rows must allow 7, not 7.000000000000001 → 7 or 6.
+            return int(Decimal(self.max_failed[:-1]) * row_count // 100)
+        return int(self.max_failed)
 
     @field_validator("params")
     @classmethod

@@ -82,6 +82,13 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Send the valid rows; export invalid ones as result_status=invalid.",
         ),
+        click.option(
+            "--max-failed",
+            metavar="N|P%",
+            help="Rows that may end without an answer (errored, expired, invalid) before the "
+            "command exits 1, after writing the output: a count or a percentage "
+            "[all but one: exit 1 only when no row was answered].",
+        ),
         *structured_options(),
         click.option(
             "--emulate",
@@ -152,6 +159,9 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     click.echo(f"  rows by status: {counts}", err=True)
     if spec.output:
         click.echo(f"  output: {spec.output}", err=True)
+    failure = pipeline.rows_failed(job, by_status)
+    if failure is not None:
+        raise failure
 
 
 @cli.command()

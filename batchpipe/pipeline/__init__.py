@@ -22,6 +22,7 @@ from batchpipe.pipeline.runner import (
     tick,
 )
 from batchpipe.pipeline.status import job_summary
+from batchpipe.pipeline.verdict import rows_failed
 
 __all__ = [
     "DEFAULT_SAMPLE",
@@ -44,6 +45,7 @@ __all__ = [
     "prepare",
     "resume",
     "retry",
+    "rows_failed",
     "run",
     "step",
     "tick",

@@ -39,9 +39,16 @@ _NON_IDENTITY_FIELDS = {
     "max_batch_bytes",
     "retry_truncated_max_tokens",
     "max_cost",
+    "max_failed",
 }
 # Settings a later run may change for a known job without changing its requests.
-_CARRIED_FIELDS = ("output", "max_cost", "retry_truncated_max_tokens", "skip_invalid")
+_CARRIED_FIELDS = (
+    "output",
+    "max_cost",
+    "max_failed",
+    "retry_truncated_max_tokens",
+    "skip_invalid",
+)
 # Spec fields that shape requests: changing them re-runs the rows whose request changed.
 REQUEST_FIELDS = (
     frozenset(JobSpec.model_fields)

@@ -15,6 +15,7 @@ from batchpipe.errors import (
     InputError,
     JobLocked,
     NeedsAttention,
+    RowsFailed,
     TransientAPIError,
     UsageError,
 )
@@ -27,6 +28,7 @@ from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
 from batchpipe.pipeline.submit import recover_planned, resend_planned, submit_pending
+from batchpipe.pipeline.verdict import failed_rows_problem
 from batchpipe.requests import RequestRenderer
 
 MIN_POLL, MAX_POLL = 30.0, 300.0
@@ -265,9 +267,15 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
                 report.failed.append((job, why, NeedsAttention.exit_code))
                 continue
             report.advanced.append(job)
-            if _needs_export(job):
+            exported = _needs_export(job)
+            if exported:
                 path, _ = export(ctx, job)
                 report.exported.append((job, path))
+            if job.status == JobStatus.DONE and (exported or candidate.status != JobStatus.DONE):
+                # Said once, by the tick that finished (or exported) the job: cron mails it.
+                problem = failed_rows_problem(job, ctx.store.count_items(job.id))
+                if problem is not None:
+                    report.failed.append((job, problem, RowsFailed.exit_code))
         except TransientAPIError as exc:
             report.unavailable.append((job, str(exc)))
         except BatchpipeError as exc:

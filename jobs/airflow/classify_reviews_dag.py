@@ -18,8 +18,10 @@ which takes minutes to 24 hours) → export.
   ``BATCHPIPE_DATABASE_URL`` (use PostgreSQL when workers run on several machines),
   ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``.
 - Exit codes: 75 from ``tick`` means "try again later" (the sensor pokes again); 1 means the
-  job failed for good and 2 that the command or its settings are wrong (e.g. an output path
-  that cannot be written): either way the task fails without retrying.
+  job failed for good (or finished with more failed rows than the job file's ``max_failed``
+  allows; its output is written all the same) and 2 that the command or its settings are
+  wrong (e.g. an output path that cannot be written): either way the task fails without
+  retrying.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@
 #
 # Exit codes (batchpipe's own, passed through unchanged):
 #   0    every job advanced, or nothing to do
-#   1    a job failed for good (the log says which and why; `batchpipe status` shows it)
+#   1    a job failed for good, or finished with more failed rows than its --max-failed
+#        allows (the log says which and why; `batchpipe status` shows it)
 #   2    usage or configuration error (bad flag, unreadable database URL)
 #   75   temporary: the API is unavailable, an asked-for job is busy, or another tick holds
 #        the lock. Nothing is lost; the next run carries on.

@@ -1,0 +1,141 @@
+"""A finished job's exit code: rows without an answer against ``--max-failed``.
+
+Real `batchpipe` processes and the official SDK against the emulator over loopback; the
+emulator's invalid_rate makes rows come back errored (invalid_request_error, never resent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_args, run_batchpipe, write_rows
+
+from batchpipe.emulator import Emulator
+from batchpipe.models import ItemStatus, JobSpec
+
+ROWS = 40
+
+
+def _spec(max_failed: object) -> JobSpec:
+    required = {"input": "in.jsonl", "prompt": "p", "model": "m", "max_tokens": 1}
+    return JobSpec.model_validate({**required, "max_failed": max_failed})
+
+
+@pytest.mark.parametrize(
+    ("max_failed", "rows", "allowed"),
+    [
+        (None, 40, 39),  # unset: fail only when no row got an answer
+        (None, 1, 0),
+        (None, 0, 0),
+        ("0", 40, 0),
+        (7, 40, 7),  # a job file's integer
+        ("7%", 100, 7),  # not 7.000000000000001 or 6.999…
+        ("0.5%", 1000, 5),
+        ("12.5%", 10, 1),  # rounded down: never more than the share given
+        ("100%", 3, 3),
+    ],
+)
+def test_max_failed_is_a_count_or_a_share_of_the_rows(
+    max_failed: object, rows: int, allowed: int
+) -> None:
+    assert _spec(max_failed).failed_rows_allowed(rows) == allowed
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1", "5 %", "101%", "1e3", True])
+def test_a_max_failed_that_is_neither_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="give a count of rows"):
+        _spec(bad)
+
+
+def test_failed_statuses_are_the_rows_without_an_answer_the_user_did_not_stop() -> None:
+    failed = {s for s in ItemStatus if s.is_failure()}
+    assert failed == {
+        ItemStatus.ERRORED,
+        ItemStatus.EXPIRED,
+        ItemStatus.INVALID,
+        ItemStatus.INVALID_OUTPUT,
+    }
+
+
+def _statuses(out: Path) -> list[str]:
+    return [str(r["result_status"]) for r in pq.read_table(out).to_pylist()]
+
+
+def test_a_run_where_no_row_was_answered_exits_1_after_writing_its_output(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=0, invalid_rate=1.0)  # e.g. a model id mistyped
+    ran = run_batchpipe(sqlite_url, cli_env, "run", *job_args(src, "bad", out))
+    assert ran.returncode == 1, ran.stderr
+    assert "no row got an answer (40 rows: errored 40)" in ran.stderr
+    assert "`batchpipe report bad` groups the errors" in ran.stderr
+    # The output is there to look at: every row, with its error.
+    assert _statuses(out) == ["errored"] * ROWS
+    created = emulator.stats()["batches_created"]
+
+    # Running it again (an Airflow retry) says the same and sends nothing.
+    again = run_batchpipe(sqlite_url, cli_env, "run", *job_args(src, "bad", out))
+    assert again.returncode == 1, again.stderr
+    assert "no row got an answer" in again.stderr
+    assert emulator.stats()["batches_created"] == created
+
+
+def test_max_failed_decides_and_a_later_run_may_change_it(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=0, invalid_rate=0.3, seed=4)
+    args = job_args(src, "some", out)
+    within = run_batchpipe(sqlite_url, cli_env, "run", *args)
+    assert within.returncode == 0, within.stderr  # the default tolerates any but all
+    failed = _statuses(out).count("errored")
+    assert 0 < failed < ROWS
+    created = emulator.stats()["batches_created"]
+
+    over = run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", str(failed - 1))
+    assert over.returncode == 1, over.stderr
+    assert (
+        f"{failed} of {ROWS} rows ended without an answer (errored {failed}), "
+        f"more than --max-failed {failed - 1} allows ({failed - 1})"
+    ) in over.stderr
+    assert f"the output {out} has each row's error" in over.stderr
+    # The limit is kept with the job: the same command without the flag still fails ...
+    kept = run_batchpipe(sqlite_url, cli_env, "run", *args)
+    assert kept.returncode == 1, kept.stderr
+    # ... until a run gives a limit the failures fit: exactly as many, as a share.
+    share = f"{100 * failed / ROWS}%"
+    ok = run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", share)
+    assert ok.returncode == 0, ok.stderr
+    assert emulator.stats()["batches_created"] == created  # only the verdict changed
+
+
+def test_the_tick_that_finishes_a_failed_job_exits_1_once(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=0, invalid_rate=1.0)
+    submitted = run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "cron"))
+    assert submitted.returncode == 0, submitted.stderr
+    ticked = run_batchpipe(sqlite_url, cli_env, "tick")
+    assert ticked.returncode == 1, ticked.stderr
+    assert "error: job 1 (cron): no row got an answer" in ticked.stderr
+    # Cron hears it once; the job is done and the next tick has nothing to do.
+    quiet = run_batchpipe(sqlite_url, cli_env, "tick")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "no row got an answer" not in quiet.stderr
+
+
+def test_a_bad_max_failed_is_a_usage_error(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, 3)
+    ran = run_batchpipe(sqlite_url, cli_env, "run", *job_args(src, "x"), "--max-failed", "most")
+    assert ran.returncode == 2, ran.stderr
+    assert "max_failed 'most': give a count of rows (e.g. 0 or 25)" in ran.stderr
