@@ -8,6 +8,7 @@ the test takes `db_url`).
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,13 @@ from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import approx_tokens, expected_text
-from batchpipe.errors import BatchpipeError, InputChangedError, StoreError, UsageError
+from batchpipe.errors import (
+    BatchpipeError,
+    InputChangedError,
+    OutputNotWritable,
+    StoreError,
+    UsageError,
+)
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 
 PROMPT = "Classify the sentiment of: {{ body }}"
@@ -282,6 +289,26 @@ def test_retry_sends_failed_rows_again_with_new_custom_ids(
     assert {r["attempts"] for r in second} == {2}
     old_ids = {r["custom_id"] for r in first}
     assert not old_ids & {r["custom_id"] for r in second}
+
+
+def test_retry_and_resume_refuse_an_output_that_can_no_longer_be_written(
+    harness: Harness, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 10)
+    harness.emulator.configure(invalid_rate=1.0)
+    job = harness.run(spec_for(tmp_path, src, output=str(tmp_path / "exports" / "out.parquet")))
+    shutil.rmtree(tmp_path / "exports")
+    (tmp_path / "exports").write_text("a file where the folder was")
+    ctx = harness.context()
+    with pytest.raises(OutputNotWritable, match="exports"):
+        pipeline.retry(ctx, job, statuses={ItemStatus.ERRORED})
+    assert ctx.store.count_items(job.id)[ItemStatus.ERRORED] == 10  # nothing requeued
+    ctx.store.update_job(job.id, status=JobStatus.FAILED)
+    with pytest.raises(OutputNotWritable, match="exports"):
+        pipeline.resume(ctx, job)
+    assert ctx.store.get_job(job.id).status == JobStatus.FAILED  # type: ignore[union-attr]
+    ctx.close()
 
 
 def test_export_refuses_an_input_that_changed(harness: Harness, tmp_path: Path) -> None:

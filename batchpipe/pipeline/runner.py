@@ -51,11 +51,9 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     The output path is checked first (:func:`~batchpipe.dataset.check_writable`).
     """
     known = ctx.store.get_job(name)
-    # Without -o a known job keeps the output it was given (see open_job).
-    output = spec.output or (job_spec(known).output if known is not None else None)
-    if output:
-        # Before anything is spent: an unwritable output would only show at the export.
-        check_writable(output, source=spec.input)
+    # Before anything is spent: an unwritable output would only show at the export. Without
+    # -o a known job keeps the output it was given (see open_job).
+    _check_output(spec if spec.output or known is None else job_spec(known))
     if known is None or known.row_count == 0:
         _check_startable(spec)  # before a job is recorded: a refused command leaves none
     try:
@@ -86,6 +84,13 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
             raise
         check_estimate(ctx, job, job_spec(job))
         return job
+
+
+def _check_output(spec: JobSpec) -> None:
+    """Refuse to send more for a job whose output can no longer be written (the folder was
+    removed, made read-only …): the export would only fail after paying."""
+    if spec.output:
+        check_writable(spec.output, source=spec.input)
 
 
 def _check_startable(spec: JobSpec) -> None:
@@ -335,6 +340,7 @@ def retry(
         if job.status in {JobStatus.CANCELING}:
             raise InputError(f"job {job.id} is being canceled; wait until it is canceled")
         spec = job_spec(job)
+        _check_output(spec)
         # Attempts keep counting (custom_ids encode them and must never repeat); the job's
         # cap grows instead, so every requeued row gets a full set of fresh tries.
         highest = max(
@@ -370,6 +376,7 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
         job = _reload(ctx, job)
         if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:
             raise UsageError(f"job {job.id} ({job.name}) is {job.status.value}; nothing to resume")
+        _check_output(job_spec(job))
         planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
         if (adopt or resend) and len(planned) != 1:
             raise UsageError(
