@@ -10,7 +10,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
     │   └── InputChangedError      1  the input changed since submission; refusing to mislabel
     ├── StoreError                 1  the state database is unusable or out of date
-    │   └── StoreUnreachable      75  no connection to the database server; try later
+    │   └── StoreUnreachable      75  database server unreachable or connection lost; try later
     ├── JobLocked                 75  another process is working on this job; try later
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key

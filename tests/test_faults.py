@@ -169,7 +169,7 @@ def test_tick_exits_75_while_the_api_is_unavailable(
             check=False, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert down.returncode == 75, down.stderr
-        assert "API unavailable, will retry" in down.stderr
+        assert "unavailable for now, will retry" in down.stderr
         assert emu.stats()["batches_created"] == 0
         emu.configure(http_529_rate=0.0)
         up = subprocess.run(

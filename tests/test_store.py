@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from batchpipe.db import ItemRow, JobNameTaken, Store, upgrade
 from batchpipe.db import items as items_module
-from batchpipe.db.schema import attempts
-from batchpipe.errors import StoreError
+from batchpipe.db.schema import attempts, jobs
+from batchpipe.errors import StoreError, StoreUnreachable
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus, ResultRecord, ResultType
 
 P, S = ItemStatus.PENDING, ItemStatus.SUBMITTED
@@ -796,3 +796,49 @@ def test_cancel_pending_and_delete_items(store: Store) -> None:
     assert store.delete_items(fresh) == 2
     assert list(store.iter_items(fresh)) == []
     assert len(list(store.iter_items(job))) == 4  # other jobs untouched
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_between_calls_is_replaced(postgres_url: str) -> None:
+    """A server restart or failover between two store calls: the pool's ping notices the
+    dead connection and the next call runs on a new one."""
+    upgrade(postgres_url)
+    with Store.open(postgres_url) as store:
+        job = new_job(store)
+        _terminate_other_backends(postgres_url)
+        assert store.get_job(job) is not None
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_in_a_transaction_is_try_later(postgres_url: str) -> None:
+    """The connection dies under a statement: rolled back, and exit 75 (cron and Airflow
+    run the command again), not 1 (terminal)."""
+    upgrade(postgres_url)
+    with Store.open(postgres_url) as store:
+        job = new_job(store)
+        with pytest.raises(StoreUnreachable, match="lost the connection to database") as err:
+            _update_then_lose_the_connection(store, job)
+        assert err.value.exit_code == 75
+        assert "run the command again when the server is back" in str(err.value)
+        fresh = store.get_job(job)  # on a new connection
+        assert fresh is not None
+        assert fresh.error is None  # nothing half-written
+
+
+def _update_then_lose_the_connection(store: Store, job: int) -> None:
+    with store._begin() as conn:
+        conn.execute(sa.update(jobs).where(jobs.c.id == job).values(error="half"))
+        conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+def _terminate_other_backends(url: str) -> None:
+    """Kill every other connection to the test database, as a server restart would."""
+    admin = sa.create_engine(url)
+    with admin.connect() as conn:
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    admin.dispose()

@@ -221,7 +221,7 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
             f"job {job.id} ({job.name}) is being worked on by another process; skipped", err=True
         )
     for job, why in report.unavailable:
-        click.echo(f"job {job.id} ({job.name}): API unavailable, will retry: {why}", err=True)
+        click.echo(f"job {job.id} ({job.name}): unavailable for now, will retry: {why}", err=True)
     for job, why, _ in report.failed:
         click.echo(f"error: job {job.id} ({job.name}): {why}", err=True)
     if report.failed:

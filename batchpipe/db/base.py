@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from batchpipe.db.connect import describe_error, mask_url
+from batchpipe.db.connect import describe_error, mask_url, unavailable
 from batchpipe.db.schema import batches, items
-from batchpipe.errors import StoreError
+from batchpipe.errors import StoreError, StoreUnreachable
 
 E = TypeVar("E", bound=Enum)
 
@@ -97,7 +97,14 @@ class StoreBase:
             with self._engine.begin() as conn:
                 yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"database {self.url}: {describe_error(exc, self._url)}") from exc
+            reason = describe_error(exc, self._url)
+            if unavailable(exc):
+                # Rolled back, so nothing is half-written: the same command resumes.
+                raise StoreUnreachable(
+                    f"lost the connection to database {self.url}: {reason}; the work so far "
+                    "is saved: run the command again when the server is back (exit 75)"
+                ) from exc
+            raise StoreError(f"database {self.url}: {reason}") from exc
         except sa.exc.StatementError as exc:
             # A value our own types refused (e.g. a naive datetime): the caller's bug, shown
             # as the plain ValueError rather than wrapped in SQLAlchemy's statement dump.

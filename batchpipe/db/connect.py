@@ -45,6 +45,36 @@ def describe_error(exc: BaseException, url: str | URL) -> str:
     return text
 
 
+# Refusals by a server that is up but cannot take connections yet (or right now).
+_BUSY_SERVER = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "too many clients already",
+)
+
+
+def unavailable(exc: sa.exc.SQLAlchemyError) -> bool:
+    """Whether trying again later may help (StoreUnreachable, exit 75 for cron and Airflow).
+
+    Yes when the connection was lost under a statement (the server restarted or failed
+    over, the network dropped: SQLAlchemy's dialect recognised a disconnect, and the
+    transaction is rolled back), when PostgreSQL gave no answer to a connect (refused,
+    timed out, unknown host), or when it is not taking connections yet. No for a refusal
+    that stands (a wrong password, a missing database or role): libpq reports those as
+    FATAL, and psycopg attaches no SQLSTATE to connection failures to tell them apart by.
+    """
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    if not isinstance(exc, sa.exc.OperationalError) or orig is None:
+        return False
+    if not type(orig).__module__.startswith("psycopg"):
+        return False
+    text = str(orig)
+    return "FATAL:" not in text or any(busy in text for busy in _BUSY_SERVER)
+
+
 def sqlite_path(url: str | URL) -> Path | None:
     """The file behind a SQLite URL; None for other dialects and in-memory databases."""
     parsed = make_url(url) if isinstance(url, str) else url

@@ -12,7 +12,13 @@ import time
 import sqlalchemy as sa
 
 from batchpipe.db.batches import BatchesMixin
-from batchpipe.db.connect import create_engine, describe_error, mask_url, sqlite_path
+from batchpipe.db.connect import (
+    create_engine,
+    describe_error,
+    mask_url,
+    sqlite_path,
+    unavailable,
+)
 from batchpipe.db.items import ItemsMixin
 from batchpipe.db.jobs import JobsMixin
 from batchpipe.db.ledger import LedgerMixin
@@ -44,7 +50,7 @@ class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
             current, has_tables = _inspect(engine)
         except sa.exc.SQLAlchemyError as exc:
             engine.dispose()
-            if _unreachable(exc):
+            if unavailable(exc):
                 raise StoreUnreachable(
                     f"cannot reach database {mask_url(url)}: {describe_error(exc, url)}; "
                     "try again when the server is up (exit 75)"
@@ -113,26 +119,3 @@ def _revision_or_none(engine: sa.Engine) -> str | None:
         return _inspect(engine)[0]
     except sa.exc.SQLAlchemyError:
         return None
-
-
-# Refusals by a server that is up but cannot take connections yet (or right now).
-_BUSY_SERVER = (
-    "the database system is starting up",
-    "the database system is shutting down",
-    "the database system is in recovery mode",
-    "too many clients already",
-)
-
-
-def _unreachable(exc: sa.exc.SQLAlchemyError) -> bool:
-    """Whether trying again later may help: no answer from the server (refused, timed out,
-    unknown host) or a server not taking connections yet. Not a server's refusal that
-    stands (a wrong password, a missing database or role): libpq reports those as FATAL,
-    and psycopg attaches no SQLSTATE to connection failures to tell them apart by."""
-    orig = getattr(exc, "orig", None)
-    if not isinstance(exc, sa.exc.OperationalError) or orig is None:
-        return False
-    if not type(orig).__module__.startswith("psycopg"):
-        return False
-    text = str(orig)
-    return "FATAL:" not in text or any(busy in text for busy in _BUSY_SERVER)
