@@ -483,5 +483,6 @@ def _refuse_clash(uri: str, clash: list[str]) -> None:
     if clash:
         raise InputError(
             f"{uri} already has column(s) {', '.join(map(repr, clash))}, which the export "
-            "adds; rename them in the input"
+            "adds; rename them in the input, or name the export's columns apart with "
+            "--result-prefix (e.g. --result-prefix bp_)"
         )

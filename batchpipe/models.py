@@ -26,6 +26,7 @@ CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 TRUNCATED_STOP_REASON = "max_tokens"
 # JobSpec.max_failed: a count of rows, or a percentage of them.
 _MAX_FAILED = re.compile(r"\d+|\d+(\.\d+)?%")
+_RESULT_PREFIX = re.compile(r"[A-Za-z0-9_]{0,32}")
 # The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
 # max_tokens, temperature, metadata ... which that endpoint would reject.
 COUNT_TOKENS_KEYS = frozenset({
@@ -192,11 +193,26 @@ class JobSpec(BaseModel):
     max_cost: float | None = Field(
         default=None, gt=0, description="Budget in USD; submitting stops before passing it"
     )
+    result_prefix: str | None = Field(
+        default=None,
+        description="Put before the name of every column batchpipe adds to the output "
+        "(e.g. 'bp_'), for an input that has a column of the same name (model, attempts …)",
+    )
     max_failed: str | None = Field(
         default=None,
         description="Rows that may end without an answer before the job counts as failed: "
         "a count ('0', '25') or a percentage of the rows ('5%'); unset: all but one",
     )
+
+    @field_validator("result_prefix")
+    @classmethod
+    def _result_prefix_is_a_plain_name(cls, value: str | None) -> str | None:
+        # Column names every reader (SQL engines, pandas attribute access) takes unquoted.
+        if value is not None and not _RESULT_PREFIX.fullmatch(value):
+            raise ValueError(
+                f"result_prefix {value!r}: use letters, digits and _ only, at most 32 (e.g. bp_)"
+            )
+        return value
 
     @field_validator("max_failed", mode="before")
     @classmethod

@@ -235,6 +235,50 @@ def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     assert "column 'body' is null" in lines[1]["error_message"]
 
 
+def test_result_prefix_exports_beside_input_columns_of_the_same_name(tmp_path: Path) -> None:
+    src = tmp_path / "phones.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"doc_id": "a", "body": "battery lasts", "model": "X100"},
+                {"doc_id": "b", "body": "screen cracked", "model": "X200"},
+            ]
+        ),
+        src,
+    )
+    out = tmp_path / "out.parquet"
+    args = run_args(src, out, "--labels", "positive,negative")
+    refused = invoke(tmp_path, *args)
+    assert refused.exit_code == 1
+    assert "already has column(s) 'model'" in refused.stderr
+    assert "--result-prefix (e.g. --result-prefix bp_)" in refused.stderr
+    assert batches_created(tmp_path) == 0
+
+    # What the error suggests, on the same command: the same job goes on.
+    result = invoke(tmp_path, *args, "--result-prefix", "bp_")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column_names[:3] == ["doc_id", "body", "model"]
+    assert {"bp_result_status", "bp_model", "bp_label", "bp_cost_usd"} <= set(table.column_names)
+    assert not {"result_status", "label"} & set(table.column_names)
+    rows = table.to_pylist()
+    assert [r["model"] for r in rows] == ["X100", "X200"]  # the input's, untouched
+    assert {r["bp_model"] for r in rows} == {"claude-haiku-4-5"}
+    assert {r["bp_label"] for r in rows} <= {"positive", "negative"}
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    again = tmp_path / "again.jsonl"
+    assert invoke(tmp_path, "export", job["name"], "-o", str(again)).exit_code == 0
+    first = json.loads(again.read_text().splitlines()[0])
+    assert (first["model"], first["bp_result_status"]) == ("X100", "succeeded")
+
+
+def test_a_result_prefix_that_is_not_a_plain_name_is_refused(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    result = invoke(tmp_path, *run_args(src, tmp_path / "o.parquet", "--result-prefix", "bp-"))
+    assert result.exit_code == 2
+    assert "result_prefix 'bp-': use letters, digits and _ only" in result.stderr
+
+
 def test_skip_invalid_given_after_a_failed_validation_resumes_the_job(tmp_path: Path) -> None:
     src = tmp_path / "in.parquet"
     pq.write_table(

@@ -83,6 +83,12 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Send the valid rows; export invalid ones as result_status=invalid.",
         ),
         click.option(
+            "--result-prefix",
+            metavar="PREFIX",
+            help="Put PREFIX before the names of the columns batchpipe adds to the output "
+            "(e.g. bp_), when the input has columns of those names.",
+        ),
+        click.option(
             "--max-failed",
             metavar="N|P%",
             help="Rows that may end without an answer (errored, expired, invalid) before the "

@@ -37,9 +37,13 @@ log = get_logger(__name__)
 
 
 def result_columns(job: JobRow) -> list[tuple[str, str]]:
-    """The result columns a job's export adds, with their types, in order."""
-    outputs = output_schema(job_spec(job))
-    return RESULT_COLUMN_TYPES + (outputs.columns() if outputs is not None else [])
+    """The result columns a job's export adds, with their types, in order (named with the
+    job's ``result_prefix``)."""
+    spec = job_spec(job)
+    outputs = output_schema(spec)
+    columns = RESULT_COLUMN_TYPES + (outputs.columns() if outputs is not None else [])
+    prefix = spec.result_prefix or ""
+    return [(prefix + name, type_name) for name, type_name in columns]
 
 
 _UNFINISHED = frozenset({ItemStatus.PENDING.value, ItemStatus.SUBMITTED.value})

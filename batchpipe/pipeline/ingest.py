@@ -40,12 +40,14 @@ _NON_IDENTITY_FIELDS = {
     "retry_truncated_max_tokens",
     "max_cost",
     "max_failed",
+    "result_prefix",
 }
 # Settings a later run may change for a known job without changing its requests.
 _CARRIED_FIELDS = (
     "output",
     "max_cost",
     "max_failed",
+    "result_prefix",
     "retry_truncated_max_tokens",
     "skip_invalid",
 )
@@ -137,7 +139,9 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
     """Column-level checks that need no row: clashes, unknown template or id columns."""
     columns = dataset.columns()
     outputs = spec.output_schema or {}
-    check_result_column_clash(columns, (*RESULT_COLUMNS, *outputs.get("properties", {})))
+    prefix = spec.result_prefix or ""
+    added = (*RESULT_COLUMNS, *outputs.get("properties", {}))
+    check_result_column_clash(columns, [prefix + name for name in added])
     missing = sorted(renderer.template_columns() - set(columns))
     if missing:
         raise InputError(

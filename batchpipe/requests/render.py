@@ -73,7 +73,8 @@ def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[s
         names = ", ".join(repr(c) for c in clash)
         raise InputError(
             f"the input already has column(s) {names}, which batchpipe adds to the output; "
-            "rename them in the input and run again"
+            "rename them in the input, or name batchpipe's columns apart with "
+            "--result-prefix (e.g. --result-prefix bp_)"
         )
 
 
