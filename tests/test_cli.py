@@ -422,6 +422,16 @@ def test_estimate_checks_the_columns_as_the_run_would(tmp_path: Path) -> None:
     assert good.exit_code == 0, good.output
 
 
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    plain = invoke(tmp_path, "status", "no-such-job")
+    debugging = invoke(tmp_path, "--debug", "status", "no-such-job")
+    assert plain.exit_code == debugging.exit_code == 2  # cron and Airflow act on it
+    assert "Traceback (most recent call last)" in debugging.stderr
+    assert "Traceback" not in plain.stderr
+    for result in (plain, debugging):
+        assert "error: no job 'no-such-job'" in result.stderr
+
+
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -75,7 +76,9 @@ def handle_errors(func: F) -> F:
             sys.exit(EXIT_INTERRUPTED)
         except BatchpipeError as exc:
             if state is not None and state.debug:
-                raise
+                # The traceback as well, never instead of the exit code: cron and Airflow
+                # act on it (75 retries, 1 and 2 do not), debugging or not.
+                traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
