@@ -44,7 +44,9 @@ class Settings:
     ) -> Settings:
         """Build settings from explicit values, then the environment, then defaults."""
         env = os.environ if env is None else env
-        key = env.get("ANTHROPIC_API_KEY")
+        # Surrounding whitespace is never part of a key: a trailing newline or CR comes with
+        # `$(cat key.txt)` or a Windows-edited env file, and would make every call fail.
+        key = (env.get("ANTHROPIC_API_KEY") or "").strip()
         return cls(
             database_url=database_url
             or env.get(f"{ENV_PREFIX}DATABASE_URL")

@@ -406,6 +406,32 @@ def test_unreachable_api_is_transient() -> None:
     client.close()
 
 
+def test_a_create_that_never_connected_is_retried_and_said_to_have_created_nothing() -> None:
+    """A refused connection sent nothing, so the caller may release its intent at once
+    instead of waiting out the orphan grace period (11 minutes) for a batch that cannot be."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = BatchClient(_settings(), base_url=f"http://127.0.0.1:{port}", timeout=5)
+    waits: list[float] = []
+    client.sleep = waits.append
+    with pytest.raises(errors.CreateRefused, match="could not connect"):
+        client.create(_body(1)[0], count=1)
+    assert len(waits) == 2  # max_retries=2: three tries
+    client.close()
+
+
+def test_a_key_with_a_line_end_is_trimmed_and_one_with_inner_junk_refused(emu: Emulator) -> None:
+    settings = Settings.load(env={"ANTHROPIC_API_KEY": KEY + "\r\n"})
+    with BatchClient(settings, http_client=emu.http_client(), base_url=IN_PROCESS_BASE_URL) as bc:
+        assert bc.create(_body(1)[0], count=1).id.startswith("msgbatch_")
+    bad = Settings.load(env={"ANTHROPIC_API_KEY": "sk-ant-abc\tdef"})
+    with pytest.raises(errors.AuthenticationFailed, match="holds a space, a control") as err:
+        BatchClient(bad)
+    assert "abc" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
 def test_results_before_the_end_is_api_error(client: BatchClient) -> None:
     batch = client.create(_body(1)[0], count=1)
     with pytest.raises(errors.APIError, match="has not ended yet"):

@@ -84,6 +84,14 @@ class BatchClient:
         if settings.api_key is None or not settings.api_key.get_secret_value():
             raise errors.AuthenticationFailed(NO_KEY_MESSAGE)
         self._key = settings.api_key.get_secret_value()
+        if not self._key.isascii() or not self._key.isprintable() or " " in self._key:
+            # httpx would refuse the header on every call, which reads as "could not connect"
+            # (exit 75, forever). Never echo the key, not even in part.
+            raise errors.AuthenticationFailed(
+                "ANTHROPIC_API_KEY holds a space, a control or a non-ASCII character, which "
+                "no API key has: check how it was set (copied with extra text, or from a file "
+                "with Windows line ends)"
+            )
         self._max_retries = settings.max_retries if max_retries is None else max_retries
         self._sdk = anthropic.Anthropic(
             api_key=self._key,
@@ -127,7 +135,9 @@ class BatchClient:
         The SDK's own retries are off for this one call: it resends after a 500, a timeout or
         a dropped connection, when the first request may already have created a batch, so one
         call could create (and bill) two. Only answers that say nothing was created (429, 503,
-        529) are retried here, honouring retry-after. Any other transient failure raises
+        529) are retried here, honouring retry-after, and connections that were never made
+        (refused, unknown host, connect timeout: not a byte of the request went out); when
+        they run out, ``CreateRefused``. Any other transient failure raises
         ``TransientAPIError`` at once; the caller keeps its intent and recovery looks for the
         batch at the API before sending again.
         """
@@ -154,16 +164,15 @@ class BatchClient:
                     attempt=attempt,
                 )
             except errors.TransientAPIError as exc:
-                refused = exc.__cause__
-                if (
-                    not isinstance(refused, anthropic.APIStatusError)
-                    or refused.status_code not in _CREATE_REFUSED
-                ):
+                cause = exc.__cause__
+                response = cause.response if isinstance(cause, anthropic.APIStatusError) else None
+                refused = response is not None and response.status_code in _CREATE_REFUSED
+                if not (refused or _never_sent(cause)):
                     raise
                 if attempt == self._max_retries:
                     # Say "nothing was created", so the caller can release its intent.
-                    raise errors.CreateRefused(str(exc), request_id=exc.request_id) from refused
-                self.sleep(_retry_delay(refused.response, attempt, self.create_retry_base))
+                    raise errors.CreateRefused(str(exc), request_id=exc.request_id) from cause
+                self.sleep(_retry_delay(response, attempt, self.create_retry_base))
                 continue
             return _batch_info(batch, latency_ms=_ms(started))
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -409,9 +418,16 @@ class BatchClient:
 # ---------------------------------------------------------------------- conversions
 
 
-def _retry_delay(response: httpx2.Response, attempt: int, base: float) -> float:
+def _never_sent(error: BaseException | None) -> bool:
+    """Whether an SDK error is a connection that was never made, so no request went out."""
+    return isinstance(error, anthropic.APIConnectionError) and isinstance(
+        error.__cause__, (httpx2.ConnectError, httpx2.ConnectTimeout)
+    )
+
+
+def _retry_delay(response: httpx2.Response | None, attempt: int, base: float) -> float:
     """Seconds to wait before retrying a refused create: the server's word, else backoff."""
-    headers = response.headers
+    headers = response.headers if response is not None else {}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         try:
             value = float(headers.get(name, "")) * scale
