@@ -111,6 +111,8 @@ def test_dag_runs_to_success_and_writes_the_output(
 ) -> None:
     emulator, url = slow_emulator
     env, out_dir = _run_env(airflow_env, tmp_path, url)
+    by_hand = REPO / "out" / "classify-reviews.parquet"  # the job file's own output
+    by_hand_before = by_hand.stat().st_mtime_ns if by_hand.exists() else None
     # The batch ends only once the sensor has looked twice (two retrieves), however slow the
     # machine: then the emulator's clock jumps past the batch's processing time.
     emulator.configure(processing_seconds=3600)
@@ -131,6 +133,8 @@ def test_dag_runs_to_success_and_writes_the_output(
 
     assert rc == 0, f"DAG run failed; log in {tmp_path / 'airflow.log'}"
     assert "state=success" in logs
+    # Each run writes its own file in the output folder, never the job file's shared one.
+    assert (by_hand.stat().st_mtime_ns if by_hand.exists() else None) == by_hand_before
     # Reschedule mode: the sensor is started afresh for each poke, holding no slot between.
     assert "new_state=up_for_reschedule" in logs
     assert logs.count("[DAG TEST] starting task_id=wait") >= 2
@@ -184,7 +188,7 @@ def test_submit_killed_after_create_is_retried_without_a_second_submission(
     assert len(job["batches"]) == 3
 
 
-def test_an_output_folder_that_cannot_be_written_fails_the_export_without_retries(
+def test_an_output_folder_that_cannot_be_written_fails_the_submit_before_any_batch(
     airflow_bin: Path,
     airflow_env: dict[str, str],
     slow_emulator: tuple[Emulator, str],
@@ -199,8 +203,9 @@ def test_an_output_folder_that_cannot_be_written_fails_the_export_without_retrie
     rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
 
     assert rc != 0, f"DAG run should fail; log in {tmp_path / 'airflow.log'}"
-    assert "batchpipe export failed (exit 2)" in logs
-    assert "write them elsewhere with `batchpipe export" in logs
-    # Exit 2 is terminal: the export ran once, not once per retry.
-    assert logs.count("[DAG TEST] starting task_id=export") == 1
-    assert emulator.stats()["batches_created"] == 1
+    assert "batchpipe submit failed (exit 2)" in logs
+    assert "a-file/out" in logs  # the message names the path
+    # Exit 2 is terminal: the submit ran once, not once per retry, and sent nothing.
+    assert logs.count("[DAG TEST] starting task_id=submit") == 1
+    assert "starting task_id=export" not in logs
+    assert emulator.stats()["batches_created"] == 0

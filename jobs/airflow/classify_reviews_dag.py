@@ -20,8 +20,10 @@ which takes minutes to 24 hours) → export.
 - Exit codes: 75 from ``tick`` means "try again later" (the sensor pokes again); 1 means the
   job failed for good (or finished with more failed rows than the job file's ``max_failed``
   allows; its output is written all the same) and 2 that the command or its settings are
-  wrong (e.g. an output path that cannot be written): either way the task fails without
-  retrying.
+  wrong (e.g. an output folder that cannot be written, found by ``submit`` before anything
+  is sent): either way the task fails without retrying.
+- Each run writes ``<output dir>/<job name>.parquet``; the job file's own ``output`` is
+  only for running it by hand.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def _batchpipe(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedPr
     return proc
 
 
+def output_path(name: str) -> str:
+    """Where the job called ``name`` writes its results: a file per DAG run."""
+    out_dir = _setting("batchpipe_output_dir", "BATCHPIPE_OUTPUT_DIR", "/tmp/batchpipe")  # noqa: S108
+    return str(Path(out_dir) / f"{name}.parquet")
+
+
 def job_name_for_run() -> str:
     """A batchpipe job name unique to this DAG run and stable across its task retries."""
     ctx = get_current_context()
@@ -91,7 +99,9 @@ def classify_reviews() -> None:
     def submit() -> str:
         """Validate and submit (or resume) this run's job; return its name."""
         name = job_name_for_run()
-        args = ["submit", "--config", str(JOB_FILE), "--job", name]
+        # Each run writes its own file (the job file's output is for running it by hand),
+        # checked now, before anything is paid for: exit 2 fails the task without retries.
+        args = ["submit", "--config", str(JOB_FILE), "--job", name, "-o", output_path(name)]
         input_path = _setting("batchpipe_classify_input", "BATCHPIPE_CLASSIFY_INPUT", "")
         if input_path:
             args.insert(1, input_path)
@@ -117,10 +127,13 @@ def classify_reviews() -> None:
 
     @task
     def export(name: str) -> str:
-        """Write the joined results; return the file's path."""
-        out_dir = _setting("batchpipe_output_dir", "BATCHPIPE_OUTPUT_DIR", "/tmp/batchpipe")  # noqa: S108
-        path = str(Path(out_dir) / f"{name}.parquet")
-        # batchpipe makes the folder; one it cannot write is exit 2, failed without retries.
+        """Make sure the joined results are written; return the file's path.
+
+        The tick that finished the job has written them already; writing them again is
+        atomic and cheap next to the wait, and makes this task the one that can be retried
+        (or cleared) to rewrite the file.
+        """
+        path = output_path(name)
         _batchpipe("export", name, "-o", path)
         return path
 
