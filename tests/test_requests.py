@@ -142,6 +142,18 @@ def test_missing_and_null_columns_are_row_problems() -> None:
     )
 
 
+def test_a_null_nested_field_is_a_row_problem_not_the_text_none() -> None:
+    renderer = RequestRenderer(make_spec(prompt="Language: {{ meta.lang }}"))
+    problem = renderer.render({"meta": {"lang": None}}, 5)
+    assert isinstance(problem, RowProblem)
+    assert problem.message.startswith("template prints a null value")
+    assert "{{ field or '' }}" in problem.message
+    allowed = RequestRenderer(make_spec(prompt="Language: {{ meta.lang or 'unknown' }}"))
+    params = allowed.render({"meta": {"lang": None}}, 5)
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "Language: unknown"
+
+
 def test_empty_prompt_is_a_row_problem() -> None:
     renderer = RequestRenderer(make_spec(prompt="{{ body }}"))
     assert renderer.render({"body": "  \n"}, 2) == RowProblem(

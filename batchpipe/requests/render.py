@@ -78,11 +78,19 @@ def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[s
         )
 
 
+class _NullPrinted(Exception):
+    """A template printed a null value (raised by _finalize, turned into a RowProblem)."""
+
+
 def _finalize(value: Any) -> Any:
     # Objects and arrays go into prompts as JSON, which models read better than Python's
     # repr ({'a': 1}); everything else renders with str() as jinja2 normally does.
     if isinstance(value, dict | list):
         return orjson.dumps(value, default=str).decode()
+    if value is None:
+        # Not the text "None" (sent, and paid for): a null is missing data, as it is for a
+        # top-level column, which render() checks before this can see one.
+        raise _NullPrinted
     return value
 
 
@@ -211,6 +219,13 @@ class RequestRenderer:
             system = self._system.render(row) if self._system is not None else None
         except jinja2.UndefinedError as exc:
             return RowProblem(row_index, None, f"template: {exc.message}")
+        except _NullPrinted:
+            return RowProblem(
+                row_index,
+                None,
+                "template prints a null value (a nested field that is null, say); "
+                "write {{ field or '' }} where an empty value is fine",
+            )
         except Exception as exc:
             # User template code (filters, arithmetic on row values) can raise anything;
             # whatever it is, it is this row's problem, not the run's.
