@@ -432,6 +432,18 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> Non
         assert "error: no job 'no-such-job'" in result.stderr
 
 
+def test_a_param_that_is_broken_json_is_refused_before_sending(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    out = tmp_path / "o.parquet"
+    broken = invoke(tmp_path, *run_args(src, out, "--param", 'stop_sequences=["a"'))
+    assert broken.exit_code == 2
+    assert "--param stop_sequences: '[\"a\"' is not valid JSON" in broken.stderr
+    assert batches_created(tmp_path) == 0
+    # A bare word is still a string, and valid JSON its value.
+    ok = invoke(tmp_path, *run_args(src, out, "--param", 'stop_sequences=["a"]'))
+    assert ok.exit_code == 0, ok.output
+
+
 def test_missing_options_are_a_usage_error(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(2))
     result = invoke(tmp_path, "run", str(src), "--emulate", "--prompt", PROMPT)

@@ -28,8 +28,15 @@ def _parse_param(values: tuple[str, ...]) -> dict[str, Any] | None:
             raise UsageError(f"--param {item!r}: expected KEY=VALUE (VALUE as JSON, e.g. top_k=5)")
         try:
             params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+        except json.JSONDecodeError as exc:
+            if raw.lstrip()[:1] in {"[", "{", '"'}:
+                # Meant as JSON and broken: sent as a string, every request would come back
+                # errored, and only after the batch's wait.
+                raise UsageError(
+                    f"--param {key}: {raw!r} is not valid JSON ({exc.msg} at character "
+                    f"{exc.pos + 1}); quote it for the shell, e.g. --param '{key}=[\"a\"]'"
+                ) from None
+            params[key] = raw  # a bare word is a string: --param service_tier=auto
     return params or None
 
 
