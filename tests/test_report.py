@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from test_pipeline import write_docs
 
 from batchpipe.cli import cli
+from batchpipe.pipeline import MAX_LABELS
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "report.png"
 
@@ -133,3 +134,21 @@ def test_html_report_in_headless_chromium(finished_job: tuple[list[str], Path]) 
     assert len(data) > 20_000  # a rendered page, not a blank one
     if os.environ.get("BATCHPIPE_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.write_bytes(data)  # refresh docs/report.png for the README
+
+
+def test_free_text_answers_are_not_shown_as_labels(tmp_path: Path) -> None:
+    """Every answer differs: a distribution would be a copy of the answers (and a counter
+    that grows with the job), so the report says so instead."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, MAX_LABELS + 20)
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    args = ["run", str(src), "--job", "free", "--prompt", "Summarise: {{ body }}"]
+    args += ["--model", "claude-haiku-4-5", "--max-tokens", "12", "--emulate"]
+    assert CliRunner().invoke(cli, [*root, *args]).exit_code == 0
+    text = CliRunner().invoke(cli, [*root, "report", "free"])
+    assert text.exit_code == 0, text.stderr
+    assert f"labels (answer): more than {MAX_LABELS} distinct answers, so free text" in text.stdout
+    assert "--labels or --output-schema asks for labels" in text.stdout
+    as_json = json.loads(CliRunner().invoke(cli, [*root, "report", "free", "--json"]).stdout)
+    assert as_json["labels"] == []
+    assert as_json["too_many_labels"] is True

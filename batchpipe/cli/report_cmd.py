@@ -24,6 +24,11 @@ def _pct(n: int, total: int) -> str:
     return f"{100 * n / total:.1f}%" if total else "-"
 
 
+def _too_many(r: pipeline.Report) -> str:
+    hint = "" if r.label_field else "; --labels or --output-schema asks for labels"
+    return f"more than {pipeline.MAX_LABELS} distinct answers, so free text: no distribution{hint}"
+
+
 def render_text(report: pipeline.Report) -> str:
     """The report for a terminal."""
     r = report
@@ -32,6 +37,8 @@ def render_text(report: pipeline.Report) -> str:
         total = sum(n for _, n in r.labels)
         out.append(f"\nlabels ({r.label_field or 'answer'}):")
         out += [f"  {label:<24} {n:>8}  {_pct(n, total):>6}" for label, n in r.labels]
+    elif r.too_many_labels:
+        out.append(f"\nlabels ({r.label_field or 'answer'}): {_too_many(r)}")
     out.append("\nstatus and errors:")
     for status, error, n in r.statuses:
         out.append(f"  {status + (f' ({error})' if error else ''):<40} {n:>8}")
@@ -129,6 +136,7 @@ def render_html(report: pipeline.Report) -> str:
         f"cache write {u.get('cache_creation_input_tokens', 0):,}, "
         f"cache read {u.get('cache_read_input_tokens', 0):,}"
     )
+    no_labels = _too_many(r) if r.too_many_labels else "No labels (the job has no output schema)."
     status_chart = _bars(
         [(f"{s}{' / ' + err if err else ''}", n) for s, err, n in r.statuses], "rows by status"
     )
@@ -140,7 +148,7 @@ def render_html(report: pipeline.Report) -> str:
 <div class="meta">model {e(r.model)} · batch prices, price table {e(r.price_table)}</div>
 <div class="cards">{card_html}</div>
 <h2>Labels{f" ({e(r.label_field)})" if r.label_field else ""}</h2>
-{_bars(r.labels, "label distribution") or "<p>No labels (the job has no output schema).</p>"}
+{_bars(r.labels, "label distribution") or f"<p>{e(no_labels)}</p>"}
 <h2>Status and errors</h2>
 {status_chart}
 <table><tr><th>status</th><th>error type</th><th>rows</th></tr>{status_rows}</table>

@@ -8,7 +8,7 @@ from batchpipe.pipeline.context import Context, NullProgress, Progress, default_
 from batchpipe.pipeline.estimate import DEFAULT_SAMPLE, Estimate, estimate
 from batchpipe.pipeline.export import RESULT_COLUMN_TYPES, export
 from batchpipe.pipeline.ingest import default_job_name
-from batchpipe.pipeline.report import Report, build_report
+from batchpipe.pipeline.report import MAX_LABELS, Report, build_report
 from batchpipe.pipeline.rerun import RerunPlan
 from batchpipe.pipeline.runner import (
     TickReport,
@@ -26,6 +26,7 @@ from batchpipe.pipeline.verdict import rows_failed
 
 __all__ = [
     "DEFAULT_SAMPLE",
+    "MAX_LABELS",
     "RESULT_COLUMN_TYPES",
     "Context",
     "Estimate",

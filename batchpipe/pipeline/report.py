@@ -25,6 +25,9 @@ from batchpipe.pipeline.outcome import output_schema
 from batchpipe.pipeline.submit import check_fingerprint
 
 _TEXT_LIMIT = 300  # characters of an input or answer shown per sampled row
+# More distinct answers than this are free text, not a label set: no distribution is shown,
+# and counting stops (a counter of a million distinct answers would grow with the job).
+MAX_LABELS = 50
 
 
 @dataclass
@@ -37,7 +40,8 @@ class Report:
     model: str
     rows: int
     label_field: str | None
-    labels: list[tuple[str, int]]
+    labels: list[tuple[str, int]]  # empty when there were more than MAX_LABELS distinct
+    too_many_labels: bool
     statuses: list[tuple[str, str | None, int]]
     attempts: dict[int, int]
     truncated: int
@@ -77,13 +81,16 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
     label_field = None
     if outputs is not None:
         label_field = next((n for n, t in outputs.columns() if t == "string"), None)
-    labels: Counter[str] = Counter()
+    labels: Counter[str] | None = Counter()
     rng = random.Random(seed)
     chosen: list[ItemRow] = []
     for seen, item in enumerate(ctx.store.iter_items(job.id), start=1):
-        label = _label_of(item, label_field) if label_field or outputs is None else None
-        if label is not None:
-            labels[label] += 1
+        if labels is not None and (label_field or outputs is None):
+            label = _label_of(item, label_field)
+            if label is not None:
+                labels[label] += 1
+                if len(labels) > MAX_LABELS:
+                    labels = None
         if len(chosen) < sample:
             chosen.append(item)
         elif (j := rng.randrange(seen)) < sample:
@@ -115,7 +122,8 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
         model=spec.model,
         rows=job.row_count,
         label_field=label_field,
-        labels=labels.most_common(),
+        labels=labels.most_common() if labels is not None else [],
+        too_many_labels=labels is None,
         statuses=ctx.store.status_breakdown(job.id),
         attempts=ctx.store.attempts_histogram(job.id),
         truncated=totals.truncated,
