@@ -420,6 +420,18 @@ def test_estimate_checks_the_columns_as_the_run_would(tmp_path: Path) -> None:
     assert "--id-column 'nope' is not a column of the input" in result.stderr
     good = invoke(tmp_path, "estimate", *run_args(src, tmp_path / "out.parquet")[1:], "--offline")
     assert good.exit_code == 0, good.output
+    assert "warning" not in good.stderr
+
+
+def test_estimate_counts_the_rows_the_run_would_refuse(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [*rows(3), {"doc_id": "d9", "body": None}])
+    result = invoke(tmp_path, "estimate", *run_args(src, tmp_path / "o.parquet")[1:], "--offline")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("3 row(s) to send")
+    assert (
+        "warning: 1 row(s) fail validation and are not priced "
+        "(first: row 4: column 'body' is null); `run` refuses the job unless --skip-invalid"
+    ) in result.stderr
 
 
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:

@@ -78,3 +78,9 @@ def estimate(
             ]
         )
     )
+    if found.invalid_rows:
+        click.echo(
+            f"warning: {found.invalid_rows} row(s) fail validation and are not priced "
+            f"(first: {found.first_invalid}); `run` refuses the job unless --skip-invalid",
+            err=True,
+        )

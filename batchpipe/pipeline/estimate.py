@@ -49,6 +49,10 @@ class Estimate:
     max_cost_usd: float
     price_table: str = pricing.PRICE_TABLE_VERSION
     batch_discount: float = pricing.BATCH_DISCOUNT
+    # Rows that fail validation (not priced: the run refuses them, or with --skip-invalid
+    # never sends them), and what the first of them says.
+    invalid_rows: int = 0
+    first_invalid: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -113,7 +117,8 @@ def estimate(
     expected_output_tokens: int | None = None,
     seed: int = 0,
 ) -> Estimate:
-    """Estimate the job's cost; streams the input once (rows that do not render are skipped)."""
+    """Estimate the job's cost; streams the input once. Rows that fail validation are not
+    priced; the estimate counts them (``invalid_rows``)."""
     price = pricing.price_for(spec.model)
     if price is None:
         raise UsageError(
@@ -127,11 +132,14 @@ def estimate(
     check_columns(dataset, spec, renderer)
     rng = random.Random(seed)
     reservoir: list[dict[str, Any]] = []
-    rows = total_bytes = 0
+    rows = total_bytes = invalid = 0
+    first_invalid = None
     for chunk in dataset.iter_rows():
         for row in chunk:
-            params = renderer.render(row, rows)
+            params = renderer.render(row, rows + invalid)
             if isinstance(params, RowProblem):
+                invalid += 1
+                first_invalid = first_invalid or f"row {params.row_index + 1}: {params.message}"
                 continue
             rows += 1
             total_bytes += _counted(params)
@@ -168,4 +176,6 @@ def estimate(
         input_cost_usd=input_cost,
         expected_cost_usd=input_cost + per_row * rows * out_rate,
         max_cost_usd=max_input_cost + spec.max_tokens * rows * out_rate,
+        invalid_rows=invalid,
+        first_invalid=first_invalid,
     )
