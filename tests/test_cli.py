@@ -434,6 +434,20 @@ def test_estimate_counts_the_rows_the_run_would_refuse(tmp_path: Path) -> None:
     ) in result.stderr
 
 
+def test_retry_and_cancel_of_a_job_with_nothing_to_do_say_so(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    assert invoke(tmp_path, *run_args(src, tmp_path / "o.parquet")).exit_code == 0
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    retried = invoke(tmp_path, "retry", job["name"])
+    assert retried.exit_code == 0, retried.output
+    assert f"job 1 ({job['name']}): no errored/expired rows to send again\n" in retried.stderr
+    canceled = invoke(tmp_path, "cancel", job["name"])
+    assert canceled.exit_code == 0, canceled.output
+    assert "is already done; nothing to cancel" in canceled.stderr
+    (after,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert after["status"] == "done"
+
+
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
     plain = invoke(tmp_path, "status", "no-such-job")
     debugging = invoke(tmp_path, "--debug", "status", "no-such-job")

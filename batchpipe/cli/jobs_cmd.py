@@ -275,7 +275,14 @@ def cancel(state: State, job_ref: str, emulate: bool) -> None:
     row's final status.
     """
     with pipeline_context(state, emulate=emulate) as ctx:
-        job = pipeline.cancel(ctx, _find_job(ctx, job_ref))
+        job = _find_job(ctx, job_ref)
+        if job.status.is_terminal():
+            click.echo(
+                f"job {job.id} ({job.name}) is already {job.status.value}; nothing to cancel",
+                err=True,
+            )
+            return
+        job = pipeline.cancel(ctx, job)
     _echo_job(job, "canceling" if not job.status.is_terminal() else "canceled")
 
 
@@ -322,9 +329,20 @@ def retry(
         count = pipeline.retry(
             ctx, job, statuses=chosen, error_types=error_types or None, max_tokens=max_tokens
         )
-    click.echo(
-        f"job {job.id} ({job.name}): {count} row(s) queued again; run `batchpipe tick`", err=True
+    if count:
+        click.echo(
+            f"job {job.id} ({job.name}): {count} row(s) queued again; run `batchpipe tick`",
+            err=True,
+        )
+        return
+    which = "/".join(sorted(s.value for s in chosen))
+    why = (
+        "; it is still running, and sends rows that failed for transient reasons again by "
+        "itself (up to --max-attempts)"
+        if job.status.is_active()
+        else ""
     )
+    click.echo(f"job {job.id} ({job.name}): no {which} rows to send again{why}", err=True)
 
 
 @cli.command()
