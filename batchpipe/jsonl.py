@@ -108,6 +108,12 @@ def _parse_slowly(name: str, first_lineno: int, lines: list[bytes]) -> list[Any]
 
 def line_error(name: str, lineno: int, line: bytes, exc: orjson.JSONDecodeError) -> InputError:
     """Why ``line`` failed: bad UTF-8 first (orjson's message for it is vague), else JSON."""
+    if lineno == 1 and line.startswith(b"\x1f\x8b"):
+        # gzip's magic number: compressed data under a name without .gz
+        return InputError(
+            f"{name}, line 1: this looks gzip-compressed; name the file *.jsonl.gz (or "
+            "decompress it) so batchpipe reads it as such"
+        )
     try:
         line.decode("utf-8")
     except UnicodeDecodeError as bad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -122,7 +123,12 @@ BAD_INPUTS = {
     ),
     "duplicate ids": (
         b'{"doc_id": "a", "body": "x"}\n{"doc_id": "a", "body": "y"}\n',
-        r"duplicates: 'a' in rows 1, 2",
+        r"duplicates: 'a' in rows 1, 2; nothing was submitted\. Make the column unique, or "
+        r"run without --id-column",
+    ),
+    "gzip without .gz": (
+        gzip.compress(b'{"doc_id": "a", "body": "x"}\n'),
+        r"in\.jsonl, line 1: this looks gzip-compressed; name the file \*\.jsonl\.gz",
     ),
     "result column clash": (b'{"doc_id": "a", "body": "x", "custom_id": 1}\n', r"custom_id"),
 }
@@ -141,6 +147,13 @@ def test_bad_input_fails_cleanly(tmp_path: Path, case: str) -> None:
     assert not out.exists()
     assert not list(tmp_path.glob("*.tmp"))
     assert batches_created(tmp_path) == 0
+
+
+def test_a_database_in_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'no-such-folder' / 'state.db'}"
+    result = CliRunner().invoke(cli, ["--db", db, "jobs"])
+    assert result.exit_code == 2
+    assert "no-such-folder does not exist; create it or point --db" in result.stderr
 
 
 def test_unreadable_path_names_it(tmp_path: Path) -> None:

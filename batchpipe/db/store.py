@@ -23,7 +23,7 @@ from batchpipe.db.items import ItemsMixin
 from batchpipe.db.jobs import JobsMixin
 from batchpipe.db.ledger import LedgerMixin
 from batchpipe.db.migrate import head_revision, revision_of, upgrade
-from batchpipe.errors import StoreError, StoreUnreachable
+from batchpipe.errors import StoreError, StoreUnreachable, UsageError
 
 # How long Store.open keeps retrying a SQLite file that is locked in a way SQLite does not
 # wait out itself (see _inspect), and the pause between tries.
@@ -44,7 +44,11 @@ class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
         path = sqlite_path(url)
         blank_file = path is not None and (not path.exists() or path.stat().st_size == 0)
         if path is not None and not path.parent.is_dir():
-            raise StoreError(f"database {mask_url(url)}: directory {path.parent} does not exist")
+            # A setting to fix (--db, BATCHPIPE_DATABASE_URL), as a malformed URL is: exit 2.
+            raise UsageError(
+                f"database {mask_url(url)}: directory {path.parent} does not exist; create it "
+                "or point --db (BATCHPIPE_DATABASE_URL) at a file in an existing folder"
+            )
         engine = create_engine(url)
         try:
             current, has_tables = _inspect(engine)

@@ -209,7 +209,8 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         )
         raise PreflightFailed(
             f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
-            f"duplicates: {shown}; nothing was submitted",
+            f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
+            "without --id-column to key rows by their position",
             [shown],
         )
     ctx.store.update_job(
