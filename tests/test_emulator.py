@@ -36,7 +36,8 @@ def check(spec: dict[str, Any], name: str, body: Any) -> None:
 
 
 def req(custom_id: str, text: str = "hello", **params: Any) -> dict[str, Any]:
-    body = {"model": "claude-x", "max_tokens": 64, "messages": [{"role": "user", "content": text}]}
+    messages = [{"role": "user", "content": text}]
+    body = {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": messages}
     body.update(params)
     return {"custom_id": custom_id, "params": body}
 
@@ -301,13 +302,13 @@ def test_too_many_requests_in_one_batch(inprocess_client: anthropic.Anthropic) -
 
 def test_count_tokens(client: anthropic.Anthropic, spec: dict[str, Any]) -> None:
     raw = client.messages.with_raw_response.count_tokens(
-        model="claude-x", messages=[{"role": "user", "content": "a" * 40}]
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "a" * 40}]
     )
     body = raw.http_response.json()
     check(spec, "CountMessageTokensResponse", body)
     assert body["input_tokens"] > 0
     with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.count_tokens(model="claude-x", messages="nope")  # type: ignore[arg-type]
+        client.messages.count_tokens(model="claude-haiku-4-5", messages="nope")  # type: ignore[arg-type]
     check(spec, "ErrorResponse", caught.value.response.json())
 
 

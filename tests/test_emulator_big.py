@@ -21,7 +21,7 @@ def body_of(requests: int, total_bytes: int) -> list[dict[str, object]]:
         {
             "custom_id": f"big-{i}",
             "params": {
-                "model": "m",
+                "model": "claude-haiku-4-5",
                 "max_tokens": 8,
                 "messages": [{"role": "user", "content": text}],
             },

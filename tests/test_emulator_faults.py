@@ -30,7 +30,7 @@ DAY = 86_400.0
 
 def req(custom_id: str, text: str = "hello") -> dict[str, Any]:
     params = {
-        "model": "claude-x",
+        "model": "claude-haiku-4-5",
         "max_tokens": 64,
         "messages": [{"role": "user", "content": text}],
     }
@@ -299,3 +299,47 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         proc.wait(timeout=10)
     assert proc.returncode == 0
     assert Emulator.load(state).stats()["batches_created"] == 1
+
+
+def test_an_unknown_model_or_a_mistyped_sampling_param_comes_back_errored(
+    emulator_server: EmulatorServer, anthropic_client: anthropic.Anthropic
+) -> None:
+    """As the API answers them: the model by not_found_error (never worth resending), the
+    params by invalid_request_error naming the field; both in the results, not at create."""
+
+    def request(custom_id: str, **params: object) -> dict[str, object]:
+        base = {"model": "claude-haiku-4-5", "max_tokens": 8}
+        body = {**base, "messages": [{"role": "user", "content": "hi"}], **params}
+        return {"custom_id": custom_id, "params": body}
+
+    requests = [
+        request("typo", model="claude-nonexistent-9"),
+        request("topk", top_k="five"),
+        request("topp", top_p=1.5),
+        request("fine", top_k=5, top_p=0.5),
+    ]
+    batch = anthropic_client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    emulator_server.emulator.advance(3)
+    results = {r.custom_id: r.result for r in anthropic_client.messages.batches.results(batch.id)}
+    errors = {
+        cid: (r.error.error.type, r.error.error.message)
+        for cid, r in results.items()
+        if r.type == "errored"
+    }
+    assert errors == {
+        "typo": ("not_found_error", "model: claude-nonexistent-9"),
+        "topk": ("invalid_request_error", "top_k: Input should be a valid integer"),
+        "topp": ("invalid_request_error", "top_p: Input should be between 0 and 1"),
+    }
+    assert results["fine"].type == "succeeded"
+    with pytest.raises(anthropic.NotFoundError, match="model: claude-nonexistent-9"):
+        anthropic_client.messages.count_tokens(
+            model="claude-nonexistent-9", messages=[{"role": "user", "content": "hi"}]
+        )
+    emulator_server.emulator.configure(models=("*",))  # a stand-in for a model not yet listed
+    assert (
+        anthropic_client.messages.count_tokens(
+            model="claude-nonexistent-9", messages=[{"role": "user", "content": "hi"}]
+        ).input_tokens
+        > 0
+    )

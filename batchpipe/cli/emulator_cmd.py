@@ -37,8 +37,8 @@ def _knob_options() -> list[click.Option]:
         if get_origin(annotation) in (list, tuple):
             item_type: Any = int if get_origin(annotation) is list else str
             if item_type is str:
-                choices = get_args(get_args(annotation)[0])
-                item_type = click.Choice(list(choices))
+                choices = get_args(get_args(annotation)[0])  # a Literal's values, if any
+                item_type = click.Choice(list(choices)) if choices else str
             options.append(
                 click.Option(
                     [flag, name],

@@ -89,6 +89,10 @@ def process(
     if draw < cfg.expired_rate:
         return Outcome("expired", expired(custom_id).line, None, "item_expired")
     params = orjson.loads(params_json)
+    model = params.get("model") if isinstance(params, dict) else None
+    if isinstance(model, str) and not cfg.knows_model(model):
+        # What the API answers for a model id it does not serve (never worth resending).
+        return _errored(custom_id, "not_found_error", f"model: {model}", None)
     try:
         # respond() runs responder.validate_params first, so bad params raise here.
         message = responder.respond(params, cache=cache)

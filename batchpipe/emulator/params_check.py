@@ -78,6 +78,17 @@ def check_message_params(params: object) -> None:
             raise InvalidParams("temperature: Input should be a valid number")
         if not 0 <= temperature <= 1:
             raise InvalidParams("temperature: Input should be between 0 and 1")
+    top_k = body.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise InvalidParams("top_k: Input should be a valid integer")
+    if top_k is not None and top_k < 0:
+        raise InvalidParams("top_k: Input should be greater than or equal to 0")
+    top_p = body.get("top_p")
+    if top_p is not None:
+        if not isinstance(top_p, int | float) or isinstance(top_p, bool):
+            raise InvalidParams("top_p: Input should be a valid number")
+        if not 0 <= top_p <= 1:
+            raise InvalidParams("top_p: Input should be between 0 and 1")
     _check_prompt(body)
     _check_thinking(body)
 

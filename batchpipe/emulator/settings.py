@@ -28,6 +28,15 @@ HTTP_FAULT_TYPES: dict[int, str] = {
     529: "overloaded_error",
 }
 
+# The model ids the API's spec lists for Messages (the Model schema's constants).
+KNOWN_MODELS: tuple[str, ...] = (
+    "claude-opus-4-7", "claude-mythos-preview", "claude-opus-4-6", "claude-sonnet-4-6",
+    "claude-haiku-4-5", "claude-haiku-4-5-20251001", "claude-opus-4-5",
+    "claude-opus-4-5-20251101", "claude-sonnet-4-5", "claude-sonnet-4-5-20250929",
+    "claude-opus-4-1", "claude-opus-4-1-20250805", "claude-opus-4-0", "claude-opus-4-20250514",
+    "claude-sonnet-4-0", "claude-sonnet-4-20250514", "claude-3-haiku-20240307",
+)  # fmt: skip
+
 
 class EmulatorConfig(BaseModel):
     """How the emulator behaves. All rates are fractions in [0, 1]; all times are seconds."""
@@ -45,6 +54,11 @@ class EmulatorConfig(BaseModel):
         default=0.5,
         ge=0.0,
         description="How long a canceled batch stays 'canceling' before it ends",
+    )
+    models: tuple[str, ...] = Field(
+        default=KNOWN_MODELS,
+        description="Model ids the emulator answers for; a request for another comes back "
+        "errored with not_found_error, as the API's does ('*': answer for any)",
     )
     errored_rate: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Fraction of requests that come back errored"
@@ -114,6 +128,10 @@ class EmulatorConfig(BaseModel):
         description="Status codes for the next API calls, in order (e.g. 429 529 500); "
         "each is used once, before any rate applies",
     )
+
+    def knows_model(self, model: str) -> bool:
+        """Whether a request for ``model`` is answered (else: not_found_error)."""
+        return model in self.models or "*" in self.models
 
     @field_validator("fail_next")
     @classmethod

@@ -233,6 +233,9 @@ class EmulatorApp:
             tokens = responder.count_tokens(body)
         except responder.InvalidParams as exc:
             raise bad_request(str(exc)) from None
+        model = body["model"]  # a string: count_tokens checked it
+        if not self.emu.config.knows_model(model):
+            raise ApiFailure(404, "not_found_error", f"model: {model}")
         return _json(200, {"input_tokens": tokens}, rid)
 
     # ------------------------------------------------------------ controls
