@@ -341,8 +341,6 @@ class Dataset:
             raise InputError(
                 f"cannot read {self.uri} as Parquet: {exc}; is it really a Parquet file?"
             ) from None
-        if parquet.metadata.num_rows == 0:
-            raise InputError(f"{self.uri} has no rows")
         return parquet
 
     def _scan_jsonl(self, *, infer_types: bool) -> None:

@@ -61,11 +61,10 @@ def iter_row_chunks(
 ) -> Iterator[list[dict[str, Any]]]:
     """Parse JSONL into lists of at most ``batch_rows`` row dicts, in file order.
 
-    Raises :class:`InputError` naming ``name`` and the line for bad UTF-8, bad JSON, a line
-    that is not an object, or a file without a single row.
+    Raises :class:`InputError` naming ``name`` and the line for bad UTF-8, bad JSON or a
+    line that is not an object. A file without rows (empty, or blank lines) yields nothing.
     """
     rows: list[dict[str, Any]] = []
-    total = 0
     for first_lineno, lines in iter_line_blocks(stream):
         try:
             # Fast path: a block of good lines parses in one comprehension, checked in C.
@@ -78,13 +77,9 @@ def iter_row_chunks(
         rows.extend(parsed)
         while len(rows) >= batch_rows:
             chunk, rows = rows[:batch_rows], rows[batch_rows:]
-            total += len(chunk)
             yield chunk
     if rows:
-        total += len(rows)
         yield rows
-    if total == 0:
-        raise InputError(f"{name} has no rows; expected one JSON object per line")
 
 
 def _parse_slowly(name: str, first_lineno: int, lines: list[bytes]) -> list[Any]:

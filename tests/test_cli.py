@@ -112,7 +112,6 @@ BAD_INPUTS = {
         r"in\.jsonl, line 2: invalid JSON",
     ),
     "not UTF-8": (b'{"doc_id": "a", "body": "caf\xe9"}\n', r"in\.jsonl, line 1: not valid UTF-8"),
-    "empty file": (b"", r"in\.jsonl has no rows"),
     "missing template column": (
         b'{"doc_id": "a", "text": "x"}\n',
         r"template uses column\(s\) 'body', which the input does not have",
@@ -146,6 +145,34 @@ def test_bad_input_fails_cleanly(tmp_path: Path, case: str) -> None:
     assert "Traceback" not in result.output
     assert not out.exists()
     assert not list(tmp_path.glob("*.tmp"))
+    assert batches_created(tmp_path) == 0
+
+
+@pytest.mark.parametrize("kind", ["empty JSONL", "blank JSONL", "empty Parquet"])
+def test_an_input_without_rows_is_a_done_job_with_an_empty_output(
+    tmp_path: Path, kind: str
+) -> None:
+    """A scheduled run over an empty partition succeeds, and downstream finds its file."""
+    if kind == "empty Parquet":
+        src = tmp_path / "in.parquet"
+        empty = pa.array([], pa.string())
+        pq.write_table(pa.table({"doc_id": empty, "body": empty}), src)
+    else:
+        src = tmp_path / "in.jsonl"
+        src.write_bytes(b"" if kind == "empty JSONL" else b"\n  \n")
+    out = tmp_path / "out.parquet"
+    result = invoke(tmp_path, *run_args(src, out))
+    assert result.exit_code == 0, result.output
+    assert "job.empty_input" in result.stderr
+    table = pq.read_table(out)
+    assert table.num_rows == 0
+    inputs = ["doc_id", "body"] if kind == "empty Parquet" else []  # JSONL: no row, no column
+    assert table.column_names[: len(inputs) + 2] == [*inputs, "custom_id", "result_status"]
+    assert batches_created(tmp_path) == 0
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert (job["status"], job["rows"]) == ("done", 0)
+    again = invoke(tmp_path, *run_args(src, out))  # the same command: nothing to do
+    assert again.exit_code == 0, again.output
     assert batches_created(tmp_path) == 0
 
 
@@ -391,7 +418,7 @@ def test_a_job_held_by_another_process_names_it_and_how_to_go_on(tmp_path: Path)
         job = store.get_job("j")
         assert job is not None
         assert store.acquire_lease(job.id, "worker-7:4242:abcd", 600)
-    result = invoke(tmp_path, "cancel", "j")
+    result = invoke(tmp_path, "retry", "j")
     assert result.exit_code == 75, result.output
     assert "being worked on by another process (worker-7:4242:abcd)" in result.stderr
     assert "a `batchpipe run` stops with Ctrl-C and resumes later" in result.stderr
@@ -517,7 +544,8 @@ def test_no_api_key_says_what_to_do(tmp_path: Path) -> None:
 def test_job_file_with_flags_overriding(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in.jsonl", rows(4))
     (tmp_path / "job.toml").write_text(
-        'name = "nightly"\ninput = "in.jsonl"\nprompt = "Say: {{ body }}"\nmodel = "m"\n'
+        'name = "nightly"\ninput = "in.jsonl"\nprompt = "Say: {{ body }}"\n'
+        'model = "claude-haiku-4-5"\n'
         'max_tokens = 8\nid_column = "doc_id"\noutput = "out.jsonl"\n'
     )
     result = invoke(tmp_path, "run", "--emulate", "--config", str(tmp_path / "job.toml"),
@@ -580,8 +608,8 @@ def test_tick_from_another_directory_finds_relative_paths(
     write_jsonl(work / "in.jsonl", rows(3))
     monkeypatch.chdir(work)
     submitted = invoke(
-        tmp_path, "submit", "in.jsonl", "--emulate", "--prompt", PROMPT, "--model", "m",
-        "--max-tokens", "8", "-o", "out.jsonl", "--job", "rel",
+        tmp_path, "submit", "in.jsonl", "--emulate", "--prompt", PROMPT,
+        "--model", "claude-haiku-4-5", "--max-tokens", "8", "-o", "out.jsonl", "--job", "rel",
     )  # fmt: skip
     assert submitted.exit_code == 0, submitted.output
     monkeypatch.chdir(tmp_path)  # cron starts somewhere else

@@ -193,12 +193,12 @@ def test_line_that_is_not_an_object(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
 def test_jsonl_without_rows(tmp_path: Path, content: bytes) -> None:
+    """Nothing to read is not an error here: a job of it has nothing to send."""
     path = tmp_path / "empty.jsonl"
     path.write_bytes(content)
-    with pytest.raises(InputError, match=r"empty\.jsonl has no rows"):
-        read_all(path)
-    with pytest.raises(InputError, match=r"empty\.jsonl has no rows"):
-        Dataset(str(path)).count_rows()
+    assert list(Dataset(str(path)).iter_rows()) == []
+    assert Dataset(str(path)).count_rows() == 0
+    assert Dataset(str(path)).columns() == []
 
 
 def test_missing_path(tmp_path: Path) -> None:
@@ -289,15 +289,20 @@ def test_corrupt_parquet(tmp_path: Path) -> None:
         read_all(path)
 
 
-@pytest.mark.parametrize("empty", ["zero-bytes", "zero-rows"])
-def test_empty_parquet(tmp_path: Path, empty: str) -> None:
+def test_a_zero_byte_parquet_file_is_not_parquet(tmp_path: Path) -> None:
     path = tmp_path / "empty.parquet"
-    if empty == "zero-bytes":
-        path.write_bytes(b"")
-    else:
-        pq.write_table(pa.table({"a": pa.array([], pa.int64())}), path)
-    with pytest.raises(InputError, match=r"empty\.parquet"):
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty\.parquet as Parquet"):
         read_all(path)
+
+
+def test_a_parquet_file_without_rows_has_its_columns_and_no_rows(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"a": pa.array([], pa.int64())}), path)
+    data = Dataset(str(path))
+    assert data.columns() == ["a"]
+    assert data.count_rows() == 0
+    assert list(data.iter_rows()) == []
 
 
 # ---------------------------------------------------------------- the joined export

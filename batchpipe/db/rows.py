@@ -38,6 +38,12 @@ class JobRow:
     exported_at: datetime | None
     request_spec: dict[str, Any] | None = None
 
+    @property
+    def ingested(self) -> bool:
+        """Whether its rows were validated and stored (the fingerprint is recorded with them,
+        in the same update): a job of an empty input is ingested with no rows."""
+        return self.input_fingerprint is not None
+
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> JobRow:
         """Build from a ``SELECT * FROM jobs`` row."""

@@ -138,6 +138,8 @@ def _describe(problem: RowProblem) -> str:
 def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) -> None:
     """Column-level checks that need no row: clashes, unknown template or id columns."""
     columns = dataset.columns()
+    if not columns and dataset.format == "jsonl":
+        return  # no row, so no column to check (a Parquet file has its schema even empty)
     outputs = spec.output_schema or {}
     prefix = spec.result_prefix or ""
     added = (*RESULT_COLUMNS, *outputs.get("properties", {}))
@@ -156,8 +158,12 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
 
 
 def ingest(ctx: Context, job: JobRow) -> JobRow:
-    """Validate every row and insert the job's items; a no-op when already ingested."""
-    if job.row_count > 0:
+    """Validate every row and insert the job's items; a no-op when already ingested.
+
+    An input without rows makes a job with nothing to send: done at once (its export is an
+    empty file), so a scheduled run over an empty partition succeeds rather than fails.
+    """
+    if job.ingested:
         return job
     spec = job_spec(job)
     dataset = Dataset(spec.input, spec.input_format)
@@ -199,8 +205,6 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         logger.warning("job.ingest_restarted", leftover_items=leftovers)
     inserted = ctx.store.insert_items(job.id, items())
     failpoint("after_insert_items")
-    if counts["rows"] == 0:
-        raise InputError(f"{dataset.uri} has no rows")
     duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column else []
     if duplicates:
         ctx.store.delete_items(job.id)
@@ -218,10 +222,12 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         row_count=inserted,
         invalid_count=counts["invalid"],
         input_fingerprint=fingerprint,
-        status=JobStatus.RUNNING,
+        status=JobStatus.RUNNING if counts["rows"] else JobStatus.DONE,
         error=None,
     )
     logger.info("job.ingested", rows=inserted, invalid=counts["invalid"])
+    if not counts["rows"]:
+        logger.warning("job.empty_input", input=dataset.uri)  # done: nothing to send
     release_free_memory()
     refreshed = ctx.store.get_job(job.id)
     assert refreshed is not None

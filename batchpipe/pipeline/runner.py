@@ -55,7 +55,7 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     # Before anything is spent: an unwritable output would only show at the export. Without
     # -o a known job keeps the output it was given (see open_job).
     _check_output(spec if spec.output or known is None else job_spec(known))
-    if known is None or known.row_count == 0:
+    if known is None or not known.ingested:
         _check_startable(spec)  # before a job is recorded: a refused command leaves none
     try:
         job = open_job(ctx, name, spec)
@@ -71,7 +71,7 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
         job = _reload(ctx, job)
     with ctx.lease(job):
         job = _reload(ctx, job)
-        if job.status == JobStatus.FAILED and job.row_count > 0:
+        if job.status == JobStatus.FAILED and job.ingested:
             # Running the same command again after fixing the cause resumes the job.
             ctx.store.update_job(
                 job.id, expected_status=JobStatus.FAILED, status=JobStatus.RUNNING, error=None
@@ -124,7 +124,7 @@ def step(ctx: Context, job: JobRow) -> JobRow:
     The caller holds the job's lease.
     """
     job = _reload(ctx, job)
-    if not job.status.is_active() or job.row_count == 0:
+    if not job.status.is_active() or not job.ingested:
         # No rows yet: the process validating them died. Only the job's command (prepare)
         # ingests; with nothing recorded there is nothing to advance, and nothing is done.
         return job

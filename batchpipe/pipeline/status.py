@@ -15,7 +15,7 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
         return f"read the error, check at the API, then `batchpipe resume {job.name}`"
     if job.status == JobStatus.FAILED:
         return "fix the cause in the error, then run the same command again"
-    if job.row_count == 0 and job.status == JobStatus.RUNNING:
+    if not job.ingested and job.status == JobStatus.RUNNING:
         return "run the job's command again: its rows were not validated yet"
     if job.status in {JobStatus.DONE, JobStatus.CANCELED}:
         failed = sum(counts.get(s, 0) for s in (ItemStatus.ERRORED, ItemStatus.EXPIRED))
