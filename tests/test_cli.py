@@ -262,6 +262,20 @@ def test_an_export_that_fails_says_where_the_answers_are(tmp_path: Path) -> None
     assert batches_created(tmp_path) == 1
 
 
+def test_a_template_reads_a_column_with_a_space_through_row(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": "a", "product name": "lamp", "body": "bright"}]), src
+    )
+    out = tmp_path / "out.jsonl"
+    args = with_prompt(run_args(src, out), 'About the {{ row["product name"] }}: {{ body }}')
+    result = invoke(tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["result_status"] == "succeeded"
+    assert line["product name"] == "lamp"
+
+
 def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     src = tmp_path / "in.parquet"
     pq.write_table(

@@ -154,6 +154,25 @@ def test_a_null_nested_field_is_a_row_problem_not_the_text_none() -> None:
     assert params["messages"][0]["content"] == "Language: unknown"
 
 
+def test_row_reaches_columns_whose_names_are_not_identifiers() -> None:
+    renderer = RequestRenderer(make_spec(prompt='{{ row["product name"] }}: {{ body }}'))
+    assert renderer.template_columns() == {"body"}
+    assert renderer.columns_to_read() is None  # every column: any may be asked for
+    params = renderer.render({"product name": "lamp", "body": "bright"}, 0)
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "lamp: bright"
+    missing = renderer.render({"body": "b"}, 3)
+    assert isinstance(missing, RowProblem)
+    assert "product name" in missing.message
+    # An input column called row is that column, as before.
+    plain = RequestRenderer(make_spec(prompt="Row {{ row }}"))
+    assert plain.columns_to_read() is None
+    named = plain.render({"row": 7}, 0)
+    assert isinstance(named, dict)
+    assert named["messages"][0]["content"] == "Row 7"
+    assert RequestRenderer(make_spec(prompt="{{ body }}")).columns_to_read() == {"body"}
+
+
 def test_empty_prompt_is_a_row_problem() -> None:
     renderer = RequestRenderer(make_spec(prompt="{{ body }}"))
     assert renderer.render({"body": "  \n"}, 2) == RowProblem(

@@ -173,7 +173,9 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     logger = bind(job, log)
     problems: list[RowProblem] = []
     counts = {"rows": 0, "invalid": 0}
-    read = renderer.template_columns() | ({spec.id_column} if spec.id_column else set())
+    read = renderer.columns_to_read()
+    if read is not None and spec.id_column:
+        read.add(spec.id_column)
 
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
         ctx.progress.start("validating rows")

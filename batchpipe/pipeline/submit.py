@@ -81,7 +81,7 @@ def _rows_for(
     """Merge the input stream with `wanted` items (both in row order): yield each item's params."""
     nxt = next(wanted, None)
     row_index = -1
-    for chunk in dataset.iter_rows(columns=renderer.template_columns()):
+    for chunk in dataset.iter_rows(columns=renderer.columns_to_read()):
         for row in chunk:
             row_index += 1
             if nxt is None:

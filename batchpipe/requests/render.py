@@ -78,6 +78,10 @@ def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[s
         )
 
 
+# The name a template uses for the whole row (see RequestRenderer).
+ROW_NAME = "row"
+
+
 class _NullPrinted(Exception):
     """A template printed a null value (raised by _finalize, turned into a RowProblem)."""
 
@@ -159,6 +163,10 @@ class RequestRenderer:
         self._columns = self._referenced(spec.prompt)
         if spec.system is not None:
             self._columns |= self._referenced(spec.system)
+        # `row` is the whole row, for columns whose names are not identifiers
+        # ({{ row["product name"] }}); an input column of that name still wins.
+        self._whole_row = ROW_NAME in self._columns
+        self._columns.discard(ROW_NAME)
         # Checked in sorted order so a row with several problems always reports the same one.
         self._column_order = sorted(self._columns)
         self._head: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens}
@@ -187,7 +195,9 @@ class RequestRenderer:
             ) from None
         try:
             ast = self._env.parse(source)
-            referenced = self._referenced(ast)
+            # A bare {{ row }} is the whole row unless the input has a column so named:
+            # only the jinja2 path decides that, row by row.
+            referenced = self._referenced(ast) - {ROW_NAME}
             simple = _SimpleTemplate.from_ast(ast, referenced)
             return simple if simple is not None else self._env.from_string(ast)
         except jinja2.TemplateSyntaxError as exc:
@@ -201,8 +211,12 @@ class RequestRenderer:
         return jinja2.meta.find_undeclared_variables(ast) - set(self._env.globals)
 
     def template_columns(self) -> set[str]:
-        """The columns the templates reference."""
+        """The columns the templates reference by name (not through ``row[...]``)."""
         return set(self._columns)
+
+    def columns_to_read(self) -> set[str] | None:
+        """The input columns rendering needs; None for all of them (``row`` is used)."""
+        return None if self._whole_row else set(self._columns)
 
     def render(self, row: Mapping[str, Any], row_index: int) -> dict[str, Any] | RowProblem:
         """The Messages params for one row, or the RowProblem that stops it.
@@ -214,9 +228,12 @@ class RequestRenderer:
             value = row.get(column, _MISSING)
             if value is None or value is _MISSING:
                 return self._absent_columns(row, row_index)
+        context = row
+        if self._whole_row and ROW_NAME not in row:
+            context = {**row, ROW_NAME: row}
         try:
-            text = self._prompt.render(row)
-            system = self._system.render(row) if self._system is not None else None
+            text = self._prompt.render(context)
+            system = self._system.render(context) if self._system is not None else None
         except jinja2.UndefinedError as exc:
             return RowProblem(row_index, None, f"template: {exc.message}")
         except _NullPrinted:
