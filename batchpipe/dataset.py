@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from batchpipe._export import JoinedWriter, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
 from batchpipe.jsonl import TypeInference, iter_row_chunks
+from batchpipe.models import RESULT_PREFIX_HINT
 
 Format = Literal["jsonl", "parquet"]
 
@@ -481,6 +482,5 @@ def _refuse_clash(uri: str, clash: list[str]) -> None:
     if clash:
         raise InputError(
             f"{uri} already has column(s) {', '.join(map(repr, clash))}, which the export "
-            "adds; rename them in the input, or name the export's columns apart with "
-            "--result-prefix (e.g. --result-prefix bp_)"
+            f"adds; {RESULT_PREFIX_HINT}"
         )

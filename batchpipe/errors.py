@@ -15,7 +15,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key
     │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
-    │       └── CreateRefused     75  a create refused for now (429/503/529): nothing created
+    │       └── CreateRefused     75  a create refused (429/503/529) or never connected
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
     ├── BudgetExceeded             1  sending more would pass the job's --max-cost
     ├── RowsFailed                 1  the job ended with more failed rows than --max-failed

@@ -24,6 +24,11 @@ DEFAULT_MAX_BATCH_BYTES = 250 * 1000 * 1000
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 # The stop_reason of an answer cut off at max_tokens (a truncated answer).
 TRUNCATED_STOP_REASON = "max_tokens"
+# What an error about an input column named like a result column suggests.
+RESULT_PREFIX_HINT = (
+    "rename them in the input, or give the job --result-prefix (e.g. bp_) on its command "
+    "to name batchpipe's columns apart"
+)
 # JobSpec.max_failed: a count of rows, or a percentage of them.
 _MAX_FAILED = re.compile(r"\d+|\d+(\.\d+)?%")
 _RESULT_PREFIX = re.compile(r"[A-Za-z0-9_]{0,32}")
@@ -229,6 +234,10 @@ class JobSpec(BaseModel):
                 "or a percentage of them (e.g. 5% or 0.5%)"
             )
         return text
+
+    def result_column(self, name: str) -> str:
+        """The output name of a column batchpipe adds (``result_prefix`` + name)."""
+        return (self.result_prefix or "") + name
 
     def failed_rows_allowed(self, row_count: int) -> int:
         """How many of ``row_count`` rows may fail (see ``max_failed``) with the job still a

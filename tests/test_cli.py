@@ -176,6 +176,22 @@ def test_an_input_without_rows_is_a_done_job_with_an_empty_output(
     assert batches_created(tmp_path) == 0
 
 
+def test_an_empty_input_filled_later_is_sent_by_the_same_command(tmp_path: Path) -> None:
+    """A partition looked at before it was written: the job had nothing to mislabel."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"")
+    out = tmp_path / "out.parquet"
+    assert invoke(tmp_path, *run_args(src, out)).exit_code == 0
+    write_jsonl(src, rows(3))
+    filled = invoke(tmp_path, *run_args(src, out))
+    assert filled.exit_code == 0, filled.output
+    table = pq.read_table(out)
+    assert table.column("result_status").to_pylist() == ["succeeded"] * 3
+    assert batches_created(tmp_path) == 1
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert (job["status"], job["rows"]) == ("done", 3)
+
+
 def test_a_database_in_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'no-such-folder' / 'state.db'}"
     result = CliRunner().invoke(cli, ["--db", db, "jobs"])
@@ -305,7 +321,7 @@ def test_result_prefix_exports_beside_input_columns_of_the_same_name(tmp_path: P
     refused = invoke(tmp_path, *args)
     assert refused.exit_code == 1
     assert "already has column(s) 'model'" in refused.stderr
-    assert "--result-prefix (e.g. --result-prefix bp_)" in refused.stderr
+    assert "give the job --result-prefix (e.g. bp_) on its command" in refused.stderr
     assert batches_created(tmp_path) == 0
 
     # What the error suggests, on the same command: the same job goes on.

@@ -421,6 +421,31 @@ def test_a_create_that_never_connected_is_retried_and_said_to_have_created_nothi
     client.close()
 
 
+def test_a_create_that_may_have_reached_the_api_is_never_said_to_have_created_nothing(
+    emu: Emulator,
+) -> None:
+    """A 500 or a read timeout can follow a batch the API did create: the caller must keep
+    its intent and look for the batch (recovery), not release it as CreateRefused."""
+    with EmulatorServer(emu, host="127.0.0.1", port=0) as server:
+        client = BatchClient(_settings(), base_url=server.url, timeout=0.5)
+        client.sleep = lambda _s: None
+        emu.configure(processing_seconds=0, fail_next=[500])
+        with pytest.raises(errors.TransientAPIError) as err:
+            client.create(_body(1)[0], count=1)
+        assert not isinstance(err.value, errors.CreateRefused)
+        emu.configure(slow_rate=1.0, slow_seconds=1.5)
+        with pytest.raises(errors.TransientAPIError, match="timed out") as err:
+            client.create(_body(1)[0], count=1)
+        assert not isinstance(err.value, errors.CreateRefused)
+        client.close()
+        # The timed-out create reached the API all the same (its handler was still at
+        # work): exactly why such a create must never be sent again blindly.
+        deadline = time.monotonic() + 10
+        while emu.stats()["batches_created"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert emu.stats()["batches_created"] == 1
+
+
 def test_a_key_with_a_line_end_is_trimmed_and_one_with_inner_junk_refused(emu: Emulator) -> None:
     settings = Settings.load(env={"ANTHROPIC_API_KEY": KEY + "\r\n"})
     with BatchClient(settings, http_client=emu.http_client(), base_url=IN_PROCESS_BASE_URL) as bc:

@@ -25,6 +25,7 @@ from batchpipe.emulator.responder import (
     validate_params,
 )
 from batchpipe.emulator.schema_values import value_for
+from batchpipe.emulator.settings import KNOWN_MODELS
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "shared/reference/anthropic-openapi-subset.json"
 MODEL = "claude-haiku-4-5"
@@ -763,3 +764,12 @@ def test_thinking_with_a_forced_tool_is_refused() -> None:
     )
     with pytest.raises(InvalidParams, match="forces tool use"):
         validate_params(params)
+
+
+def test_the_emulators_models_are_the_specs() -> None:
+    """KNOWN_MODELS is the spec's Model constants, copied: caught here when the spec moves."""
+    if not SPEC_PATH.exists():
+        pytest.skip(f"reference spec not found at {SPEC_PATH}")
+    model = json.loads(SPEC_PATH.read_text())["components"]["schemas"]["Model"]
+    listed = [choice["const"] for choice in model["anyOf"] if "const" in choice]
+    assert list(KNOWN_MODELS) == listed

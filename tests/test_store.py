@@ -825,6 +825,25 @@ def test_a_connection_lost_in_a_transaction_is_try_later(postgres_url: str) -> N
         assert fresh.error is None  # nothing half-written
 
 
+@pytest.mark.postgres
+def test_a_statement_error_on_a_live_connection_stays_terminal(postgres_url: str) -> None:
+    """A statement timeout (like a full disk or a deadlock) has a SQLSTATE: not 'the server
+    is gone', so not exit 75 with 'run again when the server is back'."""
+    upgrade(postgres_url)
+    with Store.open(postgres_url) as store:
+        with pytest.raises(StoreError, match="canceling statement due to statement timeout") as err:
+            _time_out_a_statement(store)
+        assert not isinstance(err.value, StoreUnreachable)
+        assert err.value.exit_code == 1
+        assert store.list_jobs() == []  # the connection is fine
+
+
+def _time_out_a_statement(store: Store) -> None:
+    with store._begin() as conn:
+        conn.execute(sa.text("SET LOCAL statement_timeout = 10"))
+        conn.execute(sa.text("SELECT pg_sleep(1)"))
+
+
 def _update_then_lose_the_connection(store: Store, job: int) -> None:
     with store._begin() as conn:
         conn.execute(sa.update(jobs).where(jobs.c.id == job).values(error="half"))

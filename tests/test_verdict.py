@@ -6,16 +6,20 @@ emulator's invalid_rate makes rows come back errored (invalid_request_error, nev
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import job_args, run_batchpipe, write_rows
 
+from batchpipe.db import JobRow
 from batchpipe.emulator import Emulator
-from batchpipe.models import ItemStatus, JobSpec
+from batchpipe.models import ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline import rows_failed
 
 ROWS = 40
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _spec(max_failed: object) -> JobSpec:
@@ -114,21 +118,40 @@ def test_max_failed_decides_and_a_later_run_may_change_it(
     assert emulator.stats()["batches_created"] == created  # only the verdict changed
 
 
-def test_the_tick_that_finishes_a_failed_job_exits_1_once(
+def test_the_tick_that_finishes_a_failed_job_exits_1_once_and_by_name_always(
     emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
 ) -> None:
-    src = tmp_path / "docs.jsonl"
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
     write_rows(src, ROWS)
     emulator.configure(processing_seconds=0, invalid_rate=1.0)
-    submitted = run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "cron"))
+    submitted = run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "cron", out))
     assert submitted.returncode == 0, submitted.stderr
     ticked = run_batchpipe(sqlite_url, cli_env, "tick")
     assert ticked.returncode == 1, ticked.stderr
     assert "error: job 1 (cron): no row got an answer" in ticked.stderr
+    assert _statuses(out) == ["errored"] * ROWS  # exported by that tick all the same
     # Cron hears it once; the job is done and the next tick has nothing to do.
     quiet = run_batchpipe(sqlite_url, cli_env, "tick")
     assert quiet.returncode == 0, quiet.stderr
     assert "no row got an answer" not in quiet.stderr
+    # Asked for by name (an Airflow sensor, retried or cleared), it keeps failing, as run does.
+    for _ in range(2):
+        named = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "cron")
+        assert named.returncode == 1, named.stderr
+        assert "no row got an answer" in named.stderr
+
+
+def test_canceled_rows_do_not_let_a_job_without_answers_pass() -> None:
+    """8 canceled by the user and 2 errored: no row got an answer, so the default fails."""
+    job = JobRow(
+        id=1, name="j", token="0123456789", status=JobStatus.DONE,
+        spec=_spec(None).model_dump(), input_fingerprint="fp", row_count=10,
+        invalid_count=0, error=None, created_at=NOW, updated_at=NOW, lease_owner=None,
+        lease_until=None, exported_at=None,
+    )  # fmt: skip
+    counts = {ItemStatus.CANCELED: 8, ItemStatus.ERRORED: 2, ItemStatus.SUCCEEDED: 0}
+    assert rows_failed(job, counts) is not None
+    assert rows_failed(job, {**counts, ItemStatus.SUCCEEDED: 1, ItemStatus.ERRORED: 1}) is None
 
 
 def test_a_bad_max_failed_is_a_usage_error(

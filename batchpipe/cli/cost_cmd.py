@@ -79,8 +79,13 @@ def estimate(
         )
     )
     if found.invalid_rows:
+        outcome = (
+            "they will be exported as invalid, unsent"
+            if spec.skip_invalid
+            else "`run` refuses the job unless --skip-invalid"
+        )
         click.echo(
             f"warning: {found.invalid_rows} row(s) fail validation and are not priced "
-            f"(first: {found.first_invalid}); `run` refuses the job unless --skip-invalid",
+            f"(first: {found.first_invalid}); {outcome}",
             err=True,
         )

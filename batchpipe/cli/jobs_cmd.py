@@ -98,7 +98,8 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--max-failed",
             metavar="N|P%",
-            help="Rows that may end without an answer (errored, expired, invalid) before the "
+            help="Rows that may end without an answer (errored, expired, invalid, "
+            "invalid_output) before the "
             "command exits 1, after writing the output: a count or a percentage "
             "[all but one: exit 1 only when no row was answered].",
         ),
@@ -217,8 +218,9 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
 
     Polls, collects, resubmits and exports when a job is done. Safe when runs overlap: a job
     another process is working on is skipped. Exit codes: 0 done or nothing to do, 1 a job
-    failed, 2 only settings are wrong (e.g. no API key), 75 the API is unavailable or the
-    asked-for job is busy (try later).
+    failed (or finished with more failed rows than its --max-failed allows), 2 only settings
+    are wrong (e.g. no API key), 75 the API or the database is unavailable, or the asked-for
+    job is busy (try later).
     """
     with pipeline_context(state, emulate=emulate) as ctx:
         jobs = [_find_job(ctx, ref) for ref in job_refs] if job_refs else None

@@ -63,13 +63,15 @@ def unavailable(exc: sa.exc.SQLAlchemyError) -> bool:
     timed out, unknown host), or when it is not taking connections yet. No for a refusal
     that stands (a wrong password, a missing database or role): libpq reports those as
     FATAL, and psycopg attaches no SQLSTATE to connection failures to tell them apart by.
+    No for an error of a statement on a live connection (a full disk, a deadlock, a
+    statement timeout): those carry a SQLSTATE, and waiting is not known to fix them.
     """
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     orig = getattr(exc, "orig", None)
     if not isinstance(exc, sa.exc.OperationalError) or orig is None:
         return False
-    if not type(orig).__module__.startswith("psycopg"):
+    if not type(orig).__module__.startswith("psycopg") or getattr(orig, "sqlstate", None):
         return False
     text = str(orig)
     return "FATAL:" not in text or any(busy in text for busy in _BUSY_SERVER)

@@ -103,18 +103,19 @@ def _inspect(engine: sa.Engine) -> tuple[str | None, bool]:
     look with "database is locked" whatever the busy timeout (SQLite does not wait for that
     lock: seen with six workers opening one new file under load), so that is retried.
     """
-    waited = 0.0
+    # A deadline, not a count of pauses: a lock SQLite did wait on (the busy timeout) can
+    # take 30 s to come back as "locked", and must not be waited out 200 times over.
+    deadline = time.monotonic() + _LOCKED_PATIENCE_S
     while True:
         try:
             with engine.connect() as conn:
                 return revision_of(conn), bool(sa.inspect(conn).get_table_names())
         except sa.exc.OperationalError as exc:
             locked = engine.dialect.name == "sqlite" and "database is locked" in str(exc.orig)
-            if not locked or waited >= _LOCKED_PATIENCE_S:
+            if not locked or time.monotonic() >= deadline:
                 raise
             engine.dispose()  # the pool's connection may be the one that saw the lock
             time.sleep(_LOCKED_PAUSE_S)
-            waited += _LOCKED_PAUSE_S
 
 
 def _revision_or_none(engine: sa.Engine) -> str | None:

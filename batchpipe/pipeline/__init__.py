@@ -11,7 +11,6 @@ from batchpipe.pipeline.ingest import default_job_name
 from batchpipe.pipeline.report import MAX_LABELS, Report, build_report
 from batchpipe.pipeline.rerun import RerunPlan
 from batchpipe.pipeline.runner import (
-    TickReport,
     cancel,
     check_rerun,
     prepare,
@@ -19,9 +18,9 @@ from batchpipe.pipeline.runner import (
     retry,
     run,
     step,
-    tick,
 )
 from batchpipe.pipeline.status import job_summary
+from batchpipe.pipeline.tick import TickReport, tick
 from batchpipe.pipeline.verdict import rows_failed
 
 __all__ = [

@@ -42,8 +42,7 @@ def result_columns(job: JobRow) -> list[tuple[str, str]]:
     spec = job_spec(job)
     outputs = output_schema(spec)
     columns = RESULT_COLUMN_TYPES + (outputs.columns() if outputs is not None else [])
-    prefix = spec.result_prefix or ""
-    return [(prefix + name, type_name) for name, type_name in columns]
+    return [(spec.result_column(name), type_name) for name, type_name in columns]
 
 
 _UNFINISHED = frozenset({ItemStatus.PENDING.value, ItemStatus.SUBMITTED.value})

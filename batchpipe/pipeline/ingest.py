@@ -141,9 +141,8 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
     if not columns and dataset.format == "jsonl":
         return  # no row, so no column to check (a Parquet file has its schema even empty)
     outputs = spec.output_schema or {}
-    prefix = spec.result_prefix or ""
     added = (*RESULT_COLUMNS, *outputs.get("properties", {}))
-    check_result_column_clash(columns, [prefix + name for name in added])
+    check_result_column_clash(columns, [spec.result_column(name) for name in added])
     missing = sorted(renderer.template_columns() - set(columns))
     if missing:
         raise InputError(
@@ -161,12 +160,16 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     """Validate every row and insert the job's items; a no-op when already ingested.
 
     An input without rows makes a job with nothing to send: done at once (its export is an
-    empty file), so a scheduled run over an empty partition succeeds rather than fails.
+    empty file), so a scheduled run over an empty partition succeeds rather than fails. If
+    that file has rows by the next run of the command, the job is ingested again: with no
+    rows it has nothing to mislabel.
     """
-    if job.ingested:
+    if job.ingested and job.row_count:
         return job
     spec = job_spec(job)
     dataset = Dataset(spec.input, spec.input_format)
+    if job.ingested and not _changed(dataset, job):
+        return job
     renderer = RequestRenderer(spec)
     check_columns(dataset, spec, renderer)
     fingerprint = dataset.fingerprint()
@@ -200,8 +203,8 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
             # Raising inside the generator rolls back the whole insert: nothing is stored.
             raise _preflight_error(dataset, counts["invalid"], problems)
 
-    # A process that died between inserting the items and recording row_count left them
-    # behind (row_count is the "ingested" mark); nothing of them was sent, so start over.
+    # A process that died between inserting the items and recording the fingerprint (the
+    # "ingested" mark) left them behind; nothing of them was sent, so start over.
     leftovers = ctx.store.delete_items(job.id)
     if leftovers:
         logger.warning("job.ingest_restarted", leftover_items=leftovers)
@@ -226,6 +229,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         input_fingerprint=fingerprint,
         status=JobStatus.RUNNING if counts["rows"] else JobStatus.DONE,
         error=None,
+        exported_at=None,  # an empty input filled since: its output is written again
     )
     logger.info("job.ingested", rows=inserted, invalid=counts["invalid"])
     if not counts["rows"]:
@@ -234,6 +238,15 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     refreshed = ctx.store.get_job(job.id)
     assert refreshed is not None
     return refreshed
+
+
+def _changed(dataset: Dataset, job: JobRow) -> bool:
+    """Whether the input's bytes differ from those the job was ingested from."""
+    assert job.input_fingerprint is not None
+    try:
+        return dataset.fingerprint(like=job.input_fingerprint) != job.input_fingerprint
+    except ValueError:  # recorded by a newer batchpipe: not ours to judge
+        return False
 
 
 def _check_row(

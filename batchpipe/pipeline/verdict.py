@@ -30,7 +30,9 @@ def failed_rows_problem(job: JobRow, counts: Mapping[ItemStatus, int]) -> str | 
         return None
     failed = {status: n for status, n in counts.items() if status.is_failure() and n}
     total_failed = sum(failed.values())
-    rows = sum(counts.values())
+    # The rows meant to be answered: canceled ones were stopped by the user, and counting
+    # them would let a job with no answer at all pass the default limit.
+    rows = sum(n for status, n in counts.items() if status != ItemStatus.CANCELED)
     spec = job_spec(job)
     allowed = spec.failed_rows_allowed(rows)
     if total_failed <= allowed:

@@ -17,7 +17,7 @@ import orjson
 from jinja2.sandbox import SandboxedEnvironment
 
 from batchpipe.errors import InputError, UsageError
-from batchpipe.models import JobSpec
+from batchpipe.models import RESULT_PREFIX_HINT, JobSpec
 from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
 from batchpipe.structured import OutputSchema
 
@@ -73,8 +73,7 @@ def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[s
         names = ", ".join(repr(c) for c in clash)
         raise InputError(
             f"the input already has column(s) {names}, which batchpipe adds to the output; "
-            "rename them in the input, or name batchpipe's columns apart with "
-            "--result-prefix (e.g. --result-prefix bp_)"
+            f"{RESULT_PREFIX_HINT}"
         )
 
 
