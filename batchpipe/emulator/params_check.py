@@ -72,25 +72,26 @@ def check_message_params(params: object) -> None:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidParams("stream: Input should be a valid boolean")
     _check_stop_sequences(body.get("stop_sequences"))
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not isinstance(temperature, int | float) or isinstance(temperature, bool):
-            raise InvalidParams("temperature: Input should be a valid number")
-        if not 0 <= temperature <= 1:
-            raise InvalidParams("temperature: Input should be between 0 and 1")
+    _check_unit_interval(body, "temperature")
+    _check_unit_interval(body, "top_p")
     top_k = body.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
         raise InvalidParams("top_k: Input should be a valid integer")
     if top_k is not None and top_k < 0:
         raise InvalidParams("top_k: Input should be greater than or equal to 0")
-    top_p = body.get("top_p")
-    if top_p is not None:
-        if not isinstance(top_p, int | float) or isinstance(top_p, bool):
-            raise InvalidParams("top_p: Input should be a valid number")
-        if not 0 <= top_p <= 1:
-            raise InvalidParams("top_p: Input should be between 0 and 1")
     _check_prompt(body)
     _check_thinking(body)
+
+
+def _check_unit_interval(body: dict[str, Any], field: str) -> None:
+    """A sampling knob, when given, is a number from 0 to 1 (temperature, top_p)."""
+    value = body.get(field)
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidParams(f"{field}: Input should be a valid number")
+    if not 0 <= value <= 1:
+        raise InvalidParams(f"{field}: Input should be between 0 and 1")
 
 
 def check_count_tokens_body(body: object) -> None:
