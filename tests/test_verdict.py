@@ -6,6 +6,7 @@ emulator's invalid_rate makes rows come back errored (invalid_request_error, nev
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def test_a_run_where_no_row_was_answered_exits_1_after_writing_its_output(
     assert ran.returncode == 1, ran.stderr
     assert "no row got an answer (40 rows: errored 40)" in ran.stderr
     assert "`batchpipe report bad` groups the errors" in ran.stderr
+    shown = run_batchpipe(sqlite_url, cli_env, "status", "bad", "--json")
+    (job,) = json.loads(shown.stdout)["jobs"]
+    assert "more rows failed than the job's --max-failed allows" in job["next_action"]
     # The output is there to look at: every row, with its error.
     assert _statuses(out) == ["errored"] * ROWS
     created = emulator.stats()["batches_created"]

@@ -8,6 +8,7 @@ from batchpipe import pricing
 from batchpipe.db import BatchRow, JobRow
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context
+from batchpipe.pipeline.verdict import failed_rows_problem
 
 
 def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[BatchRow]) -> str:
@@ -28,6 +29,8 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
             done = f"`batchpipe export {job.name}{'' if output else ' -o PATH'}`"
         if failed:
             done += f"; {failed} row(s) failed (`batchpipe retry {job.name}` sends them again)"
+        if failed_rows_problem(job, counts) is not None:
+            done += "; more rows failed than the job's --max-failed allows (its commands exit 1)"
         return done
     statuses = {b.status for b in batches}
     if BatchStatus.PLANNED in statuses:
