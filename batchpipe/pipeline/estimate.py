@@ -24,7 +24,7 @@ from batchpipe.dataset import Dataset
 from batchpipe.errors import UsageError
 from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
-from batchpipe.pipeline.ingest import check_columns
+from batchpipe.pipeline.ingest import check_columns, describe_problem
 from batchpipe.requests import RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
 
@@ -139,7 +139,7 @@ def estimate(
             params = renderer.render(row, rows + invalid)
             if isinstance(params, RowProblem):
                 invalid += 1
-                first_invalid = first_invalid or f"row {params.row_index + 1}: {params.message}"
+                first_invalid = first_invalid or describe_problem(params)
                 continue
             rows += 1
             total_bytes += _counted(params)

@@ -16,11 +16,12 @@ import orjson
 
 from batchpipe.dataset import Dataset
 from batchpipe.db import JobNameTaken, JobRow
-from batchpipe.errors import InputError, PreflightFailed, UsageError
+from batchpipe.errors import InputChangedError, InputError, PreflightFailed, UsageError
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
     RequestRenderer,
     RowProblem,
@@ -128,7 +129,8 @@ class RequestsChanged(UsageError):
         self.fields = fields
 
 
-def _describe(problem: RowProblem) -> str:
+def describe_problem(problem: RowProblem) -> str:
+    """One line for users, rows counted from 1: ``row 4 (id 'a7'): column 'body' is null``."""
     who = f"row {problem.row_index + 1}"
     if problem.row_key is not None:
         who += f" (id {problem.row_key!r})"
@@ -242,11 +244,11 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
 
 def _changed(dataset: Dataset, job: JobRow) -> bool:
     """Whether the input's bytes differ from those the job was ingested from."""
-    assert job.input_fingerprint is not None
     try:
-        return dataset.fingerprint(like=job.input_fingerprint) != job.input_fingerprint
-    except ValueError:  # recorded by a newer batchpipe: not ours to judge
-        return False
+        check_fingerprint(dataset, job)
+    except InputChangedError:
+        return True
+    return False
 
 
 def _check_row(
@@ -267,7 +269,7 @@ def _check_row(
 
 
 def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:
-    lines = [_describe(p) for p in problems]
+    lines = [describe_problem(p) for p in problems]
     more = f"\n  … and {invalid - len(problems)} more" if invalid > len(problems) else ""
     return PreflightFailed(
         f"{dataset.uri}: {invalid} row(s) failed validation; nothing was submitted:\n  "
