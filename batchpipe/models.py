@@ -360,3 +360,9 @@ class ResultRecord:
     attempt: int = 0
     status: ItemStatus | None = None
     cost_usd: float | None = None
+
+
+# The commonest line, a success kept as it is, read without a ResultRecord (collect's
+# ``outcome.plain_success``; the store's ``apply_results``): row_index, custom_id, attempt,
+# response_text, stop_reason, model, the four token counts, and the attempt's cost_usd.
+PlainSuccess = tuple[int, str, int, str, Any, Any, Any, Any, Any, Any, float | None]

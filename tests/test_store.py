@@ -589,6 +589,48 @@ def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Stor
     assert by_row(store, job)[1].cost_usd == 0.25
 
 
+def test_plain_successes_are_stored_as_their_records_would_be(store: Store) -> None:
+    """collect hands the commonest lines over as tuples (outcome.plain_success), the others
+    as records, in one call: both land the same on each database, once per custom_id."""
+    job = with_items(store, 4)
+    batch = plan(store, job, [0, 1, 2, 3])
+    as_record = succeeded(0, stop_reason="end_turn", model="m", output_tokens=2, cost_usd=0.5)
+    plain = [
+        (1, cid(1), 1, "answer 1", "end_turn", "m", 10, 2, None, None, 0.5),
+        (2, cid(2), 1, "", "max_tokens", None, 7, 50, 3, 4, None),  # unpriced: cost stays
+        (1, cid(1), 1, "again", "end_turn", "m", 10, 2, None, None, 0.5),  # repeated: once
+    ]
+    # Row 2 as a record too: the tuple came first, so it counts and the record does not.
+    lines = [as_record, errored(2, "overloaded_error", P), errored(3, "overloaded_error", P)]
+    assert store.apply_results(job, batch, lines, plain) == 4
+    items = by_row(store, job)
+    fields = ("status", "response_text", "stop_reason", "model", "input_tokens")
+    fields += ("output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    fields += ("error_type", "error_message", "cost_usd", "attempts", "batch_id")
+    values = {r: tuple(getattr(items[r], f) for f in fields) for r in range(4)}
+    S = ItemStatus.SUCCEEDED
+    assert values[1] == (
+        S,
+        "answer 1",
+        "end_turn",
+        "m",
+        10,
+        2,
+        None,
+        None,
+        None,
+        None,
+        0.5,
+        1,
+        batch,
+    )
+    assert values[0] == (S, "answer 0", *values[1][2:])
+    assert values[2] == (S, "", "max_tokens", None, 7, 50, 3, 4, None, None, None, 1, batch)
+    assert (items[3].status, items[3].batch_id) == (P, None)  # transient: back to pending
+    assert store.apply_results(job, batch, [], plain) == 0  # applied already: nothing changes
+    assert by_row(store, job)[1].cost_usd == 0.5
+
+
 def test_an_unpriced_success_keeps_what_earlier_attempts_cost(store: Store) -> None:
     job = with_items(store, 2)
     first = plan(store, job, [0, 1])

@@ -24,9 +24,10 @@ error type, the API's message and the request id -- never the API key or any bod
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import IO, Any, TypeVar
@@ -37,7 +38,7 @@ from anthropic import APIResponse
 from anthropic.types.messages import MessageBatch
 
 from batchpipe import errors
-from batchpipe.client.lines import broke_off, parse_line, split_lines
+from batchpipe.client.lines import broke_off, load_line, record_from, split_lines
 from batchpipe.config import Settings
 from batchpipe.log import get_logger
 from batchpipe.models import (
@@ -243,6 +244,15 @@ class BatchClient:
         when the stream breaks off (or ends short of the batch's request count), so a caller
         never mistakes a partial download for the whole file.
         """
+        # closing(): a caller that stops early closes the download at once, not at GC.
+        with contextlib.closing(self.result_objects(batch_id)) as objects:
+            for obj in objects:
+                yield record_from(obj, keep_content=keep_content)
+
+    def result_objects(self, batch_id: str) -> Generator[dict[str, Any], None, None]:
+        """:meth:`results` as each line's JSON object (``custom_id`` and a ``result`` of a
+        known type, checked), for a caller that reads the commonest lines without a
+        ResultRecord each (collect: ``pipeline/outcome.plain_success``)."""
         info = self.retrieve(batch_id)
         if info.results_url is None:
             raise errors.APIError(
@@ -286,8 +296,8 @@ class BatchClient:
 
         try:
             for line, complete in split_lines(response.iter_bytes(), op, request_id):
-                record = parse_line(line, keep_content=keep_content)
-                if record is None:
+                obj = load_line(line)
+                if obj is None:
                     if complete:
                         raise errors.APIError(
                             f"{op} failed: line {lines + 1} is not a valid result line "
@@ -296,7 +306,7 @@ class BatchClient:
                         )
                     raise broke_off(op, lines, request_id, "its last line is cut short")
                 lines += 1
-                yield record
+                yield obj
             total = info.request_counts.total
             if lines < total:
                 raise broke_off(op, lines, request_id, f"{lines} of {total} lines arrived")

@@ -61,18 +61,31 @@ def split_lines(
         yield rest, False
 
 
-def parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
-    """One results line as a ResultRecord; None when it is not a valid result line."""
+def load_line(line: bytes) -> dict[str, Any] | None:
+    """One results line as its JSON object; None when it is not a valid result line (not
+    JSON, or without a ``custom_id`` and a ``result`` of a known type)."""
     try:
         obj = orjson.loads(line)
-        custom_id = obj["custom_id"]
-        result = obj["result"]
-        # A dict lookup, not ResultType(...): an Enum call costs as much as the rest of a line.
-        result_type = _RESULT_TYPES.get(result["type"])
+        obj["custom_id"]
+        if obj["result"]["type"] in _RESULT_TYPES:
+            return obj  # type: ignore[no-any-return]
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    if result_type is None:
-        return None
+        pass
+    return None
+
+
+def parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
+    """One results line as a ResultRecord; None when it is not a valid result line."""
+    obj = load_line(line)
+    return None if obj is None else record_from(obj, keep_content=keep_content)
+
+
+def record_from(obj: dict[str, Any], *, keep_content: bool) -> ResultRecord:
+    """A line :func:`load_line` accepted, as a ResultRecord."""
+    custom_id = obj["custom_id"]
+    result = obj["result"]
+    # A dict lookup, not ResultType(...): an Enum call costs as much as the rest of a line.
+    result_type = _RESULT_TYPES[result["type"]]
     if result_type is ResultType.SUCCEEDED:
         message = result.get("message") or {}
         content = message.get("content") or []

@@ -25,10 +25,11 @@ from batchpipe.db.rows import RESULT_FIELDS, BatchRow
 from batchpipe.db.schema import attempts, batches
 from batchpipe.db.schema import items as item_table
 from batchpipe.errors import StoreError
-from batchpipe.models import BatchStatus, ItemStatus, ResultRecord
+from batchpipe.models import BatchStatus, ItemStatus, PlainSuccess, ResultRecord
 
 SUBMITTED = ItemStatus.SUBMITTED.value
 PENDING = ItemStatus.PENDING.value
+SUCCEEDED = ItemStatus.SUCCEEDED.value
 
 # Bound parameter names are prefixed so they never clash with the columns being SET
 # (SQLAlchemy reserves a column's own name for its SET value in executemany).
@@ -391,15 +392,23 @@ class BatchesMixin(StoreBase):
             )
             return int(conn.execute(stmt).rowcount)
 
-    def apply_results(self, job_id: int, batch_id: int, updates: Sequence[ResultRecord]) -> int:
+    def apply_results(
+        self,
+        job_id: int,
+        batch_id: int,
+        updates: Sequence[ResultRecord],
+        successes: Sequence[PlainSuccess] = (),
+    ) -> int:
         """Apply result lines of one batch; return how many items changed.
 
-        Idempotent: an item changes only while submitted under the line's custom_id, and the
-        attempts history ignores (job, row, attempt) it already has. A transient failure
-        arrives with status pending (the pipeline decided): attempts are kept and the item
-        leaves the batch so it can be planned again.
+        ``updates`` are records as collect completed them; ``successes`` are kept successes
+        in :data:`~batchpipe.models.PlainSuccess` form (the commonest line, read
+        without a record). Idempotent: an item changes only while submitted under the line's
+        custom_id, and the attempts history ignores (job, row, attempt) it already has. A
+        transient failure arrives with status pending (the pipeline decided): attempts are
+        kept and the item leaves the batch so it can be planned again.
         """
-        if not updates:
+        if not updates and not successes:
             return 0
         now = self.clock()
         on_postgres = self.dialect == "postgresql"
@@ -409,15 +418,26 @@ class BatchesMixin(StoreBase):
         transient: list[tuple[Any, ...]] = []
         history: list[tuple[Any, ...]] = []
         copied: list[tuple[Any, ...]] = []  # PostgreSQL: one tuple of pg_apply.COLUMNS each
+        # A custom_id given more than once counts once: the successes first, then the records
+        # in their order (as on PostgreSQL). The statements below run one kind of line after
+        # another, not in file order, so repeats must go before them.
         seen: set[str] = set()
+        for row_index, custom_id, attempt, *kept_values, cost in successes:
+            if custom_id in seen:
+                continue
+            seen.add(custom_id)
+            if on_postgres:
+                # pg_apply.COLUMNS: no error, stays in its batch, the result type succeeded.
+                row = (row_index, custom_id, SUCCEEDED, *kept_values, None, None, cost, False)
+                copied.append((*row, attempt, SUCCEEDED))
+            else:
+                kept.append((*kept_values, cost, now_value, job_id, row_index, custom_id))
         for u in updates:
             status = u.status
             if status is None or status is ItemStatus.SUBMITTED:
                 raise ValueError(
                     f"row {u.row_index}: a result leaves its item final or pending, not {status}"
                 )
-            # A line repeated in the file counts once, the first one (as on PostgreSQL): the
-            # statements below run one kind of line after another, not in file order.
             if u.custom_id in seen:
                 continue
             seen.add(u.custom_id)

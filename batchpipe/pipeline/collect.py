@@ -22,12 +22,13 @@ from batchpipe.models import (
     ItemStatus,
     JobSpec,
     JobStatus,
+    PlainSuccess,
     ResultRecord,
     ResultType,
     is_transient_error,
 )
 from batchpipe.pipeline.context import Context, api_now, bind, failpoint, job_spec
-from batchpipe.pipeline.outcome import output_schema, refine
+from batchpipe.pipeline.outcome import output_schema, plain_success, refine
 from batchpipe.requests import parse_custom_id
 
 _APPLY_CHUNK = 5_000
@@ -112,57 +113,69 @@ def _collect_batch(
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     if batch.created_at and api_now(ctx) - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
         logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
+    # The client package imports the SDK, which ctx.client has loaded by now.
+    from batchpipe.client.lines import record_from  # noqa: PLC0415
+
     buf: list[ResultRecord] = []
+    plain: list[PlainSuccess] = []  # the commonest lines, without a record each
     applied = foreign = lines = 0
     usage = {"input_tokens": 0, "output_tokens": 0}
     # Lines that did not succeed, by error type (or result type: expired, canceled).
     failures: Counter[str] = Counter()
     ctx.progress.start("downloading", batch.request_count)
     try:
-        # Raw content blocks only when a schema needs them (the tool call's input).
-        for record in ctx.client.results(batch.api_batch_id, keep_content=outputs is not None):
+        for obj in ctx.client.result_objects(batch.api_batch_id):
             lines += 1
-            parsed = parse_custom_id(record.custom_id)
-            if parsed is None or parsed[0] != job.token:
-                foreign += 1
-                continue
-            _, row_index, attempt = parsed
-            status = classify(record, attempt, spec.max_attempts, user_canceled)
-            buf.append(
-                refine(
-                    record,
-                    row_index,
-                    attempt,
-                    status,
-                    spec,
-                    outputs=outputs,
-                    user_canceled=user_canceled,
+            success = plain_success(obj, job.token, spec) if outputs is None else None
+            if success is not None:
+                plain.append(success)
+                usage["input_tokens"] += success[6] or 0
+                usage["output_tokens"] += success[7] or 0
+            else:
+                # Raw content blocks only when a schema needs them (the tool call's input).
+                record = record_from(obj, keep_content=outputs is not None)
+                parsed = parse_custom_id(record.custom_id)
+                if parsed is None or parsed[0] != job.token:
+                    foreign += 1
+                    continue
+                _, row_index, attempt = parsed
+                status = classify(record, attempt, spec.max_attempts, user_canceled)
+                buf.append(
+                    refine(
+                        record,
+                        row_index,
+                        attempt,
+                        status,
+                        spec,
+                        outputs=outputs,
+                        user_canceled=user_canceled,
+                    )
                 )
-            )
-            usage["input_tokens"] += record.input_tokens or 0
-            usage["output_tokens"] += record.output_tokens or 0
-            if record.result_type is not ResultType.SUCCEEDED:
-                failures[record.error_type or record.result_type.value] += 1
-            if len(buf) >= _APPLY_CHUNK:
-                applied += ctx.store.apply_results(job.id, batch.id, buf)
-                ctx.progress.advance(len(buf))
+                usage["input_tokens"] += record.input_tokens or 0
+                usage["output_tokens"] += record.output_tokens or 0
+                if record.result_type is not ResultType.SUCCEEDED:
+                    failures[record.error_type or record.result_type.value] += 1
+            if len(buf) + len(plain) >= _APPLY_CHUNK:
+                applied += ctx.store.apply_results(job.id, batch.id, buf, plain)
+                ctx.progress.advance(len(buf) + len(plain))
                 buf.clear()
+                plain.clear()
                 ctx.heartbeat(job.id)
                 failpoint("mid_collect")
     except TransientAPIError:
         # Keep what arrived (it is committed per chunk); the next run downloads again and
         # the already-applied lines change nothing.
-        if buf:
-            applied += ctx.store.apply_results(job.id, batch.id, buf)
+        if buf or plain:
+            applied += ctx.store.apply_results(job.id, batch.id, buf, plain)
         raise
     except APIError as exc:
         info = ctx.client.retrieve(batch.api_batch_id)
         if info.archived_at is None:
             raise
         return _archived(ctx, job, batch, exc)
-    if buf:
-        applied += ctx.store.apply_results(job.id, batch.id, buf)
-        ctx.progress.advance(len(buf))
+    if buf or plain:
+        applied += ctx.store.apply_results(job.id, batch.id, buf, plain)
+        ctx.progress.advance(len(buf) + len(plain))
     ctx.progress.finish()
     if foreign:
         message = (

@@ -18,7 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from batchpipe import pricing
-from batchpipe.models import TRUNCATED_STOP_REASON, ItemStatus, JobSpec, ResultRecord, ResultType
+from batchpipe.models import (
+    TRUNCATED_STOP_REASON,
+    ItemStatus,
+    JobSpec,
+    PlainSuccess,
+    ResultRecord,
+    ResultType,
+)
+from batchpipe.requests import parse_custom_id
 from batchpipe.structured import OutputSchema
 
 TRUNCATED = TRUNCATED_STOP_REASON
@@ -85,3 +93,48 @@ def request_for(stop_reason: str | None, params: dict[str, Any], spec: JobSpec) 
     if limit is not None and stop_reason == TRUNCATED and limit > params["max_tokens"]:
         return {**params, "max_tokens": limit}
     return params
+
+
+def plain_success(obj: dict[str, Any], token: str, spec: JobSpec) -> PlainSuccess | None:
+    """The commonest line, straight from its JSON object: a success of this job with one
+    text block, for a job without an output schema, that is not a truncated answer the job
+    may retry. None for any other line, which then takes the general path (a ResultRecord,
+    ``classify`` and :func:`refine`), with the same outcome for the lines taken here.
+
+    Skipping the record and the two calls per line saved 1.2 of collect's 5.4 CPU seconds
+    for a million answers.
+    """
+    result = obj["result"]
+    if result["type"] != "succeeded":
+        return None
+    message = result.get("message")
+    content = message.get("content") if type(message) is dict else None
+    if type(content) is not list or len(content) != 1:
+        return None
+    block = content[0]
+    text = block.get("text") if type(block) is dict and block.get("type") == "text" else None
+    custom_id = obj["custom_id"]
+    if type(text) is not str or type(custom_id) is not str:
+        return None
+    stop_reason = message.get("stop_reason")
+    if stop_reason == TRUNCATED and spec.retry_truncated_max_tokens is not None:
+        return None
+    parsed = parse_custom_id(custom_id)
+    if parsed is None or parsed[0] != token:
+        return None
+    model = message.get("model")
+    usage = message.get("usage") or {}
+    tokens = (
+        usage.get("input_tokens"),
+        usage.get("output_tokens"),
+        usage.get("cache_creation_input_tokens"),
+        usage.get("cache_read_input_tokens"),
+    )
+    cost = pricing.cost_usd(
+        model or spec.model,
+        input_tokens=tokens[0],
+        output_tokens=tokens[1],
+        cache_creation_input_tokens=tokens[2],
+        cache_read_input_tokens=tokens[3],
+    )
+    return (parsed[1], custom_id, parsed[2], text, stop_reason, model, *tokens, cost)
