@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import job_args, run_batchpipe, write_rows
 
-from batchpipe.db import JobRow
+from batchpipe.db import JobRow, Store
 from batchpipe.emulator import Emulator
 from batchpipe.models import ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline import rows_failed
@@ -122,6 +122,51 @@ def test_max_failed_decides_and_a_later_run_may_change_it(
     assert emulator.stats()["batches_created"] == created  # only the verdict changed
 
 
+def test_max_failed_default_puts_a_jobs_limit_back_to_the_default(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=0, invalid_rate=0.3, seed=4)
+    args = job_args(src, "strict", out)
+    strict = run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", "0")
+    assert strict.returncode == 1, strict.stderr
+    assert "more than --max-failed 0 allows (0)" in strict.stderr
+
+    reset = run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", "Default")
+    assert reset.returncode == 0, reset.stderr  # some rows answered: the default passes
+    # Stored as unset, not as the word: later runs without the option keep the default.
+    with Store.open(sqlite_url) as store:
+        (job,) = store.list_jobs()
+        assert job.spec["max_failed"] is None
+    again = run_batchpipe(sqlite_url, cli_env, "run", *args)
+    assert again.returncode == 0, again.stderr
+
+    # A run that changes the requests (re-sending the rows) keeps a limit it is not given,
+    # and puts the default back when told to, like any other run.
+    run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", "0")
+    reworded = [*args]
+    reworded[reworded.index("Classify: {{ body }}")] = "Label: {{ body }}"
+    kept = run_batchpipe(sqlite_url, cli_env, "run", *reworded, "--yes")
+    assert kept.returncode == 1, kept.stderr
+    assert "more than --max-failed 0 allows (0)" in kept.stderr
+    reworded[reworded.index("Label: {{ body }}")] = "Tag: {{ body }}"
+    back = run_batchpipe(sqlite_url, cli_env, "run", *reworded, "--yes", "--max-failed", "default")
+    assert back.returncode == 0, back.stderr
+    assert 0 < _statuses(out).count("errored") < ROWS  # rows did fail, within the default
+
+    shown = run_batchpipe(sqlite_url, cli_env, "run", "--help")
+    assert "--max-failed N|P%|default" in shown.stdout
+    assert "'default' puts that back" in " ".join(shown.stdout.split())
+
+
+def test_max_failed_default_clears_a_stored_limit_and_unset_keeps_it() -> None:
+    assert _spec("default").failed_rows_allowed(40) == 39
+    assert _spec("default").max_failed_over("5") is None
+    assert _spec(None).max_failed_over("5") == "5"
+    assert _spec("2%").max_failed_over("5") == "2%"
+
+
 def test_the_tick_that_finishes_a_failed_job_exits_1_once_and_by_name_always(
     emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -166,3 +211,4 @@ def test_a_bad_max_failed_is_a_usage_error(
     ran = run_batchpipe(sqlite_url, cli_env, "run", *job_args(src, "x"), "--max-failed", "most")
     assert ran.returncode == 2, ran.stderr
     assert "max_failed 'most': give a count of rows (e.g. 0 or 25)" in ran.stderr
+    assert "or default for the default" in ran.stderr

@@ -43,11 +43,11 @@ _NON_IDENTITY_FIELDS = {
     "max_failed",
     "result_prefix",
 }
-# Settings a later run may change for a known job without changing its requests.
+# Settings a later run may change for a known job without changing its requests, when it
+# gives them (max_failed, which a run may also put back to unset, is carried on its own).
 _CARRIED_FIELDS = (
     "output",
     "max_cost",
-    "max_failed",
     "result_prefix",
     "retry_truncated_max_tokens",
     "skip_invalid",
@@ -88,9 +88,10 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     """Return the job called `name`, creating it if new; refuse a clashing spec for a known name."""
     job = ctx.store.get_job(name)
     if job is None:
+        stored = spec.model_copy(update={"max_failed": spec.max_failed_over(None)})
         try:
             return ctx.store.create_job(
-                name=name, token=new_job_token(), spec=spec.model_dump(), input_fingerprint=None
+                name=name, token=new_job_token(), spec=stored.model_dump(), input_fingerprint=None
             )
         except JobNameTaken:  # another worker created it a moment ago
             job = ctx.store.get_job(name)
@@ -111,6 +112,9 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
         for k in _CARRIED_FIELDS
         if getattr(spec, k) is not None and getattr(spec, k) != getattr(existing, k)
     }
+    max_failed = spec.max_failed_over(existing.max_failed)
+    if max_failed != existing.max_failed:
+        carried["max_failed"] = max_failed
     if carried:
         ctx.store.update_job(job.id, spec=existing.model_copy(update=carried).model_dump())
         job = ctx.store.get_job(job.id)
