@@ -11,6 +11,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import Any
 
 import orjson
 
@@ -192,7 +193,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         for chunk in dataset.iter_rows(columns=read):
             for row in chunk:
                 row_index += 1
-                checked = _check_row(renderer, spec, row, row_index)
+                checked = check_row(renderer, spec, row, row_index)
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
                     if len(problems) < _SHOWN_PROBLEMS:
@@ -200,7 +201,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     key = checked.row_key if checked.row_key is not None else f"<row {row_index}>"
                     yield row_index, key, ItemStatus.INVALID, checked.message
                 else:
-                    yield row_index, checked, ItemStatus.PENDING, None
+                    yield row_index, checked[0], ItemStatus.PENDING, None
             ctx.progress.advance(len(chunk))
             ctx.heartbeat(job.id)
         counts["rows"] = row_index + 1
@@ -219,15 +220,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column else []
     if duplicates:
         ctx.store.delete_items(job.id)
-        shown = "; ".join(
-            f"{key!r} in rows {', '.join(str(i + 1) for i in rows)}" for key, rows in duplicates
-        )
-        raise PreflightFailed(
-            f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
-            f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
-            "without --id-column to key rows by their position",
-            [shown],
-        )
+        raise duplicates_error(dataset, spec, duplicates)
     ctx.store.update_job(
         job.id,
         row_count=inserted,
@@ -246,6 +239,21 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     return refreshed
 
 
+def duplicates_error(
+    dataset: Dataset, spec: JobSpec, duplicates: list[tuple[str, list[int]]]
+) -> PreflightFailed:
+    """The refusal of an input whose id column repeats keys (``find_duplicate_keys``' list)."""
+    shown = "; ".join(
+        f"{key!r} in rows {', '.join(str(i + 1) for i in rows)}" for key, rows in duplicates
+    )
+    return PreflightFailed(
+        f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
+        f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
+        "without --id-column to key rows by their position",
+        [shown],
+    )
+
+
 def _changed(dataset: Dataset, job: JobRow) -> bool:
     """Whether the input's bytes differ from those the job was ingested from."""
     try:
@@ -255,13 +263,14 @@ def _changed(dataset: Dataset, job: JobRow) -> bool:
     return False
 
 
-def _check_row(
-    renderer: RequestRenderer, spec: JobSpec, row: dict[str, object], row_index: int
-) -> str | RowProblem:
-    """The row's key if it can be sent, else what is wrong with it.
+def check_row(
+    renderer: RequestRenderer, spec: JobSpec, row: dict[str, Any], row_index: int
+) -> tuple[str, dict[str, Any]] | RowProblem:
+    """The row's key and request params if it can be sent, else what is wrong with it.
 
-    Rendering checks the request's size too, with the longest custom_id any attempt can
-    get, so no attempt can overflow a batch.
+    A row whose request is bad but whose id is good keeps its key in the problem
+    (``row_key``): it still counts for duplicates. Rendering checks the request's size too,
+    with the longest custom_id any attempt can get, so no attempt can overflow a batch.
     """
     key = check_row_key(row, spec.id_column, row_index)
     if isinstance(key, RowProblem):
@@ -269,7 +278,7 @@ def _check_row(
     params = renderer.render(row, row_index)
     if isinstance(params, RowProblem):
         return params._replace(row_key=key if spec.id_column else None)
-    return key
+    return key, params
 
 
 def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:
