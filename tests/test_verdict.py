@@ -7,9 +7,11 @@ emulator's invalid_rate makes rows come back errored (invalid_request_error, nev
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anthropic
 import pyarrow.parquet as pq
 import pytest
 from conftest import job_args, run_batchpipe, write_rows
@@ -54,18 +56,83 @@ def test_a_max_failed_that_is_neither_is_refused(bad: object) -> None:
         _spec(bad)
 
 
-def test_failed_statuses_are_the_rows_without_an_answer_the_user_did_not_stop() -> None:
-    failed = {s for s in ItemStatus if s.is_failure()}
-    assert failed == {
-        ItemStatus.ERRORED,
-        ItemStatus.EXPIRED,
-        ItemStatus.INVALID,
-        ItemStatus.INVALID_OUTPUT,
-    }
-
-
 def _statuses(out: Path) -> list[str]:
     return [str(r["result_status"]) for r in pq.read_table(out).to_pylist()]
+
+
+def test_every_row_exported_without_an_answer_counts_against_max_failed(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    with src.open("ab") as fh:
+        fh.write(b'{"doc_id": "blank", "body": null}\n')  # sent never: invalid
+    # One try per row, so transient errors and expiries are final; max_tokens 2 cuts every
+    # answer short: succeeded but truncated, which is an answer all the same.
+    emulator.configure(
+        processing_seconds=0, errored_rate=0.2, expired_rate=0.15, invalid_rate=0.1, seed=5
+    )
+    args = [*job_args(src, "mixed", out), "--skip-invalid", "--max-attempts", "1"]
+    args[args.index("--max-tokens") + 1] = "2"
+    strict = run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", "0")
+    assert strict.returncode == 1, strict.stderr
+
+    exported = pq.read_table(out).to_pylist()
+    answered = [r for r in exported if r["result_status"] == "succeeded"]
+    assert answered
+    assert all(r["truncated"] for r in answered)
+    unanswered = Counter(r["result_status"] for r in exported if r["response_text"] is None)
+    assert set(unanswered) == {"errored", "expired", "invalid"}  # the mix this test is about
+    assert unanswered.total() + len(answered) == ROWS + 1
+    by_status = ", ".join(f"{status} {n}" for status, n in sorted(unanswered.items()))
+    assert (
+        f"{unanswered.total()} of {ROWS + 1} rows ended without an answer ({by_status}), "
+        "more than --max-failed 0 allows (0)"
+    ) in strict.stderr
+    # Exactly as many as the limit allows pass: nothing else was counted.
+    exact = run_batchpipe(
+        sqlite_url, cli_env, "run", *args, "--max-failed", str(unanswered.total())
+    )
+    assert exact.returncode == 0, exact.stderr
+
+
+def test_answers_that_do_not_fit_the_schema_count_against_max_failed(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    write_rows(src, 6)
+    emulator.configure(processing_seconds=0)
+    args = [*job_args(src, "labels", out), "--labels", "good,bad"]
+    args[args.index("--max-tokens") + 1] = "4"  # every tool call is cut off: no label
+    ran = run_batchpipe(sqlite_url, cli_env, "run", *args)
+    assert ran.returncode == 1, ran.stderr
+    assert _statuses(out) == ["invalid_output"] * 6
+    assert "no row got an answer (6 rows: invalid_output 6)" in ran.stderr
+
+
+def test_rows_canceled_at_the_api_do_not_count_against_max_failed(
+    emulator: Emulator,
+    cli_env: dict[str, str],
+    sqlite_url: str,
+    tmp_path: Path,
+    anthropic_client: anthropic.Anthropic,
+) -> None:
+    src, out = tmp_path / "docs.jsonl", tmp_path / "out.parquet"
+    write_rows(src, ROWS)
+    emulator.configure(processing_seconds=3600, cancel_seconds=0.1)
+    args = [*job_args(src, "halted", out, per_batch=ROWS), "--max-attempts", "1"]
+    submitted = run_batchpipe(sqlite_url, cli_env, "submit", *args, "--max-failed", "0")
+    assert submitted.returncode == 0, submitted.stderr
+    emulator.advance(1800)  # about half the batch is answered ...
+    (batch,) = anthropic_client.messages.batches.list().data
+    anthropic_client.messages.batches.cancel(batch.id)  # ... when someone cancels it
+    emulator.advance(1)
+    done = run_batchpipe(sqlite_url, cli_env, "run", *args, "--max-failed", "0")
+    assert done.returncode == 0, done.stderr  # no try left: canceled rows stay canceled
+    statuses = Counter(_statuses(out))
+    assert set(statuses) == {"succeeded", "canceled"}
+    (job,) = json.loads(run_batchpipe(sqlite_url, cli_env, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "done"
 
 
 def test_a_run_where_no_row_was_answered_exits_1_after_writing_its_output(
