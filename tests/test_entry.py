@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from conftest import batchpipe_argv, job_args, write_rows
 
 from batchpipe import entry
@@ -117,8 +118,14 @@ def test_the_entry_function_runs_the_cli_and_puts_the_sigint_handler_back(
 ) -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     db = f"sqlite:///{tmp_path / 'state.db'}"
-    with pytest.raises(SystemExit) as exited:
-        entry.main(["--db", db, "--log-format", "json", "status", "--json"])
+    # The CLI points structlog at this test's captured stderr, closed after the test: put
+    # back what later tests log through.
+    logging_before = structlog.get_config()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main(["--db", db, "--log-format", "json", "status", "--json"])
+    finally:
+        structlog.configure(**logging_before)
     assert exited.value.code == 0
     assert json.loads(capsys.readouterr().out) == {"jobs": []}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
