@@ -1,5 +1,5 @@
-"""`python -m batchpipe` runs the CLI."""
+"""`python -m batchpipe` runs the CLI, as the `batchpipe` command does (``batchpipe.entry``)."""
 
-from batchpipe.cli import main
+from batchpipe.entry import main
 
 main()

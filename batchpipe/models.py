@@ -31,6 +31,10 @@ RESULT_PREFIX_HINT = (
 )
 # JobSpec.max_failed: a count of rows, or a percentage of them.
 _MAX_FAILED = re.compile(r"\d+|\d+(\.\d+)?%")
+# What `--max-failed default` (max_failed = "default" in a job file) says: put the job's
+# limit back to the default. Leaving the option out keeps the limit the job already has, so
+# an unset value cannot say this; it is resolved before a spec is stored (max_failed_over).
+MAX_FAILED_DEFAULT = "default"
 _RESULT_PREFIX = re.compile(r"[A-Za-z0-9_]{0,32}")
 # The keys POST /v1/messages/count_tokens takes; a rendered batch request also carries
 # max_tokens, temperature, metadata ... which that endpoint would reject.
@@ -206,7 +210,8 @@ class JobSpec(BaseModel):
     max_failed: str | None = Field(
         default=None,
         description="Rows that may end without an answer before the job counts as failed: "
-        "a count ('0', '25') or a percentage of the rows ('5%'); unset: all but one",
+        "a count ('0', '25') or a percentage of the rows ('5%'); unset: all but one. "
+        "'default' puts a known job's limit back to unset",
     )
 
     @field_validator("result_prefix")
@@ -228,12 +233,24 @@ class JobSpec(BaseModel):
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         text = value.strip() if isinstance(value, str) else ""
+        if text.lower() == MAX_FAILED_DEFAULT:
+            return MAX_FAILED_DEFAULT
         if not _MAX_FAILED.fullmatch(text) or (text.endswith("%") and float(text[:-1]) > 100):
             raise ValueError(
                 f"max_failed {value!r}: give a count of rows (e.g. 0 or 25) "
-                "or a percentage of them (e.g. 5% or 0.5%)"
+                f"or a percentage of them (e.g. 5% or 0.5%), or {MAX_FAILED_DEFAULT} "
+                "for the default"
             )
         return text
+
+    def max_failed_over(self, stored: str | None) -> str | None:
+        """The limit a job keeps when run with this spec, given the one stored with it.
+
+        Unset keeps ``stored`` (a later run need not repeat it); ``default`` clears it.
+        """
+        if self.max_failed is None:
+            return stored
+        return None if self.max_failed == MAX_FAILED_DEFAULT else self.max_failed
 
     def result_column(self, name: str) -> str:
         """The output name of a column batchpipe adds (``result_prefix`` + name)."""
@@ -243,7 +260,7 @@ class JobSpec(BaseModel):
         """How many of ``row_count`` rows may fail (see ``max_failed``) with the job still a
         success. Unset, every row but one may: a job counts as failed only when no row got an
         answer."""
-        if self.max_failed is None:
+        if self.max_failed is None or self.max_failed == MAX_FAILED_DEFAULT:
             return max(row_count - 1, 0)
         if self.max_failed.endswith("%"):
             # Decimal, not float: 7% of 100 rows must allow 7, not 7.000000000000001 → 7 or 6.

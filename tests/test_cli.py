@@ -500,8 +500,47 @@ def test_estimate_counts_the_rows_the_run_would_refuse(tmp_path: Path) -> None:
     assert result.stdout.startswith("3 row(s) to send")
     assert (
         "warning: 1 row(s) fail validation and are not priced "
-        "(first: row 4: column 'body' is null); `run` refuses the job unless --skip-invalid"
+        "(first: row 4 (id 'd9'): column 'body' is null); `run` refuses the job unless "
+        "--skip-invalid"
     ) in result.stderr
+    # A bad id is a bad row too, as ingest says.
+    src = write_jsonl(tmp_path / "ids.jsonl", [*rows(2), {"doc_id": None, "body": "x"}])
+    result = invoke(tmp_path, "estimate", *run_args(src, tmp_path / "o.parquet")[1:], "--offline")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("2 row(s) to send")
+    assert "(first: row 3: column 'doc_id' (the id column) is null)" in result.stderr
+
+
+def test_estimate_refuses_duplicate_ids_as_the_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    scratch = tmp_path / "scratch"  # where estimate's temporary file of ids goes
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    twice = [*rows(4), {"doc_id": "d1", "body": "again"}, {"doc_id": "d3", "body": None}]
+    src = write_jsonl(tmp_path / "in.jsonl", twice)
+    args = run_args(src, tmp_path / "o.parquet", "--skip-invalid")
+    estimated = invoke(tmp_path, "estimate", *args[1:], "--offline")
+    assert estimated.exit_code == 1, estimated.output
+    expected = (
+        f"error: {src}: column 'doc_id' must identify rows uniquely, but has duplicates: "
+        "'d1' in rows 2, 5; 'd3' in rows 4, 6; nothing was submitted. Make the column "
+        "unique, or run without --id-column to key rows by their position\n"
+    )
+    assert estimated.stderr.endswith(expected), estimated.stderr
+    assert estimated.stdout == ""
+    ran = invoke(tmp_path, *args)  # ingest says the very same
+    assert ran.exit_code == 1, ran.output
+    assert ran.stderr.endswith(expected), ran.stderr
+    assert list(scratch.iterdir()) == []  # the temporary file is gone
+
+    unique = write_jsonl(tmp_path / "unique.jsonl", rows(6))
+    fine = invoke(tmp_path, "estimate", *run_args(unique, tmp_path / "u.parquet")[1:], "--offline")
+    assert fine.exit_code == 0, fine.output
+    assert fine.stdout.startswith("6 row(s) to send")
+    assert list(scratch.iterdir()) == []
 
 
 def test_retry_and_cancel_of_a_job_with_nothing_to_do_say_so(tmp_path: Path) -> None:

@@ -163,3 +163,36 @@ def test_fixed_thresholds_keep_large_blocks_out_of_the_heap() -> None:
     assert alive - freed < 10  # 60 MB freed, none of it returned: it was heap
     alive, freed, _ = _probe("tuned")
     assert alive - freed > 40  # mmapped blocks go back to the system when freed
+
+
+_KEYS_PROBE = textwrap.dedent(
+    """
+    import resource, sys
+    from batchpipe.db import ScratchKeys
+
+    n = int(sys.argv[1])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with ScratchKeys() as keys:
+        for start in range(0, n, 10_000):  # as estimate adds them: one list per chunk
+            keys.add([(i, f"doc-{i:09d}") for i in range(start, min(n, start + 10_000))])
+        keys.add([(n, "doc-000000007")])
+        assert keys.duplicates() == [("doc-000000007", [7, n])]
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """
+)
+
+
+def _keys_growth_mib(n: int) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _KEYS_PROBE, str(n)], capture_output=True, text=True, check=True
+    ).stdout
+    return float(out)
+
+
+@pytest.mark.slow
+def test_duplicate_ids_are_found_in_flat_memory() -> None:
+    # `estimate` checks ids for duplicates through ScratchKeys (a temporary SQLite file);
+    # a million keys held in a Python set would take about 100 MiB.
+    small, large = _keys_growth_mib(100_000), _keys_growth_mib(1_000_000)
+    assert large < 40
+    assert large - small < 8, (small, large)

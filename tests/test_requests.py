@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from batchpipe.cli import cli
 from batchpipe.errors import InputError, UsageError
 from batchpipe.models import CUSTOM_ID_PATTERN, RESULT_COLUMNS, JobSpec
 from batchpipe.requests import (
@@ -127,19 +130,36 @@ def test_rendering_matches_jinja2(template: str) -> None:
     assert params["messages"][0]["content"] == env.from_string(template).render(row)
 
 
-def test_missing_and_null_columns_are_row_problems() -> None:
+def test_missing_and_null_columns_are_row_problems(tmp_path: Path) -> None:
     renderer = RequestRenderer(make_spec(prompt="{{ title }}: {{ body }}", system="{{ lang }}"))
     assert renderer.render({"title": "t", "lang": "en"}, 4) == RowProblem(
         4, None, "column 'body' is missing"
     )
     problem = renderer.render({"title": "t", "body": "b", "lang": None}, 9)
     assert problem == RowProblem(9, None, "column 'lang' is null")
-    assert isinstance(problem, RowProblem)
-    assert problem._replace(row_key="k9").describe() == "row 9 (key 'k9'): column 'lang' is null"
     # Every absent column of a row is named, in column order, so one fix covers them all.
     assert renderer.render({"body": None, "lang": None}, 2) == RowProblem(
         2, None, "column 'body' is null; column 'lang' is null; column 'title' is missing"
     )
+    # What a user reads of that row, from the commands that check it: counted from 1, by id.
+    rows = [{"k": f"k{i}", "title": "t", "body": "b", "lang": "en"} for i in range(10)]
+    rows[9]["lang"] = None
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    args = [
+        str(src), "--prompt", "{{ title }}: {{ body }}", "--system", "{{ lang }}",
+        "--model", "claude-haiku-4-5", "--max-tokens", "8", "--id-column", "k",
+    ]  # fmt: skip
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    runner = CliRunner()
+    ran = runner.invoke(
+        cli, ["--db", db, "run", *args, "--emulate", "-o", str(tmp_path / "o.jsonl")]
+    )
+    assert ran.exit_code == 1, ran.output
+    assert "\n  row 10 (id 'k9'): column 'lang' is null\n" in ran.stderr
+    estimated = runner.invoke(cli, ["--db", db, "estimate", *args, "--offline"])
+    assert estimated.exit_code == 0, estimated.output
+    assert "(first: row 10 (id 'k9'): column 'lang' is null)" in estimated.stderr
 
 
 def test_a_null_nested_field_is_a_row_problem_not_the_text_none() -> None:

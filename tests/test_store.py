@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from batchpipe.db import ItemRow, JobNameTaken, Store, upgrade
+from batchpipe.db import ItemRow, JobNameTaken, ScratchKeys, Store, upgrade
 from batchpipe.db import items as items_module
 from batchpipe.db.schema import attempts, jobs
 from batchpipe.errors import StoreError, StoreUnreachable
@@ -271,6 +273,27 @@ def test_find_duplicate_keys(store: Store) -> None:
     other = new_job(store, "j2", "abcdefabcd")
     store.insert_items(other, [(0, "x", P, None), (1, "y", P, None)])
     assert store.find_duplicate_keys(other) == []
+
+
+def test_scratch_keys_find_what_the_store_finds_and_leave_no_file(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch_dir = tmp_path / "scratch"
+    scratch_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_dir))
+    keys = ["a", "b", "a", "c", "b", "a", "d", "a", "a", "a", "a"]
+    job = new_job(store)
+    store.insert_items(job, ((i, k, P, None) for i, k in enumerate(keys)))
+    with ScratchKeys() as scratch:
+        scratch.add(enumerate(keys[:4]))  # added in pieces, as estimate adds each chunk
+        scratch.add((i, k) for i, k in enumerate(keys) if i >= 4)
+        assert list(scratch_dir.iterdir())  # the keys are on disk, not in memory
+        assert scratch.duplicates() == store.find_duplicate_keys(job)
+        assert scratch.duplicates(limit=1) == store.find_duplicate_keys(job, limit=1)
+    assert list(scratch_dir.iterdir()) == []
+    with ScratchKeys() as scratch:
+        scratch.add([(0, "x"), (1, "y")])
+        assert scratch.duplicates() == []
 
 
 # ------------------------------------------------------------------ batches

@@ -69,6 +69,7 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         state = click.get_current_context().find_object(State)
         previous = _raise_on_sigterm()
+        previous_sigint = _raise_on_sigint()
         try:
             return func(*args, **kwargs)
         except Interrupted:
@@ -89,6 +90,8 @@ def handle_errors(func: F) -> F:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if previous_sigint is not None:
+                signal.signal(signal.SIGINT, previous_sigint)
 
     return wrapper  # type: ignore[return-value]
 
@@ -106,3 +109,19 @@ def _raise_on_sigterm() -> Any:
         raise Interrupted(f"received signal {signum}")
 
     return signal.signal(signal.SIGTERM, _handler)
+
+
+def _raise_on_sigint() -> Any:
+    """Make Ctrl-C raise KeyboardInterrupt in the command's body, so it unwinds and saves state.
+
+    The `batchpipe` command (``batchpipe.entry``) starts with a handler that exits at once,
+    which suits imports and argument parsing but would skip releasing the lease here.
+    A SIGINT that is ignored (a shell's background job) stays ignored. Returns the previous
+    handler, or None when nothing was changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.getsignal(signal.SIGINT)
+    if current in (signal.SIG_IGN, None, signal.default_int_handler):
+        return None
+    return signal.signal(signal.SIGINT, signal.default_int_handler)

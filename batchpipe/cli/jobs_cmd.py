@@ -97,11 +97,12 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--max-failed",
-            metavar="N|P%",
+            metavar="N|P%|default",
             help="Rows that may end without an answer (errored, expired, invalid, "
             "invalid_output) before the "
             "command exits 1, after writing the output: a count or a percentage "
-            "[all but one: exit 1 only when no row was answered].",
+            "[all but one: exit 1 only when no row was answered]. Kept with the job for "
+            "later runs; 'default' puts that back.",
         ),
         *structured_options(),
         click.option(

@@ -7,10 +7,12 @@ SQLAlchemy and alembic are imported only inside this package. Modules:
 - ``connect``: engines per dialect, masked URLs
 - ``migrate``: alembic upgrade/downgrade/revisions, driven from code
 - ``store``: :class:`Store`, built from ``jobs``, ``items`` and ``batches``
+- ``duplicates``: the duplicate-key query, and :class:`ScratchKeys` for rows not stored
 """
 
 from batchpipe.db.base import JobNameTaken
 from batchpipe.db.connect import mask_url, sqlite_path
+from batchpipe.db.duplicates import ScratchKeys
 from batchpipe.db.migrate import current_revision, downgrade, head_revision, upgrade
 from batchpipe.db.rows import BatchRow, ItemRow, JobRow, PendingItem
 from batchpipe.db.store import Store
@@ -21,6 +23,7 @@ __all__ = [
     "JobNameTaken",
     "JobRow",
     "PendingItem",
+    "ScratchKeys",
     "Store",
     "current_revision",
     "downgrade",

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from batchpipe.db.base import StoreBase, batch_members, status_values
 from batchpipe.db.bulk import BulkStatement, copy_rows, driver_value
+from batchpipe.db.duplicates import select_duplicate_keys
 from batchpipe.db.history import archive_succeeded
 from batchpipe.db.rows import RESULT_FIELDS, ItemRow, JobTotals, PendingItem
 from batchpipe.db.schema import attempts, items
@@ -25,8 +26,6 @@ from batchpipe.models import TRUNCATED_STOP_REASON, ItemStatus
 
 INSERT_CHUNK = 10_000
 INT4_MAX = 2**31 - 1
-# How many row indexes find_duplicate_keys reports per duplicated key.
-DUPLICATE_EXAMPLES = 5
 TOKEN_FIELDS = (
     "input_tokens",
     "output_tokens",
@@ -138,38 +137,8 @@ class ItemsMixin(StoreBase):
 
     def find_duplicate_keys(self, job_id: int, limit: int = 20) -> list[tuple[str, list[int]]]:
         """Row keys used by more than one row, each with its first few row indexes."""
-        dupes = (
-            sa.select(items.c.row_key)
-            .where(items.c.job_id == job_id)
-            .group_by(items.c.row_key)
-            .having(sa.func.count() > 1)
-            .order_by(sa.func.min(items.c.row_index))
-            .limit(limit)
-        )
         with self._begin() as conn:
-            keys = list(conn.execute(dupes).scalars())
-            if not keys:
-                return []
-            # Rank within each key so only the first few indexes of each come back.
-            rank = (
-                sa.func.row_number()
-                .over(partition_by=items.c.row_key, order_by=items.c.row_index)
-                .label("rank")
-            )
-            ranked = (
-                sa.select(items.c.row_key, items.c.row_index, rank)
-                .where(items.c.job_id == job_id, items.c.row_key.in_(keys))
-                .subquery()
-            )
-            rows = conn.execute(
-                sa.select(ranked.c.row_key, ranked.c.row_index)
-                .where(ranked.c.rank <= DUPLICATE_EXAMPLES)
-                .order_by(ranked.c.row_index)
-            ).all()
-        found: dict[str, list[int]] = {key: [] for key in keys}
-        for key, row_index in rows:
-            found[key].append(row_index)
-        return list(found.items())
+            return select_duplicate_keys(conn, items, items.c.job_id == job_id, limit=limit)
 
     def iter_items(
         self,

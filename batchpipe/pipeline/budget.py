@@ -48,7 +48,8 @@ def check_estimate(ctx: Context, job: JobRow, spec: JobSpec) -> None:
     # Imported here: estimate pulls in the dataset reader, which this module needs only now.
     from batchpipe.pipeline.estimate import estimate  # noqa: PLC0415
 
-    found = estimate(ctx, spec, offline=True)
+    # The job is ingested: its ids were checked for duplicates then, so not again here.
+    found = estimate(ctx, spec, offline=True, check_ids=False)
     if found.expected_cost_usd > spec.max_cost:
         raise _fail(
             ctx,

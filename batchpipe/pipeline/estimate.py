@@ -13,18 +13,20 @@ the result says it made). Prices are the batch prices of :mod:`batchpipe.pricing
 
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 
 from batchpipe import pricing
 from batchpipe.dataset import Dataset
+from batchpipe.db import ScratchKeys
 from batchpipe.errors import UsageError
 from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
-from batchpipe.pipeline.ingest import check_columns, describe_problem
+from batchpipe.pipeline.ingest import check_columns, check_row, describe_problem, duplicates_error
 from batchpipe.requests import RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
 
@@ -108,6 +110,56 @@ def _counted(params: dict[str, Any]) -> int:
     return size
 
 
+@dataclass
+class _Scan:
+    """What one pass over the input found: valid rows, their sample, the invalid ones."""
+
+    reservoir: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    total_bytes: int = 0
+    invalid: int = 0
+    first_invalid: str | None = None
+
+
+def _scan(
+    dataset: Dataset,
+    spec: JobSpec,
+    renderer: RequestRenderer,
+    *,
+    sample: int,
+    seed: int,
+    keys: ScratchKeys | None,
+) -> _Scan:
+    """Check every row as ingest would, keep a uniform sample of the valid rows' requests,
+    and put each row's key in ``keys`` (when given) for the duplicate check."""
+    rng = random.Random(seed)
+    found = _Scan()
+    row_index = -1
+    for chunk in dataset.iter_rows():
+        chunk_keys: list[tuple[int, str]] = []
+        for row in chunk:
+            row_index += 1
+            checked = check_row(renderer, spec, row, row_index)
+            if isinstance(checked, RowProblem):
+                found.invalid += 1
+                found.first_invalid = found.first_invalid or describe_problem(checked)
+                if checked.row_key is not None:  # a bad request, a good id: ingest keeps it
+                    chunk_keys.append((row_index, checked.row_key))
+                continue
+            key, params = checked
+            chunk_keys.append((row_index, key))
+            found.rows += 1
+            found.total_bytes += _counted(params)
+            # Reservoir sampling: a uniform sample in one pass and bounded memory.
+            if len(found.reservoir) < sample:
+                found.reservoir.append(params)
+            elif (j := rng.randrange(found.rows)) < sample:
+                found.reservoir[j] = params
+        if keys is not None:
+            keys.add(chunk_keys)
+    return found
+
+
 def estimate(
     ctx: Context,
     spec: JobSpec,
@@ -116,38 +168,33 @@ def estimate(
     offline: bool = False,
     expected_output_tokens: int | None = None,
     seed: int = 0,
+    check_ids: bool = True,
 ) -> Estimate:
     """Estimate the job's cost; streams the input once. Rows that fail validation are not
-    priced; the estimate counts them (``invalid_rows``)."""
+    priced; the estimate counts them (``invalid_rows``).
+
+    With an id column, an input that repeats ids is refused as ingest refuses it
+    (PreflightFailed, same message): the job could not start. ``check_ids=False`` skips that
+    for a job already ingested, which was checked then.
+    """
     price = pricing.price_for(spec.model)
     if price is None:
         raise UsageError(
             f"no price known for model {spec.model!r} (price table {pricing.PRICE_TABLE_VERSION}); "
             "cost cannot be estimated"
         )
-    renderer = RequestRenderer(spec)
     dataset = Dataset(spec.input, spec.input_format)
     # The columns as the run would check them: an estimate of a job that cannot start
     # (an --id-column or template column the input lacks) is refused the same way.
+    renderer = RequestRenderer(spec)
     check_columns(dataset, spec, renderer)
-    rng = random.Random(seed)
-    reservoir: list[dict[str, Any]] = []
-    rows = total_bytes = invalid = 0
-    first_invalid = None
-    for chunk in dataset.iter_rows():
-        for row in chunk:
-            params = renderer.render(row, rows + invalid)
-            if isinstance(params, RowProblem):
-                invalid += 1
-                first_invalid = first_invalid or describe_problem(params)
-                continue
-            rows += 1
-            total_bytes += _counted(params)
-            # Reservoir sampling: a uniform sample in one pass and bounded memory.
-            if len(reservoir) < sample:
-                reservoir.append(params)
-            elif (j := rng.randrange(rows)) < sample:
-                reservoir[j] = params
+    with contextlib.ExitStack() as stack:
+        keys = stack.enter_context(ScratchKeys()) if spec.id_column and check_ids else None
+        scan = _scan(dataset, spec, renderer, sample=sample, seed=seed, keys=keys)
+        duplicates = keys.duplicates() if keys is not None else []
+    if duplicates:
+        raise duplicates_error(dataset, spec, duplicates)
+    reservoir, rows, total_bytes = scan.reservoir, scan.rows, scan.total_bytes
     if offline or not reservoir:
         input_tokens = pricing.approx_tokens(total_bytes)
         method = "offline"
@@ -176,6 +223,6 @@ def estimate(
         input_cost_usd=input_cost,
         expected_cost_usd=input_cost + per_row * rows * out_rate,
         max_cost_usd=max_input_cost + spec.max_tokens * rows * out_rate,
-        invalid_rows=invalid,
-        first_invalid=first_invalid,
+        invalid_rows=scan.invalid,
+        first_invalid=scan.first_invalid,
     )

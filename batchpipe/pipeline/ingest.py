@@ -11,6 +11,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import Any
 
 import orjson
 
@@ -43,11 +44,11 @@ _NON_IDENTITY_FIELDS = {
     "max_failed",
     "result_prefix",
 }
-# Settings a later run may change for a known job without changing its requests.
+# Settings a later run may change for a known job without changing its requests, when it
+# gives them (max_failed, which a run may also put back to unset, is carried on its own).
 _CARRIED_FIELDS = (
     "output",
     "max_cost",
-    "max_failed",
     "result_prefix",
     "retry_truncated_max_tokens",
     "skip_invalid",
@@ -88,9 +89,10 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     """Return the job called `name`, creating it if new; refuse a clashing spec for a known name."""
     job = ctx.store.get_job(name)
     if job is None:
+        stored = spec.model_copy(update={"max_failed": spec.max_failed_over(None)})
         try:
             return ctx.store.create_job(
-                name=name, token=new_job_token(), spec=spec.model_dump(), input_fingerprint=None
+                name=name, token=new_job_token(), spec=stored.model_dump(), input_fingerprint=None
             )
         except JobNameTaken:  # another worker created it a moment ago
             job = ctx.store.get_job(name)
@@ -111,6 +113,9 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
         for k in _CARRIED_FIELDS
         if getattr(spec, k) is not None and getattr(spec, k) != getattr(existing, k)
     }
+    max_failed = spec.max_failed_over(existing.max_failed)
+    if max_failed != existing.max_failed:
+        carried["max_failed"] = max_failed
     if carried:
         ctx.store.update_job(job.id, spec=existing.model_copy(update=carried).model_dump())
         job = ctx.store.get_job(job.id)
@@ -188,7 +193,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         for chunk in dataset.iter_rows(columns=read):
             for row in chunk:
                 row_index += 1
-                checked = _check_row(renderer, spec, row, row_index)
+                checked = check_row(renderer, spec, row, row_index)
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
                     if len(problems) < _SHOWN_PROBLEMS:
@@ -196,7 +201,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     key = checked.row_key if checked.row_key is not None else f"<row {row_index}>"
                     yield row_index, key, ItemStatus.INVALID, checked.message
                 else:
-                    yield row_index, checked, ItemStatus.PENDING, None
+                    yield row_index, checked[0], ItemStatus.PENDING, None
             ctx.progress.advance(len(chunk))
             ctx.heartbeat(job.id)
         counts["rows"] = row_index + 1
@@ -215,15 +220,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column else []
     if duplicates:
         ctx.store.delete_items(job.id)
-        shown = "; ".join(
-            f"{key!r} in rows {', '.join(str(i + 1) for i in rows)}" for key, rows in duplicates
-        )
-        raise PreflightFailed(
-            f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
-            f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
-            "without --id-column to key rows by their position",
-            [shown],
-        )
+        raise duplicates_error(dataset, spec, duplicates)
     ctx.store.update_job(
         job.id,
         row_count=inserted,
@@ -242,6 +239,21 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     return refreshed
 
 
+def duplicates_error(
+    dataset: Dataset, spec: JobSpec, duplicates: list[tuple[str, list[int]]]
+) -> PreflightFailed:
+    """The refusal of an input whose id column repeats keys (``find_duplicate_keys``' list)."""
+    shown = "; ".join(
+        f"{key!r} in rows {', '.join(str(i + 1) for i in rows)}" for key, rows in duplicates
+    )
+    return PreflightFailed(
+        f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
+        f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
+        "without --id-column to key rows by their position",
+        [shown],
+    )
+
+
 def _changed(dataset: Dataset, job: JobRow) -> bool:
     """Whether the input's bytes differ from those the job was ingested from."""
     try:
@@ -251,13 +263,14 @@ def _changed(dataset: Dataset, job: JobRow) -> bool:
     return False
 
 
-def _check_row(
-    renderer: RequestRenderer, spec: JobSpec, row: dict[str, object], row_index: int
-) -> str | RowProblem:
-    """The row's key if it can be sent, else what is wrong with it.
+def check_row(
+    renderer: RequestRenderer, spec: JobSpec, row: dict[str, Any], row_index: int
+) -> tuple[str, dict[str, Any]] | RowProblem:
+    """The row's key and request params if it can be sent, else what is wrong with it.
 
-    Rendering checks the request's size too, with the longest custom_id any attempt can
-    get, so no attempt can overflow a batch.
+    A row whose request is bad but whose id is good keeps its key in the problem
+    (``row_key``): it still counts for duplicates. Rendering checks the request's size too,
+    with the longest custom_id any attempt can get, so no attempt can overflow a batch.
     """
     key = check_row_key(row, spec.id_column, row_index)
     if isinstance(key, RowProblem):
@@ -265,7 +278,7 @@ def _check_row(
     params = renderer.render(row, row_index)
     if isinstance(params, RowProblem):
         return params._replace(row_key=key if spec.id_column else None)
-    return key
+    return key, params
 
 
 def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:

@@ -122,6 +122,8 @@ def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> 
         update={
             "max_attempts": highest + spec.max_attempts,
             "output": spec.output or old.output,
+            # Kept unless given, as for a run that changes no request (see open_job).
+            "max_failed": spec.max_failed_over(old.max_failed),
         }
     )
     changed, unchanged = ctx.store.rerun_items(

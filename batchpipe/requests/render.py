@@ -26,16 +26,14 @@ _MISSING: Any = object()
 
 
 class RowProblem(NamedTuple):
-    """Why one row cannot become a request. ``message`` names the column where one applies."""
+    """Why one row cannot become a request. ``message`` names the column where one applies.
+
+    ``row_index`` counts from 0; users read "row N+1 (id ...)" (``pipeline.describe_problem``).
+    """
 
     row_index: int
     row_key: str | None
     message: str
-
-    def describe(self) -> str:
-        """One line for users: ``row 41 (key 'a7'): column 'body' is null``."""
-        key = f" (key {self.row_key!r})" if self.row_key is not None else ""
-        return f"row {self.row_index}{key}: {self.message}"
 
 
 def check_row_key(
