@@ -209,3 +209,24 @@ def test_a_rerun_after_retry_max_tokens_compares_with_what_rows_were_sent_with(
 
 def job_spec_of(job: JobRow) -> JobSpec:
     return JobSpec.model_validate(job.spec)
+
+
+def test_retry_refuses_a_max_tokens_the_job_could_not_be_read_with(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """`retry --max-tokens 0` was stored unchecked, and every later command (status, tick,
+    export, retry itself) then failed to read the job. It is refused, and nothing changes."""
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, 5)
+    harness.emulator.configure(invalid_rate=1.0)
+    job = harness.run(spec_for(tmp_path, src))
+    ctx = harness.context()
+    try:
+        with pytest.raises(UsageError, match="max_tokens"):
+            pipeline.retry(ctx, job, statuses={ItemStatus.ERRORED}, max_tokens=0)
+        after = current(harness, job.id)
+        assert after.spec == job.spec
+        assert ctx.store.count_items(job.id)[ItemStatus.ERRORED] == 5  # nothing requeued
+        assert pipeline.retry(ctx, after, statuses={ItemStatus.ERRORED}, max_tokens=64) == 5
+    finally:
+        ctx.close()

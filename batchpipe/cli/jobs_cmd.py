@@ -310,7 +310,9 @@ _RETRY_STATUSES = ["errored", "expired", "canceled"]
     help="Only errored rows with this error type, e.g. invalid_request_error (repeatable).",
 )
 @click.option(
-    "--max-tokens", type=int, help="Use this max_tokens from now on (e.g. after truncation)."
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="Use this max_tokens from now on (e.g. after truncation).",
 )
 @click.pass_obj
 @handle_errors

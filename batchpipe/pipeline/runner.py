@@ -279,7 +279,13 @@ def retry(
                 # Only the requeued rows go out with it: what the others were sent with is
                 # kept for a later re-run to compare against (see pipeline/rerun.py).
                 moved["request_spec"] = spec.model_dump()
-        ctx.store.update_job(job.id, spec={**spec.model_dump(), **updates}, **moved)
+        try:
+            # Checked before it is stored: a spec the model refuses would make the job
+            # unreadable to every later command (status, tick, export).
+            new_spec = JobSpec.model_validate({**spec.model_dump(), **updates})
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise UsageError(f"retry: invalid setting ({exc}); nothing was changed") from None
+        ctx.store.update_job(job.id, spec=new_spec.model_dump(), **moved)
         count = ctx.store.requeue_items(job.id, statuses=statuses, error_types=error_types)
         if count:
             # The output file no longer holds these rows' final answers: export it again.
