@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from batchpipe import errors
 from batchpipe.client import BatchClient
-from batchpipe.client.lines import parse_line, split_lines
+from batchpipe.client.lines import load_line, record_from, split_lines
 from batchpipe.config import Settings
 from batchpipe.emulator import IN_PROCESS_BASE_URL, Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import expected_text
@@ -27,6 +27,12 @@ from batchpipe.models import ResultRecord, ResultType
 
 KEY = "sk-ant-api03-client-test-key-DO-NOT-LEAK-0123456789"
 MODEL = "claude-sonnet-4-5"
+
+
+def parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
+    """One results line as the client reads it (load_line, then record_from)."""
+    obj = load_line(line)
+    return None if obj is None else record_from(obj, keep_content=keep_content)
 
 
 def _settings(**overrides: Any) -> Settings:

@@ -249,6 +249,10 @@ class BatchClient:
             for obj in objects:
                 yield record_from(obj, keep_content=keep_content)
 
+    # A result_objects() line as a ResultRecord (what results() yields): for a caller that
+    # reads some lines itself and hands the rest over.
+    record_from = staticmethod(record_from)
+
     def result_objects(self, batch_id: str) -> Generator[dict[str, Any], None, None]:
         """:meth:`results` as each line's JSON object (``custom_id`` and a ``result`` of a
         known type, checked), for a caller that reads the commonest lines without a

@@ -74,12 +74,6 @@ def load_line(line: bytes) -> dict[str, Any] | None:
     return None
 
 
-def parse_line(line: bytes, *, keep_content: bool) -> ResultRecord | None:
-    """One results line as a ResultRecord; None when it is not a valid result line."""
-    obj = load_line(line)
-    return None if obj is None else record_from(obj, keep_content=keep_content)
-
-
 def record_from(obj: dict[str, Any], *, keep_content: bool) -> ResultRecord:
     """A line :func:`load_line` accepted, as a ResultRecord."""
     custom_id = obj["custom_id"]

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from datetime import timedelta
+from typing import Any
 
 from batchpipe.db import BatchRow, JobRow
 from batchpipe.errors import APIError, NeedsAttention, TransientAPIError
@@ -30,6 +31,7 @@ from batchpipe.models import (
 from batchpipe.pipeline.context import Context, api_now, bind, failpoint, job_spec
 from batchpipe.pipeline.outcome import output_schema, plain_success, refine
 from batchpipe.requests import parse_custom_id
+from batchpipe.structured import OutputSchema
 
 _APPLY_CHUNK = 5_000
 EXPIRY_WARNING = timedelta(hours=2)
@@ -113,9 +115,6 @@ def _collect_batch(
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     if batch.created_at and api_now(ctx) - batch.created_at > ARCHIVE_AFTER - ARCHIVE_WARNING:
         logger.warning("batch.near_archive", created_at=batch.created_at.isoformat())
-    # The client package imports the SDK, which ctx.client has loaded by now.
-    from batchpipe.client.lines import record_from  # noqa: PLC0415
-
     buf: list[ResultRecord] = []
     plain: list[PlainSuccess] = []  # the commonest lines, without a record each
     applied = foreign = lines = 0
@@ -129,28 +128,16 @@ def _collect_batch(
             success = plain_success(obj, job.token, spec) if outputs is None else None
             if success is not None:
                 plain.append(success)
-                usage["input_tokens"] += success[6] or 0
+                usage["input_tokens"] += success[6] or 0  # PlainSuccess: input, output tokens
                 usage["output_tokens"] += success[7] or 0
             else:
-                # Raw content blocks only when a schema needs them (the tool call's input).
-                record = record_from(obj, keep_content=outputs is not None)
-                parsed = parse_custom_id(record.custom_id)
-                if parsed is None or parsed[0] != job.token:
+                record = _general_update(
+                    ctx, obj, job, spec, outputs=outputs, user_canceled=user_canceled
+                )
+                if record is None:
                     foreign += 1
                     continue
-                _, row_index, attempt = parsed
-                status = classify(record, attempt, spec.max_attempts, user_canceled)
-                buf.append(
-                    refine(
-                        record,
-                        row_index,
-                        attempt,
-                        status,
-                        spec,
-                        outputs=outputs,
-                        user_canceled=user_canceled,
-                    )
-                )
+                buf.append(record)
                 usage["input_tokens"] += record.input_tokens or 0
                 usage["output_tokens"] += record.output_tokens or 0
                 if record.result_type is not ResultType.SUCCEEDED:
@@ -203,6 +190,29 @@ def _collect_batch(
     )
     release_free_memory()
     return applied
+
+
+def _general_update(
+    ctx: Context,
+    obj: dict[str, Any],
+    job: JobRow,
+    spec: JobSpec,
+    *,
+    outputs: OutputSchema | None,
+    user_canceled: bool,
+) -> ResultRecord | None:
+    """Any line ``plain_success`` declined, as its item's update (classified and refined);
+    None for a line that is not this job's."""
+    # Raw content blocks only when a schema needs them (the tool call's input).
+    record = ctx.client.record_from(obj, keep_content=outputs is not None)
+    parsed = parse_custom_id(record.custom_id)
+    if parsed is None or parsed[0] != job.token:
+        return None
+    _, row_index, attempt = parsed
+    status = classify(record, attempt, spec.max_attempts, user_canceled)
+    return refine(
+        record, row_index, attempt, status, spec, outputs=outputs, user_canceled=user_canceled
+    )
 
 
 def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:

@@ -101,8 +101,8 @@ def plain_success(obj: dict[str, Any], token: str, spec: JobSpec) -> PlainSucces
     may retry. None for any other line, which then takes the general path (a ResultRecord,
     ``classify`` and :func:`refine`), with the same outcome for the lines taken here.
 
-    Skipping the record and the two calls per line saved 1.2 of collect's 5.4 CPU seconds
-    for a million answers.
+    Skipping the record and the calls per line took collect's CPU for a million answers
+    from 8.8 to 7.1 s on SQLite (one round, bench/bench_pipeline.py).
     """
     result = obj["result"]
     if result["type"] != "succeeded":
