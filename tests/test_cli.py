@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from batchpipe.cli import cli
 from batchpipe.db import Store
-from batchpipe.emulator import Emulator
+from batchpipe.emulator import Emulator, EmulatorServer
 from batchpipe.models import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -706,3 +706,31 @@ def test_bad_settings_are_usage_errors(
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_resume_of_a_canceled_job_points_at_retry_status_canceled(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    emulator.configure(processing_seconds=3600, cancel_seconds=0.1)
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    args = [a for a in run_args(src, tmp_path / "o.parquet") if a != "--emulate"]
+    submitted = invoke(tmp_path, "submit", *args[1:], "--job", "stopme", env=env)
+    assert submitted.exit_code == 0, submitted.output
+    assert invoke(tmp_path, "cancel", "stopme", env=env).exit_code == 0
+    emulator.advance(1)  # the cancel has ended at the API
+    assert invoke(tmp_path, "tick", "--job", "stopme", env=env).exit_code == 0
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "canceled"
+    assert job["counts"]["canceled"] == 4
+
+    resumed = invoke(tmp_path, "resume", "stopme", env=env)
+    assert resumed.exit_code == 2
+    assert (
+        "error: job 1 (stopme) is canceled; nothing to resume. To send its canceled rows "
+        "again: `batchpipe retry stopme --status canceled`, then `batchpipe tick`"
+    ) in resumed.stderr
+    # The hint is a command that works.
+    retried = invoke(tmp_path, "retry", "stopme", "--status", "canceled", env=env)
+    assert retried.exit_code == 0, retried.output
+    assert "job 1 (stopme): 4 row(s) queued again" in retried.stderr
