@@ -278,6 +278,28 @@ def test_an_export_that_fails_says_where_the_answers_are(tmp_path: Path) -> None
     assert batches_created(tmp_path) == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "suggested"),
+    [("out.csv", "out.parquet"), ("out.jsonl.gz", "out.jsonl"), ("out", "out.parquet")],
+)
+def test_an_export_to_no_known_format_suggests_a_command_that_works(
+    tmp_path: Path, name: str, suggested: str
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    assert invoke(tmp_path, *run_args(src, tmp_path / "out.parquet"), "--job", "j").exit_code == 0
+    refused = invoke(tmp_path, "export", "j", "-o", str(tmp_path / name))
+    assert refused.exit_code == 2, refused.output
+    assert "end it in one of .parquet, .pq, .jsonl, .ndjson" in refused.stderr
+    hint = re.search(r"e\.g\. `batchpipe export j -o (\S+)`", refused.stderr)
+    assert hint is not None, refused.stderr
+    assert hint.group(1) == str(tmp_path / suggested)
+    assert "-o PATH" not in refused.stderr
+    # The suggested command does what the refused one meant.
+    followed = invoke(tmp_path, "export", "j", "-o", hint.group(1))
+    assert followed.exit_code == 0, followed.output
+    assert f"wrote 3 rows to {tmp_path / suggested}" in followed.stderr
+
+
 def test_a_template_reads_a_column_with_a_space_through_row(tmp_path: Path) -> None:
     src = tmp_path / "in.parquet"
     pq.write_table(
