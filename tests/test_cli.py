@@ -300,6 +300,19 @@ def test_an_export_to_no_known_format_suggests_a_command_that_works(
     assert f"wrote 3 rows to {tmp_path / suggested}" in followed.stderr
 
 
+def test_a_parquet_input_without_columns_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({}), src)
+    result = invoke(tmp_path, *run_args(src, tmp_path / "out.parquet"))
+    assert result.exit_code == 1, result.output
+    assert (
+        f"error: {src}: the template uses column(s) 'body', which the input does not have "
+        "(the file has no columns at all)\n"
+    ) in result.stderr
+    assert "(it has: )" not in result.stderr
+    assert batches_created(tmp_path) == 0
+
+
 def test_a_template_reads_a_column_with_a_space_through_row(tmp_path: Path) -> None:
     src = tmp_path / "in.parquet"
     pq.write_table(
