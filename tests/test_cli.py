@@ -92,7 +92,9 @@ def test_run_with_emulate_writes_joined_output(tmp_path: Path) -> None:
     assert table.column("doc_id").to_pylist() == [f"d{i}" for i in range(30)]
     assert set(table.column("result_status").to_pylist()) == {"succeeded"}
     assert batches_created(tmp_path) == 3
-    assert "rows by status: {'succeeded': 30}" in result.stderr
+    assert "finished job 1 (in-" in result.stderr
+    assert "  rows: 30 succeeded\n" in result.stderr  # readable, not a Python dict
+    assert "{" not in result.stderr.split("finished job 1", 1)[1]
 
     status = invoke(tmp_path, "status", "--json")
     assert status.exit_code == 0
@@ -338,6 +340,14 @@ def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["result_status"] for r in lines] == ["succeeded", "invalid"]
     assert "column 'body' is null" in lines[1]["error_message"]
+    # The summary for people, and the same counts as JSON in the job.finished log line.
+    assert "  rows: 1 succeeded, 1 invalid\n" in result.stderr
+    (finished,) = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and '"job.finished"' in line
+    ]
+    assert (finished["succeeded"], finished["invalid"], finished["errored"]) == (1, 1, 0)
 
 
 def test_result_prefix_exports_beside_input_columns_of_the_same_name(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,15 @@ def _echo_plan(plan: pipeline.RerunPlan | None, name: str, known: bool) -> None:
     click.echo(str(plan.changed if plan else 0))
 
 
+def rows_by_status(counts: Mapping[ItemStatus, int]) -> str:
+    """``28 succeeded, 2 errored``: the statuses that have rows, in the enum's order.
+
+    For people; the ``job.finished`` log line carries the same counts as JSON fields.
+    """
+    parts = [f"{counts[s]:,} {s.value}" for s in ItemStatus if counts.get(s)]
+    return ", ".join(parts) or "none"
+
+
 def _echo_job(job: JobRow, verb: str) -> None:
     click.echo(
         f"{verb} job {job.id} ({job.name}): {job.status.value}, {job.row_count} rows", err=True
@@ -170,8 +179,7 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
         # every row of the job (0.2 s at a million).
         by_status = ctx.store.count_items(job.id)
     _echo_job(job, "finished")
-    counts = {k.value: v for k, v in by_status.items() if v}
-    click.echo(f"  rows by status: {counts}", err=True)
+    click.echo(f"  rows: {rows_by_status(by_status)}", err=True)
     if spec.output:
         click.echo(f"  output: {spec.output}", err=True)
     failure = pipeline.rows_failed(job, by_status)
