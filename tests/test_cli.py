@@ -350,6 +350,24 @@ def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     assert (finished["succeeded"], finished["invalid"], finished["errored"]) == (1, 1, 0)
 
 
+def test_jobs_counts_answered_and_failed_rows_apart(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    bodies = ["x", None, "y", None, None]
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": f"d{i}", "body": b} for i, b in enumerate(bodies)]), src
+    )
+    ran = invoke(tmp_path, *run_args(src, tmp_path / "o.parquet", "--skip-invalid", "--job", "j"))
+    assert ran.exit_code == 0, ran.output
+    listed = invoke(tmp_path, "jobs")
+    assert listed.exit_code == 0, listed.output
+    header, line = listed.stdout.splitlines()
+    assert header.split() == [
+        "id", "name", "status", "rows", "answered", "failed", "canceled", "open", "age", "next",
+    ]  # fmt: skip
+    # 2 answered and 3 invalid (failed): a "done" column used to count all 5.
+    assert line.split()[:8] == ["1", "j", "done", "5", "2", "3", "0", "0"]
+
+
 def test_result_prefix_exports_beside_input_columns_of_the_same_name(tmp_path: Path) -> None:
     src = tmp_path / "phones.parquet"
     pq.write_table(
