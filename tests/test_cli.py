@@ -201,6 +201,28 @@ def test_a_database_in_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None
     assert "no-such-folder does not exist; create it or point --db" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"], ["status", "--json"], ["jobs"], ["report", "j"], ["export", "j"],
+        ["cancel", "j"], ["retry", "j"], ["resume", "j"],
+    ],
+)  # fmt: skip
+def test_commands_on_existing_jobs_do_not_create_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default database is batchpipe.db in the working folder
+    result = CliRunner().invoke(cli, args, env={"BATCHPIPE_DATABASE_URL": None})
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: no database at {tmp_path / 'batchpipe.db'}; run `batchpipe run` (or "
+        "`batchpipe submit`) first, or point --db (BATCHPIPE_DATABASE_URL) at the database "
+        "your jobs are in\n"
+    )
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
 def test_unreadable_path_names_it(tmp_path: Path) -> None:
     result = invoke(tmp_path, *run_args(tmp_path / "nope.parquet", tmp_path / "out.parquet"))
     assert result.exit_code == 1
@@ -621,6 +643,7 @@ def test_retry_and_cancel_of_a_job_with_nothing_to_do_say_so(tmp_path: Path) -> 
 
 
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    assert invoke(tmp_path, "db", "upgrade").exit_code == 0
     plain = invoke(tmp_path, "status", "no-such-job")
     debugging = invoke(tmp_path, "--debug", "status", "no-such-job")
     assert plain.exit_code == debugging.exit_code == 2  # cron and Airflow act on it

@@ -9,6 +9,7 @@ import click
 
 from batchpipe import db, pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.wiring import pipeline_context, settings_for
 from batchpipe.errors import UsageError
 from batchpipe.models import ItemStatus
@@ -91,6 +92,7 @@ def _render_job(summary: dict[str, Any]) -> str:
 @handle_errors
 def status(state: State, job_ref: str | None, as_json: bool) -> None:
     """Show jobs with their rows by status, batches, attempts, age, expiry and next action."""
+    require_database(state)
     with pipeline_context(state) as ctx:
         if job_ref is not None:
             job = ctx.store.get_job(job_ref)
@@ -124,6 +126,7 @@ def jobs(state: State, as_json: bool) -> None:
     invalid_output: what --max-failed counts), canceled, and open (not sent yet or in
     flight); the four add up to rows.
     """
+    require_database(state)
     with pipeline_context(state) as ctx:
         summaries = [
             pipeline.job_summary(ctx, j, with_batches=False) for j in ctx.store.list_jobs()

@@ -12,6 +12,7 @@ import click
 
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.job_extras import confirm_options, output_schema_from, structured_options
 from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
 from batchpipe.config import build_job_spec, job_file_settings
@@ -268,6 +269,7 @@ def _find_job(ctx: pipeline.Context, ref: str) -> JobRow:
 @handle_errors
 def export(state: State, job_ref: str, output: str | None) -> None:
     """Write a finished job's results joined to its input rows, in input order."""
+    require_database(state)
     with pipeline_context(state) as ctx:
         job = _find_job(ctx, job_ref)
         path, rows = pipeline.export(ctx, job, output)
@@ -285,6 +287,7 @@ def cancel(state: State, job_ref: str, emulate: bool) -> None:
     Already-finished answers are kept; `tick` drains the canceled batches and records every
     row's final status.
     """
+    require_database(state)
     with pipeline_context(state, emulate=emulate) as ctx:
         job = _find_job(ctx, job_ref)
         if job.status.is_terminal():
@@ -337,6 +340,7 @@ def retry(
     Then `tick` or `run` the job as usual.
     """
     chosen = {ItemStatus(s) for s in (statuses or ("errored", "expired"))}
+    require_database(state)
     with pipeline_context(state) as ctx:
         job = _find_job(ctx, job_ref)
         count = pipeline.retry(
@@ -380,6 +384,7 @@ def resume(state: State, job_ref: str, adopt: str | None, resend: bool, emulate:
     create was interrupted and cannot be matched safely, say which API batch it became
     (--adopt) or that it should be sent again (--resend). Then `tick` or `run` as usual.
     """
+    require_database(state)
     with pipeline_context(state, emulate=emulate) as ctx:
         job = pipeline.resume(ctx, _find_job(ctx, job_ref), adopt=adopt, resend=resend)
     _echo_job(job, "resumed")

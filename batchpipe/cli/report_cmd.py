@@ -14,6 +14,7 @@ import click
 
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.wiring import pipeline_context
 from batchpipe.errors import OutputNotWritable, UsageError
 
@@ -213,6 +214,7 @@ def report(
 
     Printed as text (or --json); --html writes a self-contained page (inline CSS and SVG).
     """
+    require_database(state)
     with pipeline_context(state) as ctx:
         job = ctx.store.get_job(job_ref)
         if job is None:
