@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_venv(where: Path) -> Path:
-    stamp = hashlib.sha1((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]  # as _venv.sh names it
+    # The stamp _venv.sh looks for: the first 12 hex digits of pyproject.toml's sha1.
+    stamp = hashlib.sha1((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
     (where / "bin").mkdir(parents=True)
     (where / f".installed-{stamp}").touch()
     probe = where / "bin" / "bp-probe"
@@ -47,9 +48,7 @@ def _source(venv_setting: str, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("how", ["absolute", "relative"])
-def test_batchpipe_venv_absolute_or_relative_puts_its_bin_on_path(
-    tmp_path: Path, how: str
-) -> None:
+def test_batchpipe_venv_absolute_or_relative_puts_its_bin_on_path(tmp_path: Path, how: str) -> None:
     venv = _fake_venv(tmp_path / "elsewhere" / "venv")
     setting = str(venv) if how == "absolute" else os.path.relpath(venv, ROOT)
     venv_line, found, ran = _source(setting, tmp_path)
