@@ -820,3 +820,40 @@ def test_resume_of_a_canceled_job_points_at_retry_status_canceled(
     retried = invoke(tmp_path, "retry", "stopme", "--status", "canceled", env=env)
     assert retried.exit_code == 0, retried.output
     assert "job 1 (stopme): 4 row(s) queued again" in retried.stderr
+
+
+def test_requests_over_a_models_limits_fail_at_once_and_are_never_resent(
+    tmp_path: Path,
+) -> None:
+    """The emulator answers them as the API does (errored, invalid_request_error); batchpipe
+    treats that as final: one attempt, no second batch, the API's message in the output."""
+    huge = "x" * (4 * 200_000)  # with "Classify: " around it, over haiku's 200,000 tokens
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"doc_id": "short", "body": "fine"}, {"doc_id": "long", "body": huge}],
+    )
+    out = tmp_path / "out.jsonl"
+    long_prompt = invoke(tmp_path, *run_args(src, out, "--max-failed", "1", "--job", "a"))
+    assert long_prompt.exit_code == 0, long_prompt.output
+    short, long = (json.loads(line) for line in out.read_text().splitlines())
+    assert short["result_status"] == "succeeded"
+    assert (long["result_status"], long["error_type"], long["attempts"]) == (
+        "errored", "invalid_request_error", 1,
+    )  # fmt: skip
+    assert long["error_message"] == "prompt is too long: 200003 tokens > 200000 maximum"
+    assert batches_created(tmp_path) == 1
+
+    args = run_args(src, out, "--job", "b")
+    args[args.index("--max-tokens") + 1] = "100000"
+    too_many = invoke(tmp_path, *args)
+    assert too_many.exit_code == 1  # no row got an answer
+    assert "no row got an answer" in too_many.stderr
+    rows_out = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["result_status"], r["error_type"], r["attempts"]) for r in rows_out} == {
+        ("errored", "invalid_request_error", 1)
+    }
+    assert rows_out[0]["error_message"] == (
+        "max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens "
+        "for claude-haiku-4-5"
+    )
+    assert batches_created(tmp_path) == 2  # one batch for job b, never a resend
