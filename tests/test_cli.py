@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from batchpipe.cli import cli
 from batchpipe.db import Store
-from batchpipe.emulator import Emulator
+from batchpipe.emulator import Emulator, EmulatorServer
 from batchpipe.models import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,9 @@ def test_run_with_emulate_writes_joined_output(tmp_path: Path) -> None:
     assert table.column("doc_id").to_pylist() == [f"d{i}" for i in range(30)]
     assert set(table.column("result_status").to_pylist()) == {"succeeded"}
     assert batches_created(tmp_path) == 3
-    assert "rows by status: {'succeeded': 30}" in result.stderr
+    assert "finished job 1 (in-" in result.stderr
+    assert "  rows: 30 succeeded\n" in result.stderr  # readable, not a Python dict
+    assert "{" not in result.stderr.split("finished job 1", 1)[1]
 
     status = invoke(tmp_path, "status", "--json")
     assert status.exit_code == 0
@@ -199,6 +201,28 @@ def test_a_database_in_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None
     assert "no-such-folder does not exist; create it or point --db" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"], ["status", "--json"], ["jobs"], ["report", "j"], ["export", "j"],
+        ["cancel", "j"], ["retry", "j"], ["resume", "j"],
+    ],
+)  # fmt: skip
+def test_commands_on_existing_jobs_do_not_create_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default database is batchpipe.db in the working folder
+    result = CliRunner().invoke(cli, args, env={"BATCHPIPE_DATABASE_URL": None})
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: no database at {tmp_path / 'batchpipe.db'}; run `batchpipe run` (or "
+        "`batchpipe submit`) first, or point --db (BATCHPIPE_DATABASE_URL) at the database "
+        "your jobs are in\n"
+    )
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
 def test_unreadable_path_names_it(tmp_path: Path) -> None:
     result = invoke(tmp_path, *run_args(tmp_path / "nope.parquet", tmp_path / "out.parquet"))
     assert result.exit_code == 1
@@ -278,6 +302,41 @@ def test_an_export_that_fails_says_where_the_answers_are(tmp_path: Path) -> None
     assert batches_created(tmp_path) == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "suggested"),
+    [("out.csv", "out.parquet"), ("out.jsonl.gz", "out.jsonl"), ("out", "out.parquet")],
+)
+def test_an_export_to_no_known_format_suggests_a_command_that_works(
+    tmp_path: Path, name: str, suggested: str
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    assert invoke(tmp_path, *run_args(src, tmp_path / "out.parquet"), "--job", "j").exit_code == 0
+    refused = invoke(tmp_path, "export", "j", "-o", str(tmp_path / name))
+    assert refused.exit_code == 2, refused.output
+    assert "end it in one of .parquet, .pq, .jsonl, .ndjson" in refused.stderr
+    hint = re.search(r"e\.g\. `batchpipe export j -o (\S+)`", refused.stderr)
+    assert hint is not None, refused.stderr
+    assert hint.group(1) == str(tmp_path / suggested)
+    assert "-o PATH" not in refused.stderr
+    # The suggested command does what the refused one meant.
+    followed = invoke(tmp_path, "export", "j", "-o", hint.group(1))
+    assert followed.exit_code == 0, followed.output
+    assert f"wrote 3 rows to {tmp_path / suggested}" in followed.stderr
+
+
+def test_a_parquet_input_without_columns_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({}), src)
+    result = invoke(tmp_path, *run_args(src, tmp_path / "out.parquet"))
+    assert result.exit_code == 1, result.output
+    assert (
+        f"error: {src}: the template uses column(s) 'body', which the input does not have "
+        "(the file has no columns at all)\n"
+    ) in result.stderr
+    assert "(it has: )" not in result.stderr
+    assert batches_created(tmp_path) == 0
+
+
 def test_a_template_reads_a_column_with_a_space_through_row(tmp_path: Path) -> None:
     src = tmp_path / "in.parquet"
     pq.write_table(
@@ -303,6 +362,32 @@ def test_skip_invalid_exports_bad_rows_as_invalid(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["result_status"] for r in lines] == ["succeeded", "invalid"]
     assert "column 'body' is null" in lines[1]["error_message"]
+    # The summary for people, and the same counts as JSON in the job.finished log line.
+    assert "  rows: 1 succeeded, 1 invalid\n" in result.stderr
+    (finished,) = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if line.startswith("{") and '"job.finished"' in line
+    ]
+    assert (finished["succeeded"], finished["invalid"], finished["errored"]) == (1, 1, 0)
+
+
+def test_jobs_counts_answered_and_failed_rows_apart(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    bodies = ["x", None, "y", None, None]
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": f"d{i}", "body": b} for i, b in enumerate(bodies)]), src
+    )
+    ran = invoke(tmp_path, *run_args(src, tmp_path / "o.parquet", "--skip-invalid", "--job", "j"))
+    assert ran.exit_code == 0, ran.output
+    listed = invoke(tmp_path, "jobs")
+    assert listed.exit_code == 0, listed.output
+    header, line = listed.stdout.splitlines()
+    assert header.split() == [
+        "id", "name", "status", "rows", "answered", "failed", "canceled", "open", "age", "next",
+    ]  # fmt: skip
+    # 2 answered and 3 invalid (failed): a "done" column used to count all 5.
+    assert line.split()[:8] == ["1", "j", "done", "5", "2", "3", "0", "0"]
 
 
 def test_result_prefix_exports_beside_input_columns_of_the_same_name(tmp_path: Path) -> None:
@@ -558,6 +643,7 @@ def test_retry_and_cancel_of_a_job_with_nothing_to_do_say_so(tmp_path: Path) -> 
 
 
 def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    assert invoke(tmp_path, "db", "upgrade").exit_code == 0
     plain = invoke(tmp_path, "status", "no-such-job")
     debugging = invoke(tmp_path, "--debug", "status", "no-such-job")
     assert plain.exit_code == debugging.exit_code == 2  # cron and Airflow act on it
@@ -706,3 +792,68 @@ def test_bad_settings_are_usage_errors(
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_resume_of_a_canceled_job_points_at_retry_status_canceled(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    emulator.configure(processing_seconds=3600, cancel_seconds=0.1)
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    args = [a for a in run_args(src, tmp_path / "o.parquet") if a != "--emulate"]
+    submitted = invoke(tmp_path, "submit", *args[1:], "--job", "stopme", env=env)
+    assert submitted.exit_code == 0, submitted.output
+    assert invoke(tmp_path, "cancel", "stopme", env=env).exit_code == 0
+    emulator.advance(1)  # the cancel has ended at the API
+    assert invoke(tmp_path, "tick", "--job", "stopme", env=env).exit_code == 0
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "canceled"
+    assert job["counts"]["canceled"] == 4
+
+    resumed = invoke(tmp_path, "resume", "stopme", env=env)
+    assert resumed.exit_code == 2
+    assert (
+        "error: job 1 (stopme) is canceled; nothing to resume. To send its canceled rows "
+        "again: `batchpipe retry stopme --status canceled`, then `batchpipe tick`"
+    ) in resumed.stderr
+    # The hint is a command that works.
+    retried = invoke(tmp_path, "retry", "stopme", "--status", "canceled", env=env)
+    assert retried.exit_code == 0, retried.output
+    assert "job 1 (stopme): 4 row(s) queued again" in retried.stderr
+
+
+def test_requests_over_a_models_limits_fail_at_once_and_are_never_resent(
+    tmp_path: Path,
+) -> None:
+    """The emulator answers them as the API does (errored, invalid_request_error); batchpipe
+    treats that as final: one attempt, no second batch, the API's message in the output."""
+    huge = "x" * (4 * 200_000)  # with "Classify: " around it, over haiku's 200,000 tokens
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"doc_id": "short", "body": "fine"}, {"doc_id": "long", "body": huge}],
+    )
+    out = tmp_path / "out.jsonl"
+    long_prompt = invoke(tmp_path, *run_args(src, out, "--max-failed", "1", "--job", "a"))
+    assert long_prompt.exit_code == 0, long_prompt.output
+    short, long = (json.loads(line) for line in out.read_text().splitlines())
+    assert short["result_status"] == "succeeded"
+    assert (long["result_status"], long["error_type"], long["attempts"]) == (
+        "errored", "invalid_request_error", 1,
+    )  # fmt: skip
+    assert long["error_message"] == "prompt is too long: 200003 tokens > 200000 maximum"
+    assert batches_created(tmp_path) == 1
+
+    args = run_args(src, out, "--job", "b")
+    args[args.index("--max-tokens") + 1] = "100000"
+    too_many = invoke(tmp_path, *args)
+    assert too_many.exit_code == 1  # no row got an answer
+    assert "no row got an answer" in too_many.stderr
+    rows_out = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["result_status"], r["error_type"], r["attempts"]) for r in rows_out} == {
+        ("errored", "invalid_request_error", 1)
+    }
+    assert rows_out[0]["error_message"] == (
+        "max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens "
+        "for claude-haiku-4-5"
+    )
+    assert batches_created(tmp_path) == 2  # one batch for job b, never a resend

@@ -128,6 +128,57 @@ def test_batch_lifecycle_and_results(
     assert stats["duplicate_successes"] == 0
 
 
+def test_model_limits_are_errored_results_not_create_errors(
+    client: anthropic.Anthropic, emulator: Emulator, spec: dict[str, Any]
+) -> None:
+    """Over a model's output limit or context window: accepted at create (the API checks
+    params asynchronously), then an errored result with invalid_request_error and the API's
+    wording. 200,001 tokens is 800,004 characters with the emulator's tokenizer."""
+    huge = "x" * (4 * 200_000 + 1)
+    requests = [
+        req("haiku-out", max_tokens=100_000),
+        req("haiku-at-limit", max_tokens=64_000),
+        req("opus46-out", model="claude-opus-4-6", max_tokens=100_000),
+        req("haiku-long", huge),
+        req("opus46-long", huge, model="claude-opus-4-6"),
+    ]
+    created = client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+    assert created.processing_status == "in_progress"
+    emulator.advance(2.0)
+    results = {r.custom_id: r.result for r in client.messages.batches.results(created.id)}
+    raw = client._client.get(  # the lines as sent, checked against the spec
+        f"{str(client.base_url).rstrip('/')}/v1/messages/batches/{created.id}/results",
+        headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
+    )
+    for line in raw.content.splitlines():
+        check(spec, "MessageBatchIndividualResponse", json.loads(line))
+    errors = {
+        cid: (r.error.error.type, r.error.error.message)
+        for cid, r in results.items()
+        if r.type == "errored"
+    }
+    assert errors == {
+        "haiku-out": (
+            "invalid_request_error",
+            "max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens "
+            "for claude-haiku-4-5",
+        ),
+        "haiku-long": (
+            "invalid_request_error",
+            "prompt is too long: 200001 tokens > 200000 maximum",
+        ),
+    }
+    for ok in ("haiku-at-limit", "opus46-out", "opus46-long"):
+        assert results[ok].type == "succeeded", ok
+
+
+def test_every_known_model_has_its_limits() -> None:
+    from batchpipe.emulator.model_limits import MODEL_LIMITS
+    from batchpipe.emulator.settings import KNOWN_MODELS
+
+    assert set(KNOWN_MODELS) == set(MODEL_LIMITS)
+
+
 def test_results_url_keeps_host_and_path_prefix(emulator_server: EmulatorServer) -> None:
     emulator_server.emulator.configure(processing_seconds=0)
     sdk = anthropic.Anthropic(

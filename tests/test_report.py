@@ -152,3 +152,30 @@ def test_free_text_answers_are_not_shown_as_labels(tmp_path: Path) -> None:
     as_json = json.loads(CliRunner().invoke(cli, [*root, "report", "free", "--json"]).stdout)
     assert as_json["labels"] == []
     assert as_json["too_many_labels"] is True
+
+
+def test_html_into_a_new_folder_and_bad_values_are_clear(
+    finished_job: tuple[list[str], Path],
+) -> None:
+    root, tmp_path = finished_job
+    # A folder that does not exist yet is made, as -o makes the output's folder.
+    page = tmp_path / "reports" / "2026" / "reviews.html"
+    made = CliRunner().invoke(cli, [*root, "report", "reviews", "--html", str(page)])
+    assert made.exit_code == 0, made.stderr
+    assert f"wrote {page}" in made.stderr
+    assert "<h1>Job 1: reviews</h1>" in page.read_text()
+    # A path under a file cannot be written: exit 2, naming it, no traceback.
+    (tmp_path / "afile").write_text("x")
+    under_file = tmp_path / "afile" / "r.html"
+    refused = CliRunner().invoke(cli, [*root, "report", "reviews", "--html", str(under_file)])
+    assert refused.exit_code == 2, refused.output
+    assert f"error: --html {under_file}: cannot write it" in refused.stderr
+    assert "choose another path" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # A negative sample size is refused by the option itself; 0 means no sample.
+    negative = CliRunner().invoke(cli, [*root, "report", "reviews", "--sample", "-1"])
+    assert negative.exit_code == 2
+    assert "Invalid value for '--sample': -1 is not in the range x>=0" in negative.stderr
+    none = CliRunner().invoke(cli, [*root, "report", "reviews", "--sample", "0"])
+    assert none.exit_code == 0, none.stderr
+    assert "sample of 0 row(s):" in none.stdout

@@ -209,7 +209,23 @@ INVALID: list[tuple[object, str]] = [
     (_with(max_tokens="10"), "max_tokens: Input should be a valid integer"),
     (_with(max_tokens=True), "max_tokens: Input should be a valid integer"),
     (_with(max_tokens=2.5), "max_tokens: Input should be a valid integer"),
-    (_with(max_tokens=1_000_000), "max_tokens: 1000000 > 128000"),
+    (
+        _with(max_tokens=64_001),
+        "max_tokens: 64001 > 64000, which is the maximum allowed number of output tokens for "
+        "claude-haiku-4-5",
+    ),
+    (
+        _with(model="claude-opus-4-1", max_tokens=32_001),
+        "max_tokens: 32001 > 32000, which is the maximum allowed number of output tokens for "
+        "claude-opus-4-1",
+    ),
+    (
+        _with(model="claude-3-haiku-20240307", max_tokens=4097),
+        "max_tokens: 4097 > 4096, which is the maximum allowed number of output tokens for "
+        "claude-3-haiku-20240307",
+    ),
+    (_with(model="claude-opus-4-6", max_tokens=128_001), "max_tokens: 128001 > 128000"),
+    (_with(model="not-in-the-table", max_tokens=128_001), "max_tokens: 128001 > 128000"),
     (_with(messages=[]), "messages: at least one message is required"),
     (_with(messages="hi"), "messages: Input should be a valid list"),
     (_with(messages=["hi"]), "messages.0: Input should be a valid dictionary"),
@@ -773,3 +789,25 @@ def test_the_emulators_models_are_the_specs() -> None:
     model = json.loads(SPEC_PATH.read_text())["components"]["schemas"]["Model"]
     listed = [choice["const"] for choice in model["anyOf"] if "const" in choice]
     assert list(KNOWN_MODELS) == listed
+
+
+def test_each_models_output_limit_is_allowed_up_to_it(respond: Any) -> None:
+    for model, limit in [("claude-haiku-4-5", 64_000), ("claude-opus-4-6", 128_000),
+                         ("claude-opus-4-1-20250805", 32_000)]:  # fmt: skip
+        assert respond(req(model=model, max_tokens=limit))["stop_reason"] == "end_turn"
+
+
+def test_a_prompt_over_the_context_window_is_invalid(respond: Any) -> None:
+    # approx_tokens is one token per 4 characters: 200,000 tokens fit haiku's window exactly.
+    at_limit = "x" * (4 * 200_000)
+    assert counted(req(at_limit)) == 200_000
+    assert respond(req(at_limit))["stop_reason"] == "end_turn"
+    over = at_limit + "y"
+    assert counted(req(over)) == 200_001
+    with pytest.raises(InvalidParams) as caught:
+        responder.respond(req(over), cache=PromptCache())
+    assert str(caught.value) == "prompt is too long: 200001 tokens > 200000 maximum"
+    # The system prompt counts too; a 1M-token model takes the same prompt.
+    with pytest.raises(InvalidParams, match=r"^prompt is too long: 200002 tokens > 200000"):
+        responder.respond(req(at_limit, system="abcdefgh"), cache=PromptCache())
+    assert respond(req(over, model="claude-opus-4-6"))["stop_reason"] == "end_turn"

@@ -9,8 +9,10 @@ import click
 
 from batchpipe import db, pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.wiring import pipeline_context, settings_for
 from batchpipe.errors import UsageError
+from batchpipe.models import ItemStatus
 
 
 def _age(seconds: int | None) -> str:
@@ -90,6 +92,7 @@ def _render_job(summary: dict[str, Any]) -> str:
 @handle_errors
 def status(state: State, job_ref: str | None, as_json: bool) -> None:
     """Show jobs with their rows by status, batches, attempts, age, expiry and next action."""
+    require_database(state)
     with pipeline_context(state) as ctx:
         if job_ref is not None:
             job = ctx.store.get_job(job_ref)
@@ -107,12 +110,23 @@ def status(state: State, job_ref: str | None, as_json: bool) -> None:
         click.echo("\n\n".join(_render_job(s) for s in summaries))
 
 
+_JOBS_COLUMNS = (
+    "id", "name", "status", "rows", "answered", "failed", "canceled", "open", "age", "next",
+)  # fmt: skip
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.pass_obj
 @handle_errors
 def jobs(state: State, as_json: bool) -> None:
-    """List jobs, newest first, one line each."""
+    """List jobs, newest first, one line each.
+
+    Rows are counted as answered (succeeded), failed (errored, expired, invalid,
+    invalid_output: what --max-failed counts), canceled, and open (not sent yet or in
+    flight); the four add up to rows.
+    """
+    require_database(state)
     with pipeline_context(state) as ctx:
         summaries = [
             pipeline.job_summary(ctx, j, with_batches=False) for j in ctx.store.list_jobs()
@@ -123,19 +137,23 @@ def jobs(state: State, as_json: bool) -> None:
     if not summaries:
         click.echo("no jobs yet; start one with `batchpipe run`")
         return
-    rows = [["id", "name", "status", "rows", "done", "failed", "age", "next"]]
+    # Every row is in exactly one of answered, failed, canceled and open, so they add up
+    # to rows; failed is what --max-failed counts (ItemStatus.is_failure).
+    rows = [list(_JOBS_COLUMNS)]
     for s in summaries:
-        c = s["counts"]
-        failed = c["errored"] + c["expired"] + c["invalid"]
-        done = c["succeeded"] + failed + c["canceled"]
+        c = {ItemStatus(k): n for k, n in s["counts"].items()}
+        failed = sum(n for status, n in c.items() if status.is_failure())
+        still_open = sum(n for status, n in c.items() if not status.is_terminal())
         rows.append(
             [
                 str(s["id"]),
                 s["name"],
                 s["status"],
                 str(s["rows"]),
-                str(done),
+                str(c.get(ItemStatus.SUCCEEDED, 0)),
                 str(failed),
+                str(c.get(ItemStatus.CANCELED, 0)),
+                str(still_open),
                 _age(s["age_seconds"]),
                 s["next_action"],
             ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import click
 
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.job_extras import confirm_options, output_schema_from, structured_options
 from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
 from batchpipe.config import build_job_spec, job_file_settings
@@ -140,6 +141,15 @@ def _echo_plan(plan: pipeline.RerunPlan | None, name: str, known: bool) -> None:
     click.echo(str(plan.changed if plan else 0))
 
 
+def rows_by_status(counts: Mapping[ItemStatus, int]) -> str:
+    """``28 succeeded, 2 errored``: the statuses that have rows, in the enum's order.
+
+    For people; the ``job.finished`` log line carries the same counts as JSON fields.
+    """
+    parts = [f"{counts[s]:,} {s.value}" for s in ItemStatus if counts.get(s)]
+    return ", ".join(parts) or "none"
+
+
 def _echo_job(job: JobRow, verb: str) -> None:
     click.echo(
         f"{verb} job {job.id} ({job.name}): {job.status.value}, {job.row_count} rows", err=True
@@ -170,8 +180,7 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
         # every row of the job (0.2 s at a million).
         by_status = ctx.store.count_items(job.id)
     _echo_job(job, "finished")
-    counts = {k.value: v for k, v in by_status.items() if v}
-    click.echo(f"  rows by status: {counts}", err=True)
+    click.echo(f"  rows: {rows_by_status(by_status)}", err=True)
     if spec.output:
         click.echo(f"  output: {spec.output}", err=True)
     failure = pipeline.rows_failed(job, by_status)
@@ -260,6 +269,7 @@ def _find_job(ctx: pipeline.Context, ref: str) -> JobRow:
 @handle_errors
 def export(state: State, job_ref: str, output: str | None) -> None:
     """Write a finished job's results joined to its input rows, in input order."""
+    require_database(state)
     with pipeline_context(state) as ctx:
         job = _find_job(ctx, job_ref)
         path, rows = pipeline.export(ctx, job, output)
@@ -277,6 +287,7 @@ def cancel(state: State, job_ref: str, emulate: bool) -> None:
     Already-finished answers are kept; `tick` drains the canceled batches and records every
     row's final status.
     """
+    require_database(state)
     with pipeline_context(state, emulate=emulate) as ctx:
         job = _find_job(ctx, job_ref)
         if job.status.is_terminal():
@@ -329,6 +340,7 @@ def retry(
     Then `tick` or `run` the job as usual.
     """
     chosen = {ItemStatus(s) for s in (statuses or ("errored", "expired"))}
+    require_database(state)
     with pipeline_context(state) as ctx:
         job = _find_job(ctx, job_ref)
         count = pipeline.retry(
@@ -372,6 +384,7 @@ def resume(state: State, job_ref: str, adopt: str | None, resend: bool, emulate:
     create was interrupted and cannot be matched safely, say which API batch it became
     (--adopt) or that it should be sent again (--resend). Then `tick` or `run` as usual.
     """
+    require_database(state)
     with pipeline_context(state, emulate=emulate) as ctx:
         job = pipeline.resume(ctx, _find_job(ctx, job_ref), adopt=adopt, resend=resend)
     _echo_job(job, "resumed")

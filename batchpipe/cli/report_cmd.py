@@ -14,8 +14,9 @@ import click
 
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
+from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.wiring import pipeline_context
-from batchpipe.errors import UsageError
+from batchpipe.errors import OutputNotWritable, UsageError
 
 _BAR_COLOURS = ("#3b6ea5", "#d9822b", "#3f9142", "#b8434e", "#7b5ea7", "#8c6d46", "#5b8d99")
 
@@ -164,10 +165,37 @@ def render_html(report: pipeline.Report) -> str:
 """
 
 
+def write_html(path: Path, page: str) -> None:
+    """Write the page to ``path``, making its folder first, as ``-o`` does for outputs.
+
+    A path that cannot be written (its folder is a file, no permission) is a usage error
+    naming it, not a traceback.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OutputNotWritable(
+            f"--html {path}: cannot write it ({why}: {exc.filename or path}); choose another path"
+        ) from None
+
+
 @cli.command()
 @click.argument("job_ref", metavar="JOB")
-@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Also write HTML here.")
-@click.option("--sample", type=int, default=10, show_default=True, help="Rows to sample.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path),
+    help="Also write HTML here (its folder is made if missing, as for -o).",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Rows to sample (0: none).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.pass_obj
@@ -186,13 +214,14 @@ def report(
 
     Printed as text (or --json); --html writes a self-contained page (inline CSS and SVG).
     """
+    require_database(state)
     with pipeline_context(state) as ctx:
         job = ctx.store.get_job(job_ref)
         if job is None:
             raise UsageError(f"no job {job_ref!r}; `batchpipe jobs` lists them")
         found = pipeline.build_report(ctx, job, sample=sample, seed=seed)
     if html_path is not None:
-        html_path.write_text(render_html(found), encoding="utf-8")
+        write_html(html_path, render_html(found))
         click.echo(f"wrote {html_path}", err=True)
     if as_json:
         click.echo(json.dumps(found.as_dict(), indent=2, default=str))

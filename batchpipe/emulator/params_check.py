@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from batchpipe.emulator.model_limits import limits_for
+
 # The properties of CreateMessageParams / CountMessageTokensParams in the spec.
 MESSAGE_KEYS = frozenset(
     {
@@ -28,8 +30,6 @@ COUNT_TOKENS_KEYS = frozenset(
     {"cache_control", "messages", "model", "output_config", "system", "thinking", "tool_choice",
      "tools"}
 )  # fmt: skip
-# No model accepts more output than this; the API names the model's own limit in the message.
-MAX_OUTPUT_TOKENS = 128_000
 # The API allows at most four cache breakpoints per request.
 MAX_CACHE_BREAKPOINTS = 4
 # ThinkingConfigParam: the keys of each variant, and the smallest budget "enabled" takes.
@@ -62,9 +62,10 @@ def check_message_params(params: object) -> None:
         raise InvalidParams("max_tokens: Input should be a valid integer")
     if max_tokens <= 0:
         raise InvalidParams("max_tokens: Input should be greater than 0")
-    if max_tokens > MAX_OUTPUT_TOKENS:
+    limit = limits_for(body["model"]).max_output_tokens
+    if max_tokens > limit:
         raise InvalidParams(
-            f"max_tokens: {max_tokens} > {MAX_OUTPUT_TOKENS}, which is the maximum allowed "
+            f"max_tokens: {max_tokens} > {limit}, which is the maximum allowed "
             f"number of output tokens for {body['model']}"
         )
     if body.get("stream") is True:

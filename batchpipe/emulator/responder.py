@@ -33,6 +33,9 @@ breakpoint that closes each stretch); ``input_tokens`` is what remains. Unlike t
 no minimum cacheable length and entries do not expire (the cache is bounded instead), so short
 test prompts show cache behaviour deterministically.
 
+A prompt over the model's context window (``model_limits``) raises ``InvalidParams``
+(``prompt is too long: N tokens > 200000 maximum``), as the API errors the request.
+
 ``respond`` validates the params itself (``params_check``), so a caller that skips
 ``validate_params`` still gets ``InvalidParams`` rather than a crash on a malformed request.
 Measured: 100,000 requests of ~630 prompt characters take about 2 s on one core.
@@ -48,6 +51,7 @@ from typing import Any
 
 import orjson
 
+from batchpipe.emulator.model_limits import limits_for
 from batchpipe.emulator.params_check import (
     InvalidParams,
     check_count_tokens_body,
@@ -304,6 +308,10 @@ def respond(params: dict[str, Any], *, cache: PromptCache) -> dict[str, Any]:
     """
     check_message_params(params)
     prompt = _Prompt(params)
+    window = limits_for(params["model"]).context_window
+    if prompt.total_tokens > window:
+        # Checked on the counted prompt (tools, system, messages), as count_tokens counts it.
+        raise InvalidParams(f"prompt is too long: {prompt.total_tokens} tokens > {window} maximum")
     seed = prompt.answer.digest()
     ids = _params_digest(params)
     max_tokens: int = params["max_tokens"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import posixpath
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
-from batchpipe.dataset import Dataset, write_joined
+from batchpipe.dataset import Dataset, output_format, write_joined
 from batchpipe.db import JobRow
 from batchpipe.errors import OutputNotWritable, UsageError
 from batchpipe.log import get_logger
@@ -84,6 +86,21 @@ def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]
         yield chunk
 
 
+def suggested_output(dest: str) -> str:
+    """``dest`` renamed to a format the export writes: ``out.csv`` -> ``out.parquet``,
+    ``out.jsonl.gz`` -> ``out.jsonl``, ``results`` -> ``results.parquet``."""
+    stem, _ = posixpath.splitext(dest.rstrip("/"))
+    head, ext = posixpath.splitext(stem)
+    if ext and posixpath.basename(head):
+        try:
+            output_format(stem)  # out.jsonl.gz: the inner extension already says what
+        except OutputNotWritable:
+            pass
+        else:
+            return stem
+    return f"{stem or dest}.parquet"
+
+
 def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int]:
     """Write the joined output for a finished job. Returns (path, rows written)."""
     spec = job_spec(job)
@@ -92,6 +109,15 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
         raise UsageError(f"job {job.id} ({job.name}) has no output path; pass -o PATH")
     if job.status not in {JobStatus.DONE, JobStatus.CANCELED}:
         raise _not_finished(ctx, job)
+    try:
+        output_format(target)
+    except OutputNotWritable as exc:
+        # Checked here, before the generic "write them elsewhere" advice below, so the
+        # message suggests a path that would work rather than the command just refused.
+        suggestion = shlex.quote(suggested_output(target))
+        raise OutputNotWritable(
+            f"{exc}: e.g. `batchpipe export {job.name} -o {suggestion}`"
+        ) from None
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     ctx.progress.start("exporting", job.row_count)

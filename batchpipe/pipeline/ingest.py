@@ -142,6 +142,11 @@ def describe_problem(problem: RowProblem) -> str:
     return f"{who}: {problem.message}"
 
 
+def _has(columns: list[str]) -> str:
+    """The input's columns for a message; a file without any says so rather than nothing."""
+    return f"it has: {', '.join(columns)}" if columns else "the file has no columns at all"
+
+
 def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) -> None:
     """Column-level checks that need no row: clashes, unknown template or id columns."""
     columns = dataset.columns()
@@ -154,12 +159,12 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
     if missing:
         raise InputError(
             f"{dataset.uri}: the template uses column(s) {', '.join(map(repr, missing))}, "
-            f"which the input does not have (it has: {', '.join(columns)})"
+            f"which the input does not have ({_has(columns)})"
         )
     if spec.id_column is not None and spec.id_column not in columns:
         raise InputError(
             f"{dataset.uri}: --id-column {spec.id_column!r} is not a column of the input "
-            f"(it has: {', '.join(columns)})"
+            f"({_has(columns)})"
         )
 
 

@@ -294,6 +294,21 @@ def retry(
         return count
 
 
+def _nothing_to_resume(job: JobRow) -> str:
+    """Why `resume` does nothing for this job, and what would do what the user wants."""
+    said = f"job {job.id} ({job.name}) is {job.status.value}; nothing to resume"
+    if job.status == JobStatus.CANCELED:
+        # A canceled job's unanswered rows are `canceled`, which `retry` leaves alone unless
+        # asked: resume is the word users reach for, so point at the command that does it.
+        return (
+            f"{said}. To send its canceled rows again: `batchpipe retry {job.name} "
+            f"--status canceled`, then `batchpipe tick` (or `batchpipe run`)"
+        )
+    if job.status == JobStatus.DONE:
+        return f"{said}. To send any failed rows again: `batchpipe retry {job.name}`"
+    return said
+
+
 def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool = False) -> JobRow:
     """Put a job that stopped (`needs_attention` or `failed`) back to work, after a human looked.
 
@@ -306,7 +321,7 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
     with ctx.lease(job):
         job = _reload(ctx, job)
         if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:
-            raise UsageError(f"job {job.id} ({job.name}) is {job.status.value}; nothing to resume")
+            raise UsageError(_nothing_to_resume(job))
         _check_output(job_spec(job))
         planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
         if (adopt or resend) and len(planned) != 1:
