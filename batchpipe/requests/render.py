@@ -17,6 +17,7 @@ import orjson
 from jinja2.sandbox import SandboxedEnvironment
 
 from batchpipe.errors import InputError, UsageError
+from batchpipe.jsontext import dumps
 from batchpipe.models import RESULT_PREFIX_HINT, JobSpec
 from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
 from batchpipe.structured import OutputSchema
@@ -87,7 +88,7 @@ def _finalize(value: Any) -> Any:
     # Objects and arrays go into prompts as JSON, which models read better than Python's
     # repr ({'a': 1}); everything else renders with str() as jinja2 normally does.
     if isinstance(value, dict | list):
-        return orjson.dumps(value, default=str).decode()
+        return dumps(value, default=str).decode()  # integers of any size exactly
     if value is None:
         # Not the text "None" (sent, and paid for): a null is missing data, as it is for a
         # top-level column, which render() checks before this can see one.

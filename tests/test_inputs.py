@@ -1,0 +1,86 @@
+"""Input data correctness, end to end through the real CLI: big integers, id column types,
+an input edited after submit, settings carried by a re-run, invalid rows' stand-in keys.
+
+Each test runs `batchpipe` in a subprocess against the emulator served over loopback, on a
+real SQLite file (PostgreSQL too where the state database's keys matter), and checks what a
+user sees: exit codes, messages naming file, line and column, and the exported rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from conftest import run_batchpipe
+
+from batchpipe.dataset import Dataset
+from batchpipe.models import JobSpec
+from batchpipe.requests import RequestRenderer
+
+PROMPT = ["--prompt", "Classify: {{ body }}", "--model", "claude-haiku-4-5", "--max-tokens", "16"]
+
+
+def run_job(
+    db: str, env: dict[str, str], src: Path, out: Path, *extra: str, name: str = "j"
+) -> Any:
+    return run_batchpipe(
+        db, env, "run", str(src), "--job", name, *PROMPT, "--poll-interval", "0.1",
+        "-o", str(out), *extra,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- 1. integers beyond 64 bits
+
+
+BIG_IDS = [
+    b'{"doc_id": 123456789012345678901234, "body": "a", "n": 98765432109876543210987654321}',
+    b'{"doc_id": 123456789012345678901235, "body": "b", "n": -9223372036854775809}',
+    b'{"doc_id": 7, "body": "c", "n": 1}',
+]
+
+
+def test_integers_beyond_64_bits_keep_every_digit(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "big.jsonl"
+    src.write_bytes(b"\n".join(BIG_IDS) + b"\n")
+    done = run_job(sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id")
+    assert done.returncode == 0, done.stderr  # two distinct ids, not a duplicate "1e+23"
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    # Columns holding such integers are written as their digits (Parquet has no wider int).
+    assert [r["doc_id"] for r in rows] == [
+        "123456789012345678901234",
+        "123456789012345678901235",
+        "7",
+    ]
+    assert [r["n"] for r in rows] == ["98765432109876543210987654321", "-9223372036854775809", "1"]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+
+    jsonl = run_batchpipe(sqlite_url, cli_env, "export", "j", "-o", str(tmp_path / "out.jsonl"))
+    assert jsonl.returncode == 0, jsonl.stderr
+    lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
+    # JSONL keeps them numbers, exactly as written.
+    assert b'"doc_id":123456789012345678901234,' in lines[0]
+    assert b'"n":98765432109876543210987654321,' in lines[0]
+    assert b'"n":-9223372036854775809,' in lines[1]
+
+
+def test_integers_beyond_64_bits_are_read_and_prompted_exactly(tmp_path: Path) -> None:
+    src = tmp_path / "big.jsonl"
+    src.write_bytes(
+        b'{"a": 123456789012345678901234, "b": [18446744073709551616], "f": 1.5e30,'
+        b' "s": "12345678901234567890123", "c": 18446744073709551615}\n'
+    )
+    (row,) = next(Dataset(str(src)).iter_rows())
+    assert row == {
+        "a": 123456789012345678901234,
+        "b": [18446744073709551616],
+        "f": 1.5e30,  # a decimal literal stays a float
+        "s": "12345678901234567890123",
+        "c": 18446744073709551615,
+    }
+    spec = JobSpec(input=str(src), prompt="{{ a }} {{ b }}", model="m", max_tokens=1)
+    params = RequestRenderer(spec).render(row, 0)
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "123456789012345678901234 [18446744073709551616]"
