@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from batchpipe._export import JoinedWriter, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
-from batchpipe.jsonl import TypeInference, iter_row_chunks
+from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row
 from batchpipe.models import RESULT_PREFIX_HINT
 
 Format = Literal["jsonl", "parquet"]
@@ -258,6 +258,16 @@ class Dataset:
             self._scan_jsonl(infer_types=False)
         assert self._count is not None
         return self._count
+
+    def where(self, row_index: int) -> str:
+        """Where row ``row_index`` (from 0) is, for messages: ``"{uri}, line 7"`` for JSONL
+        (blank lines counted, as an editor counts), ``"{uri}, row 7"`` for Parquet."""
+        if self.format == "jsonl":
+            with self._open_text() as stream:
+                lineno = line_of_row(stream, row_index)
+            if lineno is not None:
+                return f"{self.uri}, line {lineno}"
+        return f"{self.uri}, row {row_index + 1}"
 
     # ------------------------------------------------------------ streaming
 

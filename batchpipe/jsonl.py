@@ -83,6 +83,19 @@ def _has_long_digit_run(data: bytes) -> bool:
     return _LONG_RUN in data.translate(_DIGITS)
 
 
+def line_of_row(stream: ByteStream, row_index: int) -> int | None:
+    """The 1-based line number of row ``row_index`` (counted from 0, blank lines skipped),
+    or None past the end. For messages only: it reads the file again."""
+    seen = -1
+    for first_lineno, lines, _ in iter_line_blocks(stream):
+        for offset, line in enumerate(lines):
+            if line.strip():
+                seen += 1
+                if seen == row_index:
+                    return first_lineno + offset
+    return None
+
+
 def iter_row_chunks(
     stream: ByteStream, name: str, batch_rows: int
 ) -> Iterator[list[dict[str, Any]]]:

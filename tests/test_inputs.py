@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import run_batchpipe
 
@@ -84,3 +85,47 @@ def test_integers_beyond_64_bits_are_read_and_prompted_exactly(tmp_path: Path) -
     params = RequestRenderer(spec).render(row, 0)
     assert isinstance(params, dict)
     assert params["messages"][0]["content"] == "123456789012345678901234 [18446744073709551616]"
+
+
+# ---------------------------------------------------------------- 2. id column types
+
+
+def test_ids_of_mixed_kinds_are_refused_naming_file_line_and_column(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ids.jsonl"
+    src.write_bytes(
+        b'{"doc_id": 1, "body": "a"}\n\n{"doc_id": 2, "body": "b"}\n{"doc_id": 1.0, "body": "c"}\n'
+    )
+    refused = run_job(sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id")
+    assert refused.returncode == 1
+    assert f"{src}, line 4: column 'doc_id' (the id column) holds a number with a fraction" in (
+        refused.stderr
+    )
+    assert "line 1 holds a whole number" in refused.stderr
+    assert not (tmp_path / "out.parquet").exists()
+    estimated = run_batchpipe(
+        sqlite_url, cli_env, "estimate", str(src), *PROMPT, "--id-column", "doc_id", "--offline"
+    )
+    assert estimated.returncode == 1
+    assert f"{src}, line 4: column 'doc_id' (the id column)" in estimated.stderr
+
+    src.write_bytes(b'{"doc_id": "1", "body": "a"}\n{"doc_id": 1, "body": "b"}\n')
+    refused = run_job(
+        sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id", name="k"
+    )
+    assert refused.returncode == 1
+    assert f"{src}, line 2: column 'doc_id' (the id column) holds a whole number" in refused.stderr
+    assert "quote" in refused.stderr
+
+
+def test_whole_number_ids_export_as_integers(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ids.jsonl"
+    src.write_bytes(b'{"doc_id": 1, "body": "a"}\n{"doc_id": 10, "body": "b"}\n')
+    done = run_job(sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("doc_id").type == pa.int64()
+    assert table.column("doc_id").to_pylist() == [1, 10]

@@ -24,10 +24,13 @@ from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
+    IdKinds,
+    MixedIds,
     RequestRenderer,
     RowProblem,
     check_result_column_clash,
     check_row_key,
+    id_kind,
     new_job_token,
 )
 
@@ -190,9 +193,14 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
         ctx.progress.start("validating rows")
         row_index = -1
+        ids = IdKinds(spec.id_column)
         for chunk in dataset.iter_rows(columns=read):
             for row in chunk:
                 row_index += 1
+                mixed = ids.check(row, row_index)
+                if mixed is not None:
+                    # Raising inside the generator rolls back the whole insert.
+                    raise mixed_ids_error(dataset, spec, mixed)
                 checked = check_row(renderer, spec, row, row_index)
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
@@ -251,6 +259,19 @@ def duplicates_error(
         f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
         "without --id-column to key rows by their position",
         [shown],
+    )
+
+
+def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds) -> InputError:
+    """The refusal of an input whose id column holds ids of two kinds (see ``IdKinds``)."""
+    first = dataset.where(mixed.first_row).removeprefix(f"{dataset.uri}, ")
+    return InputError(
+        f"{dataset.where(mixed.row)}: column {spec.id_column!r} (the id column) holds "
+        f"{id_kind(mixed.value)} ({mixed.value!r}), but {first} holds "
+        f"{id_kind(mixed.first_value)} ({mixed.first_value!r}); nothing was submitted. Ids "
+        'must all be of one kind, or 1 and "1" (or 1 and 1.0) would be taken for one id '
+        "or exported alike: quote every id in the file (ids are usually strings), or write "
+        "them all as whole numbers"
     )
 
 

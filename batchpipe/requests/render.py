@@ -64,6 +64,57 @@ def check_row_key(
     return key
 
 
+# What a value of the id column is, for users: ids of two kinds are refused (IdKinds).
+_KIND_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number with a fraction or exponent",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
+
+
+def id_kind(value: object) -> str:
+    """``value``'s kind, as :class:`IdKinds` names it in messages ("a whole number" …)."""
+    return _KIND_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+class MixedIds(NamedTuple):
+    """Two rows whose ids are of different kinds (row indexes count from 0)."""
+
+    first_row: int
+    first_value: Any
+    row: int
+    value: Any
+
+
+class IdKinds:
+    """Holds the id column of one input to one kind of value (all strings, all whole
+    numbers …), so that ids are exact: keys are ids as text, so the id 1 and the id "1"
+    would be one key (a false duplicate), while 1 and 1.0 would pass as two ids and then be
+    exported alike (a column of both is written as floats). JSONL can mix kinds; a Parquet
+    column cannot. Nulls and missing ids are left to :func:`check_row_key`.
+    """
+
+    def __init__(self, id_column: str | None) -> None:
+        self._column = id_column
+        self._first: tuple[int, Any] | None = None
+        self._type: type | None = None
+
+    def check(self, row: Mapping[str, Any], row_index: int) -> MixedIds | None:
+        """None while ``row``'s id is of the kind of the first id seen (or null/missing)."""
+        if self._column is None:
+            return None
+        value = row.get(self._column)
+        if type(value) is self._type or value is None:
+            return None
+        if self._first is None:
+            self._first, self._type = (row_index, value), type(value)
+            return None
+        return MixedIds(*self._first, row_index, value)
+
+
 def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[str]) -> None:
     """InputError if the input already has columns the export adds (e.g. ``custom_id``)."""
     added = set(result_columns)
