@@ -221,11 +221,12 @@ class Dataset:
 
     # ------------------------------------------------------------ whole-file facts
 
-    def fingerprint(self, like: str | None = None) -> str:
+    def fingerprint(self, like: str | None = None, *, limit: int | None = None) -> str:
         """``<algorithm>:<hex>:<size>`` of the raw bytes; changes when any byte changes.
 
         ``like``: a fingerprint recorded earlier, to hash with its algorithm so the two
-        compare (ValueError if batchpipe does not know that algorithm).
+        compare (ValueError if batchpipe does not know that algorithm). ``limit``: hash only
+        the first ``limit`` bytes (is the file an earlier one with lines added?).
         """
         algorithm = _FINGERPRINT_ALGORITHM if like is None else like.partition(":")[0]
         if algorithm not in _FINGERPRINT_DIGESTS:
@@ -234,7 +235,9 @@ class Dataset:
         size = 0
         try:
             with self._fs.open_input_stream(self._path, compression=None) as stream:
-                while block := stream.read(_HASH_BLOCK_BYTES):
+                while block := stream.read(
+                    _HASH_BLOCK_BYTES if limit is None else min(_HASH_BLOCK_BYTES, limit - size)
+                ):
                     digest.update(block)
                     size += len(block)
         except (pa.ArrowException, OSError) as exc:

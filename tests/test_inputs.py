@@ -8,12 +8,13 @@ user sees: exit codes, messages naming file, line and column, and the exported r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import run_batchpipe
+from conftest import job_args, run_batchpipe, write_rows
 
 from batchpipe.dataset import Dataset
 from batchpipe.models import JobSpec
@@ -129,3 +130,55 @@ def test_whole_number_ids_export_as_integers(
     table = pq.read_table(tmp_path / "out.parquet")
     assert table.schema.field("doc_id").type == pa.int64()
     assert table.column("doc_id").to_pylist() == [1, 10]
+
+
+# ---------------------------------------------------------------- 3. input changed after submit
+
+
+def test_an_input_edited_after_submit(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ch.jsonl"
+    write_rows(src, 4)
+    original = src.read_bytes()
+    out = tmp_path / "out.parquet"
+    submitted = run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "ch", out))
+    assert submitted.returncode == 0, submitted.stderr
+    with src.open("ab") as fh:
+        fh.write(b'{"doc_id": "late", "body": "added later"}\n')
+
+    ticked = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "ch")
+    for _ in range(50):
+        if "changed since the job was ingested" in ticked.stderr:
+            break
+        ticked = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "ch")
+    assert ticked.returncode == 1
+    (line,) = [x for x in ticked.stderr.splitlines() if x.startswith("error:")]
+    assert line.count("job 1 (ch)") == 1, line
+    # Rows were only added: the job's rows are the file's first bytes, and the cheapest way
+    # on is to split the added lines off, not to pay for every row again.
+    assert f"its first {len(original)} bytes are the file the job was ingested from" in line
+    assert "--job NAME" not in line
+
+    (job,) = json.loads(run_batchpipe(sqlite_url, cli_env, "status", "ch", "--json").stdout)["jobs"]
+    assert job["status"] == "done"
+    assert "changed since the job was ingested" in job["error"]
+    assert "input changed" in job["next_action"]
+    assert "`batchpipe export ch`" in job["next_action"]
+
+    exported = run_batchpipe(sqlite_url, cli_env, "export", "ch")
+    assert exported.returncode == 1
+    assert exported.stderr.count("job 1 (ch)") == 1
+
+    src.write_bytes(b'{"doc_id": "d00000", "body": "another text"}\n' + original[44:])
+    edited = run_batchpipe(sqlite_url, cli_env, "export", "ch")
+    assert edited.returncode == 1
+    assert f"put the original back ({len(original)} bytes, sha256 " in edited.stderr
+
+    src.write_bytes(original)
+    restored = run_batchpipe(sqlite_url, cli_env, "export", "ch")
+    assert restored.returncode == 0, restored.stderr
+    assert pq.read_table(out).num_rows == 4
+    (job,) = json.loads(run_batchpipe(sqlite_url, cli_env, "status", "ch", "--json").stdout)["jobs"]
+    assert job["error"] is None
+    assert job["next_action"] == f"none (output in {out})"

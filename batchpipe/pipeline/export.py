@@ -93,7 +93,7 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     if job.status not in {JobStatus.DONE, JobStatus.CANCELED}:
         raise _not_finished(ctx, job)
     dataset = Dataset(spec.input, spec.input_format)
-    check_fingerprint(dataset, job)
+    check_fingerprint(dataset, job, ctx)
     ctx.progress.start("exporting", job.row_count)
     try:
         rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)
