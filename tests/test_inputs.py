@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from conftest import job_args, run_batchpipe, write_rows
 
 from batchpipe.dataset import Dataset
+from batchpipe.db import Store
 from batchpipe.models import JobSpec
 from batchpipe.requests import RequestRenderer
 
@@ -182,3 +183,40 @@ def test_an_input_edited_after_submit(
     (job,) = json.loads(run_batchpipe(sqlite_url, cli_env, "status", "ch", "--json").stdout)["jobs"]
     assert job["error"] is None
     assert job["next_action"] == f"none (output in {out})"
+
+
+# ---------------------------------------------------------------- 4. a re-run keeps settings
+
+
+def test_a_request_changing_rerun_keeps_the_settings_it_was_not_given(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, 6)
+    out = tmp_path / "out.parquet"
+    kept = [
+        "--max-cost", "5", "--result-prefix", "bp_", "--retry-truncated-max-tokens", "64",
+        "--skip-invalid", "--max-failed", "2", "--max-batch-requests", "4",
+    ]  # fmt: skip
+    first = run_job(sqlite_url, cli_env, src, out, "--id-column", "doc_id", *kept)
+    assert first.returncode == 0, first.stderr
+    again = run_batchpipe(
+        sqlite_url, cli_env, "run", str(src), "--job", "j", "--prompt", "Label: {{ body }}",
+        "--model", "claude-haiku-4-5", "--max-tokens", "16", "--id-column", "doc_id",
+        "--poll-interval", "0.1", "--yes",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    table = pq.read_table(out)
+    assert "bp_result_status" in table.column_names  # the prefix was kept
+    assert "result_status" not in table.column_names
+    with Store.open(sqlite_url) as store:
+        job = store.get_job("j")
+    assert job is not None
+    spec = job.spec
+    assert spec["prompt"] == "Label: {{ body }}"
+    assert spec["max_cost"] == 5.0
+    assert spec["retry_truncated_max_tokens"] == 64
+    assert spec["skip_invalid"] is True
+    assert spec["max_failed"] == "2"
+    assert spec["max_batch_requests"] == 4
+    assert spec["output"] == str(out)
