@@ -220,3 +220,29 @@ def test_a_request_changing_rerun_keeps_the_settings_it_was_not_given(
     assert spec["max_failed"] == "2"
     assert spec["max_batch_requests"] == 4
     assert spec["output"] == str(out)
+
+
+# ---------------------------------------------------------------- 5. stand-in keys
+
+
+def test_an_id_spelled_like_an_invalid_rows_stand_in_is_no_duplicate(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ids.jsonl"
+    src.write_bytes(
+        b'{"doc_id": "<row 1>", "body": "a"}\n'
+        b'{"body": "no id"}\n'  # row index 1: invalid, without a key
+        b'{"doc_id": "c", "body": "c"}\n'
+    )
+    assert run_batchpipe(db_url, cli_env, "db", "upgrade").returncode == 0  # PostgreSQL
+    done = run_job(
+        db_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id", "--skip-invalid"
+    )
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["result_status"] for r in rows] == ["succeeded", "invalid", "succeeded"]
+    assert [r["doc_id"] for r in rows] == ["<row 1>", None, "c"]
+    report = run_batchpipe(db_url, cli_env, "report", "j", "--json")
+    assert report.returncode == 0, report.stderr
+    keys = {r["row"]: r["key"] for r in json.loads(report.stdout)["sample"]}
+    assert keys == {1: "<row 1>", 2: None, 3: "c"}

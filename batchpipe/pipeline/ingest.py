@@ -32,6 +32,7 @@ from batchpipe.requests import (
     check_row_key,
     id_kind,
     new_job_token,
+    standin_key,
 )
 
 # Spec fields that may change between runs of the same job without changing any request.
@@ -223,7 +224,9 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     counts["invalid"] += 1
                     if len(problems) < _SHOWN_PROBLEMS:
                         problems.append(checked)
-                    key = checked.row_key if checked.row_key is not None else f"<row {row_index}>"
+                    key = checked.row_key
+                    if key is None:  # no usable id: a key no real id can have
+                        key = standin_key(row_index)
                     yield row_index, key, ItemStatus.INVALID, checked.message
                 else:
                     yield row_index, checked[0], ItemStatus.PENDING, None

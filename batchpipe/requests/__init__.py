@@ -17,6 +17,7 @@ from batchpipe.requests.render import (
     check_result_column_clash,
     check_row_key,
     id_kind,
+    standin_key,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "id_kind",
     "new_job_token",
     "parse_custom_id",
+    "standin_key",
 ]

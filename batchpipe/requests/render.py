@@ -115,6 +115,19 @@ class IdKinds:
         return MixedIds(*self._first, row_index, value)
 
 
+# Binary digits as blanks, for stand-in keys (see standin_key).
+_BLANK_BITS = str.maketrans("01", " \t")
+
+
+def standin_key(row_index: int) -> str:
+    """The key stored for a row without a usable id (an invalid row), unique per row and
+    never equal to a real id: every real key has a character that is not blank
+    (:func:`check_row_key` refuses blank ids), and this one is blanks only, the row index
+    in binary with a space for 0 and a tab for 1. (A readable ``<row 7>`` was the key of
+    a real id "<row 7>" too, and made it a false duplicate.)"""
+    return format(row_index, "b").translate(_BLANK_BITS)
+
+
 def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[str]) -> None:
     """InputError if the input already has columns the export adds (e.g. ``custom_id``)."""
     added = set(result_columns)
