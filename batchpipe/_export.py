@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from batchpipe.errors import InputChangedError, OutputNotWritable
 from batchpipe.jsonl import encode_json_columns
+from batchpipe.jsontext import dumps
 
 # zstd: answers are text, which it packs much tighter than the default snappy, about as fast.
 _PARQUET_COMPRESSION = "zstd"
@@ -98,7 +99,7 @@ _WRITE_BUFFER_BYTES = 1 << 20
 
 def dumps_row(row: dict[str, Any]) -> bytes:
     """One compact JSON line (with its newline) for a row that may hold Parquet-only types."""
-    return orjson.dumps(row, default=_json_default, option=_LINE_OPTIONS)
+    return dumps(row, default=_json_default, option=_LINE_OPTIONS)
 
 
 def _json_default(value: Any) -> Any:

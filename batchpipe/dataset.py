@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from batchpipe._export import JoinedWriter, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
-from batchpipe.jsonl import TypeInference, iter_row_chunks
+from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row
 from batchpipe.models import RESULT_PREFIX_HINT
 
 Format = Literal["jsonl", "parquet"]
@@ -221,11 +221,12 @@ class Dataset:
 
     # ------------------------------------------------------------ whole-file facts
 
-    def fingerprint(self, like: str | None = None) -> str:
+    def fingerprint(self, like: str | None = None, *, limit: int | None = None) -> str:
         """``<algorithm>:<hex>:<size>`` of the raw bytes; changes when any byte changes.
 
         ``like``: a fingerprint recorded earlier, to hash with its algorithm so the two
-        compare (ValueError if batchpipe does not know that algorithm).
+        compare (ValueError if batchpipe does not know that algorithm). ``limit``: hash only
+        the first ``limit`` bytes (is the file an earlier one with lines added?).
         """
         algorithm = _FINGERPRINT_ALGORITHM if like is None else like.partition(":")[0]
         if algorithm not in _FINGERPRINT_DIGESTS:
@@ -234,7 +235,9 @@ class Dataset:
         size = 0
         try:
             with self._fs.open_input_stream(self._path, compression=None) as stream:
-                while block := stream.read(_HASH_BLOCK_BYTES):
+                while block := stream.read(
+                    _HASH_BLOCK_BYTES if limit is None else min(_HASH_BLOCK_BYTES, limit - size)
+                ):
                     digest.update(block)
                     size += len(block)
         except (pa.ArrowException, OSError) as exc:
@@ -258,6 +261,16 @@ class Dataset:
             self._scan_jsonl(infer_types=False)
         assert self._count is not None
         return self._count
+
+    def where(self, row_index: int) -> str:
+        """Where row ``row_index`` (from 0) is, for messages: ``"{uri}, line 7"`` for JSONL
+        (blank lines counted, as an editor counts), ``"{uri}, row 7"`` for Parquet."""
+        if self.format == "jsonl":
+            with self._open_text() as stream:
+                lineno = line_of_row(stream, row_index)
+            if lineno is not None:
+                return f"{self.uri}, line {lineno}"
+        return f"{self.uri}, row {row_index + 1}"
 
     # ------------------------------------------------------------ streaming
 

@@ -8,12 +8,23 @@ The reader works on raw byte blocks: it splits on ``\\n`` itself and hands each 
 orjson, which validates UTF-8 strictly as it parses. The slow diagnostics (where exactly
 is the bad byte?) only run once a line has already failed, keeping the hot loop lean.
 
+Integers keep every digit. orjson reads an integer beyond 64 bits (below -2**63 or above
+2**64 - 1) as a float, so ``123456789012345678901234`` would become ``1.2345678901234569e+23``
+and two such ids would look alike. A block that holds a run of 19 or more digits is parsed
+line by line, and each line with such a run is read again with the standard library's
+``json``, which keeps integers exact (the line is valid JSON: orjson said so first). Those
+integers stay Python ints: the prompt prints their digits, the JSONL export writes them as
+numbers (:mod:`batchpipe.jsontext`), and the Parquet export writes their column as text
+(:class:`TypeInference`: Parquet has no wider integer). A decimal literal (``1.5e30``) is a
+float, as it always was.
+
 Column types for Parquet output are inferred here too (:class:`TypeInference`), because the
 Parquet writer needs one schema up front and JSONL has none.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -21,11 +32,16 @@ import orjson
 import pyarrow as pa
 
 from batchpipe.errors import InputError
+from batchpipe.jsontext import dumps
 
 # Big enough that per-block overhead vanishes, small enough to keep memory flat.
 READ_BLOCK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _loads = orjson.loads
+# Every byte to "0" if it is a digit, else "."; then 19 zeros in a row are 19 digits in a
+# row, the shortest integer orjson may read inexactly (-9223372036854775809).
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
+_LONG_RUN = b"0" * 19
 
 
 class ByteStream(Protocol):
@@ -34,8 +50,9 @@ class ByteStream(Protocol):
     def read(self, nbytes: int, /) -> bytes: ...
 
 
-def iter_line_blocks(stream: ByteStream) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(number of the first line, lines)`` per block read; lines lack their ``\\n``.
+def iter_line_blocks(stream: ByteStream) -> Iterator[tuple[int, list[bytes], bool]]:
+    """Yield ``(number of the first line, lines, long digit runs?)`` per block read; lines
+    lack their ``\\n``. The flag is False only when no line has 19 digits in a row.
 
     Lines come a block at a time because a generator step per line cost more than parsing.
     """
@@ -47,13 +64,36 @@ def iter_line_blocks(stream: ByteStream) -> Iterator[tuple[int, list[bytes]]]:
             # A UTF-8 byte-order mark is legal at the very start of a file and nowhere else.
             block = block.removeprefix(_BOM)
             first = False
-        lines = (pending + block).split(b"\n") if pending else block.split(b"\n")
+        data = pending + block if pending else block
+        lines = data.split(b"\n")
         pending = lines.pop()  # the (possibly empty) start of the next block's first line
         if lines:
-            yield lineno, lines
+            yield lineno, lines, _has_long_digit_run(data)
             lineno += len(lines)
     if pending:
-        yield lineno, [pending]
+        yield lineno, [pending], _has_long_digit_run(pending)
+
+
+def _has_long_digit_run(data: bytes) -> bool:
+    """Whether ``data`` has 19 or more digits in a row (an integer orjson may round)."""
+    # Every 9th byte first: 19 digits in a row cover two consecutive samples, and this costs
+    # a ninth of the full pass below, which alone took as long as parsing the block.
+    if b"00" not in data[::9].translate(_DIGITS):
+        return False
+    return _LONG_RUN in data.translate(_DIGITS)
+
+
+def line_of_row(stream: ByteStream, row_index: int) -> int | None:
+    """The 1-based line number of row ``row_index`` (counted from 0, blank lines skipped),
+    or None past the end. For messages only: it reads the file again."""
+    seen = -1
+    for first_lineno, lines, _ in iter_line_blocks(stream):
+        for offset, line in enumerate(lines):
+            if line.strip():
+                seen += 1
+                if seen == row_index:
+                    return first_lineno + offset
+    return None
 
 
 def iter_row_chunks(
@@ -65,7 +105,14 @@ def iter_row_chunks(
     line that is not an object. A file without rows (empty, or blank lines) yields nothing.
     """
     rows: list[dict[str, Any]] = []
-    for first_lineno, lines in iter_line_blocks(stream):
+    for first_lineno, lines, long_digits in iter_line_blocks(stream):
+        if long_digits:
+            # Maybe an integer orjson would round: every line checked, such lines reread.
+            rows.extend(_parse_slowly(name, first_lineno, lines, exact=True))
+            while len(rows) >= batch_rows:
+                chunk, rows = rows[:batch_rows], rows[batch_rows:]
+                yield chunk
+            continue
         try:
             # Fast path: a block of good lines parses in one comprehension, checked in C.
             parsed = [_loads(line) for line in lines]
@@ -82,8 +129,13 @@ def iter_row_chunks(
         yield rows
 
 
-def _parse_slowly(name: str, first_lineno: int, lines: list[bytes]) -> list[Any]:
-    """Parse lines one at a time, skipping blank ones and naming the first bad one."""
+def _parse_slowly(
+    name: str, first_lineno: int, lines: list[bytes], *, exact: bool = False
+) -> list[Any]:
+    """Parse lines one at a time, skipping blank ones and naming the first bad one.
+
+    ``exact``: read lines with 19 digits in a row again so that big integers stay exact.
+    """
     parsed = []
     for offset, line in enumerate(lines):
         try:
@@ -92,6 +144,8 @@ def _parse_slowly(name: str, first_lineno: int, lines: list[bytes]) -> list[Any]
             if not line.strip():
                 continue  # blank (or whitespace-only) line: skipped, still counted
             raise line_error(name, first_lineno + offset, line, exc) from None
+        if exact and _LONG_RUN in line.translate(_DIGITS):
+            obj = _loads_exactly(name, first_lineno + offset, line)
         if type(obj) is not dict:
             raise InputError(
                 f"{name}, line {first_lineno + offset}: expected a JSON object ({{...}}), "
@@ -99,6 +153,17 @@ def _parse_slowly(name: str, first_lineno: int, lines: list[bytes]) -> list[Any]
             )
         parsed.append(obj)
     return parsed
+
+
+def _loads_exactly(name: str, lineno: int, line: bytes) -> Any:
+    """A line orjson parsed, parsed again keeping integers of any size exact."""
+    try:
+        return json.loads(line)
+    except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
+        raise InputError(
+            f"{name}, line {lineno}: cannot read a number exactly ({exc}); write such "
+            "numbers as strings (in quotes)"
+        ) from None
 
 
 def line_error(name: str, lineno: int, line: bytes, exc: orjson.JSONDecodeError) -> InputError:
@@ -147,7 +212,9 @@ class TypeInference:
     structs gain fields). A column that still has no single type, say a string on one line
     and an object on another, is not an error: it becomes a *JSON-string* column, where every
     non-null value is written as its JSON text (strings too, so every cell parses back the
-    same way). Users get their data out instead of a failure over one odd value.
+    same way). Users get their data out instead of a failure over one odd value. A column
+    holding an integer beyond 64 bits is one of these too (Parquet has no wider integer):
+    its integers are written as their digits, exactly.
     """
 
     def __init__(self) -> None:
@@ -200,7 +267,6 @@ class TypeInference:
 
 def encode_json_columns(rows: list[dict[str, Any]], json_columns: frozenset[str]) -> None:
     """Replace the values of JSON-string columns, in place, by their JSON text."""
-    dumps = orjson.dumps
     for row in rows:
         for column in json_columns:
             value = row.get(column)

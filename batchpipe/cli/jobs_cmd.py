@@ -248,11 +248,18 @@ def tick(state: State, job_refs: tuple[str, ...], emulate: bool) -> None:
     for job, why in report.unavailable:
         click.echo(f"job {job.id} ({job.name}): unavailable for now, will retry: {why}", err=True)
     for job, why, _ in report.failed:
-        click.echo(f"error: job {job.id} ({job.name}): {why}", err=True)
+        # Most errors name their job already ("job 1 (ch): …"): said once, not twice.
+        click.echo(f"error: {_about(job, why)}", err=True)
     if report.failed:
         sys.exit(report.failure_exit_code())
     if report.unavailable or (job_refs and report.locked):
         sys.exit(EXIT_TEMPFAIL)
+
+
+def _about(job: JobRow, message: str) -> str:
+    """``message`` naming ``job`` at its start, unless it does already."""
+    named = f"job {job.id} ({job.name}): "
+    return message if message.startswith(named) else named + message
 
 
 def _find_job(ctx: pipeline.Context, ref: str) -> JobRow:

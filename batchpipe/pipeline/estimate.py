@@ -26,8 +26,14 @@ from batchpipe.db import ScratchKeys
 from batchpipe.errors import UsageError
 from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
-from batchpipe.pipeline.ingest import check_columns, check_row, describe_problem, duplicates_error
-from batchpipe.requests import RequestRenderer, RowProblem
+from batchpipe.pipeline.ingest import (
+    check_columns,
+    check_row,
+    describe_problem,
+    duplicates_error,
+    mixed_ids_error,
+)
+from batchpipe.requests import IdKinds, RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
 
 DEFAULT_SAMPLE = 50
@@ -135,10 +141,14 @@ def _scan(
     rng = random.Random(seed)
     found = _Scan()
     row_index = -1
+    ids = IdKinds(spec.id_column)
     for chunk in dataset.iter_rows():
         chunk_keys: list[tuple[int, str]] = []
         for row in chunk:
             row_index += 1
+            mixed = ids.check(row, row_index)
+            if mixed is not None:
+                raise mixed_ids_error(dataset, spec, mixed)
             checked = check_row(renderer, spec, row, row_index)
             if isinstance(checked, RowProblem):
                 found.invalid += 1

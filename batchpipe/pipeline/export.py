@@ -119,7 +119,7 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
             f"{exc}: e.g. `batchpipe export {job.name} -o {suggestion}`"
         ) from None
     dataset = Dataset(spec.input, spec.input_format)
-    check_fingerprint(dataset, job)
+    check_fingerprint(dataset, job, ctx)
     ctx.progress.start("exporting", job.row_count)
     try:
         rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)

@@ -24,11 +24,15 @@ from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
+    IdKinds,
+    MixedIds,
     RequestRenderer,
     RowProblem,
     check_result_column_clash,
     check_row_key,
+    id_kind,
     new_job_token,
+    standin_key,
 )
 
 # Spec fields that may change between runs of the same job without changing any request.
@@ -53,6 +57,7 @@ _CARRIED_FIELDS = (
     "retry_truncated_max_tokens",
     "skip_invalid",
 )
+_KEPT_ON_RERUN = sorted(_NON_IDENTITY_FIELDS - {"max_attempts", "max_failed"})
 # Spec fields that shape requests: changing them re-runs the rows whose request changed.
 REQUEST_FIELDS = (
     frozenset(JobSpec.model_fields)
@@ -108,10 +113,11 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
             f"job {job.id} ({job.name}) already exists with different {', '.join(changed)}; "
             "give this run a new --job name, or run the original settings to resume it"
         )
+    given = given_settings(spec)
     carried = {
         k: getattr(spec, k)
         for k in _CARRIED_FIELDS
-        if getattr(spec, k) is not None and getattr(spec, k) != getattr(existing, k)
+        if k in given and getattr(spec, k) != getattr(existing, k)
     }
     max_failed = spec.max_failed_over(existing.max_failed)
     if max_failed != existing.max_failed:
@@ -121,6 +127,21 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
         job = ctx.store.get_job(job.id)
         assert job is not None
     return job
+
+
+def given_settings(spec: JobSpec) -> set[str]:
+    """The fields of ``spec`` its command gave (flag, environment or job file, not null):
+    the others are defaults, which must not replace what a known job was given before."""
+    return {k for k in spec.model_fields_set if getattr(spec, k) is not None}
+
+
+def kept_on_rerun(existing: JobSpec, spec: JobSpec) -> dict[str, Any]:
+    """The settings a re-run keeps from the job's ``existing`` spec: every one that changes
+    no request and that ``spec``'s command does not give (max_attempts and max_failed
+    aside: the re-run counts attempts on from the highest, and max_failed has its own rule).
+    """
+    given = given_settings(spec)
+    return {k: getattr(existing, k) for k in _KEPT_ON_RERUN if k not in given}
 
 
 class RequestsChanged(UsageError):
@@ -195,15 +216,22 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
         ctx.progress.start("validating rows")
         row_index = -1
+        ids = IdKinds(spec.id_column)
         for chunk in dataset.iter_rows(columns=read):
             for row in chunk:
                 row_index += 1
+                mixed = ids.check(row, row_index)
+                if mixed is not None:
+                    # Raising inside the generator rolls back the whole insert.
+                    raise mixed_ids_error(dataset, spec, mixed)
                 checked = check_row(renderer, spec, row, row_index)
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
                     if len(problems) < _SHOWN_PROBLEMS:
                         problems.append(checked)
-                    key = checked.row_key if checked.row_key is not None else f"<row {row_index}>"
+                    key = checked.row_key
+                    if key is None:  # no usable id: a key no real id can have
+                        key = standin_key(row_index)
                     yield row_index, key, ItemStatus.INVALID, checked.message
                 else:
                     yield row_index, checked[0], ItemStatus.PENDING, None
@@ -256,6 +284,19 @@ def duplicates_error(
         f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "
         "without --id-column to key rows by their position",
         [shown],
+    )
+
+
+def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds) -> InputError:
+    """The refusal of an input whose id column holds ids of two kinds (see ``IdKinds``)."""
+    first = dataset.where(mixed.first_row).removeprefix(f"{dataset.uri}, ")
+    return InputError(
+        f"{dataset.where(mixed.row)}: column {spec.id_column!r} (the id column) holds "
+        f"{id_kind(mixed.value)} ({mixed.value!r}), but {first} holds "
+        f"{id_kind(mixed.first_value)} ({mixed.first_value!r}); nothing was submitted. Ids "
+        'must all be of one kind, or 1 and "1" (or 1 and 1.0) would be taken for one id '
+        "or exported alike: quote every id in the file (ids are usually strings), or write "
+        "them all as whole numbers"
     )
 
 

@@ -106,7 +106,8 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
             {
                 # Counted from 1, as validation messages and editors count lines.
                 "row": item.row_index + 1,
-                "key": item.row_key,
+                # A row without a usable id has a blank stand-in key (requests.standin_key).
+                "key": item.row_key if item.row_key.strip() else None,
                 "status": item.status.value,
                 "label": _label_of(item, label_field),
                 "answer": _clip(item.response_text) if item.response_text else None,

@@ -26,6 +26,7 @@ from batchpipe.errors import InputChangedError, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.ingest import kept_on_rerun
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import RequestRenderer, RowProblem
 
@@ -120,8 +121,10 @@ def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> 
     old = job_spec(job)
     new_spec = spec.model_copy(
         update={
+            # What the command does not give stays as the job had it: output, budget,
+            # result prefix, batch sizes … (a default must not replace a choice made before).
+            **kept_on_rerun(old, spec),
             "max_attempts": highest + spec.max_attempts,
-            "output": spec.output or old.output,
             # Kept unless given, as for a run that changes no request (see open_job).
             "max_failed": spec.max_failed_over(old.max_failed),
         }

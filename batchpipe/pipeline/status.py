@@ -8,6 +8,7 @@ from batchpipe import pricing
 from batchpipe.db import BatchRow, JobRow
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context
+from batchpipe.pipeline.submit import INPUT_CHANGED
 from batchpipe.pipeline.verdict import failed_rows_problem
 
 
@@ -16,6 +17,18 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
         return f"read the error, check at the API, then `batchpipe resume {job.name}`"
     if job.status == JobStatus.FAILED:
         return "fix the cause in the error, then run the same command again"
+    if job.error is not None and INPUT_CHANGED in job.error:
+        # Recorded when a submit or export met the changed file (pipeline.submit); the job
+        # itself is fine, and goes on once the file is as it was.
+        then = (
+            f"`batchpipe export {job.name}`"
+            if job.status in {JobStatus.DONE, JobStatus.CANCELED}
+            else f"`batchpipe tick --job {job.name}`"
+        )
+        return (
+            f"its input changed since it was ingested: put the file back as it was (see "
+            f"error for how), then {then}"
+        )
     if not job.ingested and job.status == JobStatus.RUNNING:
         return "run the job's command again: its rows were not validated yet"
     if job.status in {JobStatus.DONE, JobStatus.CANCELED}:

@@ -46,8 +46,16 @@ _LAST_LOOK = timedelta(days=1)
 log = get_logger(__name__)
 
 
-def check_fingerprint(dataset: Dataset, job: JobRow) -> None:
-    """Refuse to go on if the input is not the file the job was ingested from."""
+# In every refusal of an input that changed; `status` looks for it in a job's error.
+INPUT_CHANGED = "changed since the job was ingested"
+
+
+def check_fingerprint(dataset: Dataset, job: JobRow, ctx: Context | None = None) -> None:
+    """Refuse to go on if the input is not the file the job was ingested from.
+
+    With ``ctx`` the refusal is kept as the job's error (``status`` shows it and what to
+    do), and cleared once the file is as it was again.
+    """
     if job.input_fingerprint is None:
         return
     try:
@@ -59,12 +67,40 @@ def check_fingerprint(dataset: Dataset, job: JobRow) -> None:
             "is of a kind this batchpipe does not know (recorded by a newer version?); "
             "upgrade batchpipe to go on with this job"
         ) from None
-    if now != job.input_fingerprint:
-        raise InputChangedError(
-            f"job {job.id} ({job.name}): {dataset.uri} changed since the job was ingested "
-            f"(fingerprint {job.input_fingerprint[:24]}… is now {now[:24]}…); refusing to "
-            "mislabel rows. Restore the original file, or start a new job with --job NAME"
+    if now == job.input_fingerprint:
+        if ctx is not None and job.error is not None and INPUT_CHANGED in job.error:
+            ctx.store.update_job(job.id, error=None)
+        return
+    refusal = InputChangedError(_input_changed(dataset, job, now))
+    if ctx is not None:
+        ctx.store.update_job(job.id, error=str(refusal))
+    raise refusal
+
+
+def _input_changed(dataset: Dataset, job: JobRow, now: str) -> str:
+    """Why the job cannot go on, and the cheapest way on: nothing the job paid for is lost
+    by putting the original back, while a new job over the edited file pays for every row."""
+    recorded = job.input_fingerprint or ""
+    algorithm, digest, size_text = recorded.rsplit(":", 2)
+    size = int(size_text)
+    finished = job.status in {JobStatus.DONE, JobStatus.CANCELED}
+    then = f"`batchpipe export {job.name}`" if finished else f"`batchpipe tick --job {job.name}`"
+    what = (
+        f"job {job.id} ({job.name}): {dataset.uri} {INPUT_CHANGED} (fingerprint "
+        f"{recorded[:24]}… is now {now[:24]}…); refusing to mislabel rows. "
+    )
+    if int(now.rsplit(":", 1)[1]) > size and dataset.fingerprint(recorded, limit=size) == recorded:
+        return what + (
+            f"Rows were only added: its first {size} bytes are the file the job was ingested "
+            f"from. Move the added lines to a file of their own and cut {dataset.uri} back to "
+            f"its first {size} bytes; then {then} goes on with the answers already paid for, "
+            "and the new file, run as a job of its own, pays only for the added rows"
         )
+    return what + (
+        f"To go on with the answers already paid for, put the original back ({size} bytes, "
+        f"{algorithm} {digest[:16]}…), then {then}; a new job over the edited file (another "
+        "--job name) would pay for every row again"
+    )
 
 
 class _Wanted(Protocol):
@@ -110,7 +146,7 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
         return 0
     spec = job_spec(job)
     dataset = Dataset(spec.input, spec.input_format)
-    check_fingerprint(dataset, job)
+    check_fingerprint(dataset, job, ctx)
     renderer = RequestRenderer(spec)
     pending = ctx.store.iter_pending(job.id)
     created = 0
@@ -390,7 +426,7 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
     """Create a planned batch (again) with exactly the custom_ids recorded in its intent."""
     spec = job_spec(job)
     dataset = Dataset(spec.input, spec.input_format)
-    check_fingerprint(dataset, job)
+    check_fingerprint(dataset, job, ctx)
     renderer = RequestRenderer(spec)
     members = ctx.store.iter_batch_items(batch.id, statuses={ItemStatus.SUBMITTED})
     # The wait for a late-appearing orphan starts over from this send.

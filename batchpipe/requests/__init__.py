@@ -10,20 +10,28 @@
 from batchpipe.requests.ids import format_custom_id, new_job_token, parse_custom_id
 from batchpipe.requests.packing import BatchPacker, PlannedBatch
 from batchpipe.requests.render import (
+    IdKinds,
+    MixedIds,
     RequestRenderer,
     RowProblem,
     check_result_column_clash,
     check_row_key,
+    id_kind,
+    standin_key,
 )
 
 __all__ = [
     "BatchPacker",
+    "IdKinds",
+    "MixedIds",
     "PlannedBatch",
     "RequestRenderer",
     "RowProblem",
     "check_result_column_clash",
     "check_row_key",
     "format_custom_id",
+    "id_kind",
     "new_job_token",
     "parse_custom_id",
+    "standin_key",
 ]

@@ -17,6 +17,7 @@ import orjson
 from jinja2.sandbox import SandboxedEnvironment
 
 from batchpipe.errors import InputError, UsageError
+from batchpipe.jsontext import dumps
 from batchpipe.models import RESULT_PREFIX_HINT, JobSpec
 from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
 from batchpipe.structured import OutputSchema
@@ -63,6 +64,70 @@ def check_row_key(
     return key
 
 
+# What a value of the id column is, for users: ids of two kinds are refused (IdKinds).
+_KIND_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number with a fraction or exponent",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
+
+
+def id_kind(value: object) -> str:
+    """``value``'s kind, as :class:`IdKinds` names it in messages ("a whole number" …)."""
+    return _KIND_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+class MixedIds(NamedTuple):
+    """Two rows whose ids are of different kinds (row indexes count from 0)."""
+
+    first_row: int
+    first_value: Any
+    row: int
+    value: Any
+
+
+class IdKinds:
+    """Holds the id column of one input to one kind of value (all strings, all whole
+    numbers …), so that ids are exact: keys are ids as text, so the id 1 and the id "1"
+    would be one key (a false duplicate), while 1 and 1.0 would pass as two ids and then be
+    exported alike (a column of both is written as floats). JSONL can mix kinds; a Parquet
+    column cannot. Nulls and missing ids are left to :func:`check_row_key`.
+    """
+
+    def __init__(self, id_column: str | None) -> None:
+        self._column = id_column
+        self._first: tuple[int, Any] | None = None
+        self._type: type | None = None
+
+    def check(self, row: Mapping[str, Any], row_index: int) -> MixedIds | None:
+        """None while ``row``'s id is of the kind of the first id seen (or null/missing)."""
+        if self._column is None:
+            return None
+        value = row.get(self._column)
+        if type(value) is self._type or value is None:
+            return None
+        if self._first is None:
+            self._first, self._type = (row_index, value), type(value)
+            return None
+        return MixedIds(*self._first, row_index, value)
+
+
+# Binary digits as blanks, for stand-in keys (see standin_key).
+_BLANK_BITS = str.maketrans("01", " \t")
+
+
+def standin_key(row_index: int) -> str:
+    """The key stored for a row without a usable id (an invalid row), unique per row and
+    never equal to a real id: every real key has a character that is not blank
+    (:func:`check_row_key` refuses blank ids), and this one is blanks only, the row index
+    in binary with a space for 0 and a tab for 1. (A readable ``<row 7>`` was the key of
+    a real id "<row 7>" too, and made it a false duplicate.)"""
+    return format(row_index, "b").translate(_BLANK_BITS)
+
+
 def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[str]) -> None:
     """InputError if the input already has columns the export adds (e.g. ``custom_id``)."""
     added = set(result_columns)
@@ -87,7 +152,7 @@ def _finalize(value: Any) -> Any:
     # Objects and arrays go into prompts as JSON, which models read better than Python's
     # repr ({'a': 1}); everything else renders with str() as jinja2 normally does.
     if isinstance(value, dict | list):
-        return orjson.dumps(value, default=str).decode()
+        return dumps(value, default=str).decode()  # integers of any size exactly
     if value is None:
         # Not the text "None" (sent, and paid for): a null is missing data, as it is for a
         # top-level column, which render() checks before this can see one.

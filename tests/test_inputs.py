@@ -1,0 +1,248 @@
+"""Input data correctness, end to end through the real CLI: big integers, id column types,
+an input edited after submit, settings carried by a re-run, invalid rows' stand-in keys.
+
+Each test runs `batchpipe` in a subprocess against the emulator served over loopback, on a
+real SQLite file (PostgreSQL too where the state database's keys matter), and checks what a
+user sees: exit codes, messages naming file, line and column, and the exported rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import job_args, run_batchpipe, write_rows
+
+from batchpipe.dataset import Dataset
+from batchpipe.db import Store
+from batchpipe.models import JobSpec
+from batchpipe.requests import RequestRenderer
+
+PROMPT = ["--prompt", "Classify: {{ body }}", "--model", "claude-haiku-4-5", "--max-tokens", "16"]
+
+
+def run_job(
+    db: str, env: dict[str, str], src: Path, out: Path, *extra: str, name: str = "j"
+) -> Any:
+    return run_batchpipe(
+        db, env, "run", str(src), "--job", name, *PROMPT, "--poll-interval", "0.1",
+        "-o", str(out), *extra,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- 1. integers beyond 64 bits
+
+
+BIG_IDS = [
+    b'{"doc_id": 123456789012345678901234, "body": "a", "n": 98765432109876543210987654321}',
+    b'{"doc_id": 123456789012345678901235, "body": "b", "n": -9223372036854775809}',
+    b'{"doc_id": 7, "body": "c", "n": 1}',
+]
+
+
+def test_integers_beyond_64_bits_keep_every_digit(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "big.jsonl"
+    src.write_bytes(b"\n".join(BIG_IDS) + b"\n")
+    done = run_job(sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id")
+    assert done.returncode == 0, done.stderr  # two distinct ids, not a duplicate "1e+23"
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    # Columns holding such integers are written as their digits (Parquet has no wider int).
+    assert [r["doc_id"] for r in rows] == [
+        "123456789012345678901234",
+        "123456789012345678901235",
+        "7",
+    ]
+    assert [r["n"] for r in rows] == ["98765432109876543210987654321", "-9223372036854775809", "1"]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+
+    jsonl = run_batchpipe(sqlite_url, cli_env, "export", "j", "-o", str(tmp_path / "out.jsonl"))
+    assert jsonl.returncode == 0, jsonl.stderr
+    lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
+    # JSONL keeps them numbers, exactly as written.
+    assert b'"doc_id":123456789012345678901234,' in lines[0]
+    assert b'"n":98765432109876543210987654321,' in lines[0]
+    assert b'"n":-9223372036854775809,' in lines[1]
+
+
+def test_integers_beyond_64_bits_are_read_and_prompted_exactly(tmp_path: Path) -> None:
+    src = tmp_path / "big.jsonl"
+    src.write_bytes(
+        b'{"a": 123456789012345678901234, "b": [18446744073709551616], "f": 1.5e30,'
+        b' "s": "12345678901234567890123", "c": 18446744073709551615}\n'
+    )
+    (row,) = next(Dataset(str(src)).iter_rows())
+    assert row == {
+        "a": 123456789012345678901234,
+        "b": [18446744073709551616],
+        "f": 1.5e30,  # a decimal literal stays a float
+        "s": "12345678901234567890123",
+        "c": 18446744073709551615,
+    }
+    spec = JobSpec(input=str(src), prompt="{{ a }} {{ b }}", model="m", max_tokens=1)
+    params = RequestRenderer(spec).render(row, 0)
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "123456789012345678901234 [18446744073709551616]"
+
+
+# ---------------------------------------------------------------- 2. id column types
+
+
+def test_ids_of_mixed_kinds_are_refused_naming_file_line_and_column(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ids.jsonl"
+    src.write_bytes(
+        b'{"doc_id": 1, "body": "a"}\n\n{"doc_id": 2, "body": "b"}\n{"doc_id": 1.0, "body": "c"}\n'
+    )
+    refused = run_job(sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id")
+    assert refused.returncode == 1
+    assert f"{src}, line 4: column 'doc_id' (the id column) holds a number with a fraction" in (
+        refused.stderr
+    )
+    assert "line 1 holds a whole number" in refused.stderr
+    assert not (tmp_path / "out.parquet").exists()
+    estimated = run_batchpipe(
+        sqlite_url, cli_env, "estimate", str(src), *PROMPT, "--id-column", "doc_id", "--offline"
+    )
+    assert estimated.returncode == 1
+    assert f"{src}, line 4: column 'doc_id' (the id column)" in estimated.stderr
+
+    src.write_bytes(b'{"doc_id": "1", "body": "a"}\n{"doc_id": 1, "body": "b"}\n')
+    refused = run_job(
+        sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id", name="k"
+    )
+    assert refused.returncode == 1
+    assert f"{src}, line 2: column 'doc_id' (the id column) holds a whole number" in refused.stderr
+    assert "quote" in refused.stderr
+
+
+def test_whole_number_ids_export_as_integers(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ids.jsonl"
+    src.write_bytes(b'{"doc_id": 1, "body": "a"}\n{"doc_id": 10, "body": "b"}\n')
+    done = run_job(sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id")
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("doc_id").type == pa.int64()
+    assert table.column("doc_id").to_pylist() == [1, 10]
+
+
+# ---------------------------------------------------------------- 3. input changed after submit
+
+
+def test_an_input_edited_after_submit(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ch.jsonl"
+    write_rows(src, 4)
+    original = src.read_bytes()
+    out = tmp_path / "out.parquet"
+    submitted = run_batchpipe(sqlite_url, cli_env, "submit", *job_args(src, "ch", out))
+    assert submitted.returncode == 0, submitted.stderr
+    with src.open("ab") as fh:
+        fh.write(b'{"doc_id": "late", "body": "added later"}\n')
+
+    ticked = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "ch")
+    for _ in range(50):
+        if "changed since the job was ingested" in ticked.stderr:
+            break
+        ticked = run_batchpipe(sqlite_url, cli_env, "tick", "--job", "ch")
+    assert ticked.returncode == 1
+    (line,) = [x for x in ticked.stderr.splitlines() if x.startswith("error:")]
+    assert line.count("job 1 (ch)") == 1, line
+    # Rows were only added: the job's rows are the file's first bytes, and the cheapest way
+    # on is to split the added lines off, not to pay for every row again.
+    assert f"its first {len(original)} bytes are the file the job was ingested from" in line
+    assert "--job NAME" not in line
+
+    (job,) = json.loads(run_batchpipe(sqlite_url, cli_env, "status", "ch", "--json").stdout)["jobs"]
+    assert job["status"] == "done"
+    assert "changed since the job was ingested" in job["error"]
+    assert "input changed" in job["next_action"]
+    assert "`batchpipe export ch`" in job["next_action"]
+
+    exported = run_batchpipe(sqlite_url, cli_env, "export", "ch")
+    assert exported.returncode == 1
+    assert exported.stderr.count("job 1 (ch)") == 1
+
+    src.write_bytes(b'{"doc_id": "d00000", "body": "another text"}\n' + original[44:])
+    edited = run_batchpipe(sqlite_url, cli_env, "export", "ch")
+    assert edited.returncode == 1
+    assert f"put the original back ({len(original)} bytes, sha256 " in edited.stderr
+
+    src.write_bytes(original)
+    restored = run_batchpipe(sqlite_url, cli_env, "export", "ch")
+    assert restored.returncode == 0, restored.stderr
+    assert pq.read_table(out).num_rows == 4
+    (job,) = json.loads(run_batchpipe(sqlite_url, cli_env, "status", "ch", "--json").stdout)["jobs"]
+    assert job["error"] is None
+    assert job["next_action"] == f"none (output in {out})"
+
+
+# ---------------------------------------------------------------- 4. a re-run keeps settings
+
+
+def test_a_request_changing_rerun_keeps_the_settings_it_was_not_given(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, 6)
+    out = tmp_path / "out.parquet"
+    kept = [
+        "--max-cost", "5", "--result-prefix", "bp_", "--retry-truncated-max-tokens", "64",
+        "--skip-invalid", "--max-failed", "2", "--max-batch-requests", "4",
+    ]  # fmt: skip
+    first = run_job(sqlite_url, cli_env, src, out, "--id-column", "doc_id", *kept)
+    assert first.returncode == 0, first.stderr
+    again = run_batchpipe(
+        sqlite_url, cli_env, "run", str(src), "--job", "j", "--prompt", "Label: {{ body }}",
+        "--model", "claude-haiku-4-5", "--max-tokens", "16", "--id-column", "doc_id",
+        "--poll-interval", "0.1", "--yes",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    table = pq.read_table(out)
+    assert "bp_result_status" in table.column_names  # the prefix was kept
+    assert "result_status" not in table.column_names
+    with Store.open(sqlite_url) as store:
+        job = store.get_job("j")
+    assert job is not None
+    spec = job.spec
+    assert spec["prompt"] == "Label: {{ body }}"
+    assert spec["max_cost"] == 5.0
+    assert spec["retry_truncated_max_tokens"] == 64
+    assert spec["skip_invalid"] is True
+    assert spec["max_failed"] == "2"
+    assert spec["max_batch_requests"] == 4
+    assert spec["output"] == str(out)
+
+
+# ---------------------------------------------------------------- 5. stand-in keys
+
+
+def test_an_id_spelled_like_an_invalid_rows_stand_in_is_no_duplicate(
+    cli_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "ids.jsonl"
+    src.write_bytes(
+        b'{"doc_id": "<row 1>", "body": "a"}\n'
+        b'{"body": "no id"}\n'  # row index 1: invalid, without a key
+        b'{"doc_id": "c", "body": "c"}\n'
+    )
+    assert run_batchpipe(db_url, cli_env, "db", "upgrade").returncode == 0  # PostgreSQL
+    done = run_job(
+        db_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id", "--skip-invalid"
+    )
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["result_status"] for r in rows] == ["succeeded", "invalid", "succeeded"]
+    assert [r["doc_id"] for r in rows] == ["<row 1>", None, "c"]
+    report = run_batchpipe(db_url, cli_env, "report", "j", "--json")
+    assert report.returncode == 0, report.stderr
+    keys = {r["row"]: r["key"] for r in json.loads(report.stdout)["sample"]}
+    assert keys == {1: "<row 1>", 2: None, 3: "c"}
