@@ -10,7 +10,8 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
     │   └── InputChangedError      1  the input changed since submission; refusing to mislabel
     ├── StoreError                 1  the state database is unusable or out of date
-    │   └── StoreUnreachable      75  database server unreachable or connection lost; try later
+    │   ├── StoreUnreachable      75  database server unreachable or connection lost; try later
+    │   └── StoreBusy             75  another worker kept the SQLite file locked; try later
     ├── JobLocked                 75  another process is working on this job; try later
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key
@@ -74,6 +75,12 @@ class StoreError(BatchpipeError):
 
 class StoreUnreachable(StoreError):
     """No connection to the database server (down, restarting, network): try later."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class StoreBusy(StoreError):
+    """Another process held the SQLite file's write lock past the busy timeout: try later."""
 
     exit_code = EXIT_TEMPFAIL
 
