@@ -15,6 +15,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     ├── JobLocked                 75  another process is working on this job; try later
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key
+    │   ├── BatchNotFound          1  the API does not know a batch we sent (deleted, other key)
     │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
     │       └── CreateRefused     75  a create refused (429/503/529) or never connected
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
@@ -103,6 +104,11 @@ class AuthenticationFailed(APIError):
     """The API key is missing or was rejected."""
 
     exit_code = EXIT_USAGE
+
+
+class BatchNotFound(APIError):
+    """The API answers 404 for a batch batchpipe created: deleted (in the Console), or the API
+    key now belongs to another workspace or organization than the one that created it."""
 
 
 class TransientAPIError(APIError):

@@ -6,9 +6,10 @@ from collections.abc import Collection
 from typing import Any
 
 from batchpipe.dataset import Dataset, check_writable
-from batchpipe.db import JobRow
+from batchpipe.db import BatchRow, JobRow
 from batchpipe.errors import (
     APIError,
+    BatchNotFound,
     BatchpipeError,
     InputError,
     NeedsAttention,
@@ -309,10 +310,11 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
             raise UsageError(f"job {job.id} ({job.name}) is {job.status.value}; nothing to resume")
         _check_output(job_spec(job))
         planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
-        if (adopt or resend) and len(planned) != 1:
+        lost = _lost_batches(ctx, job) if resend and not planned else []
+        if (adopt or resend) and len(planned) != 1 and not lost:
             raise UsageError(
-                f"job {job.id} has {len(planned)} planned batches; "
-                "--adopt and --resend need exactly one"
+                f"job {job.id} has {len(planned)} planned batches and none the API has lost; "
+                "--adopt needs exactly one planned batch, --resend one or a lost batch"
             )
         if adopt:
             if adopt in ctx.store.known_api_batch_ids():
@@ -325,7 +327,42 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
         ctx.store.update_job(
             job.id, expected_status=job.status, status=JobStatus.RUNNING, error=None
         )
-        if resend:
+        if lost:
+            _requeue_lost(ctx, lost)
+        elif resend:
             resend_planned(ctx, _reload(ctx, job), planned[0])
         bind(job, log).warning("job.resumed", adopted=adopt, resent=resend)
         return _reload(ctx, job)
+
+
+def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:
+    """The job's sent batches the API answers 404 for now (see ``collect.lost_batch``).
+
+    Asked again rather than taken from the job's error: a batch found again (the right key
+    is back) must not be sent twice.
+    """
+    lost = []
+    sent = {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING, BatchStatus.ENDED}
+    for batch in ctx.store.list_batches(job.id, sent):
+        assert batch.api_batch_id is not None
+        try:
+            ctx.client.retrieve(batch.api_batch_id)
+        except BatchNotFound:
+            lost.append(batch)
+    return lost
+
+
+def _requeue_lost(ctx: Context, lost: list[BatchRow]) -> None:
+    """Lost batches' rows go back to pending (the next step sends them); the batches settle."""
+    for batch in lost:
+        # Rows first: a crash between the two leaves a batch the next step finds lost again,
+        # never rows stuck in a settled batch.
+        rows = ctx.store.requeue_batch_leftovers(batch.id)
+        ctx.store.update_batch(
+            batch.id,
+            expected_status=batch.status,
+            status=BatchStatus.COLLECTED,
+            collected_at=ctx.clock(),
+            error=f"not found at the API; its {rows} unanswered rows were sent again",
+        )
+        log.warning("batch.resent_lost", batch_id=batch.id, api_batch_id=batch.api_batch_id)
