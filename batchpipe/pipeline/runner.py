@@ -72,14 +72,20 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
                 job.id, expected_status=JobStatus.FAILED, status=JobStatus.RUNNING, error=None
             )
             bind(job, log).info("job.resumed_after_failure")
-        try:
-            job = ingest(ctx, _reload(ctx, job))
-        except (InputError, UsageError) as exc:
-            # Failed, not left running with no rows: nothing would ever advance it.
-            ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
-            raise
-        check_estimate(ctx, job, job_spec(job))
-        return job
+        return _validate(ctx, _reload(ctx, job))
+
+
+def _validate(ctx: Context, job: JobRow) -> JobRow:
+    """Ingest the job (validate its rows, store them) and check its budget; the caller holds
+    the lease. An input or settings it refuses fail the job, not leave it running with no
+    rows: nothing would ever advance it."""
+    try:
+        job = ingest(ctx, job)
+    except (InputError, UsageError) as exc:
+        ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
+        raise
+    check_estimate(ctx, job, job_spec(job))
+    return job
 
 
 def _check_output(spec: JobSpec) -> None:
@@ -119,10 +125,18 @@ def step(ctx: Context, job: JobRow) -> JobRow:
     The caller holds the job's lease.
     """
     job = _reload(ctx, job)
-    if not job.status.is_active() or not job.ingested:
-        # No rows yet: the process validating them died. Only the job's command (prepare)
-        # ingests; with nothing recorded there is nothing to advance, and nothing is done.
+    if not job.status.is_active():
         return job
+    if not job.ingested and job.status == JobStatus.RUNNING:
+        # Its rows were never validated: the command that started it failed or died first
+        # (a killed submit, a locked database), or `resume` put back a job whose input had
+        # been refused. Cron's tick validates it now, as that command would have: from the
+        # stored settings and input, checked as at the start (a refused input fails the
+        # job, exit 1, with the reason), rather than report it running with 0 rows forever.
+        _check_output(job_spec(job))
+        job = _validate(ctx, job)
+        if job.status != JobStatus.RUNNING:
+            return job  # an empty input: done at once
     recover_planned(ctx, job)
     poll(ctx, job)
     collect(ctx, job)
