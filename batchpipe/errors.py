@@ -10,10 +10,12 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
     │   └── InputChangedError      1  the input changed since submission; refusing to mislabel
     ├── StoreError                 1  the state database is unusable or out of date
-    │   └── StoreUnreachable      75  database server unreachable or connection lost; try later
+    │   ├── StoreUnreachable      75  database server unreachable or connection lost; try later
+    │   └── StoreBusy             75  another worker kept the SQLite file locked; try later
     ├── JobLocked                 75  another process is working on this job; try later
     ├── APIError                   1  the Message Batches API said no
     │   ├── AuthenticationFailed   2  missing or rejected API key
+    │   ├── BatchNotFound          1  the API does not know a batch we sent (deleted, other key)
     │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
     │       └── CreateRefused     75  a create refused (429/503/529) or never connected
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
@@ -78,6 +80,12 @@ class StoreUnreachable(StoreError):
     exit_code = EXIT_TEMPFAIL
 
 
+class StoreBusy(StoreError):
+    """Another process held the SQLite file's write lock past the busy timeout: try later."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
 class JobLocked(BatchpipeError):
     """Another process holds this job's lease."""
 
@@ -96,6 +104,11 @@ class AuthenticationFailed(APIError):
     """The API key is missing or was rejected."""
 
     exit_code = EXIT_USAGE
+
+
+class BatchNotFound(APIError):
+    """The API answers 404 for a batch batchpipe created: deleted (in the Console), or the API
+    key now belongs to another workspace or organization than the one that created it."""
 
 
 class TransientAPIError(APIError):

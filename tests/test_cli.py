@@ -481,26 +481,31 @@ def test_a_command_refused_at_the_start_records_no_job(
     assert "nothing to do" in tick.stderr
 
 
-def test_a_job_whose_rows_were_never_validated_waits_for_its_command(tmp_path: Path) -> None:
+def test_a_job_whose_rows_were_never_validated_is_validated_by_tick(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows(3))
     out = tmp_path / "out.parquet"
     # As a process killed while validating leaves it: the job recorded, no rows yet.
     with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
         spec = JobSpec(
             input=str(src), prompt=PROMPT, model="claude-haiku-4-5", max_tokens=64,
-            id_column="doc_id", output=str(out),
+            id_column="doc_id", output=str(out), poll_interval=0.1,
         )  # fmt: skip
         store.create_job(
             name="j", token="0123456789", spec=spec.model_dump(), input_fingerprint=None
         )
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["next_action"] == (
+        "validate and submit its rows (the next `tick` does, or the job's command)"
+    )
+    # Before: "running, 0 rows" and exit 0 at every tick, forever.
     tick = invoke(tmp_path, "tick", "--emulate")
     assert tick.exit_code == 0, tick.output
-    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
-    assert job["status"] == "running"  # not done: nothing was ever validated or sent
-    assert job["next_action"] == "run the job's command again: its rows were not validated yet"
-    assert not out.exists()
-    result = invoke(tmp_path, *run_args(src, out), "--job", "j")
-    assert result.exit_code == 0, result.output
+    assert "running, 3 rows" in tick.stderr
+    for _ in range(20):
+        if out.exists():
+            break
+        __import__("time").sleep(0.3)
+        assert invoke(tmp_path, "tick", "--emulate").exit_code == 0
     assert pq.read_table(out).num_rows == 3
 
 

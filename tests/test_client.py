@@ -340,10 +340,12 @@ def test_bad_request_is_api_error_with_request_id(client: BatchClient) -> None:
     assert str(exc).endswith(f"(request id {exc.request_id})")
 
 
-def test_not_found_is_retried_then_api_error(client: BatchClient, emu: Emulator) -> None:
+def test_not_found_is_retried_then_batch_not_found(client: BatchClient, emu: Emulator) -> None:
     with capture_logs() as logs, pytest.raises(errors.APIError) as info:
         client.retrieve("msgbatch_01DoesNotExist")
-    assert type(info.value) is errors.APIError
+    # Its own class, so the pipeline can tell a lost batch from a refusal (collect.lost_batch).
+    assert type(info.value) is errors.BatchNotFound
+    assert info.value.exit_code == 1
     assert "retrieve batch msgbatch_01DoesNotExist failed: 404 not_found_error" in str(info.value)
     assert len(logs) == client.not_found_retries + 1  # one line per call made
     assert emu.stats()["calls"]["retrieve"] == client.not_found_retries + 1

@@ -379,7 +379,8 @@ def retry(
 @click.option(
     "--resend",
     is_flag=True,
-    help="Send the interrupted batch again (pays again if the API did run it).",
+    help="Send the interrupted batch again, or the rows of a batch the API no longer knows "
+    "(404: deleted); pays again if the API did run them.",
 )
 @click.option("--emulate", is_flag=True, help="Use the built-in emulator of the API.")
 @click.pass_obj

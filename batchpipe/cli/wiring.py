@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,7 @@ from batchpipe.cli.app import State
 from batchpipe.cli.progress import make_progress
 from batchpipe.config import Settings
 from batchpipe.db import Store, sqlite_path
-from batchpipe.errors import UsageError
+from batchpipe.errors import TransientAPIError, UsageError
 from batchpipe.pipeline import Context, NullProgress
 from batchpipe.pipeline.context import DEFAULT_ORPHAN_GRACE_SECONDS
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 # In emulator mode batches end after this long, so a demo shows progress without waiting.
 EMULATE_PROCESSING_SECONDS = 1.0
 EMULATE_POLL_INTERVAL = 0.5
+# How long an `--emulate` command waits for another one to let go of the emulator's state.
+EMULATE_LOCK_PATIENCE_S = 30.0
+_LOCK_PAUSE_S = 0.1
 
 
 def _orphan_grace() -> float:
@@ -54,6 +59,39 @@ def emulator_state_path(database_url: str) -> Path:
 
 
 @contextmanager
+def _state_locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` + ``.lock`` for the block (one `--emulate` process
+    at a time loads, uses and saves the emulator's state).
+
+    Each process loads the state when it starts and saves it when it ends: two at once
+    would each save their own view over the other's, and the batches the first one created
+    would then answer 404 for good. ``fcntl.flock`` suffices: batchpipe's target is Linux,
+    the state sits beside a local SQLite file, and the kernel lets go of the lock when the
+    process dies, however it dies (no stale lock file to clean up). A lock busy for longer
+    than EMULATE_LOCK_PATIENCE_S is a temporary failure (exit 75), as a busy API would be.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+b") as handle:
+        deadline = time.monotonic() + EMULATE_LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TransientAPIError(
+                        f"the built-in emulator's state {path} is in use by another --emulate "
+                        f"command (lock {lock_path}) for more than {EMULATE_LOCK_PATIENCE_S:.0f} "
+                        "s; try again when it has finished (exit 75)"
+                    ) from None
+                time.sleep(_LOCK_PAUSE_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context]:
     """A Context for one command; closes the client and store (and saves emulator state)."""
     settings = settings_for(state)
@@ -61,6 +99,7 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
     bar = make_progress()
     grace = _orphan_grace()
     saver = None
+    held = ExitStack()
     if emulate:
         # Imported only here: nothing on the production path loads the emulator.
         from batchpipe.emulator import (  # noqa: PLC0415
@@ -70,11 +109,17 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
         )
 
         path = emulator_state_path(settings.database_url)
-        emu = (
-            Emulator.load(path)
-            if path.exists()
-            else Emulator(EmulatorConfig(processing_seconds=EMULATE_PROCESSING_SECONDS))
-        )
+        try:
+            held.enter_context(_state_locked(path))
+            emu = (
+                Emulator.load(path)
+                if path.exists()
+                else Emulator(EmulatorConfig(processing_seconds=EMULATE_PROCESSING_SECONDS))
+            )
+        except BaseException:
+            held.close()
+            store.close()
+            raise
         emu_settings = dataclasses.replace(
             settings, api_key=settings.api_key or SecretStr("emulator")
         )
@@ -108,6 +153,7 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
         if bar is not None:
             bar.close()  # end the bar's line before the command prints its summary
         ctx.close()
-        if saver is not None:
-            saver()
+        with held:  # saved before the lock is let go
+            if saver is not None:
+                saver()
         store.close()

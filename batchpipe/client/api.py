@@ -371,7 +371,11 @@ class BatchClient:
             )
             if isinstance(exc, anthropic.NotFoundError) and not remap_not_found:
                 raise
-            raise self._map_error(op, exc) from exc
+            mapped = self._map_error(op, exc)
+            if isinstance(exc, anthropic.NotFoundError) and batch_id is not None:
+                # A batch of ours the API does not know: the pipeline says what to do.
+                raise errors.BatchNotFound(str(mapped), request_id=mapped.request_id) from exc
+            raise mapped from exc
         if not log_success:
             return result
         batch_id = batch_id or getattr(result, "id", None)

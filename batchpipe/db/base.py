@@ -6,6 +6,7 @@ file keeps one job; they all build on :class:`StoreBase`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -15,9 +16,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from batchpipe.db.connect import describe_error, mask_url, unavailable
+from batchpipe.db.connect import BEGIN_IMMEDIATE, describe_error, locked, mask_url, unavailable
 from batchpipe.db.schema import batches, items
-from batchpipe.errors import StoreError, StoreUnreachable
+from batchpipe.errors import StoreBusy, StoreError, StoreUnreachable
 
 E = TypeVar("E", bound=Enum)
 
@@ -75,6 +76,8 @@ class StoreBase:
         self._url = url
         # Injected in tests that need to move time (lease expiry); always aware UTC.
         self.clock: Callable[[], datetime] = utcnow
+        # This thread's open write transaction on SQLite, if any (see _write).
+        self._writing = threading.local()
 
     @property
     def url(self) -> str:
@@ -88,14 +91,56 @@ class StoreBase:
 
     @contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
-        """One transaction: committed on success, rolled back on any exception.
+        """One transaction that only reads: committed on success, rolled back on any exception.
 
-        Lost connections, lock timeouts and the like become StoreError with the masked URL;
-        integrity errors pass through so callers can translate the ones they expect.
+        On SQLite it begins deferred, so readers never wait for a writer (WAL). A transaction
+        that writes must use :meth:`_write` instead. Errors are translated as in
+        :meth:`_translated`.
         """
-        try:
-            with self._engine.begin() as conn:
+        with self._translated(), self._engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One transaction that writes: committed on success, rolled back on any exception.
+
+        On SQLite it begins IMMEDIATE, taking the file's write lock up front (waiting on the
+        busy timeout for another process's writer). A deferred transaction that reads first
+        holds a snapshot, and SQLite cannot upgrade that snapshot to a write once another
+        connection has written since: it fails at once with "database is locked", busy
+        timeout or not. Several workers on one file (overlapping cron ticks) hit that.
+
+        A write made on the same thread while this one is open (the lease heartbeat called
+        from the rows ``insert_items`` pulls) joins it on SQLite: a second connection would
+        wait for the lock this thread holds, a deadlock the busy timeout ends as a failure.
+        Joined, the renewal commits with the transaction; no other process can write the
+        file before then anyway. PostgreSQL locks rows, not the database, so there each write
+        keeps its own transaction and a renewal is seen by other workers at once.
+        """
+        joined: sa.Connection | None = getattr(self._writing, "conn", None)
+        if joined is not None:
+            yield joined
+            return
+        if self.dialect != "sqlite":
+            with self._translated(), self._engine.begin() as conn:
                 yield conn
+            return
+        with self._translated(), self._engine.connect() as conn:
+            conn.execution_options(**{BEGIN_IMMEDIATE: True})
+            with conn.begin():
+                self._writing.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._writing.conn = None
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Driver errors as batchpipe's: lost connections and lock timeouts become StoreError
+        with the masked URL (exit 75 where trying again later can help); integrity errors
+        pass through so callers can translate the ones they expect."""
+        try:
+            yield
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             reason = describe_error(exc, self._url)
             if unavailable(exc):
@@ -103,6 +148,11 @@ class StoreBase:
                 raise StoreUnreachable(
                     f"lost the connection to database {self.url}: {reason}; the work so far "
                     "is saved: run the command again when the server is back (exit 75)"
+                ) from exc
+            if locked(exc):
+                raise StoreBusy(
+                    f"database {self.url}: another worker is writing to it and kept it locked "
+                    f"({reason}); the work so far is saved: try again later (exit 75)"
                 ) from exc
             raise StoreError(f"database {self.url}: {reason}") from exc
         except sa.exc.StatementError as exc:
@@ -138,5 +188,5 @@ class StoreBase:
         stmt = sa.update(table).where(table.c.id == row_id).values(values)
         if expected is not None:
             stmt = stmt.where(table.c.status.in_(status_values(expected)))
-        with self._begin() as conn:
+        with self._write() as conn:
             return conn.execute(stmt).rowcount == 1

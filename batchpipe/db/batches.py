@@ -277,7 +277,7 @@ class BatchesMixin(StoreBase):
             "last_row": max(row for row, _, _ in items),
             "intent_at": now,
         }
-        with self._begin() as conn:
+        with self._write() as conn:
             batch_id = conn.execute(
                 sa.insert(batches).values(batch).returning(batches.c.id)
             ).scalar_one()
@@ -356,7 +356,7 @@ class BatchesMixin(StoreBase):
         Only a ``planned`` batch can be rejected; anything else raises StoreError.
         """
         now = self.clock()
-        with self._begin() as conn:
+        with self._write() as conn:
             rejected = conn.execute(
                 sa.update(batches)
                 .where(batches.c.id == batch_id, batches.c.status == BatchStatus.PLANNED.value)
@@ -384,7 +384,7 @@ class BatchesMixin(StoreBase):
 
         The attempt counts as used, so attempts stays; the next submission gets a new id.
         """
-        with self._begin() as conn:
+        with self._write() as conn:
             stmt = (
                 sa.update(item_table)
                 .where(batch_members(conn, batch_id, [SUBMITTED]))
@@ -481,16 +481,16 @@ class BatchesMixin(StoreBase):
                 )
         if on_postgres:
             try:
-                with self._begin() as conn:
+                with self._write() as conn:
                     return apply_by_copy(conn, job_id, batch_id, copied, now)
             except TypeError:
                 # A value of another type than the API documents: nothing was committed;
                 # the text format stores it as the SQLite path does (see pg_apply).
-                with self._begin() as conn:
+                with self._write() as conn:
                     return apply_by_copy(conn, job_id, batch_id, copied, now, binary=False)
         changed = 0
         shared = {"p_job_id": job_id, "p_now": now}
-        with self._begin() as conn:
+        with self._write() as conn:
             changed += _BULK_APPLY_SUCCEEDED.execute(conn, kept)
             if final:
                 changed += _BULK_APPLY_FINAL.execute(conn, final, shared)

@@ -77,6 +77,27 @@ def unavailable(exc: sa.exc.SQLAlchemyError) -> bool:
     return "FATAL:" not in text or any(busy in text for busy in _BUSY_SERVER)
 
 
+# SQLite's primary result codes for a lock held by another connection (an extended code such
+# as SQLITE_BUSY_SNAPSHOT keeps its primary code in the low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def locked(exc: sa.exc.SQLAlchemyError) -> bool:
+    """Whether SQLite refused a statement because another connection holds a lock on the file.
+
+    Store transactions that write take the lock up front and wait for it (the busy timeout),
+    so this is what is left: a writer that kept the file longer than the busy timeout. The
+    work was rolled back, and trying again later helps (StoreBusy, exit 75).
+    """
+    orig = getattr(exc, "orig", None)
+    if not isinstance(orig, sqlite3.OperationalError):
+        return False
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "database is locked" in str(orig)
+
+
 def sqlite_path(url: str | URL) -> Path | None:
     """The file behind a SQLite URL; None for other dialects and in-memory databases."""
     parsed = make_url(url) if isinstance(url, str) else url
@@ -119,11 +140,12 @@ BEGIN_IMMEDIATE = "batchpipe_begin_immediate"
 def _on_sqlite_begin(conn: sa.Connection) -> None:
     """Start every SQLAlchemy transaction with an explicit BEGIN.
 
-    Deferred is enough for the Store: each of its write transactions starts with its write,
-    so it waits on the busy timeout for the lock rather than failing on a stale snapshot.
-    Migrations read the version table before writing, so they ask for BEGIN IMMEDIATE
-    (see migrations/env.py): a second process migrating the same new file then waits and
-    finds it already at head, instead of failing with "database is locked".
+    Deferred for transactions that only read, so they never wait for a writer. Those that
+    write ask for BEGIN IMMEDIATE (the Store's ``_write``, and migrations, which read the
+    version table first): a deferred transaction that has read cannot take the write lock
+    once another connection wrote after its snapshot began; SQLite then fails at once with
+    "database is locked" instead of waiting on the busy timeout. Taken up front, the lock
+    is waited for, and the transaction reads what the last writer committed.
     """
     immediate = conn.get_execution_options().get(BEGIN_IMMEDIATE, False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -116,7 +116,7 @@ class ItemsMixin(StoreBase):
         now = self.clock()
         total = 0
         source = iter(rows)
-        with self._begin() as conn:
+        with self._write() as conn:
             if self.dialect == "postgresql":
                 # Plain tuples straight to a binary COPY: see db/bulk.py.
                 shaped = _copied_items(job_id, source, now)
@@ -300,7 +300,7 @@ class ItemsMixin(StoreBase):
         )
         if error_types is not None:
             stmt = stmt.where(items.c.error_type.in_(list(error_types)))
-        with self._begin() as conn:
+        with self._write() as conn:
             if ItemStatus.SUCCEEDED in wanted and error_types is None:
                 # Their answers are about to be cleared: keep them in the history.
                 archive = archive_succeeded(self.dialect, items.c.job_id == job_id)
@@ -317,7 +317,7 @@ class ItemsMixin(StoreBase):
             .where(items.c.job_id == job_id, items.c.status == ItemStatus.PENDING.value)
             .values(status=ItemStatus.CANCELED.value, updated_at=self.clock())
         )
-        with self._begin() as conn:
+        with self._write() as conn:
             return int(conn.execute(stmt).rowcount)
 
     def delete_items(self, job_id: int) -> int:
@@ -325,7 +325,7 @@ class ItemsMixin(StoreBase):
 
         Refuses while any item is in a batch: those rows are the record of what was sent.
         """
-        with self._begin() as conn:
+        with self._write() as conn:
             sent = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(items)

@@ -41,7 +41,7 @@ class JobsMixin(StoreBase):
             "updated_at": now,
         }
         try:
-            with self._begin() as conn:
+            with self._write() as conn:
                 row = conn.execute(sa.insert(jobs).values(values).returning(jobs)).one()
         except sa.exc.IntegrityError:
             # Tell a name clash (the user's to fix) from a token clash (ours, astronomically rare).
@@ -103,7 +103,7 @@ class JobsMixin(StoreBase):
             )
             .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_seconds))
         )
-        with self._begin() as conn:
+        with self._write() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def renew_lease(self, job_id: int, owner: str, ttl_seconds: float) -> bool:
@@ -114,7 +114,7 @@ class JobsMixin(StoreBase):
             .where(jobs.c.id == job_id, jobs.c.lease_owner == owner)
             .values(lease_until=self.clock() + timedelta(seconds=ttl_seconds))
         )
-        with self._begin() as conn:
+        with self._write() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def release_lease(self, job_id: int, owner: str) -> None:
@@ -124,5 +124,5 @@ class JobsMixin(StoreBase):
             .where(jobs.c.id == job_id, jobs.c.lease_owner == owner)
             .values(lease_owner=None, lease_until=None)
         )
-        with self._begin() as conn:
+        with self._write() as conn:
             conn.execute(stmt)

@@ -93,7 +93,7 @@ class LedgerMixin(StoreBase):
         now = self.clock()
         source = iter(rows)
         changed = unchanged = 0
-        with self._begin() as conn:
+        with self._write() as conn:
             shared = {"p_job": job_id, "p_now": now}
             while chunk := list(itertools.islice(source, _CHUNK)):
                 requeue = [(row,) for row, differs in chunk if differs]

@@ -15,6 +15,7 @@ from batchpipe.db.batches import BatchesMixin
 from batchpipe.db.connect import (
     create_engine,
     describe_error,
+    locked,
     mask_url,
     sqlite_path,
     unavailable,
@@ -23,7 +24,7 @@ from batchpipe.db.items import ItemsMixin
 from batchpipe.db.jobs import JobsMixin
 from batchpipe.db.ledger import LedgerMixin
 from batchpipe.db.migrate import head_revision, revision_of, upgrade
-from batchpipe.errors import StoreError, StoreUnreachable, UsageError
+from batchpipe.errors import StoreBusy, StoreError, StoreUnreachable, UsageError
 
 # How long Store.open keeps retrying a SQLite file that is locked in a way SQLite does not
 # wait out itself (see _inspect), and the pause between tries.
@@ -58,6 +59,11 @@ class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
                 raise StoreUnreachable(
                     f"cannot reach database {mask_url(url)}: {describe_error(exc, url)}; "
                     "try again when the server is up (exit 75)"
+                ) from None
+            if locked(exc):
+                raise StoreBusy(
+                    f"cannot open database {mask_url(url)}: another worker kept it locked "
+                    f"({describe_error(exc, url)}); try again later (exit 75)"
                 ) from None
             raise StoreError(
                 f"cannot open database {mask_url(url)}: {describe_error(exc, url)}"

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from batchpipe.db import BatchRow, JobRow
-from batchpipe.errors import APIError, NeedsAttention, TransientAPIError
+from batchpipe.errors import APIError, BatchNotFound, NeedsAttention, TransientAPIError
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import (
@@ -66,7 +66,10 @@ def poll(ctx: Context, job: JobRow) -> int:
     ended = 0
     for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING}):
         assert batch.api_batch_id is not None
-        info = ctx.client.retrieve(batch.api_batch_id)
+        try:
+            info = ctx.client.retrieve(batch.api_batch_id)
+        except BatchNotFound as exc:
+            raise lost_batch(ctx, job, batch, exc) from None
         counts = asdict(info.request_counts)
         logger = bind(job, log, batch_id=batch.id, api_batch_id=info.id)
         if info.processing_status == "ended":
@@ -102,8 +105,34 @@ def collect(ctx: Context, job: JobRow) -> int:
     user_canceled = job.status in {JobStatus.CANCELING, JobStatus.CANCELED}
     total = 0
     for batch in ctx.store.list_batches(job.id, {BatchStatus.ENDED}):
-        total += _collect_batch(ctx, job, batch, spec, user_canceled)
+        try:
+            total += _collect_batch(ctx, job, batch, spec, user_canceled)
+        except BatchNotFound as exc:
+            raise lost_batch(ctx, job, batch, exc) from None
     return total
+
+
+def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -> NeedsAttention:
+    """The API answers 404 for one of the job's batches: stop the job as needs_attention.
+
+    Waiting will not bring the batch back, and guessing is costly either way: sending its
+    rows again pays twice if the key was only wrong, waiting forever never finishes. The
+    message names the batch, the two likely causes and the command for each.
+    """
+    message = (
+        f"job {job.id} ({job.name}): batch {batch.api_batch_id} (batch {batch.id}, "
+        f"{batch.request_count} requests) is not found at the API (404): it was deleted (in "
+        "the Console, say), or ANTHROPIC_API_KEY belongs to another workspace or organization "
+        "than the key that created it. If the key is wrong, set the right one and run "
+        f"`batchpipe resume {job.name}`; if the batch is gone, `batchpipe resume {job.name} "
+        "--resend` sends its rows again"
+    )
+    ctx.store.update_batch(batch.id, error=str(exc))
+    ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
+    bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id).error(
+        "batch.not_found", request_id=exc.request_id
+    )
+    return NeedsAttention(message)
 
 
 def _collect_batch(

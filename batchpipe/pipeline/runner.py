@@ -6,9 +6,10 @@ from collections.abc import Collection
 from typing import Any
 
 from batchpipe.dataset import Dataset, check_writable
-from batchpipe.db import JobRow
+from batchpipe.db import BatchRow, JobRow
 from batchpipe.errors import (
     APIError,
+    BatchNotFound,
     BatchpipeError,
     InputError,
     NeedsAttention,
@@ -71,14 +72,20 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
                 job.id, expected_status=JobStatus.FAILED, status=JobStatus.RUNNING, error=None
             )
             bind(job, log).info("job.resumed_after_failure")
-        try:
-            job = ingest(ctx, _reload(ctx, job))
-        except (InputError, UsageError) as exc:
-            # Failed, not left running with no rows: nothing would ever advance it.
-            ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
-            raise
-        check_estimate(ctx, job, job_spec(job))
-        return job
+        return _validate(ctx, _reload(ctx, job))
+
+
+def _validate(ctx: Context, job: JobRow) -> JobRow:
+    """Ingest the job (validate its rows, store them) and check its budget; the caller holds
+    the lease. An input or settings it refuses fail the job, not leave it running with no
+    rows: nothing would ever advance it."""
+    try:
+        job = ingest(ctx, job)
+    except (InputError, UsageError) as exc:
+        ctx.store.update_job(job.id, status=JobStatus.FAILED, error=str(exc))
+        raise
+    check_estimate(ctx, job, job_spec(job))
+    return job
 
 
 def _check_output(spec: JobSpec) -> None:
@@ -118,10 +125,18 @@ def step(ctx: Context, job: JobRow) -> JobRow:
     The caller holds the job's lease.
     """
     job = _reload(ctx, job)
-    if not job.status.is_active() or not job.ingested:
-        # No rows yet: the process validating them died. Only the job's command (prepare)
-        # ingests; with nothing recorded there is nothing to advance, and nothing is done.
+    if not job.status.is_active():
         return job
+    if not job.ingested and job.status == JobStatus.RUNNING:
+        # Its rows were never validated: the command that started it failed or died first
+        # (a killed submit, a locked database), or `resume` put back a job whose input had
+        # been refused. Cron's tick validates it now, as that command would have: from the
+        # stored settings and input, checked as at the start (a refused input fails the
+        # job, exit 1, with the reason), rather than report it running with 0 rows forever.
+        _check_output(job_spec(job))
+        job = _validate(ctx, job)
+        if job.status != JobStatus.RUNNING:
+            return job  # an empty input: done at once
     recover_planned(ctx, job)
     poll(ctx, job)
     collect(ctx, job)
@@ -324,10 +339,11 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
             raise UsageError(_nothing_to_resume(job))
         _check_output(job_spec(job))
         planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
-        if (adopt or resend) and len(planned) != 1:
+        lost = _lost_batches(ctx, job) if resend and not planned else []
+        if (adopt or resend) and len(planned) != 1 and not lost:
             raise UsageError(
-                f"job {job.id} has {len(planned)} planned batches; "
-                "--adopt and --resend need exactly one"
+                f"job {job.id} has {len(planned)} planned batches and none the API has lost; "
+                "--adopt needs exactly one planned batch, --resend one or a lost batch"
             )
         if adopt:
             if adopt in ctx.store.known_api_batch_ids():
@@ -340,7 +356,42 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
         ctx.store.update_job(
             job.id, expected_status=job.status, status=JobStatus.RUNNING, error=None
         )
-        if resend:
+        if lost:
+            _requeue_lost(ctx, lost)
+        elif resend:
             resend_planned(ctx, _reload(ctx, job), planned[0])
         bind(job, log).warning("job.resumed", adopted=adopt, resent=resend)
         return _reload(ctx, job)
+
+
+def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:
+    """The job's sent batches the API answers 404 for now (see ``collect.lost_batch``).
+
+    Asked again rather than taken from the job's error: a batch found again (the right key
+    is back) must not be sent twice.
+    """
+    lost = []
+    sent = {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING, BatchStatus.ENDED}
+    for batch in ctx.store.list_batches(job.id, sent):
+        assert batch.api_batch_id is not None
+        try:
+            ctx.client.retrieve(batch.api_batch_id)
+        except BatchNotFound:
+            lost.append(batch)
+    return lost
+
+
+def _requeue_lost(ctx: Context, lost: list[BatchRow]) -> None:
+    """Lost batches' rows go back to pending (the next step sends them); the batches settle."""
+    for batch in lost:
+        # Rows first: a crash between the two leaves a batch the next step finds lost again,
+        # never rows stuck in a settled batch.
+        rows = ctx.store.requeue_batch_leftovers(batch.id)
+        ctx.store.update_batch(
+            batch.id,
+            expected_status=batch.status,
+            status=BatchStatus.COLLECTED,
+            collected_at=ctx.clock(),
+            error=f"not found at the API; its {rows} unanswered rows were sent again",
+        )
+        log.warning("batch.resent_lost", batch_id=batch.id, api_batch_id=batch.api_batch_id)

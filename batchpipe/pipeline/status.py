@@ -30,7 +30,7 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
             f"error for how), then {then}"
         )
     if not job.ingested and job.status == JobStatus.RUNNING:
-        return "run the job's command again: its rows were not validated yet"
+        return "validate and submit its rows (the next `tick` does, or the job's command)"
     if job.status in {JobStatus.DONE, JobStatus.CANCELED}:
         failed = sum(counts.get(s, 0) for s in (ItemStatus.ERRORED, ItemStatus.EXPIRED))
         output = job.spec.get("output")

@@ -16,6 +16,7 @@ from batchpipe.errors import (
     JobLocked,
     NeedsAttention,
     RowsFailed,
+    StoreBusy,
     StoreUnreachable,
     TransientAPIError,
 )
@@ -88,7 +89,7 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
                 problem = failed_rows_problem(job, ctx.store.count_items(job.id))
                 if problem is not None:
                     report.failed.append((job, problem, RowsFailed.exit_code))
-        except (TransientAPIError, StoreUnreachable) as exc:
+        except (TransientAPIError, StoreUnreachable, StoreBusy) as exc:
             report.unavailable.append((job, str(exc)))
         except BatchpipeError as exc:
             if isinstance(exc, JobLocked):
