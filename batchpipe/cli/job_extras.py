@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
+from batchpipe import pipeline
 from batchpipe.errors import UsageError
+from batchpipe.models import JobSpec
 from batchpipe.structured import check_schema, labels_schema
 
 
@@ -83,3 +85,27 @@ def output_schema_from(labels: str | None, schema_file: Path | None) -> dict[str
         raise UsageError(f"--output-schema {schema_file} must hold a JSON object")
     check_schema(schema)
     return schema
+
+
+def job_name_for(ctx: pipeline.Context, name: str | None, spec: JobSpec) -> str:
+    """The job's name: the one given, or the default, unless that would redo another job.
+
+    A default name hashes the settings, so changing the prompt and running the same command
+    would start a new job that pays for every row again. When another job already wrote
+    this output from this input, stop and say how to re-run only what changed.
+    """
+    if name is not None:
+        return name
+    name = pipeline.default_job_name(spec)
+    earlier = pipeline.earlier_job(ctx, name, spec)
+    if earlier is not None:
+        job, fields = earlier
+        differ = f"different {', '.join(fields)}" if fields else "other settings"
+        raise UsageError(
+            f"job {job.id} ({job.name}) already ran this input into {spec.output}, with "
+            f"{differ}; without --job this command would start a new job that sends "
+            f"(and pays for) every row again and overwrites that output. To send only the "
+            f"rows whose request changed, add --job {job.name} (with --dry-run to count "
+            "them first); to keep both, give this job its own -o or --job NAME"
+        )
+    return name

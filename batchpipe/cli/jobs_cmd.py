@@ -13,7 +13,12 @@ import click
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
 from batchpipe.cli.dbcheck import require_database
-from batchpipe.cli.job_extras import confirm_options, output_schema_from, structured_options
+from batchpipe.cli.job_extras import (
+    confirm_options,
+    job_name_for,
+    output_schema_from,
+    structured_options,
+)
 from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
 from batchpipe.config import build_job_spec, job_file_settings
 from batchpipe.db import JobRow
@@ -169,7 +174,7 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate})
     with pipeline_context(state, emulate=emulate) as ctx:
-        name = name or pipeline.default_job_name(spec)
+        name = job_name_for(ctx, name, spec)
         if dry_run:
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
@@ -200,7 +205,7 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate})
     with pipeline_context(state, emulate=emulate) as ctx:
-        name = name or pipeline.default_job_name(spec)
+        name = job_name_for(ctx, name, spec)
         if dry_run:
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
