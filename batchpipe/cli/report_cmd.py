@@ -60,9 +60,12 @@ def render_text(report: pipeline.Report) -> str:
     out.append("\nattempts per row: " + ", ".join(f"{a}: {n}" for a, n in r.attempts.items()))
     out.append(f"truncated at max_tokens: {r.truncated}")
     per_k = f"${r.cost_per_1000_rows:.4f}" if r.cost_per_1000_rows is not None else "-"
-    out.append(
-        f"cost ${r.cost_usd:.4f} (batch prices, table {r.price_table}); per 1,000 rows {per_k}"
-    )
+    if r.cost_usd is None:
+        out.append(f"cost unknown: {r.cost_unknown}")
+    else:
+        out.append(
+            f"cost ${r.cost_usd:.4f} (batch prices, table {r.price_table}); per 1,000 rows {per_k}"
+        )
     out.append(f"\nsample of {len(r.sample)} row(s):")
     for row in r.sample:
         what = _shown(row["label"] or row["answer"] or row["error"] or "")
@@ -125,7 +128,7 @@ def render_html(report: pipeline.Report) -> str:
     cards = [
         ("rows", f"{r.rows:,}"),
         ("status", r.status),
-        ("cost", f"${r.cost_usd:.4f}"),
+        ("cost", "unknown" if r.cost_usd is None else f"${r.cost_usd:.4f}"),
         ("per 1,000 rows", per_k),
         ("truncated", str(r.truncated)),
     ]
@@ -154,6 +157,10 @@ def render_html(report: pipeline.Report) -> str:
         f"cache write {u.get('cache_creation_input_tokens', 0):,}, "
         f"cache read {u.get('cache_read_input_tokens', 0):,}"
     )
+    total = (
+        f"${r.cost_usd:.4f} in total" if r.cost_usd is not None else f"unknown: {r.cost_unknown}"
+    )
+    total = e(total)
     no_labels = _too_many(r) if r.too_many_labels else "No labels (the job has no output schema)."
     status_chart = _bars(
         [(f"{s}{' / ' + err if err else ''}", n) for s, err, n in r.statuses], "rows by status"
@@ -173,7 +180,7 @@ def render_html(report: pipeline.Report) -> str:
 <h2>Attempts per row</h2>
 <table><tr><th>attempts</th><th>rows</th></tr>{attempt_rows}</table>
 <h2>Cost</h2>
-<p>${r.cost_usd:.4f} in total, {per_k} per 1,000 rows; tokens: {tokens}.</p>
+<p>{total}, {per_k} per 1,000 rows; tokens: {tokens}.</p>
 <h2>Sample for review ({len(r.sample)} random rows)</h2>
 <table><tr><th>row</th><th>key</th><th>status</th><th>label</th><th>input</th>
 <th>answer / error</th></tr>
