@@ -10,6 +10,9 @@ from typing import Any
 import click
 
 from batchpipe import pipeline
+from batchpipe.cli.app import State
+from batchpipe.cli.wiring import pipeline_context, settings_for
+from batchpipe.db import sqlite_path
 from batchpipe.errors import UsageError
 from batchpipe.models import JobSpec
 from batchpipe.structured import check_schema, labels_schema
@@ -109,3 +112,37 @@ def job_name_for(ctx: pipeline.Context, name: str | None, spec: JobSpec) -> str:
             "them first); to keep both, give this job its own -o or --job NAME"
         )
     return name
+
+
+def stored_settings(state: State, name: str) -> dict[str, Any] | None:
+    """The settings job ``name`` was started with, or None when there is no such job.
+
+    A state database that does not exist yet is not created to look (see dbcheck).
+    """
+    path = sqlite_path(settings_for(state).database_url)
+    if path is not None and not path.exists():
+        return None
+    with pipeline_context(state) as ctx:
+        job = ctx.store.get_job(name)
+    return None if job is None else dict(job.spec)
+
+
+def parse_params(values: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--param KEY=JSON`` values as a dict (a bare word is a string); None for none."""
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r}: expected KEY=VALUE (VALUE as JSON, e.g. top_k=5)")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            if raw.lstrip()[:1] in {"[", "{", '"'}:
+                # Meant as JSON and broken: sent as a string, every request would come back
+                # errored, and only after the batch's wait.
+                raise UsageError(
+                    f"--param {key}: {raw!r} is not valid JSON ({exc.msg} at character "
+                    f"{exc.pos + 1}); quote it for the shell, e.g. --param '{key}=[\"a\"]'"
+                ) from None
+            params[key] = raw  # a bare word is a string: --param service_tier=auto
+    return params or None
