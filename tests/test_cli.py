@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import time
 from pathlib import Path
 
 import orjson
@@ -840,8 +841,11 @@ def test_run_with_only_the_job_name_continues_a_known_job(
     assert retried.exit_code == 0, retried.output
     assert "`batchpipe run --job j` sends them and waits for the answers" in retried.stderr
     emulator.configure(processing_seconds=0)
+    started = time.monotonic()
     ran = invoke(tmp_path, "run", "--job", "j", "--poll-interval", "0.05", env=env)
     assert ran.exit_code == 0, ran.output
+    # This run's --poll-interval, not the job's (unset: a first wait of 30 s).
+    assert time.monotonic() - started < 15
     assert "finished job 1 (j): done, 4 rows\n  rows: 4 succeeded\n" in ran.stderr
     assert pq.read_table(out).column("result_status").to_pylist() == ["succeeded"] * 4
     # No such job: the message names what is missing (INPUT is an argument, not a flag).

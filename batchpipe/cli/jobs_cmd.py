@@ -174,7 +174,8 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        job = pipeline.run(ctx, job)
+        # The interval asked for now, not the one stored when the job began.
+        job = pipeline.run(ctx, job, poll_interval=spec.poll_interval)
         # Only the counts: job_summary would also sum tokens and cost, another walk over
         # every row of the job (0.2 s at a million).
         by_status = ctx.store.count_items(job.id)

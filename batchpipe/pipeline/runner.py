@@ -207,13 +207,15 @@ def _show_waiting(ctx: Context, job: JobRow) -> None:
     ctx.progress.finish()
 
 
-def run(ctx: Context, job: JobRow) -> JobRow:
+def run(ctx: Context, job: JobRow, *, poll_interval: float | None = None) -> JobRow:
     """Work on a job until it is finished, sleeping between polls. Holds the lease throughout.
 
-    Transient API trouble never ends the run: it waits and tries again.
+    Transient API trouble never ends the run: it waits and tries again. ``poll_interval``
+    is this run's (a setting of the process, not of the job's requests); without it, the
+    one the job was started with.
     """
     spec = job_spec(job)
-    backoff = Backoff(spec.poll_interval)
+    backoff = Backoff(poll_interval if poll_interval is not None else spec.poll_interval)
     with ctx.lease(job):
         # Progress only matters to the adaptive backoff; a fixed interval skips the counts
         # (a walk over the job's rows each, twice per poll).
