@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from batchpipe.errors import UsageError
+from batchpipe.errors import MissingSettings, UsageError
 from batchpipe.models import JobSpec
 
 ENV_PREFIX = "BATCHPIPE_"
@@ -123,8 +123,11 @@ def build_job_spec(
             merged[key] = os.path.abspath(value)
     missing = [k for k in ("input", "prompt", "model", "max_tokens") if k not in merged]
     if missing:
-        flags_needed = ", ".join("--" + k.replace("_", "-") for k in missing)
-        raise UsageError(
+        # The input is the commands' INPUT argument, not a flag (`input` in a job file).
+        flags_needed = ", ".join(
+            "INPUT" if k == "input" else "--" + k.replace("_", "-") for k in missing
+        )
+        raise MissingSettings(
             f"missing {flags_needed} (give them as flags, in --config or as BATCHPIPE_* variables)"
         )
     try:

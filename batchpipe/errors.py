@@ -5,6 +5,7 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
 
     BatchpipeError                 1  terminal failure
     ├── UsageError                 2  bad flags, config file or environment; fix and re-run
+    │   ├── MissingSettings        2  a job's required settings (prompt, model …) not given
     │   └── OutputNotWritable      2  the output path cannot be written; choose another
     ├── InputError                 1  the dataset itself is bad (names file, line/row, column)
     │   ├── PreflightFailed        1  rows failed validation; nothing was submitted
@@ -48,6 +49,10 @@ class UsageError(BatchpipeError):
     """Bad command line, job file or environment."""
 
     exit_code = EXIT_USAGE
+
+
+class MissingSettings(UsageError):
+    """A job's required settings (input, prompt, model, max_tokens) were not given."""
 
 
 class OutputNotWritable(UsageError):

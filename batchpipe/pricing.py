@@ -14,6 +14,7 @@ No I/O here; the pipeline and the CLI use it to estimate, cap and report spend.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from dataclasses import dataclass
@@ -62,6 +63,16 @@ def price_for(model: str | None) -> ModelPrice | None:
         return None
     best = max((p for p in PRICES if model.startswith(p)), key=len, default=None)
     return PRICES[best] if best is not None else None
+
+
+def unpriced(model: str | None) -> str | None:
+    """Why ``model``'s cost is unknown, for messages (with the priced id it is closest to,
+    as a typo like ``claude-haiku-4.5`` is likely); None when the table prices it."""
+    if price_for(model) is not None:
+        return None
+    close = difflib.get_close_matches(model or "", PRICES, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"model {model!r} is not in the price table {PRICE_TABLE_VERSION}{hint}"
 
 
 def cost_usd(

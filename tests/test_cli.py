@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import time
 from pathlib import Path
 
 import orjson
@@ -825,6 +826,41 @@ def test_resume_of_a_canceled_job_points_at_retry_status_canceled(
     retried = invoke(tmp_path, "retry", "stopme", "--status", "canceled", env=env)
     assert retried.exit_code == 0, retried.output
     assert "job 1 (stopme): 4 row(s) queued again" in retried.stderr
+
+
+def test_run_with_only_the_job_name_continues_a_known_job(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """`--job NAME: the same name resumes the job`: after a retry the analyst runs
+    `run --job NAME`, without the settings, which the job already holds."""
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    emulator.configure(processing_seconds=3600, cancel_seconds=0.1)
+    src = write_jsonl(tmp_path / "in.jsonl", rows(4))
+    out = tmp_path / "o.parquet"
+    args = [a for a in run_args(src, out) if a != "--emulate"]
+    assert invoke(tmp_path, "submit", *args[1:], "--job", "j", env=env).exit_code == 0
+    assert invoke(tmp_path, "cancel", "j", env=env).exit_code == 0
+    emulator.advance(1)
+    assert invoke(tmp_path, "tick", "--job", "j", env=env).exit_code == 0
+    retried = invoke(tmp_path, "retry", "j", "--status", "canceled", env=env)
+    assert retried.exit_code == 0, retried.output
+    assert "`batchpipe run --job j` sends them and waits for the answers" in retried.stderr
+    emulator.configure(processing_seconds=0)
+    started = time.monotonic()
+    ran = invoke(tmp_path, "run", "--job", "j", "--poll-interval", "0.05", env=env)
+    assert ran.exit_code == 0, ran.output
+    # This run's --poll-interval, not the job's (unset: a first wait of 30 s).
+    assert time.monotonic() - started < 15
+    assert "finished job 1 (j): done, 4 rows\n  rows: 4 succeeded\n" in ran.stderr
+    assert pq.read_table(out).column("result_status").to_pylist() == ["succeeded"] * 4
+    # No such job: the message names what is missing (INPUT is an argument, not a flag).
+    unknown = invoke(tmp_path, "run", "--job", "nosuch", env=env)
+    assert unknown.exit_code == 2
+    assert unknown.stderr == (
+        "error: missing INPUT, --prompt, --model, --max-tokens (give them as flags, in "
+        "--config or as BATCHPIPE_* variables); there is no job 'nosuch' to continue "
+        "(`batchpipe jobs` lists them)\n"
+    )
 
 
 def test_requests_over_a_models_limits_fail_at_once_and_are_never_resent(

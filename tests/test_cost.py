@@ -208,3 +208,36 @@ def test_rerun_submits_only_the_changed_rows(harness: Harness, tmp_path: Path) -
         assert pipeline.check_rerun(ctx, "job", changed) is None
     finally:
         ctx.close()
+
+
+def test_a_model_without_a_price_shows_cost_unknown_not_zero(tmp_path: Path) -> None:
+    """A model the price table lacks used tokens that cost money, just not a known amount:
+    status and report say so rather than "$0.0000", and estimate names the priced id a
+    mistyped model is closest to."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 5)
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    args = [str(src), "--prompt", "Summarise: {{ body }}", "--max-tokens", "8"]
+    ran = CliRunner().invoke(
+        cli, [*root, "run", *args, "--model", "claude-mythos-preview", "--job", "m", "--emulate"]
+    )
+    assert ran.exit_code == 0, ran.output
+    unknown = "cost unknown: model 'claude-mythos-preview' is not in the price table "
+    unknown += pricing.PRICE_TABLE_VERSION
+    status = CliRunner().invoke(cli, [*root, "status", "m"])
+    assert status.exit_code == 0, status.output
+    assert f"  {unknown}; truncated at max_tokens:" in status.stdout
+    assert "$0.0000" not in status.stdout
+    report = CliRunner().invoke(cli, [*root, "report", "m", "--sample", "0"])
+    assert report.exit_code == 0, report.output
+    assert f"\n{unknown}\n" in report.stdout
+    assert "$0.0000" not in report.stdout
+    typo = CliRunner().invoke(
+        cli, [*root, "estimate", *args, "--model", "claude-haiku-4.5", "--offline"]
+    )
+    assert typo.exit_code == 2, typo.output
+    assert typo.stderr.startswith(
+        "error: model 'claude-haiku-4.5' is not in the price table "
+        f"{pricing.PRICE_TABLE_VERSION} (did you mean claude-haiku-4-5?), so its cost "
+        "cannot be estimated; check --model (priced: claude-3-5-haiku, "
+    )

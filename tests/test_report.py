@@ -179,3 +179,30 @@ def test_html_into_a_new_folder_and_bad_values_are_clear(
     none = CliRunner().invoke(cli, [*root, "report", "reviews", "--sample", "0"])
     assert none.exit_code == 0, none.stderr
     assert "sample of 0 row(s):" in none.stdout
+
+
+def test_control_characters_in_rows_are_shown_escaped(tmp_path: Path) -> None:
+    """Support tickets carry raw carriage returns, NULs and escape sequences: the sample
+    shows them escaped, so a row cannot overwrite or clear the terminal, break the layout
+    or put a NUL into the HTML page."""
+    src = tmp_path / "tickets.jsonl"
+    bodies = ["Line1\nLine2\r\n\ttab", "\x00nul", "\x1b[2Jcleared", "plain 😀"]
+    src.write_text("".join(json.dumps({"body": b}) + "\n" for b in bodies), encoding="utf-8")
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    args = ["run", str(src), "--job", "t", "--prompt", "Classify: {{ body }}"]
+    args += ["--model", "claude-haiku-4-5", "--max-tokens", "12", "--emulate"]
+    assert CliRunner().invoke(cli, [*root, *args]).exit_code == 0
+    page = tmp_path / "t.html"
+    shown = CliRunner().invoke(cli, [*root, "report", "t", "--sample", "4", "--html", str(page)])
+    assert shown.exit_code == 0, shown.stderr
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", shown.stdout)
+    samples = [line for line in shown.stdout.splitlines() if "body=" in line]
+    assert sorted(line.split("body=", 1)[1] for line in samples) == [
+        r"Line1\nLine2\r\n\ttab",
+        r"\x00nul",
+        r"\x1b[2Jcleared",
+        "plain 😀",
+    ]
+    html_text = page.read_text(encoding="utf-8")
+    assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", html_text)
+    assert r"\x00nul" in html_text

@@ -8,6 +8,8 @@ from typing import Any
 
 import jinja2
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -167,11 +169,57 @@ def test_a_null_nested_field_is_a_row_problem_not_the_text_none() -> None:
     problem = renderer.render({"meta": {"lang": None}}, 5)
     assert isinstance(problem, RowProblem)
     assert problem.message.startswith("template prints a null value")
-    assert "{{ field or '' }}" in problem.message
+    assert "meta.lang is null in this row" in problem.message
+    assert "{{ meta.lang or '' }}" in problem.message
     allowed = RequestRenderer(make_spec(prompt="Language: {{ meta.lang or 'unknown' }}"))
     params = allowed.render({"meta": {"lang": None}}, 5)
     assert isinstance(params, dict)
     assert params["messages"][0]["content"] == "Language: unknown"
+
+
+def test_a_mistyped_or_null_nested_field_is_named_with_the_fields_there(tmp_path: Path) -> None:
+    """A typo in a nested field fails every row: the message names the lookup as the
+    template wrote it and the fields the object has, not jinja2's "'dict object' has no
+    attribute"; a null nested field is named too."""
+    src = tmp_path / "tickets.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"body": "late", "meta": {"lang": "en", "prio": 1}},
+                {"body": "broken", "meta": {"lang": None, "prio": 2}},
+            ]
+        ),
+        src,
+    )
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    common = ["--model", "claude-haiku-4-5", "--max-tokens", "8", "--emulate"]
+    typo = CliRunner().invoke(
+        cli,
+        ["--db", db, "run", str(src), "--prompt", "{{ meta.langg }}: {{ body }}", *common],
+    )
+    assert typo.exit_code == 1, typo.output
+    assert "has no attribute" not in typo.stderr
+    assert (
+        "\n  row 1: template: meta.langg is missing (meta has: lang, prio); "
+        "fix the template or the data\n"
+    ) in typo.stderr
+    null = CliRunner().invoke(
+        cli,
+        ["--db", db, "run", str(src), "--prompt", "[{{ meta.lang }}] {{ body }}", *common],
+    )
+    assert null.exit_code == 1, null.output
+    assert (
+        "\n  row 2: template prints a null value: meta.lang is null in this row; "
+        "write {{ meta.lang or '' }} where an empty value is fine\n"
+    ) in null.stderr
+    # Through a filter, arithmetic or row["…"], the lookup at fault is named all the same.
+    renderer = RequestRenderer(make_spec(prompt='{{ meta.n + 1 }} {{ row["a b"].c }}'))
+    problem = renderer.render({"meta": {"m": 1}, "a b": {}}, 0)
+    assert isinstance(problem, RowProblem)
+    assert problem.message.startswith("template: meta.n is missing (meta has: m)")
+    problem = RequestRenderer(make_spec(prompt='{{ row["a b"].c }}')).render({"a b": {}}, 0)
+    assert isinstance(problem, RowProblem)
+    assert problem.message.startswith('template: row["a b"].c is missing (row["a b"] has: no')
 
 
 def test_row_reaches_columns_whose_names_are_not_identifiers() -> None:

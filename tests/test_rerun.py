@@ -19,9 +19,11 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from test_pipeline import Harness, spec_for
 
 from batchpipe import pipeline
+from batchpipe.cli import cli
 from batchpipe.db import JobRow
 from batchpipe.errors import UsageError
 from batchpipe.models import ItemStatus, JobSpec, JobStatus
@@ -230,3 +232,44 @@ def test_retry_refuses_a_max_tokens_the_job_could_not_be_read_with(
         assert pipeline.retry(ctx, after, statuses={ItemStatus.ERRORED}, max_tokens=64) == 5
     finally:
         ctx.close()
+
+
+def test_a_changed_prompt_without_job_does_not_start_a_second_paid_job(tmp_path: Path) -> None:
+    """The default job name hashes the settings: the same command with a new prompt would
+    start a new job that sends every row again and overwrites the first job's output.
+    It stops instead, naming the job and the --job that re-runs only what changed."""
+    src = tmp_path / "tickets.jsonl"
+    write_notes(src, 20)
+    out = tmp_path / "labels.parquet"
+    db = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    common = [str(src), "--model", "claude-haiku-4-5", "--max-tokens", "8", "--emulate"]
+    common += ["-o", str(out)]
+    runner = CliRunner()
+    # A run refused at validation (a typo) sent nothing: fixing it is not held against it.
+    typo = runner.invoke(cli, [*db, "run", *common, "--prompt", "Label: {{ bdy }}"])
+    assert typo.exit_code == 1, typo.output
+    first = runner.invoke(cli, [*db, "run", *common, "--prompt", "Label: {{ body }}"])
+    assert first.exit_code == 0, first.output
+    name = first.stderr.split("finished job 2 (", 1)[1].split(")", 1)[0]
+    written = out.read_bytes()
+    for extra in ([], ["--dry-run"]):
+        again = runner.invoke(cli, [*db, "run", *common, "--prompt", "Tag: {{ body }}", *extra])
+        assert again.exit_code == 2, again.output
+        assert again.stderr == (
+            f"error: job 2 ({name}) already ran this input into {out}, with different "
+            "prompt; without --job this command would start a new job that sends (and pays "
+            "for) every row again and overwrites that output. To send only the rows whose "
+            f"request changed, add --job {name} (with --dry-run to count them first); to "
+            "keep both, give this job its own -o or --job NAME\n"
+        )
+    listed = orjson.loads(runner.invoke(cli, [*db, "jobs", "--json"]).stdout)["jobs"]
+    assert [j["name"] for j in listed if j["status"] != "failed"] == [name]
+    assert out.read_bytes() == written
+    # What the message says works: --job re-runs the changed rows into the same job.
+    rerun = runner.invoke(
+        cli, [*db, "run", *common, "--prompt", "Tag: {{ body }}", "--job", name, "--yes"]
+    )
+    assert rerun.exit_code == 0, rerun.output
+    # Another output is another job, as before.
+    other = [*common[:-1], str(tmp_path / "tags.parquet")]
+    assert runner.invoke(cli, [*db, "run", *other, "--prompt", "Tag: {{ body }}"]).exit_code == 0

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from batchpipe import db, pipeline
+from batchpipe import db, pipeline, pricing
 from batchpipe.cli.app import State, cli, handle_errors
 from batchpipe.cli.dbcheck import require_database
 from batchpipe.cli.wiring import pipeline_context, settings_for
@@ -38,6 +38,18 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "-"
 
 
+def _cost_text(s: dict[str, Any]) -> str:
+    # A model the price table lacks costs something, just not a known amount: $0.0000
+    # would read as free (its rows' cost_usd are null for the same reason).
+    unknown = pricing.unpriced(s["model"])
+    if unknown is not None:
+        return f"cost unknown: {unknown}"
+    return (
+        f"cost ${s.get('cost_usd', 0):.4f} (every attempt, batch prices, table "
+        f"{s.get('price_table')})"
+    )
+
+
 def _render_job(summary: dict[str, Any]) -> str:
     usage = summary["usage"]
     s = summary
@@ -50,9 +62,7 @@ def _render_job(summary: dict[str, Any]) -> str:
         f"out {usage.get('output_tokens', 0)}, "
         f"cache write {usage.get('cache_creation_input_tokens', 0)}, "
         f"cache read {usage.get('cache_read_input_tokens', 0)}",
-        f"  cost ${s.get('cost_usd', 0):.4f} (every attempt, batch prices, table "
-        f"{s.get('price_table')}); "
-        f"truncated at max_tokens: {s.get('truncated', 0)}",
+        f"  {_cost_text(s)}; truncated at max_tokens: {s.get('truncated', 0)}",
         f"  next: {summary['next_action']}",
     ]
     if summary["error"]:

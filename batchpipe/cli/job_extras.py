@@ -9,7 +9,12 @@ from typing import Any
 
 import click
 
+from batchpipe import pipeline
+from batchpipe.cli.app import State
+from batchpipe.cli.wiring import pipeline_context, settings_for
+from batchpipe.db import sqlite_path
 from batchpipe.errors import UsageError
+from batchpipe.models import JobSpec
 from batchpipe.structured import check_schema, labels_schema
 
 
@@ -83,3 +88,61 @@ def output_schema_from(labels: str | None, schema_file: Path | None) -> dict[str
         raise UsageError(f"--output-schema {schema_file} must hold a JSON object")
     check_schema(schema)
     return schema
+
+
+def job_name_for(ctx: pipeline.Context, name: str | None, spec: JobSpec) -> str:
+    """The job's name: the one given, or the default, unless that would redo another job.
+
+    A default name hashes the settings, so changing the prompt and running the same command
+    would start a new job that pays for every row again. When another job already wrote
+    this output from this input, stop and say how to re-run only what changed.
+    """
+    if name is not None:
+        return name
+    name = pipeline.default_job_name(spec)
+    earlier = pipeline.earlier_job(ctx, name, spec)
+    if earlier is not None:
+        job, fields = earlier
+        differ = f"different {', '.join(fields)}" if fields else "other settings"
+        raise UsageError(
+            f"job {job.id} ({job.name}) already ran this input into {spec.output}, with "
+            f"{differ}; without --job this command would start a new job that sends "
+            f"(and pays for) every row again and overwrites that output. To send only the "
+            f"rows whose request changed, add --job {job.name} (with --dry-run to count "
+            "them first); to keep both, give this job its own -o or --job NAME"
+        )
+    return name
+
+
+def stored_settings(state: State, name: str) -> dict[str, Any] | None:
+    """The settings job ``name`` was started with, or None when there is no such job.
+
+    A state database that does not exist yet is not created to look (see dbcheck).
+    """
+    path = sqlite_path(settings_for(state).database_url)
+    if path is not None and not path.exists():
+        return None
+    with pipeline_context(state) as ctx:
+        job = ctx.store.get_job(name)
+    return None if job is None else dict(job.spec)
+
+
+def parse_params(values: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--param KEY=JSON`` values as a dict (a bare word is a string); None for none."""
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r}: expected KEY=VALUE (VALUE as JSON, e.g. top_k=5)")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            if raw.lstrip()[:1] in {"[", "{", '"'}:
+                # Meant as JSON and broken: sent as a string, every request would come back
+                # errored, and only after the batch's wait.
+                raise UsageError(
+                    f"--param {key}: {raw!r} is not valid JSON ({exc.msg} at character "
+                    f"{exc.pos + 1}); quote it for the shell, e.g. --param '{key}=[\"a\"]'"
+                ) from None
+            params[key] = raw  # a bare word is a string: --param service_tier=auto
+    return params or None

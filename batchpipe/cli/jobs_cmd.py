@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,32 +12,19 @@ import click
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
 from batchpipe.cli.dbcheck import require_database
-from batchpipe.cli.job_extras import confirm_options, output_schema_from, structured_options
+from batchpipe.cli.job_extras import (
+    confirm_options,
+    job_name_for,
+    output_schema_from,
+    parse_params,
+    stored_settings,
+    structured_options,
+)
 from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
 from batchpipe.config import build_job_spec, job_file_settings
 from batchpipe.db import JobRow
-from batchpipe.errors import EXIT_TEMPFAIL, UsageError
+from batchpipe.errors import EXIT_TEMPFAIL, MissingSettings, UsageError
 from batchpipe.models import ItemStatus, JobSpec
-
-
-def _parse_param(values: tuple[str, ...]) -> dict[str, Any] | None:
-    params: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--param {item!r}: expected KEY=VALUE (VALUE as JSON, e.g. top_k=5)")
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            if raw.lstrip()[:1] in {"[", "{", '"'}:
-                # Meant as JSON and broken: sent as a string, every request would come back
-                # errored, and only after the batch's wait.
-                raise UsageError(
-                    f"--param {key}: {raw!r} is not valid JSON ({exc.msg} at character "
-                    f"{exc.pos + 1}); quote it for the shell, e.g. --param '{key}=[\"a\"]'"
-                ) from None
-            params[key] = raw  # a bare word is a string: --param service_tier=auto
-    return params or None
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,7 +41,8 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--job",
             "job_name",
             metavar="NAME",
-            help="Job name; the same name resumes the job. Default: input stem + settings hash.",
+            help="Job name; the same name resumes the job (`run --job NAME` alone continues "
+            "a known job with its settings). Default: input stem + settings hash.",
         ),
         click.option("--prompt", help="User message template, e.g. 'Classify: {{ body }}'."),
         click.option("--system", help="System prompt (a template too)."),
@@ -117,17 +104,29 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _spec_from(kwargs: dict[str, Any]) -> tuple[str | None, JobSpec]:
+def _spec_from(kwargs: dict[str, Any], state: State | None = None) -> tuple[str | None, JobSpec]:
     kwargs["output_schema"] = output_schema_from(kwargs.pop("labels"), kwargs.pop("schema_file"))
     config_file: Path | None = kwargs.pop("config_file")
     job_name: str | None = kwargs.pop("job_name")
-    kwargs["params"] = _parse_param(kwargs.pop("params"))
+    kwargs["params"] = parse_params(kwargs.pop("params"))
     if kwargs.get("emulate") and kwargs.get("poll_interval") is None:
         kwargs["poll_interval"] = EMULATE_POLL_INTERVAL
     kwargs.pop("emulate")
     if config_file is not None and job_name is None:
         job_name = job_file_settings(config_file).get("name")
-    spec = build_job_spec(kwargs, config_file=config_file)
+    try:
+        spec = build_job_spec(kwargs, config_file=config_file)
+    except MissingSettings as exc:
+        # `run --job NAME` alone continues a known job: its settings are in the database.
+        stored = stored_settings(state, job_name) if state and job_name else None
+        if stored is None and state and job_name:
+            raise MissingSettings(
+                f"{exc}; there is no job {job_name!r} to continue (`batchpipe jobs` lists them)"
+            ) from None
+        if stored is None:
+            raise
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        spec = build_job_spec({**stored, **given}, config_file=config_file)
     return job_name, spec
 
 
@@ -167,15 +166,16 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     Blocking and resumable: after Ctrl-C, kill -9 or a reboot, the same command picks the job
     up where it stopped and pays for nothing twice.
     """
-    name, spec = _spec_from({**kwargs, "emulate": emulate})
+    name, spec = _spec_from({**kwargs, "emulate": emulate}, state)
     with pipeline_context(state, emulate=emulate) as ctx:
-        name = name or pipeline.default_job_name(spec)
+        name = job_name_for(ctx, name, spec)
         if dry_run:
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        job = pipeline.run(ctx, job)
+        # The interval asked for now, not the one stored when the job began.
+        job = pipeline.run(ctx, job, poll_interval=spec.poll_interval)
         # Only the counts: job_summary would also sum tokens and cost, another walk over
         # every row of the job (0.2 s at a million).
         by_status = ctx.store.count_items(job.id)
@@ -198,9 +198,9 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
 
     Prints the job's name on stdout, for scripts.
     """
-    name, spec = _spec_from({**kwargs, "emulate": emulate})
+    name, spec = _spec_from({**kwargs, "emulate": emulate}, state)
     with pipeline_context(state, emulate=emulate) as ctx:
-        name = name or pipeline.default_job_name(spec)
+        name = job_name_for(ctx, name, spec)
         if dry_run:
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
@@ -344,7 +344,7 @@ def retry(
     """Send a finished job's failed rows round again, with fresh attempts.
 
     For failures that a change fixed: credit topped up, a larger --max-tokens, an outage over.
-    Then `tick` or `run` the job as usual.
+    Then `run --job JOB` (its settings are kept) or `tick` the job as usual.
     """
     chosen = {ItemStatus(s) for s in (statuses or ("errored", "expired"))}
     require_database(state)
@@ -355,7 +355,8 @@ def retry(
         )
     if count:
         click.echo(
-            f"job {job.id} ({job.name}): {count} row(s) queued again; run `batchpipe tick`",
+            f"job {job.id} ({job.name}): {count} row(s) queued again; `batchpipe run --job "
+            f"{job.name}` sends them and waits for the answers (`batchpipe tick` for one step)",
             err=True,
         )
         return

@@ -21,6 +21,20 @@ from batchpipe.errors import OutputNotWritable, UsageError
 _BAR_COLOURS = ("#3b6ea5", "#d9822b", "#3f9142", "#b8434e", "#7b5ea7", "#8c6d46", "#5b8d99")
 
 
+# Control characters (C0, DEL, C1) as the escapes a reader knows. Input rows and answers
+# are untrusted text: a raw "\r" or "\x1b[2J" in a sampled ticket would overwrite or clear
+# the terminal, a NUL is invalid in HTML, and a newline would break the one-line layout.
+_CONTROL_ESCAPES = {
+    c: ("\\n" if c == 10 else "\\r" if c == 13 else "\\t" if c == 9 else f"\\x{c:02x}")
+    for c in [*range(0x20), *range(0x7F, 0xA0)]
+}
+
+
+def _shown(value: object) -> str:
+    """``value`` as text with its control characters escaped (``Line1\\nLine2``)."""
+    return str(value).translate(_CONTROL_ESCAPES)
+
+
 def _pct(n: int, total: int) -> str:
     return f"{100 * n / total:.1f}%" if total else "-"
 
@@ -37,22 +51,25 @@ def render_text(report: pipeline.Report) -> str:
     if r.labels:
         total = sum(n for _, n in r.labels)
         out.append(f"\nlabels ({r.label_field or 'answer'}):")
-        out += [f"  {label:<24} {n:>8}  {_pct(n, total):>6}" for label, n in r.labels]
+        out += [f"  {_shown(label):<24} {n:>8}  {_pct(n, total):>6}" for label, n in r.labels]
     elif r.too_many_labels:
         out.append(f"\nlabels ({r.label_field or 'answer'}): {_too_many(r)}")
     out.append("\nstatus and errors:")
     for status, error, n in r.statuses:
-        out.append(f"  {status + (f' ({error})' if error else ''):<40} {n:>8}")
+        out.append(f"  {status + (f' ({_shown(error)})' if error else ''):<40} {n:>8}")
     out.append("\nattempts per row: " + ", ".join(f"{a}: {n}" for a, n in r.attempts.items()))
     out.append(f"truncated at max_tokens: {r.truncated}")
     per_k = f"${r.cost_per_1000_rows:.4f}" if r.cost_per_1000_rows is not None else "-"
-    out.append(
-        f"cost ${r.cost_usd:.4f} (batch prices, table {r.price_table}); per 1,000 rows {per_k}"
-    )
+    if r.cost_usd is None:
+        out.append(f"cost unknown: {r.cost_unknown}")
+    else:
+        out.append(
+            f"cost ${r.cost_usd:.4f} (batch prices, table {r.price_table}); per 1,000 rows {per_k}"
+        )
     out.append(f"\nsample of {len(r.sample)} row(s):")
     for row in r.sample:
-        what = row["label"] or row["answer"] or row["error"] or ""
-        inputs = "; ".join(f"{k}={v}" for k, v in row["input"].items())
+        what = _shown(row["label"] or row["answer"] or row["error"] or "")
+        inputs = "; ".join(f"{_shown(k)}={_shown(v)}" for k, v in row["input"].items())
         out.append(f"  row {row['row']} [{row['status']}] {what}")
         if inputs:
             out.append(f"      {inputs}")
@@ -75,7 +92,7 @@ def _bars(items: list[tuple[str, int]], title: str) -> str:
         width = max(2, round(320 * n / top))  # leaves room for the count after the bar
         colour = _BAR_COLOURS[i % len(_BAR_COLOURS)]
         parts.append(
-            f'<text x="0" y="{y + 17}" font-size="13">{html.escape(name[:28])}</text>'
+            f'<text x="0" y="{y + 17}" font-size="13">{html.escape(_shown(name)[:28])}</text>'
             f'<rect x="190" y="{y}" width="{width}" height="22" rx="3" fill="{colour}"/>'
             f'<text x="{196 + width}" y="{y + 17}" font-size="13">{n} '
             f"({_pct(n, total)})</text>"
@@ -103,12 +120,15 @@ small{color:#5a6578}
 def render_html(report: pipeline.Report) -> str:
     """The report as one self-contained HTML page."""
     r = report
-    e = html.escape
+
+    def e(value: object) -> str:
+        return html.escape(_shown(value))
+
     per_k = f"${r.cost_per_1000_rows:.4f}" if r.cost_per_1000_rows is not None else "-"
     cards = [
         ("rows", f"{r.rows:,}"),
         ("status", r.status),
-        ("cost", f"${r.cost_usd:.4f}"),
+        ("cost", "unknown" if r.cost_usd is None else f"${r.cost_usd:.4f}"),
         ("per 1,000 rows", per_k),
         ("truncated", str(r.truncated)),
     ]
@@ -137,6 +157,10 @@ def render_html(report: pipeline.Report) -> str:
         f"cache write {u.get('cache_creation_input_tokens', 0):,}, "
         f"cache read {u.get('cache_read_input_tokens', 0):,}"
     )
+    total = (
+        f"${r.cost_usd:.4f} in total" if r.cost_usd is not None else f"unknown: {r.cost_unknown}"
+    )
+    total = e(total)
     no_labels = _too_many(r) if r.too_many_labels else "No labels (the job has no output schema)."
     status_chart = _bars(
         [(f"{s}{' / ' + err if err else ''}", n) for s, err, n in r.statuses], "rows by status"
@@ -156,7 +180,7 @@ def render_html(report: pipeline.Report) -> str:
 <h2>Attempts per row</h2>
 <table><tr><th>attempts</th><th>rows</th></tr>{attempt_rows}</table>
 <h2>Cost</h2>
-<p>${r.cost_usd:.4f} in total, {per_k} per 1,000 rows; tokens: {tokens}.</p>
+<p>{total}, {per_k} per 1,000 rows; tokens: {tokens}.</p>
 <h2>Sample for review ({len(r.sample)} random rows)</h2>
 <table><tr><th>row</th><th>key</th><th>status</th><th>label</th><th>input</th>
 <th>answer / error</th></tr>

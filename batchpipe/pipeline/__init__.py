@@ -13,6 +13,7 @@ from batchpipe.pipeline.rerun import RerunPlan
 from batchpipe.pipeline.runner import (
     cancel,
     check_rerun,
+    earlier_job,
     prepare,
     resume,
     retry,
@@ -39,6 +40,7 @@ __all__ = [
     "check_rerun",
     "default_job_name",
     "default_owner",
+    "earlier_job",
     "estimate",
     "export",
     "job_summary",

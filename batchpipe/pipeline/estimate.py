@@ -190,8 +190,8 @@ def estimate(
     price = pricing.price_for(spec.model)
     if price is None:
         raise UsageError(
-            f"no price known for model {spec.model!r} (price table {pricing.PRICE_TABLE_VERSION}); "
-            "cost cannot be estimated"
+            f"{pricing.unpriced(spec.model)}, so its cost cannot be estimated; check --model "
+            f"(priced: {', '.join(sorted(pricing.PRICES))})"
         )
     dataset = Dataset(spec.input, spec.input_format)
     # The columns as the run would check them: an estimate of a job that cannot start

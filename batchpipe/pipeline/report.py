@@ -45,9 +45,10 @@ class Report:
     statuses: list[tuple[str, str | None, int]]
     attempts: dict[int, int]
     truncated: int
-    cost_usd: float
+    cost_usd: float | None  # None when the price table lacks the model (see cost_unknown)
     cost_per_1000_rows: float | None
     usage: dict[str, int]
+    cost_unknown: str | None = None  # why the cost is unknown, when it is
     price_table: str = pricing.PRICE_TABLE_VERSION
     sample: list[dict[str, Any]] = field(default_factory=list)
 
@@ -116,6 +117,8 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
                 "cost_usd": item.cost_usd,
             }
         )
+    # Rows of a model the price table lacks have no cost_usd: a total of $0 would read as free.
+    unknown = pricing.unpriced(spec.model)
     return Report(
         job_id=job.id,
         job_name=job.name,
@@ -128,9 +131,10 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
         statuses=ctx.store.status_breakdown(job.id),
         attempts=ctx.store.attempts_histogram(job.id),
         truncated=totals.truncated,
-        cost_usd=totals.cost_usd,
-        cost_per_1000_rows=totals.cost_usd / answered * 1000 if answered else None,
+        cost_usd=None if unknown else totals.cost_usd,
+        cost_per_1000_rows=totals.cost_usd / answered * 1000 if answered and not unknown else None,
         usage=totals.usage,
+        cost_unknown=unknown,
         sample=rows,
     )
 

@@ -119,6 +119,27 @@ def check_rerun(ctx: Context, name: str, spec: JobSpec) -> RerunPlan | None:
     return plan_rerun(ctx, job, spec, fields) if fields else None
 
 
+def earlier_job(ctx: Context, name: str, spec: JobSpec) -> tuple[JobRow, list[str]] | None:
+    """A job of another name that already holds rows of this input for this output.
+
+    A job's default name hashes its settings, so a run with a changed prompt and no
+    ``--job`` would start a new job: every row sent (and paid for) again, and the earlier
+    job's output overwritten. Returns that earlier job (the newest) and the settings that
+    differ, or None when ``name`` is a known job or no other job writes this output.
+    """
+    if spec.output is None or ctx.store.get_job(name) is not None:
+        return None
+    new = spec.model_dump()
+    for job in ctx.store.list_jobs():
+        old = job_spec(job).model_dump()
+        if not job.ingested or job.row_count == 0:
+            continue  # refused before anything was stored or sent: nothing to keep
+        if old["input"] == new["input"] and old["output"] == new["output"]:
+            compared = (*sorted(REQUEST_FIELDS), "id_column", "input_format")
+            return job, [k for k in compared if old.get(k) != new.get(k)]
+    return None
+
+
 def step(ctx: Context, job: JobRow) -> JobRow:
     """Advance a job once without waiting: recover, poll, collect, resubmit, finish.
 
@@ -201,13 +222,15 @@ def _show_waiting(ctx: Context, job: JobRow) -> None:
     ctx.progress.finish()
 
 
-def run(ctx: Context, job: JobRow) -> JobRow:
+def run(ctx: Context, job: JobRow, *, poll_interval: float | None = None) -> JobRow:
     """Work on a job until it is finished, sleeping between polls. Holds the lease throughout.
 
-    Transient API trouble never ends the run: it waits and tries again.
+    Transient API trouble never ends the run: it waits and tries again. ``poll_interval``
+    is this run's (a setting of the process, not of the job's requests); without it, the
+    one the job was started with.
     """
     spec = job_spec(job)
-    backoff = Backoff(spec.poll_interval)
+    backoff = Backoff(poll_interval if poll_interval is not None else spec.poll_interval)
     with ctx.lease(job):
         # Progress only matters to the adaptive backoff; a fixed interval skips the counts
         # (a walk over the job's rows each, twice per poll).

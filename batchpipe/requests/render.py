@@ -20,6 +20,7 @@ from batchpipe.errors import InputError, UsageError
 from batchpipe.jsontext import dumps
 from batchpipe.models import RESULT_PREFIX_HINT, JobSpec
 from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
+from batchpipe.requests.lookups import StrictLookupUndefined, TemplateLookups
 from batchpipe.structured import OutputSchema
 
 # Marks a column absent from the row (as opposed to present and null).
@@ -215,7 +216,7 @@ class RequestRenderer:
     def __init__(self, spec: JobSpec) -> None:
         self._spec = spec
         self._env = SandboxedEnvironment(
-            undefined=jinja2.StrictUndefined,
+            undefined=StrictLookupUndefined,
             autoescape=False,
             keep_trailing_newline=True,
             finalize=_finalize,
@@ -229,6 +230,11 @@ class RequestRenderer:
         # ({{ row["product name"] }}); an input column of that name still wins.
         self._whole_row = ROW_NAME in self._columns
         self._columns.discard(ROW_NAME)
+        # To name the nested field at fault when a row fails (meta.langg is missing …).
+        sources = [spec.prompt] if spec.system is None else [spec.prompt, spec.system]
+        self._lookups = TemplateLookups(
+            [self._env.parse(s) for s in sources], ROW_NAME if self._whole_row else None
+        )
         # Checked in sorted order so a row with several problems always reports the same one.
         self._column_order = sorted(self._columns)
         self._head: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens}
@@ -297,14 +303,9 @@ class RequestRenderer:
             text = self._prompt.render(context)
             system = self._system.render(context) if self._system is not None else None
         except jinja2.UndefinedError as exc:
-            return RowProblem(row_index, None, f"template: {exc.message}")
+            return RowProblem(row_index, None, self._lookups.missing_field(row, exc))
         except _NullPrinted:
-            return RowProblem(
-                row_index,
-                None,
-                "template prints a null value (a nested field that is null, say); "
-                "write {{ field or '' }} where an empty value is fine",
-            )
+            return RowProblem(row_index, None, self._lookups.null_field(row))
         except Exception as exc:
             # User template code (filters, arithmetic on row values) can raise anything;
             # whatever it is, it is this row's problem, not the run's.
