@@ -28,8 +28,9 @@ _QUIET_LINE = b"interrupted; no work was in progress, run the same command again
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Run the CLI as the `batchpipe` command, with Ctrl-C quiet during start-up."""
+    """Run the CLI as the `batchpipe` command, with Ctrl-C and SIGTERM quiet during start-up."""
     previous = _exit_quietly_on_sigint()
+    previous_term = _exit_quietly_on_sigterm()
     try:
         from batchpipe.cli import main as cli_main  # noqa: PLC0415 (after the handler, on purpose)
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> Any:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _exit_quietly_on_sigint() -> Any:
@@ -50,6 +53,18 @@ def _exit_quietly_on_sigint() -> Any:
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return None
     return signal.signal(signal.SIGINT, _exit_quietly)
+
+
+def _exit_quietly_on_sigterm() -> Any:
+    """The same for SIGTERM (Airflow, systemd, `kill`), which a command's body turns into an
+    unwinding exit 130 too: without this it killed the process outright (exit -15, 143 in a
+    shell) when it came during start-up or after the body had finished. Left alone when
+    someone else installed a handler or ignores it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _exit_quietly)
 
 
 def _exit_quietly(_signum: int, _frame: FrameType | None) -> None:

@@ -21,8 +21,10 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │       └── CreateRefused     75  a create refused (429/503/529) or never connected
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
     ├── BudgetExceeded             1  sending more would pass the job's --max-cost
-    ├── RowsFailed                 1  the job ended with more failed rows than --max-failed
-    └── Interrupted              130  Ctrl-C / SIGTERM; the job resumes on the next run
+    └── RowsFailed                 1  the job ended with more failed rows than --max-failed
+
+    Interrupted                  130  SIGTERM; the job resumes on the next run (a BaseException,
+                                      like Ctrl-C's KeyboardInterrupt: see the class)
 
 Messages name the ids involved and the next step, e.g.
 ``job 7: 3 rows failed permanently; see `batchpipe status 7```.
@@ -139,7 +141,16 @@ class RowsFailed(BatchpipeError):
     ``--max-failed`` allows."""
 
 
-class Interrupted(BatchpipeError):
-    """The run was interrupted; state is consistent and the next run resumes."""
+class Interrupted(BaseException):
+    """SIGTERM arrived; state is consistent and the next run resumes.
 
-    exit_code = EXIT_INTERRUPTED
+    A BaseException like KeyboardInterrupt, not a BatchpipeError: the handler raises it
+    wherever the main thread happens to be, and code that rightly catches ``Exception``
+    there would otherwise swallow it. The anthropic SDK turns any Exception during a call
+    into a connection error and retries (a signal during a create became "create
+    uncertain" and the run went on); a template's render turns it into that row's
+    problem (a valid row stored as `invalid`); `tick` reports it as one job's failure
+    and goes on to the next job.
+    """
+
+    exit_code: ClassVar[int] = EXIT_INTERRUPTED

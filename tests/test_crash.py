@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pyarrow.parquet as pq
 import pytest
 from conftest import batchpipe_argv, job_args, run_batchpipe, write_rows
@@ -178,3 +179,35 @@ def test_chaos_random_sigkills_until_done(
         job = store.get_job("chaos")
         assert job is not None
         assert not store.list_batches(job.id, {BatchStatus.PLANNED, BatchStatus.IN_PROGRESS})
+
+
+@pytest.mark.parametrize("point", ["before_requeue", "after_requeue"])
+def test_retry_killed_midway_leaves_a_job_the_same_commands_finish(
+    emulator: Emulator, cli_env: dict[str, str], sqlite_url: str, tmp_path: Path, point: str
+) -> None:
+    """`retry` writes twice (the job, its rows); a kill between the two once left a `done`
+    job with pending rows that `run`, `tick` and `retry` all passed by, for good."""
+    emulator.configure(processing_seconds=0, errored_rate=0.3, seed=3)
+    src = tmp_path / "docs.jsonl"
+    write_rows(src, ROWS)
+    out = tmp_path / "out.jsonl"
+    args = [*job_args(src, "j", out), "--max-attempts", "1", "--max-failed", "100%"]
+    first = run_batchpipe(sqlite_url, cli_env, "run", *args)
+    assert first.returncode == 0, first.stderr
+    failed = sum('"result_status":"errored"' in line for line in out.read_text().splitlines())
+    assert failed > 0
+
+    emulator.configure(errored_rate=0.0)
+    killed = run_batchpipe(sqlite_url, {**cli_env, "BATCHPIPE_FAILPOINT": point}, "retry", "j")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # The user runs the interrupted command again, then the job's command.
+    again = run_batchpipe(sqlite_url, cli_env, "retry", "j")
+    assert again.returncode == 0, again.stderr
+    done = run_batchpipe(sqlite_url, cli_env, "run", *args)
+    assert done.returncode == 0, done.stderr
+
+    rows = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == [f"d{i:05d}" for i in range(ROWS)]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    assert _final_counts(sqlite_url, "j") == {ItemStatus.SUCCEEDED: ROWS}
+    assert emulator.stats()["requests_received"] == ROWS + failed  # each failed row once more

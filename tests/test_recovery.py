@@ -375,3 +375,48 @@ def test_cancel_goes_on_past_a_batch_that_ended_since_the_last_poll(
     assert set(counts) <= {ItemStatus.SUCCEEDED, ItemStatus.CANCELED}
     assert sum(counts.values()) == ROWS
     assert emulator.stats()["requests_received"] == ROWS
+
+
+def test_a_batch_adopted_by_mistake_is_given_back_and_the_rows_are_sent(
+    emulator_server: EmulatorServer, emulator: Emulator, tmp_path: Path
+) -> None:
+    """Another state database on the same API account has a running batch of the size of
+    our orphan, whose create never left: recovery adopts it unconfirmed, and its results
+    prove it someone else's. That once stopped the job as needs_attention for good (resume
+    collected the same batch again; --resend wanted a planned batch)."""
+    env = env_for(emulator_server.url)
+    emulator.configure(processing_seconds=3600)
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    write_rows(ours, ROWS)
+    theirs.write_text(ours.read_text().replace("review", "other"))
+    our_db, their_db = (f"sqlite:///{tmp_path / n}" for n in ("ours.db", "theirs.db"))
+    out = tmp_path / "out.parquet"
+    args = job_args(ours, "ours", out, per_batch=ROWS)
+
+    killed = run_batchpipe(our_db, {**env, "BATCHPIPE_FAILPOINT": "after_intent"}, "submit", *args)
+    assert killed.returncode == -signal.SIGKILL
+    their_args = job_args(theirs, "theirs", tmp_path / "theirs.parquet", per_batch=ROWS)
+    assert run_batchpipe(their_db, env, "submit", *their_args).returncode == 0
+
+    adopted = run_batchpipe(our_db, env, "tick")
+    assert adopted.returncode == 0, adopted.stderr
+    assert [e["confirmed"] for e in _events(adopted.stderr, "batch.orphan_adopted")] == [False]
+    emulator.advance(3600)  # their batch ends
+    emulator.configure(processing_seconds=0)
+
+    given_back = run_batchpipe(our_db, env, "tick")
+    assert given_back.returncode == 0, given_back.stderr
+    assert len(_events(given_back.stderr, "batch.orphan_disowned")) == 1
+    done = run_batchpipe(our_db, {**env, "BATCHPIPE_ORPHAN_GRACE": "0"}, "run", *args)
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["doc_id"] for r in rows] == [f"d{i:05d}" for i in range(ROWS)]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    assert all("review" in r["body"] for r in rows)
+
+    # Their job is untouched: its batch answers their rows, nothing was paid twice.
+    assert run_batchpipe(their_db, env, "run", *their_args).returncode == 0
+    stats = emulator.stats()
+    assert stats["batches_created"] == 2
+    assert stats["requests_received"] == 2 * ROWS
+    assert stats["duplicate_successes"] == 0

@@ -193,6 +193,8 @@ def _collect_batch(
         applied += ctx.store.apply_results(job.id, batch.id, buf, plain)
         ctx.progress.advance(len(buf) + len(plain))
     ctx.progress.finish()
+    if foreign and foreign == lines:
+        return _disown(ctx, job, batch, foreign)
     if foreign:
         message = (
             f"job {job.id}: batch {batch.api_batch_id} holds {foreign} result(s) that are not "
@@ -219,6 +221,33 @@ def _collect_batch(
     )
     release_free_memory()
     return applied
+
+
+def _disown(ctx: Context, job: JobRow, batch: BatchRow, lines: int) -> int:
+    """Give back an adopted batch none of whose results are this job's.
+
+    Recovery adopts a lone running batch of the right size before it can be read (see
+    ``submit.recover_planned``); another job's batch of that size (another state database on
+    the same API account, say) then proves not ours only here. The job used to stop as
+    `needs_attention` for good: `resume` collected the same batch again, and `--resend` wanted
+    a planned batch. Planned again, with its rows' custom_ids as they were, recovery decides
+    as for any planned batch: it judges the API's batches by their results (this one now
+    rules itself out) and sends the rows once none turns out to hold them.
+    """
+    ctx.store.update_batch(
+        batch.id,
+        expected_status=BatchStatus.ENDED,
+        status=BatchStatus.PLANNED,
+        api_batch_id=None,
+        created_at=None,
+        expires_at=None,
+        ended_at=None,
+        api_counts=None,
+    )
+    bind(job, log, batch_id=batch.id).warning(
+        "batch.orphan_disowned", api_batch_id=batch.api_batch_id, foreign_lines=lines
+    )
+    return 0
 
 
 def _general_update(

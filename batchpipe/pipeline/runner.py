@@ -20,7 +20,7 @@ from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.budget import check_estimate
 from batchpipe.pipeline.collect import collect, poll
-from batchpipe.pipeline.context import Context, NullProgress, bind, job_spec
+from batchpipe.pipeline.context import Context, NullProgress, bind, failpoint, job_spec
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
@@ -306,9 +306,10 @@ def retry(
         _check_output(spec)
         # Attempts keep counting (custom_ids encode them and must never repeat); the job's
         # cap grows instead, so every requeued row gets a full set of fresh tries.
-        highest = max(
-            (i.attempts for i in ctx.store.iter_items(job.id, statuses=statuses)), default=0
-        )
+        highest = wanted = 0
+        for item in ctx.store.iter_items(job.id, statuses=statuses):
+            highest = max(highest, item.attempts)
+            wanted += error_types is None or item.error_type in error_types
         updates: dict[str, object] = {"max_attempts": highest + spec.max_attempts}
         moved: dict[str, Any] = {}
         if max_tokens is not None:
@@ -323,11 +324,17 @@ def retry(
             new_spec = JobSpec.model_validate({**spec.model_dump(), **updates})
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise UsageError(f"retry: invalid setting ({exc}); nothing was changed") from None
+        if wanted:
+            # The output file will no longer hold these rows' final answers: export it again.
+            # Marked before the rows are requeued, not after: a crash between the two then
+            # leaves a running job that simply finishes again (retry can be run again),
+            # where the other order left a `done` job with pending rows that run, tick and
+            # retry all passed by.
+            moved.update(status=JobStatus.RUNNING, error=None, exported_at=None)
         ctx.store.update_job(job.id, spec=new_spec.model_dump(), **moved)
+        failpoint("before_requeue")
         count = ctx.store.requeue_items(job.id, statuses=statuses, error_types=error_types)
-        if count:
-            # The output file no longer holds these rows' final answers: export it again.
-            ctx.store.update_job(job.id, status=JobStatus.RUNNING, error=None, exported_at=None)
+        failpoint("after_requeue")
         bind(job, log).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
         return count
 
