@@ -16,6 +16,7 @@ import hashlib
 import os
 import posixpath
 import secrets
+import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from batchpipe._export import JoinedWriter, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
 from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row
 from batchpipe.models import RESULT_PREFIX_HINT
+from batchpipe.procs import host_tag, pid_gone
 
 Format = Literal["jsonl", "parquet"]
 
@@ -438,8 +440,11 @@ def write_joined(
         _refuse_clash(dataset.uri, [c for c in dataset.columns() if c in added])
     cursor = ResultCursor(results, dataset.uri)
     fs, path = check_writable(dest, source=dataset.uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        sweep_dead_temporaries(path)
     tmp = posixpath.join(
-        posixpath.dirname(path), f".{posixpath.basename(path)}.{secrets.token_hex(4)}.tmp"
+        posixpath.dirname(path),
+        f".{posixpath.basename(path)}.{host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.tmp",
     )
     writer = JoinedWriter(fs, tmp=tmp, dest=dest, names=names, types=types, schema=schema)
     written = 0
@@ -474,6 +479,47 @@ def write_joined(
         writer.abort()
         raise
     return written
+
+
+# A temporary file from before temporaries named their writer: removed once a day old (a
+# live export writes its temporary file every few seconds).
+_UNNAMED_TEMPORARY_MAX_AGE_S = 24 * 3600
+
+
+def sweep_dead_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that exports to ``path`` (a local file) left behind when
+    their process died (``kill -9``, a reboot) before the rename; return their paths.
+
+    Each is named ``.{name}.{host}.{pid}.{random}.tmp`` and can be as large as the output,
+    so without this every killed export leaves one more beside it. Removed only when it was
+    made on this host by a process that is gone: an export still writing (here or on
+    another machine sharing the disk) keeps its file.
+    """
+    folder, name = posixpath.split(path)
+    host = host_tag()
+    prefix = f".{name}."
+    removed: list[str] = []
+    try:
+        siblings = [e for e in os.scandir(folder or ".") if e.name.startswith(prefix)]
+    except OSError:
+        return removed  # an unreadable folder: the write itself will say so
+    for entry in siblings:
+        parts = entry.name[len(prefix) :].split(".")
+        if parts[-1:] != ["tmp"]:
+            continue
+        if len(parts) == 4:
+            dead = parts[0] == host and parts[1].isdigit() and pid_gone(int(parts[1]))
+        else:
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except OSError:
+                continue
+            dead = len(parts) == 2 and age > _UNNAMED_TEMPORARY_MAX_AGE_S
+        if dead:
+            with contextlib.suppress(FileNotFoundError):  # another run swept it first
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
 
 
 def _fsync_path(path: str) -> None:

@@ -7,6 +7,8 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -21,6 +23,7 @@ import pytest
 
 from batchpipe.dataset import Dataset, check_writable, write_joined
 from batchpipe.errors import InputChangedError, InputError, OutputNotWritable, UsageError
+from batchpipe.procs import host_tag
 
 RESULT_COLUMNS = [
     ("custom_id", "string"),
@@ -427,6 +430,56 @@ def test_failing_results_leave_nothing_behind(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="database went away"):
             write_joined(data, results(), RESULT_COLUMNS, str(out_dir / name))
     assert list(out_dir.iterdir()) == []
+
+
+# A child that starts the export, then hangs in its results: a kill -9 there leaves the
+# half-written temporary file behind, as a killed `batchpipe export` does.
+_STUCK_EXPORT = """
+import sys, time
+from batchpipe.dataset import Dataset, write_joined
+def results():
+    for start in range(0, 20_000, 1000):
+        yield [(f"tok-{i}-1", i, i / 2, True) for i in range(start, start + 1000)]
+        if start >= 12_000:
+            time.sleep(600)
+cols = [("custom_id", "string"), ("input_tokens", "int64"), ("score", "float64"), ("ok", "bool")]
+write_joined(Dataset(sys.argv[1]), results(), cols, sys.argv[2])
+"""
+
+
+def test_an_export_killed_midway_leaves_no_temporary_file_for_good(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"a": i} for i in range(20_000)])
+    out = tmp_path / "out" / "labels.parquet"
+    child = subprocess.Popen([sys.executable, "-c", _STUCK_EXPORT, str(src), str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.parent.glob(".labels.parquet.*.tmp")):
+            assert child.poll() is None, "the export ended before it was killed"
+            assert time.monotonic() < deadline, "no temporary file appeared"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    [left] = out.parent.glob(".labels.parquet.*.tmp")
+    # Files the sweep must keep: a live writer's here (this process) and another host's.
+    host = host_tag()
+    live = out.parent / f".labels.parquet.{host}.{os.getpid()}.0a1b2c3d.tmp"
+    elsewhere = out.parent / f".labels.parquet.other-host.{child.pid}.0a1b2c3d.tmp"
+    # From before temporaries named their writer: only a day-old one is known to be dead.
+    old, young = (out.parent / f".labels.parquet.{tag}.tmp" for tag in ("0000aaaa", "1111bbbb"))
+    for path in (live, elsewhere, old, young):
+        path.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+
+    assert write_joined(Dataset(str(src)), results_for(20_000), RESULT_COLUMNS, str(out)) == 20_000
+
+    assert pq.read_table(out).num_rows == 20_000
+    assert not left.exists()
+    assert not old.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        p.name for p in (out, live, elsewhere, young)
+    )
 
 
 def test_existing_output_survives_a_failed_export(tmp_path: Path) -> None:

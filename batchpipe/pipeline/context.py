@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from batchpipe.db import JobRow, Store
 from batchpipe.errors import JobLocked
 from batchpipe.log import get_logger
 from batchpipe.models import JobSpec
+from batchpipe.procs import pid_gone, this_host
 
 if TYPE_CHECKING:
     # Only a type here: importing the SDK costs ~2 s of CPU, which commands that never
@@ -70,7 +70,7 @@ def utcnow() -> datetime:
 
 def default_owner() -> str:
     """A lease owner id: host, pid and a nonce (the pid lets a restart spot a dead holder)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def failpoint(name: str) -> None:
@@ -88,15 +88,9 @@ def _holder_is_dead(owner: str) -> bool:
     """True when the lease holder ran on this host and its process is gone."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != this_host() or not pid_text.isdigit():
         return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid_gone(int(pid_text))
 
 
 @dataclass
