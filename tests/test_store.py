@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from batchpipe.db import ItemRow, JobNameTaken, ScratchKeys, Store, upgrade
 from batchpipe.db import items as items_module
+from batchpipe.db.connect import describe_error
 from batchpipe.db.schema import attempts, jobs
 from batchpipe.errors import StoreError, StoreUnreachable
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus, ResultRecord, ResultType
@@ -901,6 +902,24 @@ def test_a_statement_error_on_a_live_connection_stays_terminal(postgres_url: str
         assert not isinstance(err.value, StoreUnreachable)
         assert err.value.exit_code == 1
         assert store.list_jobs() == []  # the connection is fine
+
+
+@pytest.mark.postgres
+def test_a_database_error_names_the_cause_without_quoting_sql(postgres_url: str) -> None:
+    """PostgreSQL quotes the statement it stopped at ("LINE 1: SELECT …" and a caret line);
+    the user's one-line message keeps the cause and leaves the SQL out."""
+    engine = sa.create_engine(postgres_url)
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as err, engine.connect() as conn:
+            conn.execute(sa.text("SELECT CAST('not a number' AS integer) AS secret_column"))
+    finally:
+        engine.dispose()
+    assert "LINE 1: SELECT" in str(err.value.orig)  # what the driver says
+    message = describe_error(err.value, postgres_url)
+    assert 'invalid input syntax for type integer: "not a number"' in message
+    assert "LINE" not in message
+    assert "secret_column" not in message
+    assert "^" not in message
 
 
 def _time_out_a_statement(store: Store) -> None:

@@ -7,6 +7,7 @@ case a driver echoes it back.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,17 @@ def mask_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
+_STATEMENT_ECHO = re.compile(r"\s*(LINE \d+:|\^\s*$)")
+
+
 def describe_error(exc: BaseException, url: str | URL) -> str:
     """A one-line reason for a driver error, with the URL's password scrubbed out."""
     orig = getattr(exc, "orig", None)
     reason = str(orig if orig is not None else exc).strip().splitlines()
-    text = " ".join(line.strip() for line in reason if line.strip()) or type(exc).__name__
+    # PostgreSQL quotes the statement it stopped at ("LINE 1: UPDATE items SET …" and a caret
+    # line under it): SQL is no help to a user and has no place in a one-line message.
+    kept = [line.strip() for line in reason if line.strip() and not _STATEMENT_ECHO.match(line)]
+    text = " ".join(kept) or type(exc).__name__
     try:
         password = (make_url(url) if isinstance(url, str) else url).password
     except sa.exc.ArgumentError:
