@@ -6,10 +6,12 @@ actual costs are recomputed here from the emulator's usage and the public prices
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -21,6 +23,9 @@ from batchpipe.errors import BudgetExceeded, UsageError
 from batchpipe.structured import labels_schema
 
 HAIKU = pricing.PRICES["claude-haiku-4-5"]
+STATUS_SCHEMA = json.loads(
+    (Path(__file__).parent.parent / "docs" / "status.schema.json").read_text()
+)
 
 
 @pytest.fixture
@@ -228,6 +233,12 @@ def test_a_model_without_a_price_shows_cost_unknown_not_zero(tmp_path: Path) -> 
     assert status.exit_code == 0, status.output
     assert f"  {unknown}; truncated at max_tokens:" in status.stdout
     assert "$0.0000" not in status.stdout
+    # --json too: null (unknown), not 0.0 (free), and the documented schema allows it.
+    as_json = CliRunner().invoke(cli, [*root, "status", "m", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    (job,) = json.loads(as_json.stdout)["jobs"]
+    assert job["cost_usd"] is None
+    jsonschema.validate(json.loads(as_json.stdout), STATUS_SCHEMA)
     report = CliRunner().invoke(cli, [*root, "report", "m", "--sample", "0"])
     assert report.exit_code == 0, report.output
     assert f"\n{unknown}\n" in report.stdout
