@@ -62,6 +62,33 @@ def test_price_table_matches_models_and_applies_the_batch_discount() -> None:
     assert pricing.cost_usd("claude-haiku-4-5", cache_read_input_tokens=10**6) == 0.05
 
 
+@pytest.mark.parametrize("model", ["claude-opus-4-6", "claude-opus-4-7"])
+def test_newer_opus_models_cost_their_published_price(tmp_path: Path, model: str) -> None:
+    """Opus 4.6 and 4.7 list at $5/$25 per MTok (cache $6.25 write, $0.50 read), not the
+    $15/$75 of Opus 4.0 whose ``claude-opus-4`` prefix they used to fall under: a run's
+    cost in `status --json` is that, at half price for batches."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 4)
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    args = [str(src), "--prompt", "Summarise: {{ body }}", "--max-tokens", "16"]
+    ran = CliRunner().invoke(
+        cli, [*root, "run", *args, "--model", model, "--job", "o", "--emulate"]
+    )
+    assert ran.exit_code == 0, ran.output
+    status = CliRunner().invoke(cli, [*root, "status", "o", "--json"])
+    (job,) = json.loads(status.stdout)["jobs"]
+    usage = job["usage"]
+    published = (
+        usage["input_tokens"] * 5.0
+        + usage["output_tokens"] * 25.0
+        + usage["cache_creation_input_tokens"] * 6.25
+        + usage["cache_read_input_tokens"] * 0.50
+    ) / 1e6
+    assert usage["input_tokens"] > 0
+    assert job["cost_usd"] == pytest.approx(0.5 * published, rel=1e-6)
+    assert job["price_table"] == pricing.PRICE_TABLE_VERSION
+
+
 def test_estimate_against_the_actual_cost_of_a_run(harness: Harness, tmp_path: Path) -> None:
     src = tmp_path / "docs.jsonl"
     write_docs(src, 40)
