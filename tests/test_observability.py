@@ -21,7 +21,7 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 
-from batchpipe.emulator import EmulatorServer
+from batchpipe.emulator import Emulator, EmulatorServer
 
 REPO = Path(__file__).resolve().parent.parent
 BATCHPIPE = str(Path(sys.executable).with_name("batchpipe"))
@@ -111,6 +111,35 @@ def test_log_format_flag_wins_over_the_guess(tmp_path: Path) -> None:
     )
     assert not _json_lines(proc.stderr)
     assert re.search(r"\[info\s*\] batch\.submitted\s+\[batchpipe\.pipeline\.submit\]", proc.stderr)
+
+
+def test_console_logs_show_counts_readably_not_as_python_dicts(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """`failures=expired:12`, not `failures={'expired': 12}`; JSON lines keep the object."""
+    emulator.configure(expired_rate=1.0, processing_seconds=0)
+    env = _env(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test")
+    args = _run_args(tmp_path, "--poll-interval", "0.05", "--max-attempts", "1")
+    args[args.index("--max-batch-requests") + 1] = str(ROWS)
+    console = subprocess.run(
+        [args[0], "--log-format", "console", *args[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert console.returncode == 1, console.stderr  # every row expired: nothing answered
+    assert re.search(rf"batch\.collected .*failures=expired:{ROWS}\b", console.stderr)
+    assert "{'" not in console.stderr
+    as_json = subprocess.run(
+        [args[0], "--log-format", "json", *args[1:], "--job", "again"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    collected = [e for e in _json_lines(as_json.stderr) if e["event"] == "batch.collected"]
+    assert collected[0]["failures"] == {"expired": ROWS}
 
 
 # ---------------------------------------------------------------- progress on a terminal
