@@ -142,6 +142,36 @@ def test_console_logs_show_counts_readably_not_as_python_dicts(
     assert collected[0]["failures"] == {"expired": ROWS}
 
 
+def test_estimate_logs_one_summary_line_for_its_token_counts(
+    tmp_path: Path, emulator_server: EmulatorServer
+) -> None:
+    """`estimate` counts tokens for a sample of 50 rows: one `estimate.tokens_counted` line
+    (calls, tokens, latency), not 50 `api.count_tokens` lines; those show with --debug."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"body": f"row {i} is fine"}) + "\n" for i in range(80)))
+    env = _env(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test")
+    args = [str(src), "--prompt", "Say: {{ body }}", "--model", "claude-haiku-4-5"]
+    args += ["--max-tokens", "8"]
+
+    def estimate(*flags: str) -> list[dict[str, Any]]:
+        proc = subprocess.run(
+            [BATCHPIPE, "--db", f"sqlite:///{tmp_path / 'state.db'}", "--log-format", "json",
+             *flags, "estimate", *args],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return _json_lines(proc.stderr)
+
+    events = estimate()
+    (summary,) = [e for e in events if e["event"] == "estimate.tokens_counted"]
+    assert summary["calls"] == 50
+    assert summary["input_tokens"] > 0
+    assert summary["latency_ms"] >= 0
+    assert not [e for e in events if e["event"] == "api.count_tokens"]
+    debug = [e for e in estimate("--debug") if e["event"] == "api.count_tokens"]
+    assert len(debug) == 50
+    assert {e["level"] for e in debug} == {"debug"}
+
+
 # ---------------------------------------------------------------- progress on a terminal
 
 
