@@ -694,12 +694,27 @@ def test_a_schema_field_named_like_a_result_column_is_refused_before_anything_ru
     assert batches_created(tmp_path) == 0
 
 
-def test_no_api_key_says_what_to_do(tmp_path: Path) -> None:
-    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+@pytest.mark.parametrize("command", ["run", "submit", "estimate"])
+def test_no_api_key_is_refused_before_any_work(tmp_path: Path, command: str) -> None:
+    """Without a key, a command that will call the API stops at once (exit 2) saying what
+    to set: before the input is read (a bad row would otherwise be reported first) and
+    with no job, nor even a database, left behind."""
+    src = write_jsonl(tmp_path / "in.jsonl", [*rows(2), {"doc_id": "d9"}])  # d9: no body
     args = [a for a in run_args(src, tmp_path / "out.parquet") if a != "--emulate"]
-    result = invoke(tmp_path, *args, env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
-    assert result.exit_code == 2
-    assert "ANTHROPIC_API_KEY" in result.stderr
+    result = invoke(tmp_path, command, *args[1:], env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "error: ANTHROPIC_API_KEY is not set, and this command calls the API at "
+        "ANTHROPIC_BASE_URL: set ANTHROPIC_API_KEY (any value will do for a local emulator "
+        "at ANTHROPIC_BASE_URL), or pass --emulate to use the built-in emulator; nothing was "
+        "read or stored"
+    )
+    assert "body" not in result.stderr  # the input was not validated
+    assert not (tmp_path / "state.db").exists()
+    # What needs no API still works without a key.
+    if command != "estimate":
+        dry = invoke(tmp_path, command, *args[1:], "--dry-run")
+        assert dry.exit_code == 0, dry.output
 
 
 def test_job_file_with_flags_overriding(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from batchpipe.cli.job_extras import (
     stored_settings,
     structured_options,
 )
-from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
+from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context, require_api_key
 from batchpipe.config import build_job_spec, job_file_settings
 from batchpipe.db import JobRow
 from batchpipe.errors import EXIT_TEMPFAIL, MissingSettings, UsageError
@@ -167,6 +167,8 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     up where it stopped and pays for nothing twice.
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate}, state)
+    if not (emulate or dry_run):
+        require_api_key(state)  # after the flags are checked, before any row is read
     with pipeline_context(state, emulate=emulate) as ctx:
         name = job_name_for(ctx, name, spec)
         if dry_run:
@@ -199,6 +201,8 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
     Prints the job's name on stdout, for scripts.
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate}, state)
+    if not (emulate or dry_run):
+        require_api_key(state)  # after the flags are checked, before any row is read
     with pipeline_context(state, emulate=emulate) as ctx:
         name = job_name_for(ctx, name, spec)
         if dry_run:
