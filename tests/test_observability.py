@@ -100,6 +100,29 @@ def test_logs_are_json_lines_off_a_tty_with_one_canonical_line_per_step(tmp_path
     assert all(e["request_id"].startswith("req_") and e["latency_ms"] >= 0 for e in calls)
 
 
+def test_a_run_logs_the_apis_request_counts_once_per_poll(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """While batches process, each poll logs one `job.waiting` line with the API's
+    request_counts summed over the job's batches in flight (not a line per row)."""
+    emulator.configure(processing_seconds=0.6)
+    env = _env(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test")
+    proc = subprocess.run(
+        _run_args(tmp_path, "--poll-interval", "0.1"),
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    events = _json_lines(proc.stderr)
+    waiting = [e for e in events if e["event"] == "job.waiting"]
+    assert waiting
+    assert all(
+        {"processing", "succeeded", "errored", "canceled", "expired"} <= set(e) for e in waiting
+    )
+    assert waiting[0]["processing"] == ROWS  # 3 batches of 5, 5, 2, all in flight
+    polls = [e for e in events if e["event"] == "api.retrieve"]
+    assert len(waiting) <= len(polls)  # one per poll (of every batch), not one per row
+
+
 def test_log_format_flag_wins_over_the_guess(tmp_path: Path) -> None:
     args = _run_args(tmp_path, "--emulate")
     proc = subprocess.run(
@@ -206,6 +229,8 @@ def test_progress_bars_on_a_terminal_cover_every_long_step(tmp_path: Path) -> No
     for step in ("validating rows", "uploading", "waiting", "downloading", "exporting"):
         assert re.search(rf"{step}: \d", plain), f"no {step!r} bar in:\n{plain}"
     assert f"uploading: {ROWS}/{ROWS} (100%)" in plain
+    # While the batches run, the API's request_counts show beside the bar.
+    assert re.search(rf"waiting: \d+/{ROWS} \(\d+%\) · API: \d+ processing", plain), plain
     assert f"exporting: {ROWS}/{ROWS} (100%)" in plain
     assert "\r\x1b[2K" in out  # bars redraw in place
     # Readable console logs on a terminal, not JSON.
