@@ -9,6 +9,7 @@ processor redacts anything that looks like an API key.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -24,6 +25,38 @@ def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     for key, value in event.items():
         if isinstance(value, str) and _KEY_RE.search(value):
             event[key] = _KEY_RE.sub("[redacted]", value)
+    return event
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _readable(value: Any) -> Any:
+    """A dict or list as people write it (``expired:3,errored:1``), not a Python repr
+    (``{'expired': 3}``); nested ones as compact JSON. No spaces: a value stays one word on
+    a ``key=value`` line."""
+    if isinstance(value, dict):
+        if not value:
+            return "none"
+        if all(isinstance(k, str) and _scalar(v) for k, v in value.items()):
+            return ",".join(f"{k}:{v}" for k, v in value.items())
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else list(value)
+        if not items:
+            return "none"
+        if all(_scalar(v) for v in items):
+            return ",".join(str(v) for v in items)
+    else:
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _readable_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Console only: containers rendered for people (JSON lines keep them as JSON)."""
+    for key, value in event.items():
+        if key != "event":
+            event[key] = _readable(value)
     return event
 
 
@@ -58,6 +91,7 @@ def configure(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact_secrets,
             structlog.processors.format_exc_info,
+            *([_readable_values] if use_console else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -1,7 +1,9 @@
 """What tokens cost: a versioned price table per model and the Message Batches discount.
 
 Prices are Anthropic's public list prices in US dollars per million tokens (MTok), as
-published on the pricing page on **2025-11-24** (table version ``2025-11-24``). Prompt cache
+published on the pricing page (platform.claude.com/docs/en/about-claude/pricing); the table
+version is the date they were last checked against it: **2026-12-01** (Opus 4.6, Opus 4.7
+and Sonnet 4.6 added; the earlier rows unchanged since ``2025-11-24``). Prompt cache
 writes are priced at the 5-minute TTL rate (1.25x input); cache reads at 0.1x input.
 Message Batches bill every kind of token at 50% of these prices, cache tokens included.
 
@@ -19,7 +21,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-PRICE_TABLE_VERSION = "2025-11-24"
+PRICE_TABLE_VERSION = "2026-12-01"
 BATCH_DISCOUNT = 0.5  # Message Batches cost half the standard price
 _PER = 1_000_000.0
 # A rough tokenizer for offline estimates: English text averages about four characters per
@@ -38,11 +40,16 @@ class ModelPrice:
 
 
 # Longest-prefix match on the model id. Keep the list sorted by family for review.
+# An Opus 4.x newer than the ones listed would fall under ``claude-opus-4`` ($15/$75, the
+# price of Opus 4.0): every new 4.x id needs its own row.
 PRICES: dict[str, ModelPrice] = {
+    "claude-opus-4-7": ModelPrice(5.0, 25.0, 6.25, 0.50),
+    "claude-opus-4-6": ModelPrice(5.0, 25.0, 6.25, 0.50),
     "claude-opus-4-5": ModelPrice(5.0, 25.0, 6.25, 0.50),
     "claude-opus-4-1": ModelPrice(15.0, 75.0, 18.75, 1.50),
     "claude-opus-4": ModelPrice(15.0, 75.0, 18.75, 1.50),
     "claude-3-opus": ModelPrice(15.0, 75.0, 18.75, 1.50),
+    "claude-sonnet-4-6": ModelPrice(3.0, 15.0, 3.75, 0.30),
     "claude-sonnet-4-5": ModelPrice(3.0, 15.0, 3.75, 0.30),
     "claude-sonnet-4": ModelPrice(3.0, 15.0, 3.75, 0.30),
     "claude-3-7-sonnet": ModelPrice(3.0, 15.0, 3.75, 0.30),

@@ -694,12 +694,27 @@ def test_a_schema_field_named_like_a_result_column_is_refused_before_anything_ru
     assert batches_created(tmp_path) == 0
 
 
-def test_no_api_key_says_what_to_do(tmp_path: Path) -> None:
-    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+@pytest.mark.parametrize("command", ["run", "submit", "estimate"])
+def test_no_api_key_is_refused_before_any_work(tmp_path: Path, command: str) -> None:
+    """Without a key, a command that will call the API stops at once (exit 2) saying what
+    to set: before the input is read (a bad row would otherwise be reported first) and
+    with no job, nor even a database, left behind."""
+    src = write_jsonl(tmp_path / "in.jsonl", [*rows(2), {"doc_id": "d9"}])  # d9: no body
     args = [a for a in run_args(src, tmp_path / "out.parquet") if a != "--emulate"]
-    result = invoke(tmp_path, *args, env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
-    assert result.exit_code == 2
-    assert "ANTHROPIC_API_KEY" in result.stderr
+    result = invoke(tmp_path, command, *args[1:], env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "error: ANTHROPIC_API_KEY is not set, and this command calls the API at "
+        "ANTHROPIC_BASE_URL: set ANTHROPIC_API_KEY (any value will do for a local emulator "
+        "at ANTHROPIC_BASE_URL), or pass --emulate to use the built-in emulator; nothing was "
+        "read or stored"
+    )
+    assert "body" not in result.stderr  # the input was not validated
+    assert not (tmp_path / "state.db").exists()
+    # What needs no API still works without a key.
+    if command != "estimate":
+        dry = invoke(tmp_path, command, *args[1:], "--dry-run")
+        assert dry.exit_code == 0, dry.output
 
 
 def test_job_file_with_flags_overriding(tmp_path: Path) -> None:
@@ -898,3 +913,40 @@ def test_requests_over_a_models_limits_fail_at_once_and_are_never_resent(
         "for claude-haiku-4-5"
     )
     assert batches_created(tmp_path) == 2  # one batch for job b, never a resend
+
+
+def test_run_ends_with_the_cost_and_how_to_retry_failed_rows(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """Rows that failed within --max-failed: the run exits 0, and its summary says what the
+    job cost, how many rows failed, and the retry command, which then works."""
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    emulator.configure(invalid_rate=0.3, processing_seconds=0, seed=4)
+    src = write_jsonl(tmp_path / "in.jsonl", rows(20))
+    args = [a for a in run_args(src, tmp_path / "o.parquet") if a != "--emulate"]
+    args += ["--job", "j", "--max-failed", "50%", "--poll-interval", "0.05"]
+    ran = invoke(tmp_path, *args, env=env)
+    assert ran.exit_code == 0, ran.output
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    errored = job["counts"]["errored"]
+    assert 0 < errored < 10
+    assert f"  rows: {20 - errored} succeeded, {errored} errored\n" in ran.stderr
+    assert f"  cost: ${job['cost_usd']:,.4f} (every attempt, batch prices, table " in ran.stderr
+    assert job["cost_usd"] > 0
+    assert (
+        f"  failed: {errored} row(s) without an answer ({errored} errored); to send the "
+        f"{errored} errored/expired again: `batchpipe retry j`, then `batchpipe run --job j`\n"
+    ) in ran.stderr
+    retried = invoke(tmp_path, "retry", "j", env=env)
+    assert retried.exit_code == 0, retried.output
+    assert f"job 1 (j): {errored} row(s) queued again" in retried.stderr
+
+
+def test_run_summary_of_a_model_without_a_price_says_cost_unknown(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    args = run_args(src, tmp_path / "o.parquet")
+    args[args.index("claude-haiku-4-5")] = "claude-mythos-preview"
+    ran = invoke(tmp_path, *args)
+    assert ran.exit_code == 0, ran.output
+    assert "  cost unknown: model 'claude-mythos-preview' is not in the price table" in ran.stderr
+    assert "failed:" not in ran.stderr

@@ -6,10 +6,12 @@ actual costs are recomputed here from the emulator's usage and the public prices
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -21,6 +23,9 @@ from batchpipe.errors import BudgetExceeded, UsageError
 from batchpipe.structured import labels_schema
 
 HAIKU = pricing.PRICES["claude-haiku-4-5"]
+STATUS_SCHEMA = json.loads(
+    (Path(__file__).parent.parent / "docs" / "status.schema.json").read_text()
+)
 
 
 @pytest.fixture
@@ -55,6 +60,33 @@ def test_price_table_matches_models_and_applies_the_batch_discount() -> None:
     assert standard == 1.0
     assert pricing.cost_usd("claude-haiku-4-5", input_tokens=10**6) == 0.5
     assert pricing.cost_usd("claude-haiku-4-5", cache_read_input_tokens=10**6) == 0.05
+
+
+@pytest.mark.parametrize("model", ["claude-opus-4-6", "claude-opus-4-7"])
+def test_newer_opus_models_cost_their_published_price(tmp_path: Path, model: str) -> None:
+    """Opus 4.6 and 4.7 list at $5/$25 per MTok (cache $6.25 write, $0.50 read), not the
+    $15/$75 of Opus 4.0 whose ``claude-opus-4`` prefix they used to fall under: a run's
+    cost in `status --json` is that, at half price for batches."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 4)
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    args = [str(src), "--prompt", "Summarise: {{ body }}", "--max-tokens", "16"]
+    ran = CliRunner().invoke(
+        cli, [*root, "run", *args, "--model", model, "--job", "o", "--emulate"]
+    )
+    assert ran.exit_code == 0, ran.output
+    status = CliRunner().invoke(cli, [*root, "status", "o", "--json"])
+    (job,) = json.loads(status.stdout)["jobs"]
+    usage = job["usage"]
+    published = (
+        usage["input_tokens"] * 5.0
+        + usage["output_tokens"] * 25.0
+        + usage["cache_creation_input_tokens"] * 6.25
+        + usage["cache_read_input_tokens"] * 0.50
+    ) / 1e6
+    assert usage["input_tokens"] > 0
+    assert job["cost_usd"] == pytest.approx(0.5 * published, rel=1e-6)
+    assert job["price_table"] == pricing.PRICE_TABLE_VERSION
 
 
 def test_estimate_against_the_actual_cost_of_a_run(harness: Harness, tmp_path: Path) -> None:
@@ -228,6 +260,12 @@ def test_a_model_without_a_price_shows_cost_unknown_not_zero(tmp_path: Path) -> 
     assert status.exit_code == 0, status.output
     assert f"  {unknown}; truncated at max_tokens:" in status.stdout
     assert "$0.0000" not in status.stdout
+    # --json too: null (unknown), not 0.0 (free), and the documented schema allows it.
+    as_json = CliRunner().invoke(cli, [*root, "status", "m", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    (job,) = json.loads(as_json.stdout)["jobs"]
+    assert job["cost_usd"] is None
+    jsonschema.validate(json.loads(as_json.stdout), STATUS_SCHEMA)
     report = CliRunner().invoke(cli, [*root, "report", "m", "--sample", "0"])
     assert report.exit_code == 0, report.output
     assert f"\n{unknown}\n" in report.stdout

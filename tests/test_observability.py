@@ -21,7 +21,7 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 
-from batchpipe.emulator import EmulatorServer
+from batchpipe.emulator import Emulator, EmulatorServer
 
 REPO = Path(__file__).resolve().parent.parent
 BATCHPIPE = str(Path(sys.executable).with_name("batchpipe"))
@@ -100,6 +100,29 @@ def test_logs_are_json_lines_off_a_tty_with_one_canonical_line_per_step(tmp_path
     assert all(e["request_id"].startswith("req_") and e["latency_ms"] >= 0 for e in calls)
 
 
+def test_a_run_logs_the_apis_request_counts_once_per_poll(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """While batches process, each poll logs one `job.waiting` line with the API's
+    request_counts summed over the job's batches in flight (not a line per row)."""
+    emulator.configure(processing_seconds=0.6)
+    env = _env(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test")
+    proc = subprocess.run(
+        _run_args(tmp_path, "--poll-interval", "0.1"),
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    events = _json_lines(proc.stderr)
+    waiting = [e for e in events if e["event"] == "job.waiting"]
+    assert waiting
+    assert all(
+        {"processing", "succeeded", "errored", "canceled", "expired"} <= set(e) for e in waiting
+    )
+    assert waiting[0]["processing"] == ROWS  # 3 batches of 5, 5, 2, all in flight
+    polls = [e for e in events if e["event"] == "api.retrieve"]
+    assert len(waiting) <= len(polls)  # one per poll (of every batch), not one per row
+
+
 def test_log_format_flag_wins_over_the_guess(tmp_path: Path) -> None:
     args = _run_args(tmp_path, "--emulate")
     proc = subprocess.run(
@@ -111,6 +134,65 @@ def test_log_format_flag_wins_over_the_guess(tmp_path: Path) -> None:
     )
     assert not _json_lines(proc.stderr)
     assert re.search(r"\[info\s*\] batch\.submitted\s+\[batchpipe\.pipeline\.submit\]", proc.stderr)
+
+
+def test_console_logs_show_counts_readably_not_as_python_dicts(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """`failures=expired:12`, not `failures={'expired': 12}`; JSON lines keep the object."""
+    emulator.configure(expired_rate=1.0, processing_seconds=0)
+    env = _env(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test")
+    args = _run_args(tmp_path, "--poll-interval", "0.05", "--max-attempts", "1")
+    args[args.index("--max-batch-requests") + 1] = str(ROWS)
+    console = subprocess.run(
+        [args[0], "--log-format", "console", *args[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert console.returncode == 1, console.stderr  # every row expired: nothing answered
+    assert re.search(rf"batch\.collected .*failures=expired:{ROWS}\b", console.stderr)
+    assert "{'" not in console.stderr
+    as_json = subprocess.run(
+        [args[0], "--log-format", "json", *args[1:], "--job", "again"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    collected = [e for e in _json_lines(as_json.stderr) if e["event"] == "batch.collected"]
+    assert collected[0]["failures"] == {"expired": ROWS}
+
+
+def test_estimate_logs_one_summary_line_for_its_token_counts(
+    tmp_path: Path, emulator_server: EmulatorServer
+) -> None:
+    """`estimate` counts tokens for a sample of 50 rows: one `estimate.tokens_counted` line
+    (calls, tokens, latency), not 50 `api.count_tokens` lines; those show with --debug."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"body": f"row {i} is fine"}) + "\n" for i in range(80)))
+    env = _env(ANTHROPIC_BASE_URL=emulator_server.url, ANTHROPIC_API_KEY="sk-test")
+    args = [str(src), "--prompt", "Say: {{ body }}", "--model", "claude-haiku-4-5"]
+    args += ["--max-tokens", "8"]
+
+    def estimate(*flags: str) -> list[dict[str, Any]]:
+        proc = subprocess.run(
+            [BATCHPIPE, "--db", f"sqlite:///{tmp_path / 'state.db'}", "--log-format", "json",
+             *flags, "estimate", *args],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return _json_lines(proc.stderr)
+
+    events = estimate()
+    (summary,) = [e for e in events if e["event"] == "estimate.tokens_counted"]
+    assert summary["calls"] == 50
+    assert summary["input_tokens"] > 0
+    assert summary["latency_ms"] >= 0
+    assert not [e for e in events if e["event"] == "api.count_tokens"]
+    debug = [e for e in estimate("--debug") if e["event"] == "api.count_tokens"]
+    assert len(debug) == 50
+    assert {e["level"] for e in debug} == {"debug"}
 
 
 # ---------------------------------------------------------------- progress on a terminal
@@ -147,6 +229,8 @@ def test_progress_bars_on_a_terminal_cover_every_long_step(tmp_path: Path) -> No
     for step in ("validating rows", "uploading", "waiting", "downloading", "exporting"):
         assert re.search(rf"{step}: \d", plain), f"no {step!r} bar in:\n{plain}"
     assert f"uploading: {ROWS}/{ROWS} (100%)" in plain
+    # While the batches run, the API's request_counts show beside the bar.
+    assert re.search(rf"waiting: \d+/{ROWS} \(\d+%\) · API: \d+ processing", plain), plain
     assert f"exporting: {ROWS}/{ROWS} (100%)" in plain
     assert "\r\x1b[2K" in out  # bars redraw in place
     # Readable console logs on a terminal, not JSON.

@@ -71,7 +71,7 @@ def test_text_report(finished_job: tuple[list[str], Path]) -> None:
     assert re.search(r"^  (positive|negative|mixed|unclear) +\d+ +\d+\.\d%$", out, re.M)
     assert "status and errors:" in out
     assert "attempts per row: 1: 120" in out
-    assert re.search(r"cost \$\d+\.\d{4} \(batch prices, table 2025-11-24\); per 1,000", out)
+    assert re.search(r"cost \$\d+\.\d{4} \(batch prices, table \d{4}-\d\d-\d\d\); per 1,000", out)
     assert out.count("\n  row ") == 5
     assert "body=review" in out  # the sampled rows' input, for review
     # Rows are numbered from 1, as validation numbers them: row N is line N of the input.

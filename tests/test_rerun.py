@@ -8,6 +8,7 @@ the crash is a real process killed with SIGKILL at a failpoint.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,3 +274,30 @@ def test_a_changed_prompt_without_job_does_not_start_a_second_paid_job(tmp_path:
     # Another output is another job, as before.
     other = [*common[:-1], str(tmp_path / "tags.parquet")]
     assert runner.invoke(cli, [*db, "run", *other, "--prompt", "Tag: {{ body }}"]).exit_code == 0
+
+
+def test_the_rerun_refusal_says_what_resending_would_cost(tmp_path: Path) -> None:
+    """The refusal that asks for --yes gives the rows and an upper bound on their cost, at
+    batch prices with every answer at --max-tokens; --dry-run says the same."""
+    src = tmp_path / "tickets.jsonl"
+    write_notes(src, 20)
+    db = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    common = [str(src), "--max-tokens", "100", "--emulate", "--job", "t"]
+    runner = CliRunner()
+    first = runner.invoke(cli, [*db, "run", *common, "--model", "claude-haiku-4-5",
+                                "--prompt", "Label: {{ body }}"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    changed = [*common, "--model", "claude-haiku-4-5", "--prompt", "Tag: {{ body }}"]
+    for extra in ([], ["--dry-run"]):
+        again = runner.invoke(cli, [*db, "run", *changed, *extra])
+        assert again.exit_code == (0 if extra else 2), again.output
+        said = re.search(r"changes the request of 20 of 20 row\(s\).*costs at most about "
+                         r"\$(\d+\.\d{4}) \(input tokens approximated", again.stderr)  # fmt: skip
+        assert said, again.stderr
+        # 20 answers of 100 tokens at $5/MTok, half price, plus the input: just above $0.005.
+        assert 0.005 < float(said.group(1)) < 0.006
+    unpriced = runner.invoke(
+        cli, [*db, "run", *common, "--model", "claude-mythos-preview", "--prompt", "x {{ body }}"]
+    )
+    assert unpriced.exit_code == 2, unpriced.output
+    assert "what that costs is unknown: model 'claude-mythos-preview' is not in" in unpriced.stderr

@@ -10,7 +10,7 @@ import click
 from batchpipe import pipeline
 from batchpipe.cli.app import State, cli, handle_errors
 from batchpipe.cli.jobs_cmd import _spec_from, job_options
-from batchpipe.cli.wiring import pipeline_context
+from batchpipe.cli.wiring import pipeline_context, require_api_key
 
 
 @cli.command()
@@ -47,6 +47,8 @@ def estimate(
     Batch prices (50% off), from the price table named in the output.
     """
     _, spec = _spec_from({**kwargs, "emulate": emulate})
+    if not (emulate or offline):
+        require_api_key(state)  # after the flags are checked, before any row is read
     with pipeline_context(state, emulate=emulate) as ctx:
         found = pipeline.estimate(
             ctx,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from batchpipe.cli.job_extras import (
     stored_settings,
     structured_options,
 )
-from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context
+from batchpipe.cli.run_summary import cost_line, failed_line, rows_by_status
+from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context, require_api_key
 from batchpipe.config import build_job_spec, job_file_settings
 from batchpipe.db import JobRow
 from batchpipe.errors import EXIT_TEMPFAIL, MissingSettings, UsageError
@@ -140,15 +141,6 @@ def _echo_plan(plan: pipeline.RerunPlan | None, name: str, known: bool) -> None:
     click.echo(str(plan.changed if plan else 0))
 
 
-def rows_by_status(counts: Mapping[ItemStatus, int]) -> str:
-    """``28 succeeded, 2 errored``: the statuses that have rows, in the enum's order.
-
-    For people; the ``job.finished`` log line carries the same counts as JSON fields.
-    """
-    parts = [f"{counts[s]:,} {s.value}" for s in ItemStatus if counts.get(s)]
-    return ", ".join(parts) or "none"
-
-
 def _echo_job(job: JobRow, verb: str) -> None:
     click.echo(
         f"{verb} job {job.id} ({job.name}): {job.status.value}, {job.row_count} rows", err=True
@@ -167,6 +159,8 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     up where it stopped and pays for nothing twice.
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate}, state)
+    if not (emulate or dry_run):
+        require_api_key(state)  # after the flags are checked, before any row is read
     with pipeline_context(state, emulate=emulate) as ctx:
         name = job_name_for(ctx, name, spec)
         if dry_run:
@@ -176,11 +170,16 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
         # The interval asked for now, not the one stored when the job began.
         job = pipeline.run(ctx, job, poll_interval=spec.poll_interval)
-        # Only the counts: job_summary would also sum tokens and cost, another walk over
-        # every row of the job (0.2 s at a million).
+        # Counts and cost, not job_summary (which walks the rows more times): two passes,
+        # 0.3 s at a million rows, once at the end of a run.
         by_status = ctx.store.count_items(job.id)
+        cost = ctx.store.job_totals(job.id).cost_usd
     _echo_job(job, "finished")
     click.echo(f"  rows: {rows_by_status(by_status)}", err=True)
+    click.echo(f"  {cost_line(job, cost)}", err=True)
+    failed = failed_line(job, by_status)
+    if failed:
+        click.echo(f"  {failed}", err=True)
     if spec.output:
         click.echo(f"  output: {spec.output}", err=True)
     failure = pipeline.rows_failed(job, by_status)
@@ -199,6 +198,8 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
     Prints the job's name on stdout, for scripts.
     """
     name, spec = _spec_from({**kwargs, "emulate": emulate}, state)
+    if not (emulate or dry_run):
+        require_api_key(state)  # after the flags are checked, before any row is read
     with pipeline_context(state, emulate=emulate) as ctx:
         name = job_name_for(ctx, name, spec)
         if dry_run:

@@ -25,6 +25,7 @@ class TerminalProgress:
         self.task = ""
         self.total: int | None = None
         self.done = 0
+        self.detail = ""
         self._start = 0.0
         self._drawn = 0.0
         self._line_open = False
@@ -33,8 +34,21 @@ class TerminalProgress:
         """Begin a step."""
         if self._line_open and task != self.task:
             self._newline()
-        self.task, self.total, self.done = task, total, 0
+        self.task, self.total, self.done, self.detail = task, total, 0, ""
         self._start = self._drawn = time.monotonic()
+        self._draw(force=True)
+
+    def update(self, task: str, done: int, total: int | None = None, detail: str = "") -> None:
+        """Show ``task`` at ``done`` of ``total`` in one draw, with ``detail`` after it.
+
+        For `waiting`, once per poll: the count is set, not counted up from 0 (start then
+        advance showed 0 for a moment each poll), and the rate runs from the first poll.
+        """
+        if task != self.task:
+            if self._line_open:
+                self._newline()
+            self._start = time.monotonic()
+        self.task, self.total, self.done, self.detail = task, total, done, detail
         self._draw(force=True)
 
     def advance(self, n: int = 1) -> None:
@@ -71,6 +85,8 @@ class TerminalProgress:
             text = f"{self.task}: {self.done:,}/{self.total:,} ({pct:.0f}%){rate}"
         else:
             text = f"{self.task}: {self.done:,}{rate}"
+        if self.detail:
+            text += f" · {self.detail}"
         click.echo(f"\r\x1b[2K{text}", file=self.stream, nl=False)
         self._line_open = True
 

@@ -17,7 +17,7 @@ from batchpipe.cli.app import State
 from batchpipe.cli.progress import make_progress
 from batchpipe.config import Settings
 from batchpipe.db import Store, sqlite_path
-from batchpipe.errors import TransientAPIError, UsageError
+from batchpipe.errors import AuthenticationFailed, TransientAPIError, UsageError
 from batchpipe.pipeline import Context, NullProgress
 from batchpipe.pipeline.context import DEFAULT_ORPHAN_GRACE_SECONDS
 
@@ -48,6 +48,26 @@ def _orphan_grace() -> float:
 def settings_for(state: State) -> Settings:
     """Settings from the root options and the environment."""
     return Settings.load(database_url=state.database_url, log_format=state.log_format)
+
+
+def require_api_key(state: State) -> None:
+    """Refuse at once, before any input is read or anything stored, a command that will call
+    the API with no ANTHROPIC_API_KEY (exit 2); otherwise the whole input would be validated
+    and the job recorded, only for the submit to fail.
+
+    Asked of every real API, an emulator at ANTHROPIC_BASE_URL included: the SDK sends a key
+    with every call, and a local emulator accepts any. `--emulate` needs none (its callers
+    skip this). The key itself is never printed.
+    """
+    if settings_for(state).api_key is not None:
+        return
+    # Not the URL itself: it may carry credentials of a proxy.
+    where = "the API at ANTHROPIC_BASE_URL" if settings_for(state).base_url else "the Anthropic API"
+    raise AuthenticationFailed(
+        f"ANTHROPIC_API_KEY is not set, and this command calls {where}: set ANTHROPIC_API_KEY "
+        "(any value will do for a local emulator at ANTHROPIC_BASE_URL), or pass --emulate to "
+        "use the built-in emulator; nothing was read or stored"
+    )
 
 
 def emulator_state_path(database_url: str) -> Path:

@@ -336,8 +336,13 @@ class BatchClient:
     def count_tokens(self, params: dict[str, Any]) -> int:
         """Input tokens of one rendered request's params (keys the endpoint rejects are dropped)."""
         kept = {k: v for k, v in params.items() if k in COUNT_TOKENS_KEYS}
+        # One line per call at debug only: an estimate counts ~50 rows, and logs one summary
+        # line of its own (``estimate.tokens_counted``). Failures still warn.
         counted = self._call(
-            "count_tokens", "count tokens", lambda: self._sdk.messages.count_tokens(**kept)
+            "count_tokens",
+            "count tokens",
+            lambda: self._sdk.messages.count_tokens(**kept),
+            success_debug=True,
         )
         return counted.input_tokens
 
@@ -352,9 +357,14 @@ class BatchClient:
         batch_id: str | None = None,
         remap_not_found: bool = True,
         log_success: bool = True,
+        success_debug: bool = False,
         **fields: Any,
     ) -> T:
-        """Run one SDK call: time it, log one ``api.<event>`` line, map its errors."""
+        """Run one SDK call: time it, log one ``api.<event>`` line, map its errors.
+
+        ``success_debug`` logs a successful call at debug (calls made by the dozen); an
+        error is a warning either way.
+        """
         started = time.perf_counter()
         try:
             result = fn()
@@ -379,7 +389,7 @@ class BatchClient:
         if not log_success:
             return result
         batch_id = batch_id or getattr(result, "id", None)
-        log.info(
+        (log.debug if success_debug else log.info)(
             f"api.{event}",
             batch_id=batch_id,
             latency_ms=_ms(started),

@@ -49,6 +49,9 @@ class Progress(Protocol):
     def finish(self) -> None:
         """The current step is over."""
 
+    def update(self, task: str, done: int, total: int | None = None, detail: str = "") -> None:
+        """Show `task` at `done` of `total` at once, with a `detail` (a poll's state)."""
+
 
 class NullProgress:
     """Progress that goes nowhere (not a TTY, tests, library use)."""
@@ -60,6 +63,9 @@ class NullProgress:
         pass
 
     def finish(self) -> None:
+        pass
+
+    def update(self, task: str, done: int, total: int | None = None, detail: str = "") -> None:
         pass
 
 

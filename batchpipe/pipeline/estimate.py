@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from batchpipe import pricing
 from batchpipe.dataset import Dataset
 from batchpipe.db import ScratchKeys
 from batchpipe.errors import UsageError
+from batchpipe.log import get_logger
 from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
 from batchpipe.pipeline.ingest import (
@@ -35,6 +37,8 @@ from batchpipe.pipeline.ingest import (
 )
 from batchpipe.requests import IdKinds, RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
+
+log = get_logger(__name__)
 
 DEFAULT_SAMPLE = 50
 _TYPICAL = {"string": "a typical short answer", "integer": 1234, "number": 12.5, "boolean": True}
@@ -209,7 +213,15 @@ def estimate(
         input_tokens = pricing.approx_tokens(total_bytes)
         method = "offline"
     else:
+        started = time.perf_counter()
         counted = sum(ctx.client.count_tokens(p) for p in reservoir)
+        # One line for the whole sample (each call's own line is at debug).
+        log.info(
+            "estimate.tokens_counted",
+            calls=len(reservoir),
+            input_tokens=counted,
+            latency_ms=round((time.perf_counter() - started) * 1000),
+        )
         sample_bytes = sum(_counted(p) for p in reservoir) or 1
         input_tokens = (
             counted if len(reservoir) == rows else round(counted * total_bytes / sample_bytes)

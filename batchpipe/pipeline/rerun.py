@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from batchpipe import pricing
 from batchpipe.dataset import Dataset
 from batchpipe.db import JobRow
 from batchpipe.errors import InputChangedError, UsageError
@@ -46,19 +47,56 @@ class RerunPlan:
     fields: list[str]
     changed: int
     unchanged: int
+    # What sending the changed rows again may cost, for plans that were counted (not for
+    # one applied); cost_unknown says why there is no figure (a model without a price).
+    max_cost_usd: float | None = None
+    cost_unknown: str | None = None
 
     def describe(self) -> str:
         """One line for the terminal."""
-        return (
+        said = (
             f"job {self.job_id} ({self.job_name}) already exists with different "
             f"{', '.join(self.fields)}: that changes the request of {self.changed} of "
             f"{self.changed + self.unchanged} row(s); only those are sent again, the others "
             "keep their results"
         )
+        if self.cost_unknown is not None and self.changed:
+            return f"{said}; what that costs is unknown: {self.cost_unknown}"
+        if self.max_cost_usd is not None and self.changed:
+            return (
+                f"{said}; sending them costs at most about ${self.max_cost_usd:,.4f} (input "
+                "tokens approximated from the request size, every answer at --max-tokens, "
+                "batch prices; `batchpipe estimate` counts more closely)"
+            )
+        return said
 
 
-def _changes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, bool]]:
-    """``(row_index, changed?)`` for every sendable row, in row order."""
+def _resend_cost(spec: JobSpec, requests: int, request_bytes: int) -> float | None:
+    """The most ``requests`` of ``request_bytes`` cost at ``spec``'s model: input tokens
+    approximated offline (no API call while refusing a command), output at max_tokens."""
+    price = pricing.price_for(spec.model)
+    if price is None:
+        return None
+    input_rate = price.cache_write if spec.cache_system else price.input
+    dollars = (
+        pricing.approx_tokens(request_bytes) * input_rate
+        + requests * spec.max_tokens * price.output
+    )
+    return pricing.BATCH_DISCOUNT * dollars / 1e6
+
+
+@dataclass
+class _Bytes:
+    """A running total (not a list: memory must not grow with the rows)."""
+
+    total: int = 0
+
+
+def _changes(
+    ctx: Context, job: JobRow, spec: JobSpec, sent_bytes: _Bytes | None = None
+) -> Iterator[tuple[int, bool]]:
+    """``(row_index, changed?)`` for every sendable row, in row order; with ``sent_bytes``,
+    the changed rows' new requests' sizes are added to it (for the cost)."""
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
@@ -82,25 +120,32 @@ def _changes(ctx: Context, job: JobRow, spec: JobSpec) -> Iterator[tuple[int, bo
                     f"render ({params.message}); nothing was changed"
                 )
             before = sent_with.render(row, item.row_index)
-            if isinstance(before, RowProblem):
-                yield item.row_index, True
-                continue
+            new = renderer.canonical_request(params)
             # Compared with keys sorted: the same request whatever order the code built it in.
-            yield (
-                item.row_index,
-                (renderer.canonical_request(params) != sent_with.canonical_request(before)),
-            )
+            differs = isinstance(before, RowProblem) or new != sent_with.canonical_request(before)
+            if differs and sent_bytes is not None:
+                sent_bytes.total += len(new)
+            yield item.row_index, differs
 
 
 def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:
     """Count the rows whose request the new settings change (reads only)."""
     changed = unchanged = 0
-    for _, differs in _changes(ctx, job, spec):
+    sent_bytes = _Bytes()
+    for _, differs in _changes(ctx, job, spec, sent_bytes):
         if differs:
             changed += 1
         else:
             unchanged += 1
-    return RerunPlan(job.id, job.name, fields, changed, unchanged)
+    return RerunPlan(
+        job.id,
+        job.name,
+        fields,
+        changed,
+        unchanged,
+        max_cost_usd=_resend_cost(spec, changed, sent_bytes.total),
+        cost_unknown=pricing.unpriced(spec.model),
+    )
 
 
 def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:

@@ -211,15 +211,39 @@ def _no_fingerprint(ctx: Context, job: JobRow) -> tuple[int, ...]:
     return ()
 
 
+_API_COUNTS = ("processing", "succeeded", "errored", "canceled", "expired")
+
+
+def _api_counts(ctx: Context, job: JobRow) -> dict[str, int]:
+    """The API's request_counts at the last poll, summed over the job's batches in flight."""
+    totals = dict.fromkeys(_API_COUNTS, 0)
+    for batch in ctx.store.list_batches(job.id, BatchStatus.unsettled()):
+        if batch.api_counts is None:  # sent this step, not polled yet: all still processing
+            totals["processing"] += batch.request_count
+        for key, n in (batch.api_counts or {}).items():
+            if key in totals:
+                totals[key] += n
+    return totals
+
+
 def _show_waiting(ctx: Context, job: JobRow) -> None:
-    """Report `waiting`: rows with a final answer out of all rows (a bar on a TTY)."""
+    """Report `waiting` once per poll: one ``job.waiting`` log line with the API's counts,
+    and on a TTY a bar of rows processed (final in the store, or finished at the API in a
+    batch not yet collected) with those counts beside it.
+
+    Rows only become final when a batch ends and is collected, so the API's counts are what
+    shows a batch moving while it runs.
+    """
+    api = _api_counts(ctx, job)
+    bind(job, log).info("job.waiting", **api)
     if isinstance(ctx.progress, NullProgress):
         return  # nothing is drawn: spare the count (a walk over the job's rows)
     counts = ctx.store.count_items(job.id)
     unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
-    ctx.progress.start("waiting", job.row_count)
-    ctx.progress.advance(max(job.row_count - unfinished, 0))
-    ctx.progress.finish()
+    finished_at_api = sum(n for k, n in api.items() if k != "processing")
+    done = min(job.row_count - unfinished + finished_at_api, job.row_count)
+    detail = ", ".join(f"{n:,} {k}" for k, n in api.items() if n)
+    ctx.progress.update("waiting", max(done, 0), job.row_count, f"API: {detail}" if detail else "")
 
 
 def run(ctx: Context, job: JobRow, *, poll_interval: float | None = None) -> JobRow:

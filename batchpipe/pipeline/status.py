@@ -98,8 +98,9 @@ def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict
         "counts": {s.value: counts.get(s, 0) for s in ItemStatus},
         "requests_sent": attempts_total,
         "usage": totals.usage,
-        # Dollars paid so far at batch prices (every attempt, cache tokens included).
-        "cost_usd": totals.cost_usd,
+        # Dollars paid so far at batch prices (every attempt, cache tokens included); null
+        # for a model the price table lacks: its rows have no cost, and 0.0 would read as free.
+        "cost_usd": None if pricing.unpriced(job.spec.get("model")) else totals.cost_usd,
         "price_table": pricing.PRICE_TABLE_VERSION,
         "truncated": totals.truncated,
         "age_seconds": int((now - job.created_at).total_seconds()),
