@@ -21,7 +21,7 @@ from batchpipe.errors import InputChangedError, InputError, PreflightFailed, Usa
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
-from batchpipe.pipeline.carry import carried_settings
+from batchpipe.pipeline.carry import ROUND_FIELDS, SETTINGS_FIELDS, carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
@@ -36,19 +36,9 @@ from batchpipe.requests import (
     standin_key,
 )
 
-# Spec fields that may change between runs of the same job without changing any request.
-_NON_IDENTITY_FIELDS = {
-    "output",
-    "poll_interval",
-    "skip_invalid",
-    "max_attempts",
-    "max_batch_requests",
-    "max_batch_bytes",
-    "retry_truncated_max_tokens",
-    "max_cost",
-    "max_failed",
-    "result_prefix",
-}
+# Spec fields that may change between runs of the same job without changing any request:
+# the one list of pipeline.carry (settings, and the round of tries).
+_NON_IDENTITY_FIELDS = {*SETTINGS_FIELDS, *ROUND_FIELDS}
 # Spec fields that shape requests: changing them re-runs the rows whose request changed.
 REQUEST_FIELDS = (
     frozenset(JobSpec.model_fields)
