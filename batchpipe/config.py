@@ -96,13 +96,17 @@ def job_file_settings(path: Path) -> dict[str, Any]:
     return {k: data[k] for k in ("name", "database_url") if k in data}
 
 
-def build_job_spec(
+def given_job_settings(
     flags: Mapping[str, Any],
     *,
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
-) -> JobSpec:
-    """Merge the layers into a validated JobSpec. Flags that are None count as not given."""
+) -> dict[str, Any]:
+    """The job settings a command gives, merged: job file < BATCHPIPE_* env < flags.
+
+    Flags that are None count as not given. Defaults are not filled in: what is absent here
+    was not given, which is how a known job tells the settings to keep (pipeline.carry).
+    """
     env = os.environ if env is None else env
     merged: dict[str, Any] = {}
     if config_file is not None:
@@ -121,7 +125,15 @@ def build_job_spec(
         value = merged.get(key)
         if isinstance(value, str) and value and "://" not in value:
             merged[key] = os.path.abspath(value)
-    missing = [k for k in ("input", "prompt", "model", "max_tokens") if k not in merged]
+    return merged
+
+
+def job_spec_from(settings: Mapping[str, Any]) -> JobSpec:
+    """A validated JobSpec from complete ``settings``; MissingSettings names what is missing.
+
+    The spec's ``model_fields_set`` is exactly the keys of ``settings``.
+    """
+    missing = [k for k in ("input", "prompt", "model", "max_tokens") if k not in settings]
     if missing:
         # The input is the commands' INPUT argument, not a flag (`input` in a job file).
         flags_needed = ", ".join(
@@ -131,9 +143,19 @@ def build_job_spec(
             f"missing {flags_needed} (give them as flags, in --config or as BATCHPIPE_* variables)"
         )
     try:
-        return JobSpec.model_validate(merged)
+        return JobSpec.model_validate(settings)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise UsageError(f"invalid job settings: {problems}") from None
+
+
+def build_job_spec(
+    flags: Mapping[str, Any],
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> JobSpec:
+    """Merge the layers into a validated JobSpec. Flags that are None count as not given."""
+    return job_spec_from(given_job_settings(flags, config_file=config_file, env=env))

@@ -862,12 +862,23 @@ def test_run_with_only_the_job_name_continues_a_known_job(
     assert "`batchpipe run --job j` sends them and waits for the answers" in retried.stderr
     emulator.configure(processing_seconds=0)
     started = time.monotonic()
-    ran = invoke(tmp_path, "run", "--job", "j", "--poll-interval", "0.05", env=env)
+    before = emulator.stats()["batches_created"]
+    ran = invoke(
+        tmp_path, "run", "--job", "j", "--poll-interval", "0.05", "--max-batch-requests", "2",
+        env=env,
+    )  # fmt: skip
     assert ran.exit_code == 0, ran.output
-    # This run's --poll-interval, not the job's (unset: a first wait of 30 s).
+    # This run's --poll-interval, not the job's (unset: a first wait of 30 s), and its
+    # batch limit: 4 rows in batches of 2 (it was dropped, and 1 batch sent).
     assert time.monotonic() - started < 15
+    assert emulator.stats()["batches_created"] - before == 2
     assert "finished job 1 (j): done, 4 rows\n  rows: 4 succeeded\n" in ran.stderr
     assert pq.read_table(out).column("result_status").to_pylist() == ["succeeded"] * 4
+    # Stored with the job for later commands, as every setting given that changes no request.
+    with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        job = store.get_job("j")
+    assert job is not None
+    assert (job.spec["poll_interval"], job.spec["max_batch_requests"]) == (0.05, 2)
     # No such job: the message names what is missing (INPUT is an argument, not a flag).
     unknown = invoke(tmp_path, "run", "--job", "nosuch", env=env)
     assert unknown.exit_code == 2

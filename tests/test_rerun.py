@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow.parquet as pq
@@ -28,6 +28,9 @@ from batchpipe.cli import cli
 from batchpipe.db import JobRow
 from batchpipe.errors import UsageError
 from batchpipe.models import ItemStatus, JobSpec, JobStatus
+
+if TYPE_CHECKING:
+    from batchpipe.emulator import Emulator, EmulatorServer
 
 # More rows than the store writes per executemany chunk (5,000), so a re-run that commits
 # per chunk would have lost answers before reaching the last row.
@@ -301,3 +304,43 @@ def test_the_rerun_refusal_says_what_resending_would_cost(tmp_path: Path) -> Non
     )
     assert unpriced.exit_code == 2, unpriced.output
     assert "what that costs is unknown: model 'claude-mythos-preview' is not in" in unpriced.stderr
+
+
+def test_rerunning_a_known_job_by_name_pays_for_what_the_full_command_would(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """`run --job NAME --prompt B --yes` re-runs with the job's other settings, but each
+    re-run is one round of --max-attempts on top of the highest attempt, as the full command
+    gives; the job's stored cap was taken for the round and tried 12 times where 9 was due.
+    BATCHPIPE_* variables given with it apply (they lost to the stored settings before)."""
+    emulator.configure(processing_seconds=0, errored_rate=1.0)  # every attempt fails
+    src = tmp_path / "tickets.jsonl"
+    write_notes(src, 2)
+    db = ["--db", f"sqlite:///{tmp_path / 'state.db'}", "--log-format", "json"]
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    runner = CliRunner()
+
+    def attempts(*args: str, extra_env: dict[str, str] | None = None) -> list[int]:
+        ran = runner.invoke(cli, [*db, "run", *args, "--yes"], env={**env, **(extra_env or {})})
+        assert ran.exit_code == 0, ran.output
+        out = tmp_path / f"{args[args.index('--job') + 1]}.parquet"
+        return pq.read_table(out).column("attempts").to_pylist()
+
+    def full(name: str, prompt: str) -> list[str]:
+        return [
+            str(src), "--job", name, "--prompt", prompt, "--model", "claude-haiku-4-5",
+            "--max-tokens", "8", "-o", str(tmp_path / f"{name}.parquet"),
+            "--poll-interval", "0.05", "--max-failed", "100%",
+        ]  # fmt: skip
+
+    assert attempts(*full("j", "A {{ body }}")) == [3, 3]
+    assert attempts(*full("k", "A {{ body }}")) == [3, 3]
+    # The full command and the short one (the job's name and what changes) agree.
+    for prompt, tries in (("B {{ body }}", [6, 6]), ("C {{ body }}", [9, 9])):
+        assert attempts(*full("k", prompt)) == tries
+        assert attempts("--job", "j", "--prompt", prompt) == tries
+    # Settings from the environment count as given: 2 more tries, one row per batch.
+    before = emulator.stats()["batches_created"]
+    given = {"BATCHPIPE_MAX_ATTEMPTS": "2", "BATCHPIPE_MAX_BATCH_REQUESTS": "1"}
+    assert attempts("--job", "j", "--prompt", "D {{ body }}", extra_env=given) == [11, 11]
+    assert emulator.stats()["batches_created"] - before == 4  # 2 rows x 2 tries

@@ -114,8 +114,8 @@ def job_name_for(ctx: pipeline.Context, name: str | None, spec: JobSpec) -> str:
     return name
 
 
-def stored_settings(state: State, name: str) -> dict[str, Any] | None:
-    """The settings job ``name`` was started with, or None when there is no such job.
+def stored_spec(state: State, name: str) -> JobSpec | None:
+    """The settings job ``name`` holds now, or None when there is no such job.
 
     A state database that does not exist yet is not created to look (see dbcheck).
     """
@@ -124,7 +124,7 @@ def stored_settings(state: State, name: str) -> dict[str, Any] | None:
         return None
     with pipeline_context(state) as ctx:
         job = ctx.store.get_job(name)
-    return None if job is None else dict(job.spec)
+    return None if job is None else JobSpec.model_validate(job.spec)
 
 
 def parse_params(values: tuple[str, ...]) -> dict[str, Any] | None:

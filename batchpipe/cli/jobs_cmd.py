@@ -17,12 +17,12 @@ from batchpipe.cli.job_extras import (
     job_name_for,
     output_schema_from,
     parse_params,
-    stored_settings,
+    stored_spec,
     structured_options,
 )
 from batchpipe.cli.run_summary import cost_line, failed_line, rows_by_status
 from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context, require_api_key
-from batchpipe.config import build_job_spec, job_file_settings
+from batchpipe.config import given_job_settings, job_file_settings, job_spec_from
 from batchpipe.db import JobRow
 from batchpipe.errors import EXIT_TEMPFAIL, MissingSettings, UsageError
 from batchpipe.models import ItemStatus, JobSpec
@@ -42,8 +42,9 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--job",
             "job_name",
             metavar="NAME",
-            help="Job name; the same name resumes the job (`run --job NAME` alone continues "
-            "a known job with its settings). Default: input stem + settings hash.",
+            help="Job name; the same name resumes the job (`run --job NAME` or `submit --job "
+            "NAME` alone continues a known job with its stored settings; settings given "
+            "replace the job's, the rest are kept). Default: input stem + settings hash.",
         ),
         click.option("--prompt", help="User message template, e.g. 'Classify: {{ body }}'."),
         click.option("--system", help="System prompt (a template too)."),
@@ -64,7 +65,12 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["jsonl", "parquet"]),
             help="Input format, when the extension does not say.",
         ),
-        click.option("--max-attempts", type=int, help="Tries per row for transient failures [3]."),
+        click.option(
+            "--max-attempts",
+            type=int,
+            help="Tries per row for transient failures [3]; a re-run that changes requests "
+            "gives the re-sent rows this many more (not kept with the job).",
+        ),
         click.option(
             "--poll-interval",
             type=float,
@@ -106,28 +112,33 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _spec_from(kwargs: dict[str, Any], state: State | None = None) -> tuple[str | None, JobSpec]:
+    """The job name and the spec of what the command gives (flags, BATCHPIPE_*, job file).
+
+    Nothing is taken from a stored job here except, for `--job NAME` naming a known job,
+    the input and request settings the command leaves out (pipeline.complete_spec). The
+    settings that change no request are filled in by the pipeline, by one rule
+    (pipeline.carry), from what the spec says was given.
+    """
     kwargs["output_schema"] = output_schema_from(kwargs.pop("labels"), kwargs.pop("schema_file"))
     config_file: Path | None = kwargs.pop("config_file")
     job_name: str | None = kwargs.pop("job_name")
     kwargs["params"] = parse_params(kwargs.pop("params"))
-    if kwargs.get("emulate") and kwargs.get("poll_interval") is None:
-        kwargs["poll_interval"] = EMULATE_POLL_INTERVAL
-    kwargs.pop("emulate")
+    kwargs.pop("emulate")  # its short poll interval is the run's, not stored (see `run`)
     if config_file is not None and job_name is None:
         job_name = job_file_settings(config_file).get("name")
+    given = given_job_settings(kwargs, config_file=config_file)
     try:
-        spec = build_job_spec(kwargs, config_file=config_file)
+        spec = job_spec_from(given)
     except MissingSettings as exc:
         # `run --job NAME` alone continues a known job: its settings are in the database.
-        stored = stored_settings(state, job_name) if state and job_name else None
+        stored = stored_spec(state, job_name) if state and job_name else None
         if stored is None and state and job_name:
             raise MissingSettings(
                 f"{exc}; there is no job {job_name!r} to continue (`batchpipe jobs` lists them)"
             ) from None
         if stored is None:
             raise
-        given = {k: v for k, v in kwargs.items() if v is not None}
-        spec = build_job_spec({**stored, **given}, config_file=config_file)
+        spec = pipeline.complete_spec(stored, given)
     return job_name, spec
 
 
@@ -168,8 +179,9 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
         job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        # The interval asked for now, not the one stored when the job began.
-        job = pipeline.run(ctx, job, poll_interval=spec.poll_interval)
+        # The job's --poll-interval is the latest one given (stored by prepare); without
+        # one, the emulator's batches end quickly enough for a short wait.
+        job = pipeline.run(ctx, job, poll_interval=EMULATE_POLL_INTERVAL if emulate else None)
         # Counts and cost, not job_summary (which walks the rows more times): two passes,
         # 0.3 s at a million rows, once at the end of a run.
         by_status = ctx.store.count_items(job.id)

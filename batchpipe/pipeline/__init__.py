@@ -4,6 +4,7 @@ Each step reads what it needs from the store, does one thing, and commits, so a 
 die anywhere and the next run continues. Nothing here prints; the CLI renders.
 """
 
+from batchpipe.pipeline.carry import complete_spec
 from batchpipe.pipeline.context import Context, NullProgress, Progress, default_owner
 from batchpipe.pipeline.estimate import DEFAULT_SAMPLE, Estimate, estimate
 from batchpipe.pipeline.export import RESULT_COLUMN_TYPES, export
@@ -38,6 +39,7 @@ __all__ = [
     "build_report",
     "cancel",
     "check_rerun",
+    "complete_spec",
     "default_job_name",
     "default_owner",
     "earlier_job",

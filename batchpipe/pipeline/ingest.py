@@ -21,6 +21,7 @@ from batchpipe.errors import InputChangedError, InputError, PreflightFailed, Usa
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
+from batchpipe.pipeline.carry import ROUND_FIELDS, SETTINGS_FIELDS, carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
@@ -35,29 +36,9 @@ from batchpipe.requests import (
     standin_key,
 )
 
-# Spec fields that may change between runs of the same job without changing any request.
-_NON_IDENTITY_FIELDS = {
-    "output",
-    "poll_interval",
-    "skip_invalid",
-    "max_attempts",
-    "max_batch_requests",
-    "max_batch_bytes",
-    "retry_truncated_max_tokens",
-    "max_cost",
-    "max_failed",
-    "result_prefix",
-}
-# Settings a later run may change for a known job without changing its requests, when it
-# gives them (max_failed, which a run may also put back to unset, is carried on its own).
-_CARRIED_FIELDS = (
-    "output",
-    "max_cost",
-    "result_prefix",
-    "retry_truncated_max_tokens",
-    "skip_invalid",
-)
-_KEPT_ON_RERUN = sorted(_NON_IDENTITY_FIELDS - {"max_attempts", "max_failed"})
+# Spec fields that may change between runs of the same job without changing any request:
+# the one list of pipeline.carry (settings, and the round of tries).
+_NON_IDENTITY_FIELDS = {*SETTINGS_FIELDS, *ROUND_FIELDS}
 # Spec fields that shape requests: changing them re-runs the rows whose request changed.
 REQUEST_FIELDS = (
     frozenset(JobSpec.model_fields)
@@ -113,35 +94,15 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
             f"job {job.id} ({job.name}) already exists with different {', '.join(changed)}; "
             "give this run a new --job name, or run the original settings to resume it"
         )
-    given = given_settings(spec)
+    # The one rule (pipeline.carry): settings given replace the job's, the others stay.
     carried = {
-        k: getattr(spec, k)
-        for k in _CARRIED_FIELDS
-        if k in given and getattr(spec, k) != getattr(existing, k)
+        k: v for k, v in carried_settings(existing, spec).items() if v != getattr(existing, k)
     }
-    max_failed = spec.max_failed_over(existing.max_failed)
-    if max_failed != existing.max_failed:
-        carried["max_failed"] = max_failed
     if carried:
         ctx.store.update_job(job.id, spec=existing.model_copy(update=carried).model_dump())
         job = ctx.store.get_job(job.id)
         assert job is not None
     return job
-
-
-def given_settings(spec: JobSpec) -> set[str]:
-    """The fields of ``spec`` its command gave (flag, environment or job file, not null):
-    the others are defaults, which must not replace what a known job was given before."""
-    return {k for k in spec.model_fields_set if getattr(spec, k) is not None}
-
-
-def kept_on_rerun(existing: JobSpec, spec: JobSpec) -> dict[str, Any]:
-    """The settings a re-run keeps from the job's ``existing`` spec: every one that changes
-    no request and that ``spec``'s command does not give (max_attempts and max_failed
-    aside: the re-run counts attempts on from the highest, and max_failed has its own rule).
-    """
-    given = given_settings(spec)
-    return {k: getattr(existing, k) for k in _KEPT_ON_RERUN if k not in given}
 
 
 class RequestsChanged(UsageError):

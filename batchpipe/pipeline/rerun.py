@@ -26,8 +26,8 @@ from batchpipe.db import JobRow
 from batchpipe.errors import InputChangedError, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec
+from batchpipe.pipeline.carry import carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
-from batchpipe.pipeline.ingest import kept_on_rerun
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import RequestRenderer, RowProblem
 
@@ -166,12 +166,12 @@ def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> 
     old = job_spec(job)
     new_spec = spec.model_copy(
         update={
-            # What the command does not give stays as the job had it: output, budget,
-            # result prefix, batch sizes … (a default must not replace a choice made before).
-            **kept_on_rerun(old, spec),
+            # The one rule (pipeline.carry): what the command does not give stays as the job
+            # had it (output, budget, result prefix, batch sizes, max_failed …).
+            **carried_settings(old, spec),
+            # A new round of tries on top of the highest attempt so far: the command's round
+            # (default 3), never the job's stored cap, which would add up on every re-run.
             "max_attempts": highest + spec.max_attempts,
-            # Kept unless given, as for a run that changes no request (see open_job).
-            "max_failed": spec.max_failed_over(old.max_failed),
         }
     )
     changed, unchanged = ctx.store.rerun_items(

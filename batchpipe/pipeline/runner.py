@@ -249,12 +249,12 @@ def _show_waiting(ctx: Context, job: JobRow) -> None:
 def run(ctx: Context, job: JobRow, *, poll_interval: float | None = None) -> JobRow:
     """Work on a job until it is finished, sleeping between polls. Holds the lease throughout.
 
-    Transient API trouble never ends the run: it waits and tries again. ``poll_interval``
-    is this run's (a setting of the process, not of the job's requests); without it, the
-    one the job was started with.
+    Transient API trouble never ends the run: it waits and tries again. The job's
+    ``--poll-interval`` is the one its latest command gave (see pipeline.carry);
+    ``poll_interval`` stands in when it has none (the emulator's short wait), not stored.
     """
     spec = job_spec(job)
-    backoff = Backoff(poll_interval if poll_interval is not None else spec.poll_interval)
+    backoff = Backoff(spec.poll_interval if spec.poll_interval is not None else poll_interval)
     with ctx.lease(job):
         # Progress only matters to the adaptive backoff; a fixed interval skips the counts
         # (a walk over the job's rows each, twice per poll).
