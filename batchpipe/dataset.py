@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from batchpipe._export import JoinedWriter, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
-from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row
+from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row, lines_of_rows
 from batchpipe.models import RESULT_PREFIX_HINT
 
 Format = Literal["jsonl", "parquet"]
@@ -271,6 +271,14 @@ class Dataset:
             if lineno is not None:
                 return f"{self.uri}, line {lineno}"
         return f"{self.uri}, row {row_index + 1}"
+
+    def lines_of(self, row_indexes: Collection[int]) -> dict[int, int]:
+        """The file line of each of ``row_indexes`` (from 0) for a JSONL input, in one pass;
+        empty for Parquet, whose rows have no lines."""
+        if self.format != "jsonl" or not row_indexes:
+            return {}
+        with self._open_text() as stream:
+            return lines_of_rows(stream, row_indexes)
 
     # ------------------------------------------------------------ streaming
 

@@ -121,7 +121,7 @@ BAD_INPUTS = {
     ),
     "null template value": (
         b'{"doc_id": "a", "body": "x"}\n{"doc_id": "b", "body": null}\n',
-        r"row 2 \(id 'b'\): column 'body' is null",
+        r"1 row: column 'body' is null \(row 2 \(id 'b'\)\)",
     ),
     "duplicate ids": (
         b'{"doc_id": "a", "body": "x"}\n{"doc_id": "a", "body": "y"}\n',
@@ -590,16 +590,15 @@ def test_estimate_counts_the_rows_the_run_would_refuse(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("3 row(s) to send")
     assert (
-        "warning: 1 row(s) fail validation and are not priced "
-        "(first: row 4 (id 'd9'): column 'body' is null); `run` refuses the job unless "
-        "--skip-invalid"
+        f"warning: {src}: 1 row(s) fail validation and are not priced; `run` refuses the "
+        "job unless --skip-invalid:\n  1 row: column 'body' is null (row 4 (id 'd9'))"
     ) in result.stderr
     # A bad id is a bad row too, as ingest says.
     src = write_jsonl(tmp_path / "ids.jsonl", [*rows(2), {"doc_id": None, "body": "x"}])
     result = invoke(tmp_path, "estimate", *run_args(src, tmp_path / "o.parquet")[1:], "--offline")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("2 row(s) to send")
-    assert "(first: row 3: column 'doc_id' (the id column) is null)" in result.stderr
+    assert "1 row: column 'doc_id' (the id column) is null (row 3)" in result.stderr
 
 
 def test_estimate_refuses_duplicate_ids_as_the_run_does(

@@ -22,6 +22,7 @@ from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.problems import ProblemTally
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
     IdKinds,
@@ -71,7 +72,6 @@ REQUEST_FIELDS = (
 # Newer request fields, left out of the default job name at their defaults, so the names
 # of jobs started before they existed stay the same.
 _NAME_NEUTRAL_DEFAULTS = {"output_schema": None, "output_mode": "tool", "cache_system": False}
-_SHOWN_PROBLEMS = 20
 
 log = get_logger(__name__)
 
@@ -207,7 +207,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     check_columns(dataset, spec, renderer)
     fingerprint = dataset.fingerprint()
     logger = bind(job, log)
-    problems: list[RowProblem] = []
+    problems = ProblemTally()
     counts = {"rows": 0, "invalid": 0}
     read = renderer.columns_to_read()
     if read is not None and spec.id_column:
@@ -227,8 +227,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                 checked = check_row(renderer, spec, row, row_index)
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
-                    if len(problems) < _SHOWN_PROBLEMS:
-                        problems.append(checked)
+                    problems.add(checked)
                     key = checked.row_key
                     if key is None:  # no usable id: a key no real id can have
                         key = standin_key(row_index)
@@ -241,7 +240,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         ctx.progress.finish()
         if counts["invalid"] and not spec.skip_invalid:
             # Raising inside the generator rolls back the whole insert: nothing is stored.
-            raise _preflight_error(dataset, counts["invalid"], problems)
+            raise _preflight_error(dataset, problems)
 
     # A process that died between inserting the items and recording the fingerprint (the
     # "ingested" mark) left them behind; nothing of them was sent, so start over.
@@ -327,13 +326,10 @@ def check_row(
     return key, params
 
 
-def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:
-    lines = [describe_problem(p) for p in problems]
-    more = f"\n  … and {invalid - len(problems)} more" if invalid > len(problems) else ""
+def _preflight_error(dataset: Dataset, problems: ProblemTally) -> PreflightFailed:
+    lines = problems.lines(dataset)
     return PreflightFailed(
-        f"{dataset.uri}: {invalid} row(s) failed validation; nothing was submitted:\n  "
-        + "\n  ".join(lines)
-        + more
+        problems.message(dataset, "failed validation; nothing was submitted")
         + "\nfix them, or pass --skip-invalid to send the rest and export these as "
         "result_status=invalid",
         lines,

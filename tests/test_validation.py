@@ -1,0 +1,121 @@
+"""What a user reads when rows fail validation, at the scale of a real dataset.
+
+Thousands of rows failing for one reason (a template typo, a null column) read as one line
+with their count and first rows, not as twenty rows one by one that hide the count and any
+other cause; `estimate` lists the causes the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from click.testing import CliRunner, Result
+
+from batchpipe.cli import cli
+from batchpipe.pipeline.problems import MAX_CAUSES
+
+PROMPT = "Classify: {{ body }}"
+
+
+def invoke(tmp_path: Path, *args: str) -> Result:
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    return CliRunner().invoke(
+        cli, ["--db", db, "--log-format", "json", *args], env={"ANTHROPIC_API_KEY": ""}
+    )
+
+
+def common(src: Path, *extra: str) -> list[str]:
+    return [
+        str(src), "--prompt", PROMPT, "--model", "claude-haiku-4-5", "--max-tokens", "64",
+        "--id-column", "doc_id", *extra,
+    ]  # fmt: skip
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_many_rows_with_one_cause_are_one_line_with_their_count_and_first_rows(
+    tmp_path: Path,
+) -> None:
+    lines = []
+    for i in range(3000):
+        row: dict[str, object] = {"doc_id": f"d{i}", "body": None if i % 50 else "fine"}
+        if i == 7:
+            del row["doc_id"]
+        lines.append(orjson.dumps(row))
+    lines.insert(2, b"")  # a blank line: rows from the third on sit one line further down
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.parquet"
+    ran = invoke(tmp_path, "run", *common(src, "--emulate", "-o", str(out)))
+    assert ran.exit_code == 1, ran.output
+    assert (
+        f"{src}: 2,940 row(s) failed validation; nothing was submitted (2 causes):\n"
+        "  2,939 rows: column 'body' is null (rows 2 (id 'd1'), 3 (line 4, id 'd2'), "
+        "4 (line 5, id 'd3'), 5 (line 6, id 'd4'), 6 (line 7, id 'd5'), …)\n"
+        "  1 row: column 'doc_id' (the id column) is missing (row 8 (line 9))\n"
+        "fix them, or pass --skip-invalid"
+    ) in ran.stderr
+    assert not out.exists()
+
+    estimated = invoke(tmp_path, "estimate", *common(src, "--offline"))
+    assert estimated.exit_code == 0, estimated.output
+    assert estimated.stdout.startswith("60 row(s) to send")
+    assert (
+        f"warning: {src}: 2,940 row(s) fail validation and are not priced; `run` refuses "
+        "the job unless --skip-invalid:\n"
+        "  2,939 rows: column 'body' is null (rows 2 (id 'd1'), 3 (line 4, id 'd2'), "
+    ) in estimated.stderr
+    assert "  1 row: column 'doc_id' (the id column) is missing (row 8 (line 9))" in (
+        estimated.stderr
+    )
+
+
+def test_causes_beyond_the_kept_number_are_counted_as_other_causes(tmp_path: Path) -> None:
+    """Every row absent in its own mix of five template columns: 242 distinct causes, of
+    which MAX_CAUSES are listed and the rest counted, so memory does not grow with them."""
+    names = ["a", "b", "c", "d", "e"]
+    rows = []
+    for i in range(1, 3**5):  # 0 would be the row with every column present
+        row: dict[str, object] = {"doc_id": f"d{i}"}
+        for n, name in enumerate(names):
+            digit = i // 3**n % 3  # 0 present, 1 null, 2 missing
+            if digit != 2:
+                row[name] = None if digit else "x"
+        rows.append(orjson.dumps(row))
+    src = write_lines(tmp_path / "in.jsonl", rows)
+    prompt = " ".join(f"{{{{ {name} }}}}" for name in names)
+    args = common(src, "--emulate", "-o", str(tmp_path / "o.parquet"))
+    args[args.index(PROMPT)] = prompt
+    ran = invoke(tmp_path, "run", *args)
+    assert ran.exit_code == 1, ran.output
+    assert f"{src}: 242 row(s) failed validation; nothing was submitted " in ran.stderr
+    causes = [line for line in ran.stderr.splitlines() if line.startswith("  ")]
+    assert len(causes) == MAX_CAUSES + 1
+    assert causes[0] == "  1 row: column 'a' is null (row 1 (id 'd1'))"
+    other = 242 - MAX_CAUSES
+    assert causes[-1].startswith(f"  {other} rows: other causes (rows 21 (id 'd21'), ")
+    assert f"({MAX_CAUSES + 1} causes)" in ran.stderr
+
+
+def test_a_parquet_input_names_rows_only(tmp_path: Path) -> None:
+    """Parquet rows have no lines: the same rows, numbered from 1."""
+    src = tmp_path / "in.parquet"
+    bodies = [None] * 12 + [" "]
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": f"k{i}", "body": b} for i, b in enumerate(bodies)]),
+        src,
+    )
+    args = common(src, "--emulate", "-o", str(tmp_path / "o.parquet"))
+    args[args.index(PROMPT)] = "{{ body }}"
+    ran = invoke(tmp_path, "run", *args)
+    assert ran.exit_code == 1, ran.output
+    assert (
+        "\n  12 rows: column 'body' is null (rows 1 (id 'k0'), 2 (id 'k1'), 3 (id 'k2'), "
+        "4 (id 'k3'), 5 (id 'k4'), …)\n"
+        "  1 row: prompt renders to empty text (row 13 (id 'k12'))\n"
+    ) in ran.stderr
