@@ -15,6 +15,9 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner, Result
 
 from batchpipe.cli import cli
+from batchpipe.emulator import Emulator
+from batchpipe.emulator import model_limits as emulator_limits
+from batchpipe.model_limits import MODEL_LIMITS
 from batchpipe.pipeline.problems import MAX_CAUSES
 
 PROMPT = "Classify: {{ body }}"
@@ -119,3 +122,53 @@ def test_a_parquet_input_names_rows_only(tmp_path: Path) -> None:
         "4 (id 'k3'), 5 (id 'k4'), …)\n"
         "  1 row: prompt renders to empty text (row 13 (id 'k12'))\n"
     ) in ran.stderr
+
+
+def batches_created(tmp_path: Path) -> int:
+    state = tmp_path / "state.db.emulator.json"
+    return int(Emulator.load(state).stats()["batches_created"]) if state.exists() else 0
+
+
+def test_max_tokens_over_the_models_output_limit_is_refused_before_anything_is_stored(
+    tmp_path: Path,
+) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [b'{"doc_id": "a", "body": "x"}'])
+    out = ["-o", str(tmp_path / "o.parquet")]
+    args = common(src, "--emulate", *out)
+    args[args.index("64")] = "100000"
+    for command in ("run", "submit"):
+        ran = invoke(tmp_path, command, *args)
+        assert ran.exit_code == 2, ran.output
+        assert (
+            "--max-tokens 100000 is over claude-haiku-4-5's output limit of 64,000 tokens: "
+            "every request would come back errored after the batch wait; nothing was stored "
+            "or sent. Give --max-tokens 64000 or less"
+        ) in ran.stderr
+    assert "no jobs yet" in invoke(tmp_path, "jobs").stdout
+    assert batches_created(tmp_path) == 0
+    estimated = invoke(tmp_path, "estimate", *common(src, "--offline", "--max-tokens", "100000"))
+    assert estimated.exit_code == 2, estimated.output
+    assert "output limit of 64,000 tokens" in estimated.stderr
+    # A dated snapshot has its alias' limit; the truncated-answer retry is held to it too.
+    snapshot = [*args, "--model", "claude-haiku-4-5-20251001", "--max-tokens", "64000"]
+    retried = invoke(tmp_path, "run", *snapshot, "--retry-truncated-max-tokens", "70000")
+    assert retried.exit_code == 2, retried.output
+    assert (
+        "--retry-truncated-max-tokens 70000 is over claude-haiku-4-5-20251001's output limit"
+    ) in retried.stderr
+    assert "no jobs yet" in invoke(tmp_path, "jobs").stdout
+    # At the limit the job runs.
+    assert invoke(tmp_path, "run", *snapshot).exit_code == 0
+
+
+def test_an_unknown_models_max_tokens_is_a_warning_not_a_refusal(tmp_path: Path) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [b'{"doc_id": "a", "body": "x"}'])
+    args = common(src, "--emulate", "-o", str(tmp_path / "o.parquet"), "--model", "claude-new-9")
+    submitted = invoke(tmp_path, "submit", *args)
+    assert submitted.exit_code == 0, submitted.output
+    assert '"event": "model.output_limit_unknown"' in submitted.stderr
+    assert batches_created(tmp_path) == 1
+
+
+def test_the_emulator_and_the_pipeline_share_one_table_of_limits() -> None:
+    assert emulator_limits.MODEL_LIMITS is MODEL_LIMITS

@@ -33,6 +33,7 @@ from batchpipe.pipeline.ingest import (
     duplicates_error,
     mixed_ids_error,
 )
+from batchpipe.pipeline.preflight import check_output_limit
 from batchpipe.pipeline.problems import ProblemTally
 from batchpipe.requests import IdKinds, RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
@@ -198,6 +199,7 @@ def estimate(
             f"{pricing.unpriced(spec.model)}, so its cost cannot be estimated; check --model "
             f"(priced: {', '.join(sorted(pricing.PRICES))})"
         )
+    check_output_limit(spec)  # the run would refuse it: no estimate of a job that cannot start
     dataset = Dataset(spec.input, spec.input_format)
     # The columns as the run would check them: an estimate of a job that cannot start
     # (an --id-column or template column the input lacks) is refused the same way.
