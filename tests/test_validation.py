@@ -172,3 +172,33 @@ def test_an_unknown_models_max_tokens_is_a_warning_not_a_refusal(tmp_path: Path)
 
 def test_the_emulator_and_the_pipeline_share_one_table_of_limits() -> None:
     assert emulator_limits.MODEL_LIMITS is MODEL_LIMITS
+
+
+def test_an_id_column_of_objects_or_arrays_is_refused_once_not_per_row(tmp_path: Path) -> None:
+    """Before: every row was invalid ("column 'meta' (the id column) holds a dict"), listed
+    one by one. The column can never hold ids, so it is refused once, naming it."""
+    hint = (
+        "; ids must be strings or whole numbers; nothing was submitted. Name a column of "
+        "those with --id-column, or leave it out to key rows by their position"
+    )
+    rows = [orjson.dumps({"meta": {"n": i}, "tags": [i], "body": "x"}) for i in range(500)]
+    src = write_lines(tmp_path / "in.jsonl", [b"", *rows])
+    for column, shown in (("meta", 'an object ({"n":0})'), ("tags", "an array ([0])")):
+        args = common(src, "--emulate", "-o", str(tmp_path / "o.parquet"), "--job", column)
+        args[args.index("doc_id")] = column
+        ran = invoke(tmp_path, "run", *args)
+        assert ran.exit_code == 1, ran.output
+        assert ran.stderr == (f"error: {src}, line 2: --id-column {column!r} holds {shown}{hint}\n")
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"meta": {"n": i}, "tags": [i], "body": "x"} for i in range(5)]),
+        parquet,
+    )
+    for column, kind in (("meta", "struct"), ("tags", "list")):
+        args = common(parquet, "--offline")
+        args[args.index("doc_id")] = column
+        estimated = invoke(tmp_path, "estimate", *args)
+        assert estimated.exit_code == 1, estimated.output
+        assert estimated.stderr == (
+            f"error: {parquet}: --id-column {column!r} is a {kind} column{hint}\n"
+        )

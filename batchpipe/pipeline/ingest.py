@@ -27,6 +27,7 @@ from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
     IdKinds,
     MixedIds,
+    NestedId,
     RequestRenderer,
     RowProblem,
     check_result_column_clash,
@@ -71,6 +72,10 @@ REQUEST_FIELDS = (
 )
 # Newer request fields, left out of the default job name at their defaults, so the names
 # of jobs started before they existed stay the same.
+_ID_HINT = (
+    "; nothing was submitted. Name a column of those with --id-column, or leave it out to "
+    "key rows by their position"
+)
 _NAME_NEUTRAL_DEFAULTS = {"output_schema": None, "output_mode": "tool", "cache_system": False}
 
 log = get_logger(__name__)
@@ -187,6 +192,12 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
             f"{dataset.uri}: --id-column {spec.id_column!r} is not a column of the input "
             f"({_has(columns)})"
         )
+    nested = dataset.nested_column(spec.id_column) if spec.id_column is not None else None
+    if nested is not None:
+        raise InputError(
+            f"{dataset.uri}: --id-column {spec.id_column!r} is a {nested} column; ids must be "
+            f"strings or whole numbers{_ID_HINT}"
+        )
 
 
 def ingest(ctx: Context, job: JobRow) -> JobRow:
@@ -286,8 +297,15 @@ def duplicates_error(
     )
 
 
-def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds) -> InputError:
-    """The refusal of an input whose id column holds ids of two kinds (see ``IdKinds``)."""
+def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds | NestedId) -> InputError:
+    """The refusal of an input whose id column holds ids of two kinds, or whose first id is
+    an object or array (see ``IdKinds``)."""
+    if isinstance(mixed, NestedId):
+        return InputError(
+            f"{dataset.where(mixed.row)}: --id-column {spec.id_column!r} holds "
+            f"{id_kind(mixed.value)} ({_short(mixed.value)}); ids must be strings or whole "
+            f"numbers{_ID_HINT}"
+        )
     first = dataset.where(mixed.first_row).removeprefix(f"{dataset.uri}, ")
     return InputError(
         f"{dataset.where(mixed.row)}: column {spec.id_column!r} (the id column) holds "
@@ -297,6 +315,12 @@ def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds) -> InputEr
         "or exported alike: quote every id in the file (ids are usually strings), or write "
         "them all as whole numbers"
     )
+
+
+def _short(value: object) -> str:
+    """A value for a message, cut to a readable length."""
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _changed(dataset: Dataset, job: JobRow) -> bool:
