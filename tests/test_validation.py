@@ -202,3 +202,14 @@ def test_an_id_column_of_objects_or_arrays_is_refused_once_not_per_row(tmp_path:
         assert estimated.stderr == (
             f"error: {parquet}: --id-column {column!r} is a {kind} column{hint}\n"
         )
+
+
+def test_retry_with_max_tokens_over_the_models_limit_is_refused(tmp_path: Path) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [b'{"doc_id": "a", "body": "x"}'])
+    args = common(src, "--emulate", "-o", str(tmp_path / "o.parquet"), "--job", "j")
+    assert invoke(tmp_path, "run", *args).exit_code == 0
+    retried = invoke(tmp_path, "retry", "j", "--max-tokens", "100000")
+    assert retried.exit_code == 2, retried.output
+    assert "--max-tokens 100000 is over claude-haiku-4-5's output limit of 64,000" in (
+        retried.stderr
+    )

@@ -326,6 +326,7 @@ def retry(
             new_spec = JobSpec.model_validate({**spec.model_dump(), **updates})
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise UsageError(f"retry: invalid setting ({exc}); nothing was changed") from None
+        check_output_limit(new_spec)  # a --max-tokens the model refuses errs every row again
         ctx.store.update_job(job.id, spec=new_spec.model_dump(), **moved)
         count = ctx.store.requeue_items(job.id, statuses=statuses, error_types=error_types)
         if count:
