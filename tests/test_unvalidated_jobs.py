@@ -101,7 +101,10 @@ def test_resume_of_a_job_refused_at_validation_fails_again_until_the_input_is_fi
     assert "nothing was submitted" in ticked.stderr
     job = status(tmp_path)
     assert job["status"] == "failed"
-    assert job["next_action"] == "fix the cause in the error, then run the same command again"
+    assert job["next_action"] == (
+        "nothing was sent: fix the input or settings named in the error, then run the "
+        "command again with `--job j`"
+    )
     # Said once: a failed job is not ticked again until someone acts.
     again = invoke(tmp_path, "tick", "--emulate")
     assert again.exit_code == 0, again.output

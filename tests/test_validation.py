@@ -213,3 +213,28 @@ def test_retry_with_max_tokens_over_the_models_limit_is_refused(tmp_path: Path) 
     assert "--max-tokens 100000 is over claude-haiku-4-5's output limit of 64,000" in (
         retried.stderr
     )
+
+
+def test_a_job_refused_at_validation_is_fixed_under_the_name_its_advice_gives(
+    tmp_path: Path,
+) -> None:
+    """Before: the advice was "run the same command again", but fixing a template typo
+    changes the default job name, so the fixed command started a second job and the
+    refused one stayed listed with 0 rows; `--job NAME` with the fixed settings failed
+    ("the input has more rows than its items")."""
+    src = write_lines(tmp_path / "in.jsonl", [b'{"doc_id": "a", "body": "x"}'])
+    out = tmp_path / "o.parquet"
+    typo = common(src, "--emulate", "-o", str(out))
+    typo[typo.index(PROMPT)] = "Classify: {{ bdy }}"
+    assert invoke(tmp_path, "run", *typo).exit_code == 1
+    (job,) = orjson.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "failed"
+    assert job["next_action"] == (
+        "nothing was sent: fix the input or settings named in the error, then run the "
+        f"command again with `--job {job['name']}`"
+    )
+    fixed = invoke(tmp_path, "run", *common(src, "--emulate", "-o", str(out)), "--job", job["name"])
+    assert fixed.exit_code == 0, fixed.output
+    (done,) = orjson.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert (done["name"], done["status"], done["rows"]) == (job["name"], "done", 1)
+    assert pq.read_table(out).column("result_status").to_pylist() == ["succeeded"]

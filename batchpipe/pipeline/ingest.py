@@ -111,6 +111,14 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     old = existing.model_dump(exclude=_NON_IDENTITY_FIELDS)
     new = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
     changed = sorted(k for k in new if new[k] != old.get(k))
+    if changed and job.status == JobStatus.FAILED and not job.ingested:
+        # Refused before any row was stored or sent (a template typo, a bad id column …):
+        # the fixed settings simply replace the ones that failed; nothing is re-run.
+        stored = spec.model_copy(update={"max_failed": spec.max_failed_over(None)})
+        if ctx.store.update_job(job.id, expected_status=JobStatus.FAILED, spec=stored.model_dump()):
+            fresh = ctx.store.get_job(job.id)
+            assert fresh is not None
+            return fresh
     if changed and REQUEST_FIELDS.issuperset(changed):
         raise RequestsChanged(job, changed)
     if changed:
