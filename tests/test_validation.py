@@ -238,3 +238,22 @@ def test_a_job_refused_at_validation_is_fixed_under_the_name_its_advice_gives(
     (done,) = orjson.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
     assert (done["name"], done["status"], done["rows"]) == (job["name"], "done", 1)
     assert pq.read_table(out).column("result_status").to_pylist() == ["succeeded"]
+
+
+def test_row_numbers_count_from_one_and_custom_ids_from_zero_as_the_readme_says(
+    tmp_path: Path,
+) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`{row}` there counts from 0, so row 1 of messages and `report` is `…-0-1`" in readme
+    src = write_lines(
+        tmp_path / "in.jsonl",
+        [b'{"doc_id": "a", "body": null}', b'{"doc_id": "b", "body": "x"}'],
+    )
+    out = tmp_path / "o.jsonl"
+    ran = invoke(tmp_path, "run", *common(src, "--emulate", "-o", str(out), "--skip-invalid"))
+    assert ran.exit_code == 0, ran.output
+    exported = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [r["result_status"] for r in exported] == ["invalid", "succeeded"]
+    assert exported[1]["custom_id"].endswith("-1-1")  # the second row: row 2 in messages
+    refused = invoke(tmp_path, "estimate", *common(src, "--offline"))
+    assert "1 row: column 'body' is null (row 1 (id 'a'))" in refused.stderr
