@@ -886,14 +886,10 @@ def test_requests_over_a_models_limits_fail_at_once_and_are_never_resent(
     args = run_args(src, out, "--job", "b")
     args[args.index("--max-tokens") + 1] = "100000"
     too_many = invoke(tmp_path, *args)
-    assert too_many.exit_code == 1  # no row got an answer
-    assert "no row got an answer" in too_many.stderr
-    rows_out = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {(r["result_status"], r["error_type"], r["attempts"]) for r in rows_out} == {
-        ("errored", "invalid_request_error", 1)
-    }
-    assert rows_out[0]["error_message"] == (
-        "max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens "
-        "for claude-haiku-4-5"
+    # A max_tokens over the model's known output limit is refused before anything is sent
+    # (the emulator's errored result for it is tested in test_emulator).
+    assert too_many.exit_code == 2, too_many.output
+    assert "--max-tokens 100000 is over claude-haiku-4-5's output limit of 64,000" in (
+        too_many.stderr
     )
-    assert batches_created(tmp_path) == 2  # one batch for job b, never a resend
+    assert batches_created(tmp_path) == 1  # nothing sent for job b
