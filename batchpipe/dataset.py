@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from batchpipe._export import JoinedWriter, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
-from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row
+from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row, lines_of_rows
 from batchpipe.models import RESULT_PREFIX_HINT
 from batchpipe.procs import host_tag, pid_gone
 
@@ -273,6 +273,38 @@ class Dataset:
             if lineno is not None:
                 return f"{self.uri}, line {lineno}"
         return f"{self.uri}, row {row_index + 1}"
+
+    def nested_column(self, name: str) -> str | None:
+        """What a Parquet column holds when it is no scalar (``"struct"``, ``"list"``,
+        ``"map"``, ``"binary"``), from the schema alone; None for a scalar column, a column
+        the file lacks, or JSONL (whose values have a type per row, not per column)."""
+        if self.format != "parquet":
+            return None
+        schema = self._parquet_file().schema_arrow
+        if name not in schema.names:
+            return None
+        kind = schema.field(name).type
+        if pa.types.is_struct(kind):
+            return "struct"
+        if pa.types.is_map(kind):
+            return "map"
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return "list"
+        if pa.types.is_fixed_size_list(kind):
+            return "list"
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            return "binary"
+        if pa.types.is_fixed_size_binary(kind):
+            return "binary"
+        return None
+
+    def lines_of(self, row_indexes: Collection[int]) -> dict[int, int]:
+        """The file line of each of ``row_indexes`` (from 0) for a JSONL input, in one pass;
+        empty for Parquet, whose rows have no lines."""
+        if self.format != "jsonl" or not row_indexes:
+            return {}
+        with self._open_text() as stream:
+            return lines_of_rows(stream, row_indexes)
 
     # ------------------------------------------------------------ streaming
 

@@ -96,6 +96,26 @@ def line_of_row(stream: ByteStream, row_index: int) -> int | None:
     return None
 
 
+def lines_of_rows(stream: ByteStream, row_indexes: Iterable[int]) -> dict[int, int]:
+    """The 1-based line numbers of several rows (counted from 0, blank lines skipped) in
+    one pass, stopping after the last one wanted; rows past the end are left out."""
+    wanted = set(row_indexes)
+    found: dict[int, int] = {}
+    if not wanted:
+        return found
+    last = max(wanted)
+    seen = -1
+    for first_lineno, lines, _ in iter_line_blocks(stream):
+        for offset, line in enumerate(lines):
+            if line.strip():
+                seen += 1
+                if seen in wanted:
+                    found[seen] = first_lineno + offset
+                if seen >= last:
+                    return found
+    return found
+
+
 def iter_row_chunks(
     stream: ByteStream, name: str, batch_rows: int
 ) -> Iterator[list[dict[str, Any]]]:

@@ -121,7 +121,7 @@ BAD_INPUTS = {
     ),
     "null template value": (
         b'{"doc_id": "a", "body": "x"}\n{"doc_id": "b", "body": null}\n',
-        r"row 2 \(id 'b'\): column 'body' is null",
+        r"1 row: column 'body' is null \(row 2 \(id 'b'\)\)",
     ),
     "duplicate ids": (
         b'{"doc_id": "a", "body": "x"}\n{"doc_id": "a", "body": "y"}\n',
@@ -590,16 +590,15 @@ def test_estimate_counts_the_rows_the_run_would_refuse(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("3 row(s) to send")
     assert (
-        "warning: 1 row(s) fail validation and are not priced "
-        "(first: row 4 (id 'd9'): column 'body' is null); `run` refuses the job unless "
-        "--skip-invalid"
+        f"warning: {src}: 1 row(s) fail validation and are not priced; `run` refuses the "
+        "job unless --skip-invalid:\n  1 row: column 'body' is null (row 4 (id 'd9'))"
     ) in result.stderr
     # A bad id is a bad row too, as ingest says.
     src = write_jsonl(tmp_path / "ids.jsonl", [*rows(2), {"doc_id": None, "body": "x"}])
     result = invoke(tmp_path, "estimate", *run_args(src, tmp_path / "o.parquet")[1:], "--offline")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("2 row(s) to send")
-    assert "(first: row 3: column 'doc_id' (the id column) is null)" in result.stderr
+    assert "1 row: column 'doc_id' (the id column) is null (row 3)" in result.stderr
 
 
 def test_estimate_refuses_duplicate_ids_as_the_run_does(
@@ -913,17 +912,13 @@ def test_requests_over_a_models_limits_fail_at_once_and_are_never_resent(
     args = run_args(src, out, "--job", "b")
     args[args.index("--max-tokens") + 1] = "100000"
     too_many = invoke(tmp_path, *args)
-    assert too_many.exit_code == 1  # no row got an answer
-    assert "no row got an answer" in too_many.stderr
-    rows_out = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {(r["result_status"], r["error_type"], r["attempts"]) for r in rows_out} == {
-        ("errored", "invalid_request_error", 1)
-    }
-    assert rows_out[0]["error_message"] == (
-        "max_tokens: 100000 > 64000, which is the maximum allowed number of output tokens "
-        "for claude-haiku-4-5"
+    # A max_tokens over the model's known output limit is refused before anything is sent
+    # (the emulator's errored result for it is tested in test_emulator).
+    assert too_many.exit_code == 2, too_many.output
+    assert "--max-tokens 100000 is over claude-haiku-4-5's output limit of 64,000" in (
+        too_many.stderr
     )
-    assert batches_created(tmp_path) == 2  # one batch for job b, never a resend
+    assert batches_created(tmp_path) == 1  # nothing sent for job b
 
 
 def test_run_ends_with_the_cost_and_how_to_retry_failed_rows(

@@ -158,10 +158,10 @@ def test_missing_and_null_columns_are_row_problems(tmp_path: Path) -> None:
         cli, ["--db", db, "run", *args, "--emulate", "-o", str(tmp_path / "o.jsonl")]
     )
     assert ran.exit_code == 1, ran.output
-    assert "\n  row 10 (id 'k9'): column 'lang' is null\n" in ran.stderr
+    assert "\n  1 row: column 'lang' is null (row 10 (id 'k9'))\n" in ran.stderr
     estimated = runner.invoke(cli, ["--db", db, "estimate", *args, "--offline"])
     assert estimated.exit_code == 0, estimated.output
-    assert "(first: row 10 (id 'k9'): column 'lang' is null)" in estimated.stderr
+    assert "\n  1 row: column 'lang' is null (row 10 (id 'k9'))" in estimated.stderr
 
 
 def test_a_null_nested_field_is_a_row_problem_not_the_text_none() -> None:
@@ -200,8 +200,8 @@ def test_a_mistyped_or_null_nested_field_is_named_with_the_fields_there(tmp_path
     assert typo.exit_code == 1, typo.output
     assert "has no attribute" not in typo.stderr
     assert (
-        "\n  row 1: template: meta.langg is missing (meta has: lang, prio); "
-        "fix the template or the data\n"
+        "\n  2 rows: template: meta.langg is missing (meta has: lang, prio); "
+        "fix the template or the data (rows 1, 2)\n"
     ) in typo.stderr
     null = CliRunner().invoke(
         cli,
@@ -209,8 +209,8 @@ def test_a_mistyped_or_null_nested_field_is_named_with_the_fields_there(tmp_path
     )
     assert null.exit_code == 1, null.output
     assert (
-        "\n  row 2: template prints a null value: meta.lang is null in this row; "
-        "write {{ meta.lang or '' }} where an empty value is fine\n"
+        "\n  1 row: template prints a null value: meta.lang is null in this row; "
+        "write {{ meta.lang or '' }} where an empty value is fine (row 2)\n"
     ) in null.stderr
     # Through a filter, arithmetic or row["…"], the lookup at fault is named all the same.
     renderer = RequestRenderer(make_spec(prompt='{{ meta.n + 1 }} {{ row["a b"].c }}'))

@@ -344,3 +344,36 @@ def test_rerunning_a_known_job_by_name_pays_for_what_the_full_command_would(
     given = {"BATCHPIPE_MAX_ATTEMPTS": "2", "BATCHPIPE_MAX_BATCH_REQUESTS": "1"}
     assert attempts("--job", "j", "--prompt", "D {{ body }}", extra_env=given) == [11, 11]
     assert emulator.stats()["batches_created"] - before == 4  # 2 rows x 2 tries
+
+
+def test_the_round_of_a_retry_is_later_than_every_round_before(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Before: a batch's round was its rows' highest attempt, so after a retry had taken
+    some rows to attempt 6 (rounds 4-6), retrying rows left at attempt 3 showed round 4
+    after round 6 in `status`."""
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, 40)
+    harness.emulator.configure(errored_rate=1.0)  # overloaded_error or api_error, per row
+    spec = spec_for(tmp_path, src, max_attempts=3)
+    job = harness.run(spec)
+    ctx = harness.context()
+
+    def rounds() -> list[int]:
+        summary = pipeline.job_summary(ctx, current(harness, job.id))
+        return [b["round"] for b in summary["batches"]]
+
+    try:
+        assert rounds() == [1, 2, 3]
+        overloaded = {"overloaded_error"}
+        harness.emulator.configure(errored_types=("overloaded_error",))  # these stay so
+        assert pipeline.retry(ctx, job, statuses={ItemStatus.ERRORED}, error_types=overloaded)
+        harness.run(spec)
+        assert rounds() == [1, 2, 3, 4, 5, 6]
+        harness.emulator.configure(errored_rate=0.0)
+        api_error = {"api_error"}  # rows still at attempt 3
+        assert pipeline.retry(ctx, job, statuses={ItemStatus.ERRORED}, error_types=api_error)
+        harness.run(spec)
+        assert rounds() == [1, 2, 3, 4, 5, 6, 7]  # not 4 again: sent after round 6
+    finally:
+        ctx.close()

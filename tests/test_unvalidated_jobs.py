@@ -89,7 +89,7 @@ def test_resume_of_a_job_refused_at_validation_fails_again_until_the_input_is_fi
     out = tmp_path / "out.parquet"
     refused = invoke(tmp_path, *submit_args(src, out))
     assert refused.exit_code == 1
-    assert "row 2 (id 'd1')" in refused.stderr
+    assert "(row 2 (id 'd1'))" in refused.stderr
     assert status(tmp_path)["status"] == "failed"
 
     # resume puts it back to running, its rows still not validated. Before: every tick
@@ -97,11 +97,14 @@ def test_resume_of_a_job_refused_at_validation_fails_again_until_the_input_is_fi
     assert invoke(tmp_path, "resume", "j").exit_code == 0
     ticked = invoke(tmp_path, "tick", "--emulate")
     assert ticked.exit_code == 1, ticked.output
-    assert "row 2 (id 'd1')" in ticked.stderr
+    assert "(row 2 (id 'd1'))" in ticked.stderr
     assert "nothing was submitted" in ticked.stderr
     job = status(tmp_path)
     assert job["status"] == "failed"
-    assert job["next_action"] == "fix the cause in the error, then run the same command again"
+    assert job["next_action"] == (
+        "nothing was sent: fix the input or settings named in the error, then run the "
+        "command again with `--job j`"
+    )
     # Said once: a failed job is not ticked again until someone acts.
     again = invoke(tmp_path, "tick", "--emulate")
     assert again.exit_code == 0, again.output

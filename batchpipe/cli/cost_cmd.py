@@ -87,7 +87,7 @@ def estimate(
             else "`run` refuses the job unless --skip-invalid"
         )
         click.echo(
-            f"warning: {found.invalid_rows} row(s) fail validation and are not priced "
-            f"(first: {found.first_invalid}); {outcome}",
+            f"warning: {spec.input}: {found.invalid_rows:,} row(s) fail validation and are "
+            f"not priced; {outcome}:\n  " + "\n  ".join(found.invalid_causes),
             err=True,
         )

@@ -245,6 +245,10 @@ def _claim_range(
     return len(items)
 
 
+# Batches whose results came back (or were lost to archiving): any later send is a later round.
+_ENDED = status_values({BatchStatus.ENDED, BatchStatus.COLLECTED, BatchStatus.ARCHIVED})
+
+
 class BatchesMixin(StoreBase):
     """Store methods for the ``batches`` table and the result paths into ``items``."""
 
@@ -261,6 +265,11 @@ class BatchesMixin(StoreBase):
         One transaction: a ``planned`` batch, and every item moved pending → submitted with
         its new custom_id and attempt. If any item was not pending the whole intent is rolled
         back and StoreError raised, so no item can end up in two batches.
+
+        ``round`` (the items' highest attempt) is a floor: the batch's round is also later
+        than that of every batch of the job that has ended, so rounds never go backwards in
+        ``status``. A retry sends rows whose attempts may be below those another retry took
+        further (round 4 after round 6); batches sent together still share a round.
         """
         if not items:
             raise ValueError("plan_batch needs at least one item")
@@ -278,6 +287,12 @@ class BatchesMixin(StoreBase):
             "intent_at": now,
         }
         with self._write() as conn:
+            ended = conn.execute(
+                sa.select(sa.func.max(batches.c.round)).where(
+                    batches.c.job_id == job_id, batches.c.status.in_(_ENDED)
+                )
+            ).scalar_one()
+            batch["round"] = max(round, (ended or 0) + 1)
             batch_id = conn.execute(
                 sa.insert(batches).values(batch).returning(batches.c.id)
             ).scalar_one()

@@ -35,6 +35,8 @@ from batchpipe.pipeline.ingest import (
     duplicates_error,
     mixed_ids_error,
 )
+from batchpipe.pipeline.preflight import check_output_limit
+from batchpipe.pipeline.problems import ProblemTally
 from batchpipe.requests import IdKinds, RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
 
@@ -62,9 +64,11 @@ class Estimate:
     price_table: str = pricing.PRICE_TABLE_VERSION
     batch_discount: float = pricing.BATCH_DISCOUNT
     # Rows that fail validation (not priced: the run refuses them, or with --skip-invalid
-    # never sends them), and what the first of them says.
+    # never sends them), what the first of them says, and one line per cause
+    # ("3 rows: column 'body' is null (rows 1, 4, 9)", as the run's refusal lists them).
     invalid_rows: int = 0
     first_invalid: str | None = None
+    invalid_causes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -129,6 +133,7 @@ class _Scan:
     total_bytes: int = 0
     invalid: int = 0
     first_invalid: str | None = None
+    problems: ProblemTally = field(default_factory=ProblemTally)
 
 
 def _scan(
@@ -157,6 +162,7 @@ def _scan(
             if isinstance(checked, RowProblem):
                 found.invalid += 1
                 found.first_invalid = found.first_invalid or describe_problem(checked)
+                found.problems.add(checked)
                 if checked.row_key is not None:  # a bad request, a good id: ingest keeps it
                     chunk_keys.append((row_index, checked.row_key))
                 continue
@@ -197,6 +203,7 @@ def estimate(
             f"{pricing.unpriced(spec.model)}, so its cost cannot be estimated; check --model "
             f"(priced: {', '.join(sorted(pricing.PRICES))})"
         )
+    check_output_limit(spec)  # the run would refuse it: no estimate of a job that cannot start
     dataset = Dataset(spec.input, spec.input_format)
     # The columns as the run would check them: an estimate of a job that cannot start
     # (an --id-column or template column the input lacks) is refused the same way.
@@ -247,4 +254,5 @@ def estimate(
         max_cost_usd=max_input_cost + spec.max_tokens * rows * out_rate,
         invalid_rows=scan.invalid,
         first_invalid=scan.first_invalid,
+        invalid_causes=scan.problems.lines(dataset) if scan.invalid else [],
     )

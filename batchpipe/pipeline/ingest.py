@@ -23,10 +23,12 @@ from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.carry import ROUND_FIELDS, SETTINGS_FIELDS, carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.problems import ProblemTally
 from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
     IdKinds,
     MixedIds,
+    NestedId,
     RequestRenderer,
     RowProblem,
     check_result_column_clash,
@@ -51,8 +53,11 @@ REQUEST_FIELDS = (
 )
 # Newer request fields, left out of the default job name at their defaults, so the names
 # of jobs started before they existed stay the same.
+_ID_HINT = (
+    "; nothing was submitted. Name a column of those with --id-column, or leave it out to "
+    "key rows by their position"
+)
 _NAME_NEUTRAL_DEFAULTS = {"output_schema": None, "output_mode": "tool", "cache_system": False}
-_SHOWN_PROBLEMS = 20
 
 log = get_logger(__name__)
 
@@ -87,6 +92,14 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     old = existing.model_dump(exclude=_NON_IDENTITY_FIELDS)
     new = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
     changed = sorted(k for k in new if new[k] != old.get(k))
+    if changed and job.status == JobStatus.FAILED and not job.ingested:
+        # Refused before any row was stored or sent (a template typo, a bad id column …):
+        # the fixed settings simply replace the ones that failed; nothing is re-run.
+        stored = spec.model_copy(update={"max_failed": spec.max_failed_over(None)})
+        if ctx.store.update_job(job.id, expected_status=JobStatus.FAILED, spec=stored.model_dump()):
+            fresh = ctx.store.get_job(job.id)
+            assert fresh is not None
+            return fresh
     if changed and REQUEST_FIELDS.issuperset(changed):
         raise RequestsChanged(job, changed)
     if changed:
@@ -148,6 +161,12 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
             f"{dataset.uri}: --id-column {spec.id_column!r} is not a column of the input "
             f"({_has(columns)})"
         )
+    nested = dataset.nested_column(spec.id_column) if spec.id_column is not None else None
+    if nested is not None:
+        raise InputError(
+            f"{dataset.uri}: --id-column {spec.id_column!r} is a {nested} column; ids must be "
+            f"strings or whole numbers{_ID_HINT}"
+        )
 
 
 def ingest(ctx: Context, job: JobRow) -> JobRow:
@@ -168,7 +187,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     check_columns(dataset, spec, renderer)
     fingerprint = dataset.fingerprint()
     logger = bind(job, log)
-    problems: list[RowProblem] = []
+    problems = ProblemTally()
     counts = {"rows": 0, "invalid": 0}
     read = renderer.columns_to_read()
     if read is not None and spec.id_column:
@@ -188,8 +207,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                 checked = check_row(renderer, spec, row, row_index)
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
-                    if len(problems) < _SHOWN_PROBLEMS:
-                        problems.append(checked)
+                    problems.add(checked)
                     key = checked.row_key
                     if key is None:  # no usable id: a key no real id can have
                         key = standin_key(row_index)
@@ -202,7 +220,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         ctx.progress.finish()
         if counts["invalid"] and not spec.skip_invalid:
             # Raising inside the generator rolls back the whole insert: nothing is stored.
-            raise _preflight_error(dataset, counts["invalid"], problems)
+            raise _preflight_error(dataset, problems)
 
     # A process that died between inserting the items and recording the fingerprint (the
     # "ingested" mark) left them behind; nothing of them was sent, so start over.
@@ -248,8 +266,15 @@ def duplicates_error(
     )
 
 
-def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds) -> InputError:
-    """The refusal of an input whose id column holds ids of two kinds (see ``IdKinds``)."""
+def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds | NestedId) -> InputError:
+    """The refusal of an input whose id column holds ids of two kinds, or whose first id is
+    an object or array (see ``IdKinds``)."""
+    if isinstance(mixed, NestedId):
+        return InputError(
+            f"{dataset.where(mixed.row)}: --id-column {spec.id_column!r} holds "
+            f"{id_kind(mixed.value)} ({_short(mixed.value)}); ids must be strings or whole "
+            f"numbers{_ID_HINT}"
+        )
     first = dataset.where(mixed.first_row).removeprefix(f"{dataset.uri}, ")
     return InputError(
         f"{dataset.where(mixed.row)}: column {spec.id_column!r} (the id column) holds "
@@ -259,6 +284,12 @@ def mixed_ids_error(dataset: Dataset, spec: JobSpec, mixed: MixedIds) -> InputEr
         "or exported alike: quote every id in the file (ids are usually strings), or write "
         "them all as whole numbers"
     )
+
+
+def _short(value: object) -> str:
+    """A value for a message, cut to a readable length."""
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _changed(dataset: Dataset, job: JobRow) -> bool:
@@ -288,13 +319,10 @@ def check_row(
     return key, params
 
 
-def _preflight_error(dataset: Dataset, invalid: int, problems: list[RowProblem]) -> PreflightFailed:
-    lines = [describe_problem(p) for p in problems]
-    more = f"\n  … and {invalid - len(problems)} more" if invalid > len(problems) else ""
+def _preflight_error(dataset: Dataset, problems: ProblemTally) -> PreflightFailed:
+    lines = problems.lines(dataset)
     return PreflightFailed(
-        f"{dataset.uri}: {invalid} row(s) failed validation; nothing was submitted:\n  "
-        + "\n  ".join(lines)
-        + more
+        problems.message(dataset, "failed validation; nothing was submitted")
         + "\nfix them, or pass --skip-invalid to send the rest and export these as "
         "result_status=invalid",
         lines,

@@ -23,6 +23,7 @@ from batchpipe.pipeline.collect import collect, poll
 from batchpipe.pipeline.context import Context, NullProgress, bind, failpoint, job_spec
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
+from batchpipe.pipeline.preflight import check_output_limit
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
 from batchpipe.pipeline.submit import recover_planned, resend_planned, submit_pending
 from batchpipe.requests import RequestRenderer
@@ -46,6 +47,7 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     how many rows that would be. With a budget, a job not yet sent is checked against it.
     The output path is checked first (:func:`~batchpipe.dataset.check_writable`).
     """
+    check_output_limit(spec)  # before anything is stored or sent
     known = ctx.store.get_job(name)
     # Before anything is spent: an unwritable output would only show at the export. Without
     # -o a known job keeps the output it was given (see open_job).
@@ -109,6 +111,7 @@ def check_rerun(ctx: Context, name: str, spec: JobSpec) -> RerunPlan | None:
     recorded the templates are compiled and the input opened, as the real command would
     first: a dry run of a command that would be refused is refused too.
     """
+    check_output_limit(spec)
     job = ctx.store.get_job(name)
     if job is None:
         _check_startable(spec)
@@ -348,6 +351,7 @@ def retry(
             new_spec = JobSpec.model_validate({**spec.model_dump(), **updates})
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise UsageError(f"retry: invalid setting ({exc}); nothing was changed") from None
+        check_output_limit(new_spec)  # a --max-tokens the model refuses errs every row again
         if wanted:
             # The output file will no longer hold these rows' final answers: export it again.
             # Marked before the rows are requeued, not after: a crash between the two then

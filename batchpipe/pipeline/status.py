@@ -16,7 +16,15 @@ def _next_action(job: JobRow, counts: dict[ItemStatus, int], batches: list[Batch
     if job.status == JobStatus.NEEDS_ATTENTION:
         return f"read the error, check at the API, then `batchpipe resume {job.name}`"
     if job.status == JobStatus.FAILED:
-        return "fix the cause in the error, then run the same command again"
+        # Not "the same command": a fix that changes settings changes the default job name.
+        if not job.ingested:
+            return (
+                f"nothing was sent: fix the input or settings named in the error, then run "
+                f"the command again with `--job {job.name}`"
+            )
+        return (
+            f"fix the cause in the error, then run the job's command again with `--job {job.name}`"
+        )
     if job.error is not None and INPUT_CHANGED in job.error:
         # Recorded when a submit or export met the changed file (pipeline.submit); the job
         # itself is fine, and goes on once the file is as it was.

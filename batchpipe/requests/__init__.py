@@ -12,6 +12,7 @@ from batchpipe.requests.packing import BatchPacker, PlannedBatch
 from batchpipe.requests.render import (
     IdKinds,
     MixedIds,
+    NestedId,
     RequestRenderer,
     RowProblem,
     check_result_column_clash,
@@ -24,6 +25,7 @@ __all__ = [
     "BatchPacker",
     "IdKinds",
     "MixedIds",
+    "NestedId",
     "PlannedBatch",
     "RequestRenderer",
     "RowProblem",

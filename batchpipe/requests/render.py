@@ -103,17 +103,28 @@ class IdKinds:
         self._first: tuple[int, Any] | None = None
         self._type: type | None = None
 
-    def check(self, row: Mapping[str, Any], row_index: int) -> MixedIds | None:
-        """None while ``row``'s id is of the kind of the first id seen (or null/missing)."""
+    def check(self, row: Mapping[str, Any], row_index: int) -> MixedIds | NestedId | None:
+        """None while ``row``'s id is of the kind of the first id seen (or null/missing);
+        :class:`NestedId` when that first id is an object or array."""
         if self._column is None:
             return None
         value = row.get(self._column)
         if type(value) is self._type or value is None:
             return None
         if self._first is None:
+            if isinstance(value, dict | list | tuple):
+                return NestedId(row_index, value)
             self._first, self._type = (row_index, value), type(value)
             return None
         return MixedIds(*self._first, row_index, value)
+
+
+class NestedId(NamedTuple):
+    """The first id of the input is an object or array (row index from 0): the column is
+    no id column, and every row would fail alike, so the input is refused once."""
+
+    row: int
+    value: Any
 
 
 # Binary digits as blanks, for stand-in keys (see standin_key).
