@@ -173,9 +173,11 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
-        job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        # The interval asked for now, not the one stored when the job began.
-        job = pipeline.run(ctx, job, poll_interval=spec.poll_interval)
+        # One lease from start to end: a `tick` between prepare and run would lock us out.
+        with ctx.keeping_leases():
+            job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
+            # The interval asked for now, not the one stored when the job began.
+            job = pipeline.run(ctx, job, poll_interval=spec.poll_interval)
         # Only the counts: job_summary would also sum tokens and cost, another walk over
         # every row of the job (0.2 s at a million).
         by_status = ctx.store.count_items(job.id)
@@ -205,9 +207,11 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
-        job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        with ctx.lease(job):
-            job = pipeline.step(ctx, job)
+        # One lease from start to end: a `tick` between prepare and step would lock us out.
+        with ctx.keeping_leases():
+            job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
+            with ctx.lease(job):
+                job = pipeline.step(ctx, job)
     _echo_job(job, "submitted")
     click.echo(job.name)
 
