@@ -200,13 +200,7 @@ def _collect_batch(
         )
         ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
         raise NeedsAttention(message)
-    leftovers = ctx.store.requeue_batch_leftovers(batch.id)
-    ctx.store.update_batch(
-        batch.id,
-        expected_status=BatchStatus.ENDED,
-        status=BatchStatus.COLLECTED,
-        collected_at=ctx.clock(),
-    )
+    leftovers = settle_batch(ctx, batch, expected=BatchStatus.ENDED)
     logger.info(
         "batch.collected",
         # Download, parse and store, end to end: the step's latency as a user waits it.
@@ -219,6 +213,27 @@ def _collect_batch(
     )
     release_free_memory()
     return applied
+
+
+def settle_batch(
+    ctx: Context, batch: BatchRow, *, expected: BatchStatus, error: str | None = None
+) -> int:
+    """Send the batch's unanswered rows back to pending, then mark it collected.
+
+    Returns how many rows went back. ``error`` may name them as ``{rows}``. Rows first: a
+    crash between the two leaves a batch the next step settles again, never rows stuck in
+    a settled batch.
+    """
+    rows = ctx.store.requeue_batch_leftovers(batch.id)
+    extra = {} if error is None else {"error": error.format(rows=rows)}
+    ctx.store.update_batch(
+        batch.id,
+        expected_status=expected,
+        status=BatchStatus.COLLECTED,
+        collected_at=ctx.clock(),
+        **extra,
+    )
+    return rows
 
 
 def _general_update(

@@ -19,7 +19,7 @@ from batchpipe.errors import (
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.budget import check_estimate
-from batchpipe.pipeline.collect import collect, poll
+from batchpipe.pipeline.collect import collect, poll, settle_batch
 from batchpipe.pipeline.context import Context, NullProgress, bind, job_spec
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
@@ -407,14 +407,10 @@ def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:
 def _requeue_lost(ctx: Context, lost: list[BatchRow]) -> None:
     """Lost batches' rows go back to pending (the next step sends them); the batches settle."""
     for batch in lost:
-        # Rows first: a crash between the two leaves a batch the next step finds lost again,
-        # never rows stuck in a settled batch.
-        rows = ctx.store.requeue_batch_leftovers(batch.id)
-        ctx.store.update_batch(
-            batch.id,
-            expected_status=batch.status,
-            status=BatchStatus.COLLECTED,
-            collected_at=ctx.clock(),
-            error=f"not found at the API; its {rows} unanswered rows were sent again",
+        settle_batch(
+            ctx,
+            batch,
+            expected=batch.status,
+            error="not found at the API; its {rows} unanswered rows were sent again",
         )
         log.warning("batch.resent_lost", batch_id=batch.id, api_batch_id=batch.api_batch_id)
