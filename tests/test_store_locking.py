@@ -147,3 +147,28 @@ def test_an_ingest_that_renews_its_lease_mid_insert_does_not_lock_itself_out(
         assert job.status == JobStatus.RUNNING
         assert job.row_count == rows
         assert store.count_items(job.id)[ItemStatus.PENDING] == rows
+
+
+def test_a_tick_that_meets_a_busy_database_reports_each_job_unavailable(sqlite_url: str) -> None:
+    Store.open(sqlite_url).close()  # migrated
+    engine = create_engine(sqlite_url)
+
+    def short_timeout(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout = 50")
+
+    sa.event.listen(engine, "connect", short_timeout)
+
+    def no_client() -> Any:
+        raise AssertionError("no job gets as far as the API")
+
+    with Store(engine, sqlite_url) as store:
+        for name, token in (("a", "tok1"), ("b", "tok2")):
+            store.create_job(name=name, token=token, spec={}, input_fingerprint=None)
+        ctx = pipeline.Context(store=store, client_factory=no_client)
+        with write_lock_held(sqlite_url, seconds=2.0):
+            # Before: the first job's lease met the lock outside the per-job `try`, and
+            # StoreBusy ended the whole tick: no job was reported, the others not tried.
+            report = pipeline.tick(ctx)
+    assert sorted(job.name for job, _ in report.unavailable) == ["a", "b"]
+    assert all("try again later" in why for _, why in report.unavailable)
+    assert report.failed == []
