@@ -52,6 +52,17 @@ def _tick(db: str, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def _wait_ended(client: anthropic.Anthropic, batch_ids: list[str]) -> None:
+    """Until the API says every one of ``batch_ids`` has ended (they end on its clock)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {client.messages.batches.retrieve(b).processing_status for b in batch_ids}
+        if states == {"ended"}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"batches {batch_ids} never ended")
+
+
 @pytest.mark.slow
 def test_two_emulate_processes_at_once_keep_each_others_batches(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'state.db'}"
@@ -92,12 +103,12 @@ def test_a_batch_the_api_no_longer_knows_stops_the_job_and_says_what_to_do(
     src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
     submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
     assert submitted.returncode == 0, submitted.stderr
-    time.sleep(0.5)  # both batches ended at the API, not yet polled
     with Store.open(db) as store:
         job = store.get_job("gone")
         assert job is not None
-        first = store.list_batches(job.id)[0].api_batch_id
-    assert first is not None
+        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    first = sent[0]
+    _wait_ended(anthropic_client, sent)  # both batches ended at the API, not yet polled
     anthropic_client.messages.batches.delete(first)  # as in the Console
 
     # Before: exit 1 on "404 not_found_error" at every tick while `status` said to wait.
@@ -124,17 +135,6 @@ def test_a_batch_the_api_no_longer_knows_stops_the_job_and_says_what_to_do(
     assert [r["result_status"] for r in table] == ["succeeded"] * 10
     # The lost batch's five rows went out again; the other batch's were not resent.
     assert emulator.stats()["requests_received"] == 15
-
-
-def _wait_ended(client: anthropic.Anthropic, batch_ids: list[str]) -> None:
-    """Until the API says every one of ``batch_ids`` has ended (they end on its clock)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        states = {client.messages.batches.retrieve(b).processing_status for b in batch_ids}
-        if states == {"ended"}:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"batches {batch_ids} never ended")
 
 
 @pytest.mark.slow
