@@ -22,7 +22,7 @@ from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
-from batchpipe.pipeline.submit import check_fingerprint
+from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.requests import (
     IdKinds,
     MixedIds,

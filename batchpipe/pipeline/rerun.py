@@ -26,8 +26,8 @@ from batchpipe.errors import InputChangedError, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.pipeline.ingest import kept_on_rerun
-from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import RequestRenderer, RowProblem
 
 # The store writes 5,000 rows per executemany: at this row the first chunk is written (not
