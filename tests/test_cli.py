@@ -17,7 +17,6 @@ from click.testing import CliRunner, Result
 from batchpipe.cli import cli
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator, EmulatorServer
-from batchpipe.models import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Classify: {{ body }}"
@@ -480,34 +479,6 @@ def test_a_command_refused_at_the_start_records_no_job(
     tick = invoke(tmp_path, "tick", "--emulate")
     assert tick.exit_code == 0, tick.output
     assert "nothing to do" in tick.stderr
-
-
-def test_a_job_whose_rows_were_never_validated_is_validated_by_tick(tmp_path: Path) -> None:
-    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
-    out = tmp_path / "out.parquet"
-    # As a process killed while validating leaves it: the job recorded, no rows yet.
-    with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
-        spec = JobSpec(
-            input=str(src), prompt=PROMPT, model="claude-haiku-4-5", max_tokens=64,
-            id_column="doc_id", output=str(out), poll_interval=0.1,
-        )  # fmt: skip
-        store.create_job(
-            name="j", token="0123456789", spec=spec.model_dump(), input_fingerprint=None
-        )
-    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
-    assert job["next_action"] == (
-        "validate and submit its rows (the next `tick` does, or the job's command)"
-    )
-    # Before: "running, 0 rows" and exit 0 at every tick, forever.
-    tick = invoke(tmp_path, "tick", "--emulate")
-    assert tick.exit_code == 0, tick.output
-    assert "running, 3 rows" in tick.stderr
-    for _ in range(20):
-        if out.exists():
-            break
-        __import__("time").sleep(0.3)
-        assert invoke(tmp_path, "tick", "--emulate").exit_code == 0
-    assert pq.read_table(out).num_rows == 3
 
 
 def test_dry_run_of_a_new_job_checks_what_the_command_would(tmp_path: Path) -> None:

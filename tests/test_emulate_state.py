@@ -22,7 +22,7 @@ from conftest import batchpipe_argv, env_for, job_args, run_batchpipe
 from batchpipe.cli.wiring import emulator_state_path
 from batchpipe.db import Store
 from batchpipe.emulator import Emulator
-from batchpipe.models import JobStatus
+from batchpipe.models import ItemStatus, JobStatus
 
 if TYPE_CHECKING:
     import anthropic
@@ -50,6 +50,17 @@ def _tick(db: str, *args: str) -> subprocess.CompletedProcess[str]:
         env=env_for("http://unused.invalid"), capture_output=True, text=True, timeout=120,
         check=False,
     )  # fmt: skip
+
+
+def _wait_ended(client: anthropic.Anthropic, batch_ids: list[str]) -> None:
+    """Until the API says every one of ``batch_ids`` has ended (they end on its clock)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {client.messages.batches.retrieve(b).processing_status for b in batch_ids}
+        if states == {"ended"}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"batches {batch_ids} never ended")
 
 
 @pytest.mark.slow
@@ -92,12 +103,12 @@ def test_a_batch_the_api_no_longer_knows_stops_the_job_and_says_what_to_do(
     src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
     submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
     assert submitted.returncode == 0, submitted.stderr
-    time.sleep(0.5)  # both batches ended at the API, not yet polled
     with Store.open(db) as store:
         job = store.get_job("gone")
         assert job is not None
-        first = store.list_batches(job.id)[0].api_batch_id
-    assert first is not None
+        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    first = sent[0]
+    _wait_ended(anthropic_client, sent)  # both batches ended at the API, not yet polled
     anthropic_client.messages.batches.delete(first)  # as in the Console
 
     # Before: exit 1 on "404 not_found_error" at every tick while `status` said to wait.
@@ -124,3 +135,40 @@ def test_a_batch_the_api_no_longer_knows_stops_the_job_and_says_what_to_do(
     assert [r["result_status"] for r in table] == ["succeeded"] * 10
     # The lost batch's five rows went out again; the other batch's were not resent.
     assert emulator.stats()["requests_received"] == 15
+
+
+@pytest.mark.slow
+def test_a_batch_lost_while_the_job_is_canceled_does_not_stop_the_cancel(
+    tmp_path: Path,
+    emulator: Emulator,
+    anthropic_client: anthropic.Anthropic,
+    cli_env: dict[str, str],
+) -> None:
+    emulator.configure(processing_seconds=60, cancel_seconds=0.1)
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    _inputs(tmp_path, ["gone"], rows=10)
+    src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
+    submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
+    assert submitted.returncode == 0, submitted.stderr
+    canceled = run_batchpipe(db, cli_env, "cancel", "gone")
+    assert canceled.returncode == 0, canceled.stderr
+    with Store.open(db) as store:
+        job = store.get_job("gone")
+        assert job is not None
+        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    assert len(sent) == 2
+    _wait_ended(anthropic_client, sent)
+    anthropic_client.messages.batches.delete(sent[0])
+
+    # Before: the tick turned the canceling job into needs_attention (exit 1), and the
+    # `resume` it suggested would have put a job the user canceled back to running.
+    ticked = run_batchpipe(db, cli_env, "tick", "--job", "gone")
+    assert ticked.returncode == 0, ticked.stderr
+    status = run_batchpipe(db, cli_env, "status", "gone", "--json")
+    (shown,) = json.loads(status.stdout)["jobs"]
+    assert shown["status"] == "canceled", shown
+    with Store.open(db) as store:
+        assert {k: v for k, v in store.count_items(job.id).items() if v} == {
+            ItemStatus.CANCELED: 10
+        }
+    assert emulator.stats()["requests_received"] == 10  # nothing was sent again

@@ -73,8 +73,12 @@ def test_a_submit_killed_while_storing_rows_is_finished_by_tick(tmp_path: Path) 
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr  # died like kill -9 after storing the rows
-    assert status(tmp_path)["status"] == "running"
-    assert status(tmp_path)["rows"] == 0
+    job = status(tmp_path)
+    assert job["status"] == "running"
+    assert job["rows"] == 0
+    assert job["next_action"] == (
+        "validate and submit its rows (the next `tick` does, or the job's command)"
+    )
 
     tick_until_exported(tmp_path, out)
     table = pq.read_table(out).to_pylist()

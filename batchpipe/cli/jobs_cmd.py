@@ -178,10 +178,12 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
-        job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        # The job's --poll-interval is the latest one given (stored by prepare); without
-        # one, the emulator's batches end quickly enough for a short wait.
-        job = pipeline.run(ctx, job, poll_interval=EMULATE_POLL_INTERVAL if emulate else None)
+        # One lease from start to end: a `tick` between prepare and run would lock us out.
+        with ctx.keeping_leases():
+            job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
+            # The job's --poll-interval is the latest one given (stored by prepare); without
+            # one, the emulator's batches end quickly enough for a short wait.
+            job = pipeline.run(ctx, job, poll_interval=EMULATE_POLL_INTERVAL if emulate else None)
         # Counts and cost, not job_summary (which walks the rows more times): two passes,
         # 0.3 s at a million rows, once at the end of a run.
         by_status = ctx.store.count_items(job.id)
@@ -218,9 +220,11 @@ def submit(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: A
             known = ctx.store.get_job(name) is not None
             _echo_plan(pipeline.check_rerun(ctx, name, spec), name, known)
             return
-        job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
-        with ctx.lease(job):
-            job = pipeline.step(ctx, job)
+        # One lease from start to end: a `tick` between prepare and step would lock us out.
+        with ctx.keeping_leases():
+            job = pipeline.prepare(ctx, name, spec, confirm_rerun=yes)
+            with ctx.lease(job):
+                job = pipeline.step(ctx, job)
     _echo_job(job, "submitted")
     click.echo(job.name)
 

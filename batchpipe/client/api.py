@@ -188,6 +188,7 @@ class BatchClient:
                     self._sdk.messages.batches.with_raw_response.retrieve(batch_id)
                 ),
                 batch_id=batch_id,
+                batch_missing_on_404=True,
             )
         )
 
@@ -263,28 +264,39 @@ class BatchClient:
                 f"results of batch {batch_id} failed: it has not ended yet "
                 f"(processing_status {info.processing_status})"
             )
-        if info.archived_at is not None:
-            raise errors.APIError(
-                f"results of batch {batch_id} failed: they were archived at "
-                f"{info.archived_at.isoformat()} and can no longer be downloaded"
-            )
+        _refuse_archived(info)
         url = info.results_url
         op = f"results of batch {batch_id}"
         started = time.perf_counter()
         # A 404 just after the batch ended is ridden out as in retrieve. The SDK's get() with
         # cast_to=httpx2.Response and stream=True hands back the unread response.
-        response = self._call_tolerating_404(
-            "results",
-            op,
-            lambda: self._sdk.get(
-                url,
-                cast_to=httpx2.Response,
-                stream=True,
-                options={"headers": {"Accept": "application/binary"}},
-            ),
-            batch_id=batch_id,
-            log_success=False,  # one line is logged below, once the stream has been read
-        )
+        try:
+            response = self._call_tolerating_404(
+                "results",
+                op,
+                lambda: self._sdk.get(
+                    url,
+                    cast_to=httpx2.Response,
+                    stream=True,
+                    options={"headers": {"Accept": "application/binary"}},
+                ),
+                batch_id=batch_id,
+                batch_missing_on_404=False,
+                log_success=False,  # one line is logged below, once the stream has been read
+            )
+        except errors.APIError as exc:
+            if not _is_not_found(exc):
+                raise
+            # The batch was there a moment ago: a 404 for its file is not a deleted batch.
+            # Ask again: gone now (BatchNotFound from retrieve), archived meanwhile (terminal,
+            # collect records it), or else the file is not served yet / the URL went stale,
+            # which the next try (a fresh retrieve, a fresh URL) gets past.
+            _refuse_archived(self.retrieve(batch_id))
+            raise errors.TransientAPIError(
+                f"{exc}; batch {batch_id} exists and has ended but its results file is not "
+                "available yet; try again later (`batchpipe tick`, or `run` retries itself)",
+                request_id=exc.request_id,
+            ) from exc
         request_id = response.headers.get("request-id")
         lines = 0
 
@@ -356,6 +368,7 @@ class BatchClient:
         *,
         batch_id: str | None = None,
         remap_not_found: bool = True,
+        batch_missing_on_404: bool = False,
         log_success: bool = True,
         success_debug: bool = False,
         **fields: Any,
@@ -364,6 +377,11 @@ class BatchClient:
 
         ``success_debug`` logs a successful call at debug (calls made by the dozen); an
         error is a warning either way.
+
+        ``batch_missing_on_404``: a 404 means the batch itself is gone (BatchNotFound). Only
+        ``retrieve`` says that; a 404 from a results download or a cancel means something
+        else (see :meth:`result_objects`), and the pipeline offers a paid resend for a
+        BatchNotFound.
         """
         started = time.perf_counter()
         try:
@@ -382,7 +400,7 @@ class BatchClient:
             if isinstance(exc, anthropic.NotFoundError) and not remap_not_found:
                 raise
             mapped = self._map_error(op, exc)
-            if isinstance(exc, anthropic.NotFoundError) and batch_id is not None:
+            if isinstance(exc, anthropic.NotFoundError) and batch_missing_on_404:
                 # A batch of ours the API does not know: the pipeline says what to do.
                 raise errors.BatchNotFound(str(mapped), request_id=mapped.request_id) from exc
             raise mapped from exc
@@ -399,7 +417,14 @@ class BatchClient:
         return result
 
     def _call_tolerating_404(
-        self, event: str, op: str, fn: Callable[[], T], *, batch_id: str, log_success: bool = True
+        self,
+        event: str,
+        op: str,
+        fn: Callable[[], T],
+        *,
+        batch_id: str,
+        batch_missing_on_404: bool,
+        log_success: bool = True,
     ) -> T:
         """``_call``, but a 404 only counts once it persists over a few short waits."""
         for attempt in range(self.not_found_retries):
@@ -409,7 +434,14 @@ class BatchClient:
                 )
             except anthropic.NotFoundError:
                 self.sleep(self.not_found_delay * (attempt + 1))
-        return self._call(event, op, fn, batch_id=batch_id, log_success=log_success)
+        return self._call(
+            event,
+            op,
+            fn,
+            batch_id=batch_id,
+            batch_missing_on_404=batch_missing_on_404,
+            log_success=log_success,
+        )
 
     def _map_error(self, op: str, exc: anthropic.AnthropicError) -> errors.APIError:
         """Translate an SDK exception; the message never holds the key or a request body."""
@@ -444,6 +476,20 @@ class BatchClient:
 
 
 # ---------------------------------------------------------------------- conversions
+
+
+def _refuse_archived(info: BatchInfo) -> None:
+    """Raise the terminal APIError collect records as archived, if the batch's results are."""
+    if info.archived_at is not None:
+        raise errors.APIError(
+            f"results of batch {info.id} failed: they were archived at "
+            f"{info.archived_at.isoformat()} and can no longer be downloaded"
+        )
+
+
+def _is_not_found(exc: errors.APIError) -> bool:
+    """Whether a mapped API error came from a 404 answer."""
+    return isinstance(exc.__cause__, anthropic.NotFoundError)
 
 
 def _never_sent(error: BaseException | None) -> bool:

@@ -25,10 +25,24 @@ class JobsMixin(StoreBase):
     """Store methods for the ``jobs`` table."""
 
     def create_job(
-        self, *, name: str, token: str, spec: dict[str, Any], input_fingerprint: str | None
+        self,
+        *,
+        name: str,
+        token: str,
+        spec: dict[str, Any],
+        input_fingerprint: str | None,
+        lease_owner: str | None = None,
+        lease_ttl_seconds: float = 0.0,
     ) -> JobRow:
-        """Insert a new job (status running). A name already in use raises JobNameTaken."""
+        """Insert a new job (status running). A name already in use raises JobNameTaken.
+
+        With ``lease_owner`` the job is born leased to its creator, in the same INSERT: a
+        job recorded before its rows are validated must not be stepped by another worker
+        (a cron `tick` would validate it all while the creator's command fails with
+        JobLocked). Once that lease lapses (the creator died) others may take it.
+        """
         now = self.clock()
+        leased_until = now + timedelta(seconds=lease_ttl_seconds) if lease_owner else None
         values = {
             "name": name,
             "token": token,
@@ -39,6 +53,8 @@ class JobsMixin(StoreBase):
             "invalid_count": 0,
             "created_at": now,
             "updated_at": now,
+            "lease_owner": lease_owner,
+            "lease_until": leased_until,
         }
         try:
             with self._write() as conn:

@@ -9,6 +9,7 @@ from batchpipe.pipeline.context import Context, NullProgress, Progress, default_
 from batchpipe.pipeline.estimate import DEFAULT_SAMPLE, Estimate, estimate
 from batchpipe.pipeline.export import RESULT_COLUMN_TYPES, export
 from batchpipe.pipeline.ingest import default_job_name
+from batchpipe.pipeline.recover import resume
 from batchpipe.pipeline.report import MAX_LABELS, Report, build_report
 from batchpipe.pipeline.rerun import RerunPlan
 from batchpipe.pipeline.runner import (
@@ -16,7 +17,6 @@ from batchpipe.pipeline.runner import (
     check_rerun,
     earlier_job,
     prepare,
-    resume,
     retry,
     run,
     step,

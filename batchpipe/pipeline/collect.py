@@ -69,7 +69,8 @@ def poll(ctx: Context, job: JobRow) -> int:
         try:
             info = ctx.client.retrieve(batch.api_batch_id)
         except BatchNotFound as exc:
-            raise lost_batch(ctx, job, batch, exc) from None
+            lost_batch(ctx, job, batch, exc)
+            continue
         counts = asdict(info.request_counts)
         logger = bind(job, log, batch_id=batch.id, api_batch_id=info.id)
         if info.processing_status == "ended":
@@ -108,17 +109,33 @@ def collect(ctx: Context, job: JobRow) -> int:
         try:
             total += _collect_batch(ctx, job, batch, spec, user_canceled)
         except BatchNotFound as exc:
-            raise lost_batch(ctx, job, batch, exc) from None
+            lost_batch(ctx, job, batch, exc)
     return total
 
 
-def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -> NeedsAttention:
-    """The API answers 404 for one of the job's batches: stop the job as needs_attention.
+def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -> None:
+    """The API answers 404 for one of the job's batches: stop the job as needs_attention
+    (raises NeedsAttention), unless it is being canceled.
 
     Waiting will not bring the batch back, and guessing is costly either way: sending its
     rows again pays twice if the key was only wrong, waiting forever never finishes. The
-    message names the batch, the two likely causes and the command for each.
+    message names the batch, the two likely causes and the command for each. A job being
+    canceled keeps its status (a later `resume` must not bring a canceled job back to
+    running): the lost batch settles, and the step cancels its unanswered rows with the
+    other pending ones.
     """
+    ctx.store.update_batch(batch.id, error=str(exc))
+    logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
+    if job.status == JobStatus.CANCELING:
+        rows = settle_batch(
+            ctx,
+            batch,
+            expected=batch.status,
+            error="not found at the API while the job was being canceled; its {rows} "
+            "unanswered rows are canceled",
+        )
+        logger.warning("batch.not_found_while_canceling", request_id=exc.request_id, rows=rows)
+        return
     message = (
         f"job {job.id} ({job.name}): batch {batch.api_batch_id} (batch {batch.id}, "
         f"{batch.request_count} requests) is not found at the API (404): it was deleted (in "
@@ -127,12 +144,16 @@ def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -
         f"`batchpipe resume {job.name}`; if the batch is gone, `batchpipe resume {job.name} "
         "--resend` sends its rows again"
     )
-    ctx.store.update_batch(batch.id, error=str(exc))
-    ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
-    bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id).error(
-        "batch.not_found", request_id=exc.request_id
+    # Compare-and-set: only a running job stops here; a cancel or another step that moved
+    # it meanwhile keeps its word.
+    stopped = ctx.store.update_job(
+        job.id,
+        expected_status=JobStatus.RUNNING,
+        status=JobStatus.NEEDS_ATTENTION,
+        error=message,
     )
-    return NeedsAttention(message)
+    logger.error("batch.not_found", request_id=exc.request_id, job_stopped=stopped)
+    raise NeedsAttention(message)
 
 
 def _collect_batch(
@@ -202,13 +223,7 @@ def _collect_batch(
         )
         ctx.store.update_job(job.id, status=JobStatus.NEEDS_ATTENTION, error=message)
         raise NeedsAttention(message)
-    leftovers = ctx.store.requeue_batch_leftovers(batch.id)
-    ctx.store.update_batch(
-        batch.id,
-        expected_status=BatchStatus.ENDED,
-        status=BatchStatus.COLLECTED,
-        collected_at=ctx.clock(),
-    )
+    leftovers = settle_batch(ctx, batch, expected=BatchStatus.ENDED)
     logger.info(
         "batch.collected",
         # Download, parse and store, end to end: the step's latency as a user waits it.
@@ -248,6 +263,27 @@ def _disown(ctx: Context, job: JobRow, batch: BatchRow, lines: int) -> int:
         "batch.orphan_disowned", api_batch_id=batch.api_batch_id, foreign_lines=lines
     )
     return 0
+
+
+def settle_batch(
+    ctx: Context, batch: BatchRow, *, expected: BatchStatus, error: str | None = None
+) -> int:
+    """Send the batch's unanswered rows back to pending, then mark it collected.
+
+    Returns how many rows went back. ``error`` may name them as ``{rows}``. Rows first: a
+    crash between the two leaves a batch the next step settles again, never rows stuck in
+    a settled batch.
+    """
+    rows = ctx.store.requeue_batch_leftovers(batch.id)
+    extra = {} if error is None else {"error": error.format(rows=rows)}
+    ctx.store.update_batch(
+        batch.id,
+        expected_status=expected,
+        status=BatchStatus.COLLECTED,
+        collected_at=ctx.clock(),
+        **extra,
+    )
+    return rows
 
 
 def _general_update(

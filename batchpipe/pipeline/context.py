@@ -113,6 +113,8 @@ class Context:
     lease_ttl_seconds: float = LEASE_TTL_SECONDS
     _client: BatchClient | None = None
     _renewed: dict[int, float] = field(default_factory=dict)
+    # Jobs whose lease `lease()` keeps past its block, inside `keeping_leases()`.
+    _kept: set[int] | None = None
 
     @property
     def client(self) -> BatchClient:
@@ -157,8 +159,30 @@ class Context:
         try:
             yield
         finally:
-            self.store.release_lease(job.id, self.owner)
-            self._renewed.pop(job.id, None)
+            if self._kept is not None:
+                self._kept.add(job.id)
+            else:
+                self.store.release_lease(job.id, self.owner)
+                self._renewed.pop(job.id, None)
+
+    @contextmanager
+    def keeping_leases(self) -> Iterator[None]:
+        """Keep every lease :meth:`lease` takes in the block until the block ends.
+
+        For a command made of several leased steps (`run` is prepare, then run): between
+        them a cron `tick` would take the job and the command would fail with JobLocked.
+        """
+        outer, self._kept = self._kept, set()
+        try:
+            yield
+        finally:
+            kept, self._kept = self._kept, outer
+            for job_id in kept:
+                if outer is not None:
+                    outer.add(job_id)
+                    continue
+                self.store.release_lease(job_id, self.owner)
+                self._renewed.pop(job_id, None)
 
     def heartbeat(self, job_id: int) -> None:
         """Renew the lease during long work; raise JobLocked if another process took it."""

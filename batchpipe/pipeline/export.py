@@ -13,8 +13,8 @@ from batchpipe.errors import OutputNotWritable, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.pipeline.outcome import TRUNCATED, output_schema
-from batchpipe.pipeline.submit import check_fingerprint
 
 # The exported result columns and their types, in order (names fixed by models.RESULT_COLUMNS).
 RESULT_COLUMN_TYPES: list[tuple[str, str]] = [

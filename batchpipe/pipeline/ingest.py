@@ -23,8 +23,8 @@ from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.carry import ROUND_FIELDS, SETTINGS_FIELDS, carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.pipeline.problems import ProblemTally
-from batchpipe.pipeline.submit import check_fingerprint
 from batchpipe.requests import (
     IdKinds,
     MixedIds,
@@ -82,8 +82,14 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
     if job is None:
         stored = spec.model_copy(update={"max_failed": spec.max_failed_over(None)})
         try:
+            # Born leased to us: see Store.create_job (no tick may step it in between).
             return ctx.store.create_job(
-                name=name, token=new_job_token(), spec=stored.model_dump(), input_fingerprint=None
+                name=name,
+                token=new_job_token(),
+                spec=stored.model_dump(),
+                input_fingerprint=None,
+                lease_owner=ctx.owner,
+                lease_ttl_seconds=ctx.lease_ttl_seconds,
             )
         except JobNameTaken:  # another worker created it a moment ago
             job = ctx.store.get_job(name)

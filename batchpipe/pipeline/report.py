@@ -21,8 +21,8 @@ from batchpipe.db import ItemRow, JobRow
 from batchpipe.errors import InputError, StoreError
 from batchpipe.models import ItemStatus
 from batchpipe.pipeline.context import Context, job_spec
+from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.pipeline.outcome import output_schema
-from batchpipe.pipeline.submit import check_fingerprint
 
 _TEXT_LIMIT = 300  # characters of an input or answer shown per sampled row
 # More distinct answers than this are free text, not a label set: no distribution is shown,

@@ -28,7 +28,7 @@ from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec
 from batchpipe.pipeline.carry import carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
-from batchpipe.pipeline.submit import check_fingerprint
+from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.requests import RequestRenderer, RowProblem
 
 # The store writes 5,000 rows per executemany: at this row the first chunk is written (not

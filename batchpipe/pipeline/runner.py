@@ -1,4 +1,4 @@
-"""Drive jobs: `step` (one non-blocking pass), `run` (to the end), cancel, retry, resume."""
+"""Drive jobs: `step` (one pass), `run` (to the end), cancel, retry (resume: recover.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ from collections.abc import Collection
 from typing import Any
 
 from batchpipe.dataset import Dataset, check_writable
-from batchpipe.db import BatchRow, JobRow
+from batchpipe.db import JobRow
 from batchpipe.errors import (
     APIError,
-    BatchNotFound,
     BatchpipeError,
     InputError,
     NeedsAttention,
@@ -25,7 +24,7 @@ from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
 from batchpipe.pipeline.preflight import check_output_limit
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
-from batchpipe.pipeline.submit import recover_planned, resend_planned, submit_pending
+from batchpipe.pipeline.submit import recover_planned, submit_pending
 from batchpipe.requests import RequestRenderer
 
 MIN_POLL, MAX_POLL = 30.0, 300.0
@@ -365,91 +364,3 @@ def retry(
         failpoint("after_requeue")
         bind(job, log).info("job.retry", items=count, statuses=sorted(s.value for s in statuses))
         return count
-
-
-def _nothing_to_resume(job: JobRow) -> str:
-    """Why `resume` does nothing for this job, and what would do what the user wants."""
-    said = f"job {job.id} ({job.name}) is {job.status.value}; nothing to resume"
-    if job.status == JobStatus.CANCELED:
-        # A canceled job's unanswered rows are `canceled`, which `retry` leaves alone unless
-        # asked: resume is the word users reach for, so point at the command that does it.
-        return (
-            f"{said}. To send its canceled rows again: `batchpipe retry {job.name} "
-            f"--status canceled`, then `batchpipe tick` (or `batchpipe run`)"
-        )
-    if job.status == JobStatus.DONE:
-        return f"{said}. To send any failed rows again: `batchpipe retry {job.name}`"
-    return said
-
-
-def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool = False) -> JobRow:
-    """Put a job that stopped (`needs_attention` or `failed`) back to work, after a human looked.
-
-    For a job stopped over an undecidable orphan, say how it was resolved: `adopt` names the
-    API batch that holds the planned batch's requests; `resend` sends them again (paying
-    again if the API did run them). Without either, the next step re-checks on its own.
-    """
-    if adopt and resend:
-        raise UsageError("--adopt and --resend exclude each other")
-    with ctx.lease(job):
-        job = _reload(ctx, job)
-        if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:
-            raise UsageError(_nothing_to_resume(job))
-        _check_output(job_spec(job))
-        planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
-        lost = _lost_batches(ctx, job) if resend and not planned else []
-        if (adopt or resend) and len(planned) != 1 and not lost:
-            raise UsageError(
-                f"job {job.id} has {len(planned)} planned batches and none the API has lost; "
-                "--adopt needs exactly one planned batch, --resend one or a lost batch"
-            )
-        if adopt:
-            if adopt in ctx.store.known_api_batch_ids():
-                raise UsageError(f"batch {adopt} already belongs to a job; it cannot be adopted")
-            info = ctx.client.retrieve(adopt)
-            ctx.store.mark_batch_created(
-                planned[0].id, api_batch_id=info.id, created_at=info.created_at,
-                expires_at=info.expires_at,
-            )  # fmt: skip
-        ctx.store.update_job(
-            job.id, expected_status=job.status, status=JobStatus.RUNNING, error=None
-        )
-        if lost:
-            _requeue_lost(ctx, lost)
-        elif resend:
-            resend_planned(ctx, _reload(ctx, job), planned[0])
-        bind(job, log).warning("job.resumed", adopted=adopt, resent=resend)
-        return _reload(ctx, job)
-
-
-def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:
-    """The job's sent batches the API answers 404 for now (see ``collect.lost_batch``).
-
-    Asked again rather than taken from the job's error: a batch found again (the right key
-    is back) must not be sent twice.
-    """
-    lost = []
-    sent = {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING, BatchStatus.ENDED}
-    for batch in ctx.store.list_batches(job.id, sent):
-        assert batch.api_batch_id is not None
-        try:
-            ctx.client.retrieve(batch.api_batch_id)
-        except BatchNotFound:
-            lost.append(batch)
-    return lost
-
-
-def _requeue_lost(ctx: Context, lost: list[BatchRow]) -> None:
-    """Lost batches' rows go back to pending (the next step sends them); the batches settle."""
-    for batch in lost:
-        # Rows first: a crash between the two leaves a batch the next step finds lost again,
-        # never rows stuck in a settled batch.
-        rows = ctx.store.requeue_batch_leftovers(batch.id)
-        ctx.store.update_batch(
-            batch.id,
-            expected_status=batch.status,
-            status=BatchStatus.COLLECTED,
-            collected_at=ctx.clock(),
-            error=f"not found at the API; its {rows} unanswered rows were sent again",
-        )
-        log.warning("batch.resent_lost", batch_id=batch.id, api_batch_id=batch.api_batch_id)

@@ -8,7 +8,7 @@ from batchpipe import pricing
 from batchpipe.db import BatchRow, JobRow
 from batchpipe.models import BatchStatus, ItemStatus, JobStatus
 from batchpipe.pipeline.context import Context
-from batchpipe.pipeline.submit import INPUT_CHANGED
+from batchpipe.pipeline.fingerprint import INPUT_CHANGED
 from batchpipe.pipeline.verdict import failed_rows_problem
 
 

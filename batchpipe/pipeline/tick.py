@@ -20,11 +20,14 @@ from batchpipe.errors import (
     StoreUnreachable,
     TransientAPIError,
 )
+from batchpipe.log import get_logger
 from batchpipe.models import JobStatus
 from batchpipe.pipeline.context import Context, job_spec
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.runner import step
 from batchpipe.pipeline.verdict import failed_rows_problem
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -64,10 +67,14 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
         candidates = list(jobs)
     for candidate in candidates:
         job = candidate
-        if not ctx.try_lease(job):
-            report.locked.append(job)
-            continue
+        leased = False
         try:
+            # Inside the try: a database busy or unreachable for this job's lease makes this
+            # job unavailable, not the whole tick (the other jobs still get their step).
+            if not ctx.try_lease(job):
+                report.locked.append(job)
+                continue
+            leased = True
             fresh = ctx.store.get_job(job.id)  # under the lease: no other worker moves it
             done_before = fresh is not None and fresh.status == JobStatus.DONE
             job = step(ctx, job)
@@ -97,5 +104,15 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
             else:
                 report.failed.append((job, str(exc), exc.exit_code))
         finally:
-            ctx.store.release_lease(job.id, ctx.owner)
+            if leased:
+                _release(ctx, job)
     return report
+
+
+def _release(ctx: Context, job: JobRow) -> None:
+    """Give the job's lease back; a database too busy for it only delays the next worker
+    until the lease lapses (or this process is seen dead), so the tick carries on."""
+    try:
+        ctx.store.release_lease(job.id, ctx.owner)
+    except (StoreUnreachable, StoreBusy) as exc:
+        log.warning("lease.release_failed", job_id=job.id, error=str(exc))

@@ -1,0 +1,107 @@
+"""A 404 that is not a deleted batch: a results file not served yet, a cancel refused.
+
+Only a 404 from `retrieve` means the batch is gone (BatchNotFound): the pipeline then stops
+the job and offers `resume --resend`, which pays again. A 404 for the results file of a
+batch the API has just shown as ended is transient (the file is not served yet, or its URL
+went stale): the job waits and downloads again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import orjson
+import pytest
+from conftest import write_rows
+from pydantic import SecretStr
+
+from batchpipe import db, errors, pipeline
+from batchpipe.client import BatchClient
+from batchpipe.config import Settings
+from batchpipe.db import Store
+from batchpipe.emulator import IN_PROCESS_BASE_URL, Emulator, EmulatorConfig
+from batchpipe.models import ItemStatus, JobSpec, JobStatus
+
+
+class ResultsGone(httpx2.BaseTransport):
+    """The emulator in-process, but every results download answers 404 while ``missing``."""
+
+    def __init__(self, emu: Emulator) -> None:
+        self.inner = httpx2.WSGITransport(app=emu.wsgi_app)
+        self.missing = False
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self.missing and request.url.path.endswith("/results"):
+            body = {"type": "error", "error": {"type": "not_found_error", "message": "Not found"}}
+            return httpx2.Response(
+                404, content=orjson.dumps(body), headers={"request-id": "req_results404"}
+            )
+        return self.inner.handle_request(request)
+
+
+@pytest.fixture
+def emu() -> Emulator:
+    return Emulator(EmulatorConfig(seed=1, processing_seconds=1.0))
+
+
+@pytest.fixture
+def transport(emu: Emulator) -> ResultsGone:
+    return ResultsGone(emu)
+
+
+@pytest.fixture
+def client(transport: ResultsGone) -> Iterator[BatchClient]:
+    http = httpx2.Client(transport=transport, base_url=IN_PROCESS_BASE_URL)
+    settings = Settings(api_key=SecretStr("sk-test-key"), max_retries=0)
+    with BatchClient(settings, http_client=http, base_url=IN_PROCESS_BASE_URL) as bc:
+        bc.not_found_delay = 0.0
+        yield bc
+
+
+def test_a_results_file_answering_404_keeps_the_job_running_and_is_fetched_later(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    db.upgrade(url)
+    write_rows(tmp_path / "in.jsonl", 4)
+    spec = JobSpec(
+        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
+        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
+    )  # fmt: skip
+    with Store.open(url) as store:
+        ctx = pipeline.Context(store=store, client_factory=lambda: client)
+        job = pipeline.prepare(ctx, "j", spec)
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)  # submitted
+            emu.advance(60)  # the batch has ended
+            transport.missing = True
+            with pytest.raises(errors.TransientAPIError) as info:
+                pipeline.step(ctx, job)
+            # Before: BatchNotFound, and the job stopped as needs_attention, blaming a
+            # deleted batch or another workspace and offering a paid `resume --resend`.
+            assert "results file is not available yet; try again later" in str(info.value)
+            assert info.value.exit_code == 75
+            stopped = store.get_job(job.id)
+            assert stopped is not None
+            assert stopped.status == JobStatus.RUNNING
+            assert stopped.error is None
+
+            transport.missing = False
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert store.count_items(job.id).get(ItemStatus.SUCCEEDED) == 4
+    assert emu.stats()["batches_created"] == 1  # nothing was sent twice
+
+
+def test_results_of_a_batch_that_is_gone_are_still_batch_not_found(client: BatchClient) -> None:
+    with pytest.raises(errors.BatchNotFound):
+        list(client.results("msgbatch_01DoesNotExist"))  # retrieve says it: the batch is gone
+
+
+def test_a_refused_cancel_is_not_a_lost_batch(client: BatchClient) -> None:
+    with pytest.raises(errors.APIError) as info:
+        client.cancel("msgbatch_01DoesNotExist")
+    assert type(info.value) is errors.APIError
+    assert "cancel batch msgbatch_01DoesNotExist failed: 404 not_found_error" in str(info.value)
