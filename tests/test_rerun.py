@@ -377,3 +377,37 @@ def test_the_round_of_a_retry_is_later_than_every_round_before(
         assert rounds() == [1, 2, 3, 4, 5, 6, 7]  # not 4 again: sent after round 6
     finally:
         ctx.close()
+
+
+def test_each_retry_adds_one_round_of_tries_not_the_jobs_whole_cap(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """`retry` gives the requeued rows one round of tries (3, or its --max-attempts) on top
+    of those made; it used to add the job's stored cap, which already held every earlier
+    round: a second retry tried 12 times where 9 was due, each try paid for."""
+    emulator.configure(processing_seconds=0, errored_rate=1.0)  # every attempt fails
+    sent_before = emulator.stats()["requests_received"]
+    src = tmp_path / "tickets.jsonl"
+    write_notes(src, 2)
+    out = tmp_path / "r.parquet"
+    db = ["--db", f"sqlite:///{tmp_path / 'state.db'}", "--log-format", "json"]
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    runner = CliRunner()
+
+    def attempts() -> list[int]:
+        ran = runner.invoke(cli, [*db, "run", "--job", "r"], env=env)
+        assert ran.exit_code == 0, ran.output
+        return pq.read_table(out).column("attempts").to_pylist()
+
+    first = runner.invoke(cli, [
+        *db, "run", str(src), "--job", "r", "--prompt", "A {{ body }}", "--model",
+        "claude-haiku-4-5", "--max-tokens", "8", "-o", str(out), "--poll-interval", "0.05",
+        "--max-failed", "100%",
+    ], env=env)  # fmt: skip
+    assert first.exit_code == 0, first.output
+    assert pq.read_table(out).column("attempts").to_pylist() == [3, 3]
+    for extra, tries in (([], [6, 6]), ([], [9, 9]), (["--max-attempts", "1"], [10, 10])):
+        retried = runner.invoke(cli, [*db, "retry", "r", *extra], env=env)
+        assert retried.exit_code == 0, retried.output
+        assert attempts() == tries
+    assert emulator.stats()["requests_received"] - sent_before == 2 * 10  # each try paid

@@ -349,14 +349,21 @@ _RETRY_STATUSES = ["errored", "expired", "canceled"]
     type=click.IntRange(min=1),
     help="Use this max_tokens from now on (e.g. after truncation).",
 )
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1, max=1000),
+    help="Tries per row in this round, on top of those already made [3].",
+)
 @click.pass_obj
 @handle_errors
 def retry(
     state: State,
     job_ref: str,
+    *,
     statuses: tuple[str, ...],
     error_types: tuple[str, ...],
     max_tokens: int | None,
+    max_attempts: int | None,
 ) -> None:
     """Send a finished job's failed rows round again, with fresh attempts.
 
@@ -368,7 +375,12 @@ def retry(
     with pipeline_context(state) as ctx:
         job = _find_job(ctx, job_ref)
         count = pipeline.retry(
-            ctx, job, statuses=chosen, error_types=error_types or None, max_tokens=max_tokens
+            ctx,
+            job,
+            statuses=chosen,
+            error_types=error_types or None,
+            max_tokens=max_tokens,
+            max_attempts=max_attempts,
         )
     if count:
         click.echo(

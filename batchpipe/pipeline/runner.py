@@ -314,6 +314,10 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
         return step(ctx, _reload(ctx, job))
 
 
+# The tries of one round when the command gives none (JobSpec's default).
+_ROUND_TRIES: int = JobSpec.model_fields["max_attempts"].default
+
+
 def retry(
     ctx: Context,
     job: JobRow,
@@ -321,9 +325,15 @@ def retry(
     statuses: Collection[ItemStatus],
     error_types: Collection[str] | None = None,
     max_tokens: int | None = None,
+    max_attempts: int | None = None,
 ) -> int:
     """Send finished-but-failed items round again, each with a full set of tries (attempts
-    keep counting and the job's cap grows). Returns how many."""
+    keep counting and the job's cap grows). Returns how many.
+
+    ``max_attempts`` is the tries of this round (default: JobSpec's, 3), added to the
+    highest attempt so far, as a re-run counts them (pipeline.carry). Not the job's stored
+    cap: that already holds every earlier round, and adding it doubled the tries of a
+    second retry (3, 6, 12 where 9 was due)."""
     with ctx.lease(job):
         job = _reload(ctx, job)
         if job.status in {JobStatus.CANCELING}:
@@ -336,7 +346,8 @@ def retry(
         for item in ctx.store.iter_items(job.id, statuses=statuses):
             highest = max(highest, item.attempts)
             wanted += error_types is None or item.error_type in error_types
-        updates: dict[str, object] = {"max_attempts": highest + spec.max_attempts}
+        round_tries = max_attempts if max_attempts is not None else _ROUND_TRIES
+        updates: dict[str, object] = {"max_attempts": highest + round_tries}
         moved: dict[str, Any] = {}
         if max_tokens is not None:
             updates["max_tokens"] = max_tokens
