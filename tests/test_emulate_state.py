@@ -172,3 +172,44 @@ def test_a_batch_lost_while_the_job_is_canceled_does_not_stop_the_cancel(
             ItemStatus.CANCELED: 10
         }
     assert emulator.stats()["requests_received"] == 10  # nothing was sent again
+
+
+def test_cancel_of_a_job_whose_batch_was_deleted_at_the_api(
+    tmp_path: Path,
+    emulator: Emulator,
+    anthropic_client: anthropic.Anthropic,
+    cli_env: dict[str, str],
+) -> None:
+    """A batch canceled and deleted in the Console before batchpipe polled it: `cancel`
+    used to exit 1 on the 404 (the job half canceled); it cancels the rest and the next
+    tick ends the job canceled, with nothing sent again."""
+    emulator.configure(processing_seconds=60, cancel_seconds=0.1)
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    _inputs(tmp_path, ["gone"], rows=10)
+    src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
+    submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
+    assert submitted.returncode == 0, submitted.stderr
+    with Store.open(db) as store:
+        job = store.get_job("gone")
+        assert job is not None
+        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    assert len(sent) == 2
+    anthropic_client.messages.batches.cancel(sent[0])  # in the Console, say
+    _wait_ended(anthropic_client, sent[:1])
+    anthropic_client.messages.batches.delete(sent[0])
+
+    canceled = run_batchpipe(db, cli_env, "cancel", "gone")
+    assert canceled.returncode == 0, canceled.stderr
+    ticked = run_batchpipe(db, cli_env, "tick", "--job", "gone")
+    assert ticked.returncode == 0, ticked.stderr
+    status = run_batchpipe(db, cli_env, "status", "gone", "--json")
+    (shown,) = json.loads(status.stdout)["jobs"]
+    assert shown["status"] == "canceled", shown
+    with Store.open(db) as store:
+        counts = {k: v for k, v in store.count_items(job.id).items() if v}
+    # The deleted batch's 5 rows are canceled; the other batch's rows were canceled at the
+    # API, or answered before the cancel reached them (collected, not lost).
+    assert set(counts) <= {ItemStatus.CANCELED, ItemStatus.SUCCEEDED}, counts
+    assert sum(counts.values()) == 10
+    assert counts[ItemStatus.CANCELED] >= 5
+    assert emulator.stats()["requests_received"] == 10  # nothing was sent again

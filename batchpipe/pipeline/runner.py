@@ -9,6 +9,7 @@ from batchpipe.dataset import Dataset, check_writable
 from batchpipe.db import JobRow
 from batchpipe.errors import (
     APIError,
+    BatchNotFound,
     BatchpipeError,
     InputError,
     NeedsAttention,
@@ -303,7 +304,13 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
             except APIError:
                 # The API refuses to cancel a batch that ended since our last poll; poll and
                 # collect take it from here, and the other batches still need their cancel.
-                if ctx.client.retrieve(batch.api_batch_id).processing_status != "ended":
+                try:
+                    info = ctx.client.retrieve(batch.api_batch_id)
+                except BatchNotFound:
+                    # Gone at the API (deleted in the Console): nothing left to cancel. The
+                    # next step settles it for the canceling job (collect.lost_batch).
+                    continue
+                if info.processing_status != "ended":
                     raise
                 continue
             ctx.store.update_batch(
