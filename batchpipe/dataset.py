@@ -326,6 +326,18 @@ class Dataset:
         for batch in self.iter_batches(batch_rows, columns):
             yield batch.to_pylist()
 
+    def iter_chunks(
+        self, batch_rows: int = 8192, columns: Collection[str] | None = None
+    ) -> Iterator[RowChunk]:
+        """:meth:`iter_rows` as :class:`RowChunk`: a Parquet chunk also hands out whole
+        columns, without a dict per row (see RowChunk)."""
+        if self.format == "jsonl":
+            for rows in self.iter_rows(batch_rows, columns):
+                yield RowChunk(rows, None)
+            return
+        for batch in self.iter_batches(batch_rows, columns):
+            yield RowChunk(None, batch)
+
     def iter_batches(
         self, batch_rows: int = 8192, columns: Collection[str] | None = None
     ) -> Iterator[pa.RecordBatch]:
@@ -412,6 +424,69 @@ class Dataset:
         self._count = count
         if inference is not None:
             self._schema = inference.schema(self._columns)
+
+
+class RowChunk:
+    """Consecutive input rows: as row dicts (:meth:`rows`), and for Parquet also as whole
+    columns of plain values (:meth:`texts`, :meth:`ids`).
+
+    Turning a record batch into a dict per row is most of what reading costs once the file
+    is decoded (at 1,000,000 rows of an id and a body: ~1 s a pass, against ~0.2 s for the
+    two columns as lists), and ingest and submit each read the input once; a renderer
+    whose template is plain text and columns can work from the columns instead.
+    """
+
+    __slots__ = ("_batch", "_rows")
+
+    def __init__(self, rows: list[dict[str, Any]] | None, batch: pa.RecordBatch | None) -> None:
+        self._rows = rows
+        self._batch = batch
+
+    def __len__(self) -> int:
+        if self._batch is not None:
+            rows: int = self._batch.num_rows
+            return rows
+        assert self._rows is not None
+        return len(self._rows)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows as dicts (converted once, then kept)."""
+        if self._rows is None:
+            assert self._batch is not None
+            self._rows = self._batch.to_pylist()
+        return self._rows
+
+    def texts(self, name: str) -> list[str] | None:
+        """Column ``name`` as a list of str when it is a text column without a null; None
+        otherwise (JSONL, where each row has its own types; a missing column; any null):
+        the caller then goes row by row."""
+        column = self._column(name)
+        if column is None or not (
+            pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        ):
+            return None
+        values: list[str] = column.to_pylist()
+        return values
+
+    def ids(self, name: str) -> list[str] | list[int] | None:
+        """Column ``name`` as str or int values when it is a text or integer column without
+        a null; None otherwise (as :meth:`texts`)."""
+        column = self._column(name)
+        if column is None:
+            return None
+        if pa.types.is_integer(column.type):
+            numbers: list[int] = column.to_pylist()
+            return numbers
+        return self.texts(name)
+
+    def _column(self, name: str) -> pa.Array | None:
+        if self._batch is None:
+            return None
+        index = self._batch.schema.get_field_index(name)
+        if index < 0:
+            return None
+        column = self._batch.column(index)
+        return None if column.null_count else column
 
 
 # ---------------------------------------------------------------- the joined export

@@ -92,6 +92,39 @@ def test_parquet_reads_only_the_columns_asked_for(tmp_path: Path) -> None:
     ]
 
 
+def test_parquet_chunks_hand_out_plain_columns(tmp_path: Path) -> None:
+    """A chunk's columns as lists, where every value is plain text (or a whole number, for
+    ids): the rows are the same as iter_rows gives, and anything else says None."""
+    path = tmp_path / "in.parquet"
+    table = pa.table(
+        {
+            "s": ["a", "é", ""],
+            "big": pa.array(["x", "y", "z"], type=pa.large_string()),
+            "n": [1, 2, 3],
+            "gap": ["a", None, "c"],
+            "f": [1.5, 2.0, 3.0],
+            "b": [b"x", b"y", b"z"],
+        }
+    )
+    pq.write_table(table, path)
+    data = Dataset(str(path))
+    (chunk,) = data.iter_chunks()
+    assert len(chunk) == 3
+    assert chunk.rows() == [r for c in data.iter_rows() for r in c]
+    assert chunk.texts("s") == ["a", "é", ""]
+    assert chunk.texts("big") == ["x", "y", "z"]
+    assert chunk.ids("n") == [1, 2, 3]
+    for name in ("n", "gap", "f", "b", "absent"):
+        assert chunk.texts(name) is None, name
+    for name in ("gap", "f", "b", "absent"):
+        assert chunk.ids(name) is None, name
+    jsonl = write_jsonl(tmp_path / "in.jsonl", [{"s": "a"}, {"s": "b"}])
+    (rows,) = Dataset(str(jsonl)).iter_chunks()
+    assert rows.rows() == [{"s": "a"}, {"s": "b"}]
+    assert rows.texts("s") is None  # JSONL goes row by row: each row has its own types
+    assert rows.ids("s") is None
+
+
 def test_jsonl_blank_lines_skipped_and_columns_in_first_seen_order(tmp_path: Path) -> None:
     path = tmp_path / "in.ndjson"
     path.write_bytes(b'\xef\xbb\xbf{"b": 1}\n\n  \r\n{"a": 2, "b": 3}\r\n{"c": null}')

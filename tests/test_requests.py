@@ -22,6 +22,7 @@ from batchpipe.requests import (
     RowProblem,
     check_result_column_clash,
     check_row_key,
+    chunk_keys,
     format_custom_id,
     new_job_token,
     parse_custom_id,
@@ -410,3 +411,120 @@ def test_packer_refuses_a_request_bigger_than_a_batch() -> None:
     with pytest.raises(ValueError, match="no batch of 1000 bytes holds it"):
         packer.add(0, "t-0-1", 1, payload_of(990, 0))
     assert packer.flush() is None
+
+
+# ---------------------------------------------------------------- chunks, column by column
+
+
+class _Columns:
+    """A RowSource over plain columns that counts how often it was asked for row dicts."""
+
+    def __init__(self, columns: dict[str, list[Any]], texts: bool = True) -> None:
+        self._columns = columns
+        self._texts = texts
+        self.rows_asked = 0
+
+    def __len__(self) -> int:
+        return len(next(iter(self._columns.values())))
+
+    def rows(self) -> list[dict[str, Any]]:
+        self.rows_asked += 1
+        names = list(self._columns)
+        columns = self._columns.values()
+        return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+    def texts(self, name: str) -> list[str] | None:
+        values = self._columns.get(name)
+        if not self._texts or values is None or not all(type(v) is str for v in values):
+            return None
+        return values
+
+    def ids(self, name: str) -> list[str] | list[int] | None:
+        values = self._columns.get(name)
+        if values is None or None in values:
+            return None
+        if all(type(v) is int for v in values):
+            return values
+        return self.texts(name)
+
+
+TRICKY_TEXTS = ["plain", "", "  \n", "é ünïcode ✓", "\x01" * 160, "x" * 600, "a\nb"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "system", "by_columns"),
+    [
+        ("Classify: {{ body }}", None, True),
+        ("{{ body }}", None, True),  # blank rows render to empty text
+        ("{{ body }} / {{ title }} / {{ body }}", "Sys {{ title }}", True),
+        ("{{ body }}", "{{ title }}", True),  # a blank system prompt is left out
+        ("{{ body | upper }}", None, False),  # jinja2: row by row
+        ("{{ row['body'] }}", None, False),
+    ],
+)
+@pytest.mark.parametrize("positions", [None, [0, 2, 4, 5]])
+def test_a_chunk_renders_as_its_rows_do(
+    prompt: str, system: str | None, by_columns: bool, positions: list[int] | None
+) -> None:
+    """render_chunk gives exactly what render gives row by row (texts, problems, sizes),
+    whether it works column by column or falls back to the rows."""
+    spec = make_spec(prompt=prompt, system=system, max_batch_bytes=1024, temperature=0.5)
+    renderer = RequestRenderer(spec)
+    chunk = _Columns({"body": TRICKY_TEXTS, "title": list(reversed(TRICKY_TEXTS))})
+    rows = chunk.rows()
+    picks = range(len(rows)) if positions is None else positions
+    expected = [renderer.render(rows[p], 10 + p) for p in picks]
+    assert any(isinstance(e, RowProblem) for e in expected)  # the tricky rows do fail
+    assert any(isinstance(e, dict) for e in expected)
+    chunk.rows_asked = 0
+    got = renderer.render_chunk(chunk, 10, positions)
+    assert got == expected
+    assert [list(g) if isinstance(g, dict) else g for g in got] == [
+        list(e) if isinstance(e, dict) else e for e in expected
+    ]  # keys in the same order: the request bytes are the same
+    assert chunk.rows_asked == (0 if by_columns else 1)
+    if positions is None:
+        problems = [e if isinstance(e, RowProblem) else None for e in expected]
+        assert renderer.check_chunk(chunk, 10) == problems
+
+
+@pytest.mark.parametrize(
+    ("prompt", "body", "problems"),
+    [
+        ("Classify: {{ body }}", "fine", []),  # known good from the lengths alone
+        ("Classify: {{ body }}", "x" * 700, []),  # worst case over the limit: rendered
+        ("Classify: {{ body }}", "\x01" * 900, [1]),
+        ("{{ body }}", "  ", [1]),  # a blank template can render blank: rendered
+    ],
+)
+def test_checking_a_chunk_finds_the_rows_that_would_not_render(
+    prompt: str, body: str, problems: list[int]
+) -> None:
+    renderer = RequestRenderer(make_spec(prompt=prompt, max_batch_bytes=1024))
+    chunk = _Columns({"body": ["ok", body, "ok too"]})
+    checked = renderer.check_chunk(chunk, 0)
+    assert [i for i, p in enumerate(checked) if p is not None] == problems
+    assert checked == [
+        p if isinstance(p, RowProblem) else None for p in renderer.render_chunk(chunk, 0)
+    ]
+    assert chunk.rows_asked == 0
+
+
+def test_a_chunk_with_a_null_or_a_number_goes_row_by_row() -> None:
+    renderer = RequestRenderer(make_spec(prompt="{{ body }}"))
+    for values in (["a", None, "b"], ["a", 3, "b"]):
+        chunk = _Columns({"body": values})
+        expected = [renderer.render(r, i) for i, r in enumerate(chunk.rows())]
+        assert renderer.render_chunk(chunk, 0) == expected
+        assert chunk.rows_asked == 2
+
+
+def test_chunk_keys_match_the_row_keys() -> None:
+    texts = _Columns({"id": ["a", "b", "c"]})
+    assert chunk_keys(texts, "id", 5) == ["a", "b", "c"]
+    assert chunk_keys(texts, None, 5) == ["5", "6", "7"]
+    assert chunk_keys(_Columns({"id": [3, 10]}), "id", 0) == ["3", "10"]
+    # Anything row by row would refuse (or that is not plain), the rows must decide.
+    for bad in (["a", ""], ["a", " \t"], ["a", None], ["a", 1.5]):
+        assert chunk_keys(_Columns({"id": bad}), "id", 0) is None
+    assert chunk_keys(_Columns({"id": ["a"]}), "other", 0) is None

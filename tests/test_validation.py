@@ -257,3 +257,38 @@ def test_row_numbers_count_from_one_and_custom_ids_from_zero_as_the_readme_says(
     assert exported[1]["custom_id"].endswith("-1-1")  # the second row: row 2 in messages
     refused = invoke(tmp_path, "estimate", *common(src, "--offline"))
     assert "1 row: column 'body' is null (row 1 (id 'a'))" in refused.stderr
+
+
+def test_parquet_chunks_read_by_column_give_what_jsonl_rows_give(tmp_path: Path) -> None:
+    """Clean Parquet chunks are checked and rendered column by column, chunks with a null
+    or a blank id row by row; either way the job sends and exports what the same rows
+    as JSONL (always row by row) give."""
+    rows = [{"doc_id": f"d{i}", "body": f"review {i} ✓"} for i in range(3000)]
+    rows[700]["body"] = None
+    rows[1800]["doc_id"] = " "
+    rows[2500]["body"] = "   "  # fine: the prompt has text of its own
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=500)
+    jsonl = write_lines(tmp_path / "in.jsonl", [orjson.dumps(r) for r in rows])
+    exported = {}
+    for src in (parquet, jsonl):
+        out = tmp_path / f"out-{src.suffix[1:]}.parquet"
+        args = common(src, "--emulate", "-o", str(out), "--skip-invalid", "--job", src.suffix)
+        ran = invoke(tmp_path, "run", *args)
+        assert ran.exit_code == 0, ran.output
+        table = pq.read_table(out).to_pylist()
+        exported[src.suffix] = [
+            (
+                r["doc_id"],
+                r["result_status"],
+                r["error_message"],
+                r["response_text"],
+                r["input_tokens"],
+                r["custom_id"] and r["custom_id"].split("-", 1)[1],  # the job token differs
+            )
+            for r in table
+        ]
+    assert exported[".parquet"] == exported[".jsonl"]
+    statuses = [r[1] for r in exported[".parquet"]]
+    assert statuses.count("invalid") == 2
+    assert statuses.count("succeeded") == 2998

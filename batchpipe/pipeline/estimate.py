@@ -29,15 +29,14 @@ from batchpipe.log import get_logger
 from batchpipe.models import COUNT_TOKENS_KEYS, JobSpec
 from batchpipe.pipeline.context import Context
 from batchpipe.pipeline.ingest import (
+    check_chunks,
     check_columns,
-    check_row,
     describe_problem,
     duplicates_error,
-    mixed_ids_error,
 )
 from batchpipe.pipeline.preflight import check_output_limit
 from batchpipe.pipeline.problems import ProblemTally
-from batchpipe.requests import IdKinds, RequestRenderer, RowProblem
+from batchpipe.requests import RequestRenderer, RowProblem
 from batchpipe.structured import TOOL_NAME
 
 log = get_logger(__name__)
@@ -149,16 +148,9 @@ def _scan(
     and put each row's key in ``keys`` (when given) for the duplicate check."""
     rng = random.Random(seed)
     found = _Scan()
-    row_index = -1
-    ids = IdKinds(spec.id_column)
-    for chunk in dataset.iter_rows():
+    for first_row, checked_rows in check_chunks(dataset, spec, renderer):
         chunk_keys: list[tuple[int, str]] = []
-        for row in chunk:
-            row_index += 1
-            mixed = ids.check(row, row_index)
-            if mixed is not None:
-                raise mixed_ids_error(dataset, spec, mixed)
-            checked = check_row(renderer, spec, row, row_index)
+        for row_index, checked in enumerate(checked_rows, first_row):
             if isinstance(checked, RowProblem):
                 found.invalid += 1
                 found.first_invalid = found.first_invalid or describe_problem(checked)
@@ -167,6 +159,7 @@ def _scan(
                     chunk_keys.append((row_index, checked.row_key))
                 continue
             key, params = checked
+            assert params is not None  # check_chunks builds the requests by default
             chunk_keys.append((row_index, key))
             found.rows += 1
             found.total_bytes += _counted(params)

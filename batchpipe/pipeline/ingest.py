@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -33,6 +33,7 @@ from batchpipe.requests import (
     RowProblem,
     check_result_column_clash,
     check_row_key,
+    chunk_keys,
     id_kind,
     new_job_token,
     standin_key,
@@ -202,15 +203,8 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
         ctx.progress.start("validating rows")
         row_index = -1
-        ids = IdKinds(spec.id_column)
-        for chunk in dataset.iter_rows(columns=read):
-            for row in chunk:
-                row_index += 1
-                mixed = ids.check(row, row_index)
-                if mixed is not None:
-                    # Raising inside the generator rolls back the whole insert.
-                    raise mixed_ids_error(dataset, spec, mixed)
-                checked = check_row(renderer, spec, row, row_index)
+        for first_row, checked_rows in check_chunks(dataset, spec, renderer, read, requests=False):
+            for row_index, checked in enumerate(checked_rows, first_row):
                 if isinstance(checked, RowProblem):
                     counts["invalid"] += 1
                     problems.add(checked)
@@ -220,7 +214,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     yield row_index, key, ItemStatus.INVALID, checked.message
                 else:
                     yield row_index, checked[0], ItemStatus.PENDING, None
-            ctx.progress.advance(len(chunk))
+            ctx.progress.advance(len(checked_rows))
             ctx.heartbeat(job.id)
         counts["rows"] = row_index + 1
         ctx.progress.finish()
@@ -307,22 +301,60 @@ def _changed(dataset: Dataset, job: JobRow) -> bool:
     return False
 
 
-def check_row(
-    renderer: RequestRenderer, spec: JobSpec, row: dict[str, Any], row_index: int
-) -> tuple[str, dict[str, Any]] | RowProblem:
-    """The row's key and request params if it can be sent, else what is wrong with it.
+Checked = tuple[str, dict[str, Any] | None] | RowProblem
 
-    A row whose request is bad but whose id is good keeps its key in the problem
-    (``row_key``): it still counts for duplicates. Rendering checks the request's size too,
-    with the longest custom_id any attempt can get, so no attempt can overflow a batch.
+
+def check_chunks(
+    dataset: Dataset,
+    spec: JobSpec,
+    renderer: RequestRenderer,
+    columns: set[str] | None = None,
+    *,
+    requests: bool = True,
+) -> Iterator[tuple[int, list[Checked]]]:
+    """Every row of the input checked, a chunk at a time: the chunk's first row index and,
+    per row, its key and request params (None unless ``requests``: ingest stores no
+    request, and checking without building them is cheaper) if it can be sent, else what
+    is wrong with it.
+
+    ``columns``: the ones to read (None: all). A row whose request is bad but whose id is
+    good keeps its key in the problem (``row_key``): it still counts for duplicates.
+    Rendering checks the request's size too, with the longest custom_id any attempt can
+    get, so no attempt can overflow a batch. An id column holding ids of two kinds
+    raises InputError (``mixed_ids_error``); raising inside a generator that feeds the
+    store's insert rolls the insert back.
     """
-    key = check_row_key(row, spec.id_column, row_index)
-    if isinstance(key, RowProblem):
-        return key
-    params = renderer.render(row, row_index)
-    if isinstance(params, RowProblem):
-        return params._replace(row_key=key if spec.id_column else None)
-    return key, params
+    ids = IdKinds(spec.id_column)
+    first_row = 0
+    for chunk in dataset.iter_chunks(columns=columns):
+        rendered: Sequence[dict[str, Any] | RowProblem | None] = (
+            renderer.render_chunk(chunk, first_row)
+            if requests
+            else renderer.check_chunk(chunk, first_row)
+        )
+        # Keys from the id column as a whole: a Parquet column holds one kind of id, so
+        # IdKinds has nothing to check there (it serves JSONL, where rows go one by one).
+        keys = chunk_keys(chunk, spec.id_column, first_row)
+        rows = chunk.rows() if keys is None else None
+        checked: list[Checked] = []
+        for offset, params in enumerate(rendered):
+            row_index = first_row + offset
+            if rows is None:
+                assert keys is not None
+                key: str | RowProblem = keys[offset]
+            else:
+                mixed = ids.check(rows[offset], row_index)
+                if mixed is not None:
+                    raise mixed_ids_error(dataset, spec, mixed)
+                key = check_row_key(rows[offset], spec.id_column, row_index)
+            if isinstance(key, RowProblem):
+                checked.append(key)
+            elif isinstance(params, RowProblem):
+                checked.append(params._replace(row_key=key if spec.id_column else None))
+            else:
+                checked.append((key, params))
+        yield first_row, checked
+        first_row += len(chunk)
 
 
 def _preflight_error(dataset: Dataset, problems: ProblemTally) -> PreflightFailed:

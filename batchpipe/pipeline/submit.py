@@ -59,22 +59,28 @@ def _rows_for(
 ) -> Iterator[tuple[_W, dict[str, object]]]:
     """Merge the input stream with `wanted` items (both in row order): yield each item's params."""
     nxt = next(wanted, None)
-    row_index = -1
-    for chunk in dataset.iter_rows(columns=renderer.columns_to_read()):
-        for row in chunk:
-            row_index += 1
-            if nxt is None:
-                return
-            if row_index < nxt.row_index:
-                continue
-            params = renderer.render(row, row_index)
-            if isinstance(params, RowProblem):
-                raise InputChangedError(
-                    f"job {job.id}: row {row_index + 1} no longer renders ({params.message}); "
-                    "the input changed since ingest"
-                )
-            yield nxt, params
+    first_row = 0
+    for chunk in dataset.iter_chunks(columns=renderer.columns_to_read()):
+        if nxt is None:
+            return
+        end = first_row + len(chunk)
+        here: list[_W] = []
+        while nxt is not None and nxt.row_index < end:
+            here.append(nxt)
             nxt = next(wanted, None)
+        if here:
+            # A first round wants every row; a retry round a few, rendered alone.
+            picks = None if len(here) == len(chunk) else [w.row_index - first_row for w in here]
+            for item, params in zip(
+                here, renderer.render_chunk(chunk, first_row, picks), strict=True
+            ):
+                if isinstance(params, RowProblem):
+                    raise InputChangedError(
+                        f"job {job.id}: row {item.row_index + 1} no longer renders "
+                        f"({params.message}); the input changed since ingest"
+                    )
+                yield item, params
+        first_row = end
     if nxt is not None:
         raise InputChangedError(
             f"job {job.id}: the input has fewer rows than when the job was ingested "

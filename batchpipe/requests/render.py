@@ -8,8 +8,9 @@ report every bad row before anything is sent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
+from typing import Any, NamedTuple, Protocol
 
 import jinja2
 import jinja2.meta
@@ -63,6 +64,23 @@ def check_row_key(
     if not key.strip():
         return RowProblem(row_index, None, f"column {id_column!r} (the id column) is empty")
     return key
+
+
+def chunk_keys(chunk: RowSource, id_column: str | None, first_row: int) -> list[str] | None:
+    """:func:`check_row_key` of every row of ``chunk`` (whose first row is ``first_row``)
+    from the id column as a whole, when every id is good; None when the chunk must go row
+    by row (JSONL, a null or blank id, ids that are neither text nor whole numbers)."""
+    if id_column is None:
+        return [str(i) for i in range(first_row, first_row + len(chunk))]
+    values = chunk.ids(id_column)
+    if values is None:
+        return None
+    if values and type(values[0]) is int:  # a column of whole numbers: ints only
+        return [str(v) for v in values]
+    texts: list[str] = values  # type: ignore[assignment]  # a text column: strs only
+    if "" in texts or any(map(str.isspace, texts)):
+        return None
+    return texts
 
 
 # What a value of the id column is, for users: ids of two kinds are refused (IdKinds).
@@ -180,6 +198,26 @@ def _human_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
+class RowSource(Protocol):
+    """Consecutive input rows, as dicts and, where the input keeps them so, as whole text
+    columns (``dataset.RowChunk``)."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows as dicts."""
+        ...
+
+    def texts(self, name: str) -> list[str] | None:
+        """Column ``name`` as str values, or None unless it is text without a null."""
+        ...
+
+    def ids(self, name: str) -> list[str] | list[int] | None:
+        """Column ``name`` as str or int values, or None unless it is text or whole
+        numbers without a null."""
+        ...
+
+
 class _SimpleTemplate:
     """A template of only literal text and ``{{ column }}``, rendered without jinja2.
 
@@ -208,6 +246,25 @@ class _SimpleTemplate:
                 else:
                     return None
         return cls(parts)
+
+    def columns(self) -> list[str]:
+        """The columns the template prints, in order of appearance (repeats included)."""
+        return [text for text, is_column in self._parts if is_column]
+
+    def literal(self) -> str:
+        """The template's literal text, all of it."""
+        return "".join(text for text, is_column in self._parts if not is_column)
+
+    def render_columns(self, values: Mapping[str, Sequence[str]], count: int) -> list[str]:
+        """:meth:`render` of ``count`` rows given as text columns (``values[name][i]``)."""
+        parts: list[Iterable[str]] = [
+            values[text] if is_column else repeat(text, count) for text, is_column in self._parts
+        ]
+        if len(parts) == 1:
+            return list(parts[0])
+        if len(parts) == 2:  # literal + column, or column + literal: the commonest prompts
+            return [a + b for a, b in zip(*parts)]  # noqa: B905 (repeat() is endless)
+        return ["".join(p) for p in zip(*parts)]  # noqa: B905
 
     def render(self, row: Mapping[str, Any]) -> str:
         """The text for one row; every referenced column must be present."""
@@ -256,6 +313,12 @@ class RequestRenderer:
         if spec.output_schema is not None:
             # After params: the schema's tool or JSON format is what the answer is read from.
             self._tail.update(OutputSchema(spec.output_schema, spec.output_mode).request_params())
+        # Templates of plain text and columns render a chunk column by column (render_chunk).
+        self._plain: tuple[_SimpleTemplate, _SimpleTemplate | None] | None = None
+        system = self._system
+        plain_system = system is None or isinstance(system, _SimpleTemplate)
+        if isinstance(self._prompt, _SimpleTemplate) and plain_system and not self._whole_row:
+            self._plain = (self._prompt, system if isinstance(system, _SimpleTemplate) else None)
         # Largest params JSON that still fits one request into one batch body.
         self._max_params_bytes = spec.max_batch_bytes - FRAME_BYTES - REQUEST_WRAPPER_BYTES
         fixed = {**self._head, "messages": [{"role": "user", "content": ""}], **self._tail}
@@ -323,13 +386,111 @@ class RequestRenderer:
             return RowProblem(row_index, None, f"template failed: {type(exc).__name__}: {exc}")
         if not text.strip():
             return RowProblem(row_index, None, "prompt renders to empty text")
+        params = self._params(text, system)
+        problem = self._check_size(params, text, system, row_index)
+        return problem if problem is not None else params
+
+    def render_chunk(
+        self, chunk: RowSource, first_row: int, positions: Sequence[int] | None = None
+    ) -> list[dict[str, Any] | RowProblem]:
+        """:meth:`render` of the chunk's rows at ``positions`` (every row by default), in
+        that order; ``first_row`` is the row index of the chunk's first row.
+
+        Templates of only literal text and columns, over text columns without a null,
+        render column by column, without a dict per row; anything else goes row by row.
+        The results are the same either way.
+        """
+        columns = self._plain_columns(chunk)
+        if columns is None:
+            rows = chunk.rows()
+            picks = range(len(rows)) if positions is None else positions
+            return [self.render(rows[p], first_row + p) for p in picks]
+        if positions is None:
+            return self._render_plain(columns, first_row, range(len(chunk)))
+        picked = {name: [values[p] for p in positions] for name, values in columns.items()}
+        return self._render_plain(picked, first_row, positions)
+
+    def check_chunk(self, chunk: RowSource, first_row: int) -> list[RowProblem | None]:
+        """What :meth:`render_chunk` says of each row of the chunk, without the requests:
+        its RowProblem, or None for a row that renders.
+
+        Validation needs no request: where the chunk goes column by column, no row is
+        blank and even the longest one fits at its worst case, every row is good, and
+        that is known from the columns' lengths alone.
+        """
+        columns = self._plain_columns(chunk)
+        if columns is None:
+            rendered = self.render_chunk(chunk, first_row)
+        elif self._all_fit(columns):
+            return [None] * len(chunk)
+        else:
+            rendered = self._render_plain(columns, first_row, range(len(chunk)))
+        return [p if isinstance(p, RowProblem) else None for p in rendered]
+
+    def _all_fit(self, columns: Mapping[str, Sequence[str]]) -> bool:
+        """Whether every row of these columns renders (plain templates only): the prompt
+        cannot be blank, and the longest row fits a batch even with every character
+        escaped (an upper bound: each column's longest value, wherever it is printed)."""
+        assert self._plain is not None
+        if not self._plain[0].literal().strip():
+            return False
+        longest = {name: max(map(len, values), default=0) for name, values in columns.items()}
+        bound = sum(
+            len(template.literal()) + sum(longest[name] for name in template.columns())
+            for template in self._plain
+            if template is not None
+        )
+        return self._fixed_bytes + 6 * bound <= self._max_params_bytes
+
+    def _render_plain(
+        self, columns: Mapping[str, Sequence[str]], first_row: int, positions: Sequence[int]
+    ) -> list[dict[str, Any] | RowProblem]:
+        """The rows at ``positions`` from their text columns (``columns[name][i]`` is the
+        value of the i-th of them), as :meth:`render` would give them."""
+        assert self._plain is not None
+        prompt, system = self._plain
+        count = len(positions)
+        texts = prompt.render_columns(columns, count)
+        systems = system.render_columns(columns, count) if system is not None else None
+        # The size check's worst case for the longest row covers every row, as in render().
+        longest = max(map(len, texts), default=0)
+        if systems is not None:
+            longest += max(map(len, systems), default=0)
+        all_fit = self._fixed_bytes + 6 * longest <= self._max_params_bytes
+        out: list[dict[str, Any] | RowProblem] = []
+        for i, text in enumerate(texts):
+            row_index = first_row + positions[i]
+            if not text.strip():
+                out.append(RowProblem(row_index, None, "prompt renders to empty text"))
+                continue
+            system_text = systems[i] if systems is not None else None
+            params = self._params(text, system_text)
+            problem = None if all_fit else self._check_size(params, text, system_text, row_index)
+            out.append(problem if problem is not None else params)
+        return out
+
+    def _plain_columns(self, chunk: RowSource) -> dict[str, list[str]] | None:
+        """The columns the templates print, as text, when the chunk can be rendered column
+        by column (plain templates, text columns without nulls); else None."""
+        if self._plain is None:
+            return None
+        columns: dict[str, list[str]] = {}
+        for name in self._column_order:
+            values = chunk.texts(name)
+            if values is None:
+                return None
+            columns[name] = values
+        return columns
+
+    def _params(self, text: str, system: str | None) -> dict[str, Any]:
+        """The Messages params of a rendered prompt and system prompt (keys in one order:
+        the request's bytes are compared across runs)."""
         params = {**self._head, "messages": [{"role": "user", "content": text}]}
         # A system prompt that renders to nothing is left out: the API rejects empty text.
         if system is not None and system.strip():
             params["system"] = self._system_param(system)
         params.update(self._tail)
-        problem = self._check_size(params, text, system, row_index)
-        return problem if problem is not None else params
+        return params
 
     def _absent_columns(self, row: Mapping[str, Any], row_index: int) -> RowProblem:
         # Every absent column of the row at once, so one fix of the data covers them all.
