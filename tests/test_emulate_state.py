@@ -144,7 +144,9 @@ def test_a_batch_lost_while_the_job_is_canceled_does_not_stop_the_cancel(
     anthropic_client: anthropic.Anthropic,
     cli_env: dict[str, str],
 ) -> None:
-    emulator.configure(processing_seconds=60, cancel_seconds=0.1)
+    # A day: each item finishes at a random point of it, and at 60 s one of ten often
+    # finished in the seconds before the cancel on a busy machine (then 9 canceled).
+    emulator.configure(processing_seconds=86_400, cancel_seconds=0.1)
     db = f"sqlite:///{tmp_path / 'state.db'}"
     _inputs(tmp_path, ["gone"], rows=10)
     src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
@@ -183,7 +185,9 @@ def test_cancel_of_a_job_whose_batch_was_deleted_at_the_api(
     """A batch canceled and deleted in the Console before batchpipe polled it: `cancel`
     used to exit 1 on the 404 (the job half canceled); it cancels the rest and the next
     tick ends the job canceled, with nothing sent again."""
-    emulator.configure(processing_seconds=60, cancel_seconds=0.1)
+    # A day: each item finishes at a random point of it, and at 60 s one of ten often
+    # finished in the seconds before the cancel on a busy machine (then 9 canceled).
+    emulator.configure(processing_seconds=86_400, cancel_seconds=0.1)
     db = f"sqlite:///{tmp_path / 'state.db'}"
     _inputs(tmp_path, ["gone"], rows=10)
     src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"

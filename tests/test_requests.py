@@ -528,3 +528,31 @@ def test_chunk_keys_match_the_row_keys() -> None:
     for bad in (["a", ""], ["a", " \t"], ["a", None], ["a", 1.5]):
         assert chunk_keys(_Columns({"id": bad}), "id", 0) is None
     assert chunk_keys(_Columns({"id": ["a"]}), "other", 0) is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"system": "Be brief about {{ title }}.", "temperature": 0.2},
+        {"system": "{{ title }}", "cache_system": True},  # blank for some rows: left out
+        {"params": {"metadata": {"user_id": "u"}, "top_k": 5}, "max_batch_bytes": 1024},
+        {"output_schema": {"type": "object", "properties": {"label": {"type": "string"}}}},
+        {"prompt": "{{ body | trim }}"},  # jinja2: row by row
+        {"prompt": "{{ body }}"},  # may render blank: rendered first
+    ],
+)
+@pytest.mark.parametrize("positions", [None, [1, 3, 5]])
+def test_request_payloads_are_the_bytes_of_the_rendered_requests(
+    overrides: dict[str, Any], positions: list[int] | None
+) -> None:
+    overrides = {"prompt": "Classify: {{ body }}", **overrides}
+    renderer = RequestRenderer(make_spec(**overrides))
+    chunk = _Columns({"body": TRICKY_TEXTS, "title": list(reversed(TRICKY_TEXTS))})
+    picks = range(len(TRICKY_TEXTS)) if positions is None else positions
+    ids = [f"tok-{p}-1" for p in picks]
+    expected = [
+        p if isinstance(p, RowProblem) else renderer.request_bytes(i, p)
+        for i, p in zip(ids, renderer.render_chunk(chunk, 4, positions), strict=True)
+    ]
+    assert renderer.request_payloads(chunk, 4, positions, ids) == expected

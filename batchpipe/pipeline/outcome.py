@@ -15,6 +15,7 @@ structured output and truncation and prices every attempt:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from batchpipe import pricing
@@ -84,6 +85,12 @@ def refine(
     record.status = status
     record.cost_usd = cost
     return record
+
+
+def may_resize(stop_reasons: Iterable[str | None], spec: JobSpec) -> bool:
+    """Whether :func:`request_for` may give one of the items whose last answers stopped for
+    ``stop_reasons`` other params than its row renders to (read only when it can)."""
+    return spec.retry_truncated_max_tokens is not None and TRUNCATED in stop_reasons
 
 
 def request_for(stop_reason: str | None, params: dict[str, Any], spec: JobSpec) -> dict[str, Any]:

@@ -9,12 +9,12 @@ by finding the orphan at the API instead of paying for the same requests twice.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import timedelta
 from typing import IO, Protocol, TypeVar
 
 from batchpipe.dataset import Dataset
-from batchpipe.db import BatchRow, JobRow
+from batchpipe.db import BatchRow, ItemRow, JobRow, PendingItem
 from batchpipe.errors import (
     APIError,
     AuthenticationFailed,
@@ -29,7 +29,7 @@ from batchpipe.models import BatchInfo, BatchStatus, ItemStatus, JobSpec, JobSta
 from batchpipe.pipeline.budget import BudgetGuard
 from batchpipe.pipeline.context import Context, api_clock_skew, bind, failpoint, job_spec
 from batchpipe.pipeline.fingerprint import check_fingerprint
-from batchpipe.pipeline.outcome import request_for
+from batchpipe.pipeline.outcome import may_resize, request_for
 from batchpipe.requests import (
     BatchPacker,
     PlannedBatch,
@@ -50,14 +50,23 @@ class _Wanted(Protocol):
     @property
     def row_index(self) -> int: ...
 
+    @property
+    def stop_reason(self) -> str | None: ...
+
 
 _W = TypeVar("_W", bound=_Wanted)
 
 
-def _rows_for(
-    dataset: Dataset, renderer: RequestRenderer, job: JobRow, wanted: Iterator[_W]
-) -> Iterator[tuple[_W, dict[str, object]]]:
-    """Merge the input stream with `wanted` items (both in row order): yield each item's params."""
+def _payloads(
+    dataset: Dataset,
+    renderer: RequestRenderer,
+    job: JobRow,
+    wanted: Iterator[_W],
+    custom_id: Callable[[_W], str],
+) -> Iterator[tuple[_W, str, bytes]]:
+    """Merge the input stream with `wanted` items (both in row order): yield each item with
+    its custom_id and its request's bytes, a chunk of the input at a time."""
+    spec = job_spec(job)
     nxt = next(wanted, None)
     first_row = 0
     for chunk in dataset.iter_chunks(columns=renderer.columns_to_read()):
@@ -71,15 +80,24 @@ def _rows_for(
         if here:
             # A first round wants every row; a retry round a few, rendered alone.
             picks = None if len(here) == len(chunk) else [w.row_index - first_row for w in here]
-            for item, params in zip(
-                here, renderer.render_chunk(chunk, first_row, picks), strict=True
-            ):
-                if isinstance(params, RowProblem):
+            ids = [custom_id(w) for w in here]
+            if may_resize((w.stop_reason for w in here), spec):
+                rendered = renderer.render_chunk(chunk, first_row, picks)
+                payloads: list[bytes | RowProblem] = [
+                    p
+                    if isinstance(p, RowProblem)
+                    else renderer.request_bytes(i, request_for(w.stop_reason, p, spec))
+                    for w, i, p in zip(here, ids, rendered, strict=True)
+                ]
+            else:
+                payloads = renderer.request_payloads(chunk, first_row, picks, ids)
+            for item, item_id, payload in zip(here, ids, payloads, strict=True):
+                if isinstance(payload, RowProblem):
                     raise InputChangedError(
                         f"job {job.id}: row {item.row_index + 1} no longer renders "
-                        f"({params.message}); the input changed since ingest"
+                        f"({payload.message}); the input changed since ingest"
                     )
-                yield item, params
+                yield item, item_id, payload
         first_row = end
     if nxt is not None:
         raise InputChangedError(
@@ -102,11 +120,12 @@ def submit_pending(ctx: Context, job: JobRow) -> int:
     guard = BudgetGuard(ctx, job, spec)
     ctx.progress.start("uploading", pending_count)
     with BatchPacker(spec.max_batch_requests, spec.max_batch_bytes) as packer:
-        for item, params in _rows_for(dataset, renderer, job, pending):
-            attempt = item.attempts + 1
-            custom_id = format_custom_id(job.token, item.row_index, attempt)
-            payload = renderer.request_bytes(custom_id, request_for(item.stop_reason, params, spec))
-            planned = packer.add(item.row_index, custom_id, attempt, payload)
+
+        def next_id(item: PendingItem) -> str:
+            return format_custom_id(job.token, item.row_index, item.attempts + 1)
+
+        for item, custom_id, payload in _payloads(dataset, renderer, job, pending, next_id):
+            planned = packer.add(item.row_index, custom_id, item.attempts + 1, payload)
             if planned is not None:
                 if not _create_within_budget(ctx, job, spec, guard, planned):
                     break  # over budget: the rest stay pending (guard.finish decides)
@@ -385,9 +404,12 @@ def resend_planned(ctx: Context, job: JobRow, batch: BatchRow) -> None:
         return
     # Into a temporary file like a first send: a batch may be up to 256 MB.
     with PlannedBatch() as body:
-        for item, params in _rows_for(dataset, renderer, job, members):
-            assert item.custom_id is not None
-            body.append(
-                renderer.request_bytes(item.custom_id, request_for(item.stop_reason, params, spec))
-            )
+        for _, _, payload in _payloads(dataset, renderer, job, members, _recorded_id):
+            body.append(payload)
         _send(ctx, job, batch, body.body_file(), count=body.count, nbytes=body.nbytes)
+
+
+def _recorded_id(item: ItemRow) -> str:
+    """The custom_id a planned batch's item was recorded with (its intent)."""
+    assert item.custom_id is not None
+    return item.custom_id

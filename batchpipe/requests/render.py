@@ -315,6 +315,7 @@ class RequestRenderer:
             self._tail.update(OutputSchema(spec.output_schema, spec.output_mode).request_params())
         # Templates of plain text and columns render a chunk column by column (render_chunk).
         self._plain: tuple[_SimpleTemplate, _SimpleTemplate | None] | None = None
+        self._frame: tuple[bytes, bytes] | None = None  # see _plain_payloads
         system = self._system
         plain_system = system is None or isinstance(system, _SimpleTemplate)
         if isinstance(self._prompt, _SimpleTemplate) and plain_system and not self._whole_row:
@@ -426,6 +427,79 @@ class RequestRenderer:
         else:
             rendered = self._render_plain(columns, first_row, range(len(chunk)))
         return [p if isinstance(p, RowProblem) else None for p in rendered]
+
+    def request_payloads(
+        self,
+        chunk: RowSource,
+        first_row: int,
+        positions: Sequence[int] | None,
+        custom_ids: Sequence[str],
+    ) -> list[bytes | RowProblem]:
+        """:meth:`request_bytes` of each row :meth:`render_chunk` renders, under the
+        custom_id at the same place in ``custom_ids``; a row that does not render stays
+        its RowProblem.
+
+        Column by column, each request's bytes are put together around its prompt's JSON
+        string, without a params dict per row to build and serialize: the same bytes
+        orjson writes for the dict (a test compares them).
+        """
+        columns = self._plain_columns(chunk)
+        if columns is not None and positions is not None:
+            columns = {name: [values[p] for p in positions] for name, values in columns.items()}
+        picks = range(len(chunk)) if positions is None else positions
+        if columns is None:
+            rendered = self.render_chunk(chunk, first_row, positions)
+        else:
+            payloads = self._plain_payloads(columns, custom_ids)
+            if payloads is not None:
+                return payloads
+            rendered = self._render_plain(columns, first_row, picks)
+        return [
+            p if isinstance(p, RowProblem) else self.request_bytes(custom_id, p)
+            for custom_id, p in zip(custom_ids, rendered, strict=True)
+        ]
+
+    def _plain_payloads(
+        self, columns: Mapping[str, Sequence[str]], custom_ids: Sequence[str]
+    ) -> list[bytes | RowProblem] | None:
+        """The requests of rows given as text columns, when every one of them renders (as
+        :meth:`_all_fit` decides); None otherwise, for :meth:`_render_plain` to say which
+        do not."""
+        if not self._all_fit(columns):
+            return None
+        assert self._plain is not None
+        prompt, system = self._plain
+        count = len(custom_ids)
+        texts = prompt.render_columns(columns, count)
+        if self._frame is None:
+            # Serialized once per renderer, on first use: the params around the prompt.
+            head = orjson.dumps(self._head)[:-1] + b',"messages":[{"role":"user","content":'
+            tail = orjson.dumps(self._tail)[1:-1]
+            self._frame = (b',"params":' + head, (b"," + tail if tail else b"") + b"}}")
+        before, after = self._frame
+        dumps_text = orjson.dumps
+        if system is None:
+            return [
+                b'{"custom_id":' + dumps_text(custom_id) + before + dumps_text(text) + b"}]" + after
+                for custom_id, text in zip(custom_ids, texts, strict=True)
+            ]
+        systems = system.render_columns(columns, count)
+        out: list[bytes | RowProblem] = []
+        for custom_id, text, system_text in zip(custom_ids, texts, systems, strict=True):
+            # A system prompt that renders to nothing is left out, as in _params.
+            extra = b""
+            if system_text.strip():
+                extra = b',"system":' + dumps_text(self._system_param(system_text))
+            out.append(
+                b'{"custom_id":'
+                + dumps_text(custom_id)
+                + before
+                + dumps_text(text)
+                + b"}]"
+                + extra
+                + after
+            )
+        return out
 
     def _all_fit(self, columns: Mapping[str, Sequence[str]]) -> bool:
         """Whether every row of these columns renders (plain templates only): the prompt
