@@ -257,7 +257,7 @@ class BatchClient:
     def result_objects(self, batch_id: str) -> Generator[dict[str, Any], None, None]:
         """:meth:`results` as each line's JSON object (``custom_id`` and a ``result`` of a
         known type, checked), for a caller that reads the commonest lines without a
-        ResultRecord each (collect: ``pipeline/outcome.plain_success``)."""
+        ResultRecord each (collect: ``pipeline/outcome.plain_reader``)."""
         info = self.retrieve(batch_id)
         if info.results_url is None:
             raise errors.APIError(
