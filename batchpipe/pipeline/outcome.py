@@ -139,12 +139,11 @@ def plain_reader(token: str, spec: JobSpec) -> Callable[[dict[str, Any]], PlainS
             return None
         model = message.get("model")
         usage = message.get("usage") or {}
-        tokens = (
-            usage.get("input_tokens"),
-            usage.get("output_tokens"),
-            usage.get("cache_creation_input_tokens"),
-            usage.get("cache_read_input_tokens"),
-        )
+        # Four names, not a tuple unpacked twice: the result is built in one step.
+        inp = usage.get("input_tokens")
+        out = usage.get("output_tokens")
+        cache_write = usage.get("cache_creation_input_tokens")
+        cache_read = usage.get("cache_read_input_tokens")
         priced_as = model or default_model
         # As pricing.cost_usd prices it (price_for, usage_cost), the lookup kept per model.
         price = prices.get(priced_as, _UNSEEN)
@@ -152,7 +151,9 @@ def plain_reader(token: str, spec: JobSpec) -> Callable[[dict[str, Any]], PlainS
             price = pricing.price_for(priced_as)
             if len(prices) < _PRICES_KEPT:
                 prices[priced_as] = price
-        cost = None if price is None else usage_cost(price, *tokens)
-        return (ids[0], custom_id, ids[1], text, stop_reason, model, *tokens, cost)
+        cost = None if price is None else usage_cost(price, inp, out, cache_write, cache_read)
+        row, attempt = ids
+        return (row, custom_id, attempt, text, stop_reason, model, inp, out, cache_write,
+                cache_read, cost)  # fmt: skip
 
     return read
