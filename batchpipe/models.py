@@ -380,6 +380,6 @@ class ResultRecord:
 
 
 # The commonest line, a success kept as it is, read without a ResultRecord (collect's
-# ``outcome.plain_success``; the store's ``apply_results``): row_index, custom_id, attempt,
+# ``outcome.plain_reader``; the store's ``apply_results``): row_index, custom_id, attempt,
 # response_text, stop_reason, model, the four token counts, and the attempt's cost_usd.
 PlainSuccess = tuple[int, str, int, str, Any, Any, Any, Any, Any, Any, float | None]

@@ -95,6 +95,27 @@ def cost_usd(
     price = price_for(model)
     if price is None:
         return None
+    return usage_cost(
+        price,
+        input_tokens,
+        output_tokens,
+        cache_creation_input_tokens,
+        cache_read_input_tokens,
+        batch=batch,
+    )
+
+
+def usage_cost(
+    price: ModelPrice,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    cache_creation_input_tokens: int | None,
+    cache_read_input_tokens: int | None,
+    *,
+    batch: bool = True,
+) -> float:
+    """:func:`cost_usd` for a price already looked up (collect looks it up once per model,
+    not once per line); positional, as keyword arguments cost a call more."""
     dollars = (
         (input_tokens or 0) * price.input
         + (output_tokens or 0) * price.output

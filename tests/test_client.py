@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from batchpipe import errors
 from batchpipe.client import BatchClient
-from batchpipe.client.lines import load_line, record_from, split_lines
+from batchpipe.client.lines import load_line, record_from, split_blocks
 from batchpipe.config import Settings
 from batchpipe.emulator import IN_PROCESS_BASE_URL, Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.emulator.responder import expected_text
@@ -253,7 +253,10 @@ def test_results_lines_split_across_network_chunks() -> None:
     data = b"first\r\n\n  \n" + long + b"\nsecond\r\nlast"
     for size in (1, 2, 3, 7, 64, len(data)):
         chunks = iter([data[i : i + size] for i in range(0, len(data), size)])
-        assert list(split_lines(chunks, "results", None)) == [
+        blocks = list(split_blocks(chunks, "results", None))
+        assert all(lines for lines, _ in blocks)  # no empty blocks
+        assert [complete for lines, complete in blocks if not complete] == [False]
+        assert [(line, complete) for lines, complete in blocks for line in lines] == [
             (b"first", True),
             (long, True),
             (b"second", True),

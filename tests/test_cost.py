@@ -279,3 +279,27 @@ def test_a_model_without_a_price_shows_cost_unknown_not_zero(tmp_path: Path) -> 
         f"{pricing.PRICE_TABLE_VERSION} (did you mean claude-haiku-4-5?), so its cost "
         "cannot be estimated; check --model (priced: claude-3-5-haiku, "
     )
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_usage_cost_is_cost_usd_with_the_price_looked_up(batch: bool) -> None:
+    """collect prices a line with the model's price looked up once (usage_cost): the same
+    float as cost_usd, to the last bit, for any usage."""
+    price = pricing.price_for("claude-sonnet-4-5")
+    assert price is not None
+    for usage in [
+        (0, 0, 0, 0),
+        (156, 16, 0, 0),
+        (None, 7, None, 3),
+        (10**6, 1, 2, 3),
+        (1, 2, 3, 4),
+    ]:
+        expected = pricing.cost_usd(
+            "claude-sonnet-4-5",
+            input_tokens=usage[0],
+            output_tokens=usage[1],
+            cache_creation_input_tokens=usage[2],
+            cache_read_input_tokens=usage[3],
+            batch=batch,
+        )
+        assert pricing.usage_cost(price, *usage, batch=batch) == expected

@@ -9,7 +9,7 @@ import pytest
 from batchpipe.client.lines import record_from
 from batchpipe.models import ItemStatus, JobSpec
 from batchpipe.pipeline.collect import classify
-from batchpipe.pipeline.outcome import plain_success, refine
+from batchpipe.pipeline.outcome import plain_reader, refine
 from batchpipe.requests import parse_custom_id
 
 TOKEN = "0123456789"
@@ -67,13 +67,13 @@ def general(obj: dict[str, Any], spec: JobSpec) -> tuple[Any, ...]:
     ],
 )
 def test_a_plain_success_is_stored_as_the_general_path_would_store_it(obj: dict[str, Any]) -> None:
-    fast = plain_success(obj, TOKEN, SPEC)
+    fast = plain_reader(TOKEN, SPEC)(obj)
     assert fast is not None
     assert fast == general(obj, SPEC)
 
 
 def test_the_usual_answer_is_row_attempt_text_usage_and_batch_price() -> None:
-    fast = plain_success(line(), TOKEN, SPEC)
+    fast = plain_reader(TOKEN, SPEC)(line())
     assert fast is not None
     row, custom_id, attempt, text, stop, model, *tokens, cost = fast
     assert (row, custom_id, attempt, text, stop) == (7, f"{TOKEN}-7-2", 2, "positive", "end_turn")
@@ -117,4 +117,23 @@ def test_the_usual_answer_is_row_attempt_text_usage_and_batch_price() -> None:
     ],
 )
 def test_any_other_line_takes_the_general_path(obj: dict[str, Any], spec: JobSpec) -> None:
-    assert plain_success(obj, TOKEN, spec) is None
+    assert plain_reader(TOKEN, spec)(obj) is None
+
+
+def test_one_reader_prices_each_model_as_the_general_path_does() -> None:
+    """The reader keeps each model's price after its first line; lines of several models,
+    priced and not, in any order, still cost what the general path says."""
+    read = plain_reader(TOKEN, SPEC)
+    models = ["claude-haiku-4-5", "claude-opus-4-1-x", None, "unpriced-model", "", "claude-3-haiku"]
+    for n, model in enumerate(models * 3):
+        obj = line(f"{TOKEN}-{n}-1", model=model, usage={"input_tokens": n, "output_tokens": 7})
+        assert read(obj) == general(obj, SPEC)
+
+
+def test_a_model_that_is_not_a_string_fails_as_on_the_general_path() -> None:
+    """A malformed model (not an API's answer) raises the error the general path raises."""
+    obj = line(model=["claude-haiku-4-5"])
+    with pytest.raises(TypeError):
+        general(obj, SPEC)
+    with pytest.raises(TypeError):
+        plain_reader(TOKEN, SPEC)(obj)

@@ -25,6 +25,7 @@ from batchpipe.requests import (
     chunk_keys,
     format_custom_id,
     new_job_token,
+    own_id_reader,
     parse_custom_id,
 )
 
@@ -70,6 +71,43 @@ def test_custom_id_stays_within_the_api_limits() -> None:
 )
 def test_foreign_custom_ids_are_not_ours(foreign: str) -> None:
     assert parse_custom_id(foreign) is None
+
+
+# Ids near the edge of the scheme: the token's reader must take exactly what the regex takes.
+TRICKY_IDS = [
+    "3f9a0c1b2d-7-2", "3f9a0c1b2d-0-0", "3f9a0c1b2d-0-1", "3f9a0c1b2d-10-20",
+    "3f9a0c1b2d-01-1", "3f9a0c1b2d-1-01", "3f9a0c1b2d-00-0", "3f9a0c1b2d-0-00",  # leading zeros
+    "3f9a0c1b2d--1", "3f9a0c1b2d-1-", "3f9a0c1b2d-", "3f9a0c1b2d", "3f9a0c1b2d--",  # empty parts
+    "3f9a0c1b2d-1-2-3", "3f9a0c1b2d-1--2", "3f9a0c1b2d--1-2", "-3f9a0c1b2d-1-2",  # extra dashes
+    "3f9a0c1b2d-\u0661-1", "3f9a0c1b2d-1-\u0661", "3f9a0c1b2d-\u00b2-1",  # '١', '²': isdigit only
+    "3f9a0c1b2d-\uff11-1", "3f9a0c1b2d-1-1\n", "3f9a0c1b2d- 1-1", "3f9a0c1b2d-+1-1",
+    "3f9a0c1b2d-1_0-1", "3f9a0c1b2d-1-1.0", "3F9A0C1B2D-1-1", "3f9a0c1b2dx-1-1",
+    "x3f9a0c1b2d-1-1", "3f9a0c1b2-1-1", "9999999999-7-2", "someone-else", "",
+    "3f9a0c1b2d-" + "9" * 53, "3f9a0c1b2d-1-" + "9" * 51, "3f9a0c1b2d-1-" + "9" * 52,  # 64, 65
+]  # fmt: skip
+
+
+def regex_reading(token: str, custom_id: str) -> tuple[int, int] | None:
+    parsed = parse_custom_id(custom_id)
+    return None if parsed is None or parsed[0] != token else (parsed[1], parsed[2])
+
+
+@pytest.mark.parametrize("custom_id", TRICKY_IDS)
+@pytest.mark.parametrize("token", ["3f9a0c1b2d", "3f9a0c1b2", "T_0", "a-b", "a b", "", "\u0661"])
+def test_a_tokens_reader_takes_exactly_what_the_regex_takes(token: str, custom_id: str) -> None:
+    """The fast path (a well-formed token) and the general one (any other) agree with
+    parse_custom_id on every id, for the token and for ids spelled with another."""
+    read = own_id_reader(token)
+    for cid in (custom_id, custom_id.replace("3f9a0c1b2d", token, 1)):
+        assert read(cid) == regex_reading(token, cid), cid
+
+
+def test_a_tokens_reader_reads_its_ids() -> None:
+    read = own_id_reader("3f9a0c1b2d")
+    assert read("3f9a0c1b2d-7-2") == (7, 2)
+    assert read(format_custom_id("3f9a0c1b2d", 2**63 - 1, 20)) == (2**63 - 1, 20)
+    assert read("3f9a0c1b2d-01-1") is None
+    assert read("3f9a0c1b2d-\u0661-1") is None
 
 
 # ---------------------------------------------------------------- rendering

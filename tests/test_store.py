@@ -614,7 +614,7 @@ def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Stor
 
 
 def test_plain_successes_are_stored_as_their_records_would_be(store: Store) -> None:
-    """collect hands the commonest lines over as tuples (outcome.plain_success), the others
+    """collect hands the commonest lines over as tuples (outcome.plain_reader), the others
     as records, in one call: both land the same on each database, once per custom_id."""
     job = with_items(store, 4)
     batch = plan(store, job, [0, 1, 2, 3])

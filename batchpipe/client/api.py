@@ -38,7 +38,7 @@ from anthropic import APIResponse
 from anthropic.types.messages import MessageBatch
 
 from batchpipe import errors
-from batchpipe.client.lines import broke_off, load_line, record_from, split_lines
+from batchpipe.client.lines import broke_off, load_line, record_from, split_blocks
 from batchpipe.config import Settings
 from batchpipe.log import get_logger
 from batchpipe.models import (
@@ -257,7 +257,7 @@ class BatchClient:
     def result_objects(self, batch_id: str) -> Generator[dict[str, Any], None, None]:
         """:meth:`results` as each line's JSON object (``custom_id`` and a ``result`` of a
         known type, checked), for a caller that reads the commonest lines without a
-        ResultRecord each (collect: ``pipeline/outcome.plain_success``)."""
+        ResultRecord each (collect: ``pipeline/outcome.plain_reader``)."""
         info = self.retrieve(batch_id)
         if info.results_url is None:
             raise errors.APIError(
@@ -311,18 +311,19 @@ class BatchClient:
             )
 
         try:
-            for line, complete in split_lines(response.iter_bytes(), op, request_id):
-                obj = load_line(line)
-                if obj is None:
-                    if complete:
-                        raise errors.APIError(
-                            f"{op} failed: line {lines + 1} is not a valid result line "
-                            f"(request id {request_id})",
-                            request_id=request_id,
-                        )
-                    raise broke_off(op, lines, request_id, "its last line is cut short")
-                lines += 1
-                yield obj
+            for block, complete in split_blocks(response.iter_bytes(), op, request_id):
+                for line in block:
+                    obj = load_line(line)
+                    if obj is None:
+                        if complete:
+                            raise errors.APIError(
+                                f"{op} failed: line {lines + 1} is not a valid result line "
+                                f"(request id {request_id})",
+                                request_id=request_id,
+                            )
+                        raise broke_off(op, lines, request_id, "its last line is cut short")
+                    lines += 1
+                    yield obj
             total = info.request_counts.total
             if lines < total:
                 raise broke_off(op, lines, request_id, f"{lines} of {total} lines arrived")

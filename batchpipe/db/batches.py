@@ -437,16 +437,26 @@ class BatchesMixin(StoreBase):
         # in their order (as on PostgreSQL). The statements below run one kind of line after
         # another, not in file order, so repeats must go before them.
         seen: set[str] = set()
-        for row_index, custom_id, attempt, *kept_values, cost in successes:
-            if custom_id in seen:
-                continue
-            seen.add(custom_id)
-            if on_postgres:
+        if on_postgres:
+            for row_index, custom_id, attempt, *kept_values, cost in successes:
+                if custom_id in seen:
+                    continue
+                seen.add(custom_id)
                 # pg_apply.COLUMNS: no error, stays in its batch, the result type succeeded.
                 row = (row_index, custom_id, SUCCEEDED, *kept_values, None, None, cost, False)
                 copied.append((*row, attempt, SUCCEEDED))
-            else:
-                kept.append((*kept_values, cost, now_value, job_id, row_index, custom_id))
+        else:
+            # _SUCCEEDED_ROW is PlainSuccess from its response_text on, then the key: one
+            # slice and one concatenation a line, not an unpacking into a list and a new
+            # tuple (1,241 -> 1,009 ns a line over 100,000 emulator answers; unpacking the
+            # slice, as RUF005 would have it, 1,103).
+            remember, keep = seen.add, kept.append
+            for success in successes:
+                custom_id = success[1]
+                if custom_id in seen:
+                    continue
+                remember(custom_id)
+                keep(success[3:] + (now_value, job_id, success[0], custom_id))  # noqa: RUF005
         for u in updates:
             status = u.status
             if status is None or status is ItemStatus.SUBMITTED:

@@ -29,7 +29,7 @@ from batchpipe.models import (
     is_transient_error,
 )
 from batchpipe.pipeline.context import Context, api_now, bind, failpoint, job_spec
-from batchpipe.pipeline.outcome import output_schema, plain_success, refine
+from batchpipe.pipeline.outcome import output_schema, plain_reader, refine
 from batchpipe.requests import parse_custom_id
 from batchpipe.structured import OutputSchema
 
@@ -168,18 +168,21 @@ def _collect_batch(
     buf: list[ResultRecord] = []
     plain: list[PlainSuccess] = []  # the commonest lines, without a record each
     applied = foreign = lines = 0
-    usage = {"input_tokens": 0, "output_tokens": 0}
+    # Local counters, not a dict: two subscripted updates a line cost more than the sums.
+    input_tokens = output_tokens = 0
     # Lines that did not succeed, by error type (or result type: expired, canceled).
     failures: Counter[str] = Counter()
+    # With an output schema every line takes the general path (the schema checks it).
+    read_plain = plain_reader(job.token, spec) if outputs is None else _never_plain
     ctx.progress.start("downloading", batch.request_count)
     try:
         for obj in ctx.client.result_objects(batch.api_batch_id):
             lines += 1
-            success = plain_success(obj, job.token, spec) if outputs is None else None
+            success = read_plain(obj)
             if success is not None:
                 plain.append(success)
-                usage["input_tokens"] += success[6] or 0  # PlainSuccess: input, output tokens
-                usage["output_tokens"] += success[7] or 0
+                input_tokens += success[6] or 0  # PlainSuccess: input, output tokens
+                output_tokens += success[7] or 0
             else:
                 record = _general_update(
                     ctx, obj, job, spec, outputs=outputs, user_canceled=user_canceled
@@ -188,8 +191,8 @@ def _collect_batch(
                     foreign += 1
                     continue
                 buf.append(record)
-                usage["input_tokens"] += record.input_tokens or 0
-                usage["output_tokens"] += record.output_tokens or 0
+                input_tokens += record.input_tokens or 0
+                output_tokens += record.output_tokens or 0
                 if record.result_type is not ResultType.SUCCEEDED:
                     failures[record.error_type or record.result_type.value] += 1
             if len(buf) + len(plain) >= _APPLY_CHUNK:
@@ -232,10 +235,15 @@ def _collect_batch(
         applied=applied,
         missing=leftovers,
         failures=dict(failures),
-        **usage,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
     )
     release_free_memory()
     return applied
+
+
+def _never_plain(obj: dict[str, Any]) -> PlainSuccess | None:
+    return None
 
 
 def _disown(ctx: Context, job: JobRow, batch: BatchRow, lines: int) -> int:
@@ -295,7 +303,7 @@ def _general_update(
     outputs: OutputSchema | None,
     user_canceled: bool,
 ) -> ResultRecord | None:
-    """Any line ``plain_success`` declined, as its item's update (classified and refined);
+    """Any line the plain reader declined, as its item's update (classified and refined);
     None for a line that is not this job's."""
     # Raw content blocks only when a schema needs them (the tool call's input).
     record = ctx.client.record_from(obj, keep_content=outputs is not None)

@@ -15,8 +15,8 @@ structured output and truncation and prices every attempt:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from batchpipe import pricing
 from batchpipe.models import (
@@ -27,10 +27,14 @@ from batchpipe.models import (
     ResultRecord,
     ResultType,
 )
-from batchpipe.requests import parse_custom_id
+from batchpipe.requests import own_id_reader
 from batchpipe.structured import OutputSchema
 
 TRUNCATED = TRUNCATED_STOP_REASON
+_UNSEEN: Final = pricing.ModelPrice(-1.0, -1.0, -1.0, -1.0)  # a model not looked up yet
+# Models whose price a reader keeps: a job sees one or two; a file naming thousands
+# (not an API's) must not grow memory.
+_PRICES_KEPT = 16
 
 
 def output_schema(spec: JobSpec) -> OutputSchema | None:
@@ -102,46 +106,60 @@ def request_for(stop_reason: str | None, params: dict[str, Any], spec: JobSpec) 
     return params
 
 
-def plain_success(obj: dict[str, Any], token: str, spec: JobSpec) -> PlainSuccess | None:
-    """The commonest line, straight from its JSON object: a success of this job with one
-    text block, for a job without an output schema, that is not a truncated answer the job
-    may retry. None for any other line, which then takes the general path (a ResultRecord,
-    ``classify`` and :func:`refine`), with the same outcome for the lines taken here.
+def plain_reader(token: str, spec: JobSpec) -> Callable[[dict[str, Any]], PlainSuccess | None]:
+    """A reader of the commonest line, straight from its JSON object: a success of job
+    ``token`` with one text block, for a job without an output schema, that is not a
+    truncated answer the job may retry. The reader gives None for any other line, which then
+    takes the general path (a ResultRecord, ``classify`` and :func:`refine`), with the same
+    outcome for the lines taken here.
 
     Skipping the record and the calls per line took collect's CPU for a million answers
-    from 8.8 to 7.1 s on SQLite (one round, bench/bench_pipeline.py).
+    from 8.8 to 7.1 s on SQLite (one round, bench/bench_pipeline.py). One reader per batch
+    holds what is the same for every line: the id reader of the job's token
+    (``requests.own_id_reader``) and each model's price, looked up once.
     """
-    result = obj["result"]
-    if result["type"] != "succeeded":
-        return None
-    message = result.get("message")
-    content = message.get("content") if type(message) is dict else None
-    if type(content) is not list or len(content) != 1:
-        return None
-    block = content[0]
-    text = block.get("text") if type(block) is dict and block.get("type") == "text" else None
-    custom_id = obj["custom_id"]
-    if type(text) is not str or type(custom_id) is not str:
-        return None
-    stop_reason = message.get("stop_reason")
-    if stop_reason == TRUNCATED and spec.retry_truncated_max_tokens is not None:
-        return None
-    parsed = parse_custom_id(custom_id)
-    if parsed is None or parsed[0] != token:
-        return None
-    model = message.get("model")
-    usage = message.get("usage") or {}
-    tokens = (
-        usage.get("input_tokens"),
-        usage.get("output_tokens"),
-        usage.get("cache_creation_input_tokens"),
-        usage.get("cache_read_input_tokens"),
-    )
-    cost = pricing.cost_usd(
-        model or spec.model,
-        input_tokens=tokens[0],
-        output_tokens=tokens[1],
-        cache_creation_input_tokens=tokens[2],
-        cache_read_input_tokens=tokens[3],
-    )
-    return (parsed[1], custom_id, parsed[2], text, stop_reason, model, *tokens, cost)
+    own_id = own_id_reader(token)
+    retry_cut = spec.retry_truncated_max_tokens is not None
+    default_model = spec.model
+    prices: dict[Any, pricing.ModelPrice | None] = {}
+    usage_cost = pricing.usage_cost
+
+    def read(obj: dict[str, Any]) -> PlainSuccess | None:
+        result = obj["result"]
+        if result["type"] != "succeeded":
+            return None
+        message = result.get("message")
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is not list or len(content) != 1:
+            return None
+        block = content[0]
+        text = block.get("text") if type(block) is dict and block.get("type") == "text" else None
+        custom_id = obj["custom_id"]
+        if type(text) is not str or type(custom_id) is not str:
+            return None
+        stop_reason = message.get("stop_reason")
+        if stop_reason == TRUNCATED and retry_cut:
+            return None
+        ids = own_id(custom_id)
+        if ids is None:
+            return None
+        model = message.get("model")
+        usage = message.get("usage") or {}
+        # Four names, not a tuple unpacked twice: the result is built in one step.
+        inp = usage.get("input_tokens")
+        out = usage.get("output_tokens")
+        cache_write = usage.get("cache_creation_input_tokens")
+        cache_read = usage.get("cache_read_input_tokens")
+        priced_as = model or default_model
+        # As pricing.cost_usd prices it (price_for, usage_cost), the lookup kept per model.
+        price = prices.get(priced_as, _UNSEEN)
+        if price is _UNSEEN:
+            price = pricing.price_for(priced_as)
+            if len(prices) < _PRICES_KEPT:
+                prices[priced_as] = price
+        cost = None if price is None else usage_cost(price, inp, out, cache_write, cache_read)
+        row, attempt = ids
+        return (row, custom_id, attempt, text, stop_reason, model, inp, out, cache_write,
+                cache_read, cost)  # fmt: skip
+
+    return read

@@ -7,7 +7,12 @@
 - ``framing``: the create body's byte layout the size checks and the packer share
 """
 
-from batchpipe.requests.ids import format_custom_id, new_job_token, parse_custom_id
+from batchpipe.requests.ids import (
+    format_custom_id,
+    new_job_token,
+    own_id_reader,
+    parse_custom_id,
+)
 from batchpipe.requests.packing import BatchPacker, PlannedBatch
 from batchpipe.requests.render import (
     IdKinds,
@@ -38,6 +43,7 @@ __all__ = [
     "format_custom_id",
     "id_kind",
     "new_job_token",
+    "own_id_reader",
     "parse_custom_id",
     "standin_key",
 ]
