@@ -38,11 +38,15 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def results_for(n: int, chunk: int = 1000) -> Iterator[list[tuple[Any, ...]]]:
-    """Result tuples for n rows, in chunks that do not line up with the reader's."""
+def results_for(n: int, chunk: int = 1000) -> Iterator[list[list[Any]]]:
+    """Result columns for n rows, in chunks that do not line up with the reader's."""
     for start in range(0, n, chunk):
+        rows = range(start, min(n, start + chunk))
         yield [
-            (f"tok-{i}-1", i * 10, i / 2, i % 2 == 0) for i in range(start, min(n, start + chunk))
+            [f"tok-{i}-1" for i in rows],
+            [i * 10 for i in rows],
+            [i / 2 for i in rows],
+            [i % 2 == 0 for i in rows],
         ]
 
 
@@ -422,7 +426,7 @@ def test_failing_results_leave_nothing_behind(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
-    def results() -> Iterator[list[tuple[Any, ...]]]:
+    def results() -> Iterator[list[list[Any]]]:
         yield from results_for(10_000)
         raise RuntimeError("database went away")
 
@@ -439,7 +443,8 @@ import sys, time
 from batchpipe.dataset import Dataset, write_joined
 def results():
     for start in range(0, 20_000, 1000):
-        yield [(f"tok-{i}-1", i, i / 2, True) for i in range(start, start + 1000)]
+        rows = range(start, start + 1000)
+        yield [[f"tok-{i}-1" for i in rows], list(rows), [i / 2 for i in rows], [True] * 1000]
         if start >= 12_000:
             time.sleep(600)
 cols = [("custom_id", "string"), ("input_tokens", "int64"), ("score", "float64"), ("ok", "bool")]
@@ -641,6 +646,6 @@ def test_write_joined_creates_the_output_folder(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text('{"a": 1}\n{"a": 2}\n')
     dest = tmp_path / "new" / "deeper" / "out.parquet"
-    rows = write_joined(Dataset(str(src)), [[("x",), ("y",)]], [("answer", "string")], str(dest))
+    rows = write_joined(Dataset(str(src)), [[["x", "y"]]], [("answer", "string")], str(dest))
     assert rows == 2
     assert pq.read_table(dest).column("answer").to_pylist() == ["x", "y"]
