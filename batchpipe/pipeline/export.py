@@ -65,7 +65,8 @@ def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[Sequence[Any]]]:
 
     Each page is turned into columns once (``zip``) and the derived columns are built a
     column at a time: a tuple built per row, turned back into columns by the writer, cost
-    0.4 s more CPU per million rows.
+    about 0.6 s more CPU per million rows (2.58 s against 1.96 s, median process_time of
+    the result side on a busy machine) and 30% more instructions (callgrind).
     """
     outputs = output_schema(job_spec(job))
     api_ids = {b.id: b.api_batch_id for b in ctx.store.list_batches(job.id)}
