@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batchpipe._export import JoinedWriter, ResultCursor, writing_to
+from batchpipe._export import JoinedWriter, ResultChunk, ResultCursor, writing_to
 from batchpipe.errors import InputError, OutputNotWritable, UsageError
 from batchpipe.jsonl import TypeInference, iter_row_chunks, line_of_row, lines_of_rows
 from batchpipe.models import RESULT_PREFIX_HINT
@@ -516,20 +516,23 @@ def _row_groups(batches: Iterable[pa.RecordBatch]) -> Iterator[list[pa.RecordBat
 
 def write_joined(
     dataset: Dataset,
-    results: Iterable[Sequence[tuple[Any, ...]]],
+    results: Iterable[ResultChunk],
     result_columns: Sequence[tuple[str, str]],
     dest: str,
 ) -> int:
     """Write every input row followed by its result columns to ``dest``; return the row count.
 
-    ``results`` yields chunks (any size) of tuples, one tuple per input row in input order,
-    fields in ``result_columns`` order (``(name, type)``, type one of string, int64, float64,
-    bool, or ``list<…>`` of one of those). Input columns keep their types. Output is Parquet
-    or JSONL by ``dest``'s extension (:func:`output_format`). The file appears at ``dest``
-    complete or not at all: it is written beside it under a temporary name and renamed into
-    place; on any error (including too few or too many results: :class:`InputChangedError`)
-    the temporary file is removed.
+    ``results`` yields chunks (any number of rows each) of result columns: one sequence per
+    entry of ``result_columns`` (``(name, type)``, type one of string, int64, float64, bool,
+    or ``list<…>`` of one of those), in that order, each holding one value per input row in
+    input order, all of a chunk's columns of one length. Input columns keep their types.
+    Output is Parquet or JSONL by ``dest``'s extension (:func:`output_format`). The file
+    appears at ``dest`` complete or not at all: it is written beside it under a temporary
+    name and renamed into place; on any error (including too few or too many results:
+    :class:`InputChangedError`) the temporary file is removed.
     """
+    if not result_columns:
+        raise ValueError("write_joined needs at least one result column")
     names = [name for name, _ in result_columns]
     types: list[pa.DataType] = []
     for name, type_name in result_columns:
@@ -545,7 +548,7 @@ def write_joined(
     check_each_row = dataset.format == "jsonl" and dataset._columns is None
     if not check_each_row:
         _refuse_clash(dataset.uri, [c for c in dataset.columns() if c in added])
-    cursor = ResultCursor(results, dataset.uri)
+    cursor = ResultCursor(results, dataset.uri, len(names))
     fs, path = check_writable(dest, source=dataset.uri)
     if isinstance(fs, pafs.LocalFileSystem):
         sweep_dead_temporaries(path)

@@ -927,3 +927,16 @@ def test_run_summary_of_a_model_without_a_price_says_cost_unknown(tmp_path: Path
     assert ran.exit_code == 0, ran.output
     assert "  cost unknown: model 'claude-mythos-preview' is not in the price table" in ran.stderr
     assert "failed:" not in ran.stderr
+
+
+def test_run_summary_is_the_same_from_the_finishing_run_and_a_later_one(tmp_path: Path) -> None:
+    """The first run shows the counts taken as it finished the job, the second (nothing
+    left to do) counts the items: the same summary."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(40))
+    out = tmp_path / "out.parquet"
+    first = invoke(tmp_path, *run_args(src, out, "--job", "j"))
+    again = invoke(tmp_path, *run_args(src, out, "--job", "j"))
+    assert first.exit_code == again.exit_code == 0, first.output + again.output
+    summary = first.stderr[first.stderr.index("finished job 1 (j)") :]
+    assert "  rows: 40 succeeded\n  cost: $" in summary
+    assert again.stderr[again.stderr.index("finished job 1 (j)") :] == summary

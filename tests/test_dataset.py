@@ -38,11 +38,15 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def results_for(n: int, chunk: int = 1000) -> Iterator[list[tuple[Any, ...]]]:
-    """Result tuples for n rows, in chunks that do not line up with the reader's."""
+def results_for(n: int, chunk: int = 1000) -> Iterator[list[list[Any]]]:
+    """Result columns for n rows, in chunks that do not line up with the reader's."""
     for start in range(0, n, chunk):
+        rows = range(start, min(n, start + chunk))
         yield [
-            (f"tok-{i}-1", i * 10, i / 2, i % 2 == 0) for i in range(start, min(n, start + chunk))
+            [f"tok-{i}-1" for i in rows],
+            [i * 10 for i in rows],
+            [i / 2 for i in rows],
+            [i % 2 == 0 for i in rows],
         ]
 
 
@@ -455,7 +459,7 @@ def test_failing_results_leave_nothing_behind(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
-    def results() -> Iterator[list[tuple[Any, ...]]]:
+    def results() -> Iterator[list[list[Any]]]:
         yield from results_for(10_000)
         raise RuntimeError("database went away")
 
@@ -472,7 +476,8 @@ import sys, time
 from batchpipe.dataset import Dataset, write_joined
 def results():
     for start in range(0, 20_000, 1000):
-        yield [(f"tok-{i}-1", i, i / 2, True) for i in range(start, start + 1000)]
+        rows = range(start, start + 1000)
+        yield [[f"tok-{i}-1" for i in rows], list(rows), [i / 2 for i in rows], [True] * 1000]
         if start >= 12_000:
             time.sleep(600)
 cols = [("custom_id", "string"), ("input_tokens", "int64"), ("score", "float64"), ("ok", "bool")]
@@ -674,6 +679,95 @@ def test_write_joined_creates_the_output_folder(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text('{"a": 1}\n{"a": 2}\n')
     dest = tmp_path / "new" / "deeper" / "out.parquet"
-    rows = write_joined(Dataset(str(src)), [[("x",), ("y",)]], [("answer", "string")], str(dest))
+    rows = write_joined(Dataset(str(src)), [[["x", "y"]]], [("answer", "string")], str(dest))
     assert rows == 2
     assert pq.read_table(dest).column("answer").to_pylist() == ["x", "y"]
+
+
+# Result columns with nulls and a list column, for the chunk layout tests below.
+_MIXED_COLUMNS = [
+    ("custom_id", "string"),
+    ("score", "float64"),
+    ("ok", "bool"),
+    ("tags", "list<string>"),
+]
+
+
+def _mixed_results(n: int) -> list[list[Any]]:
+    return [
+        [None if i % 7 == 0 else f"tok-{i}-1" for i in range(n)],
+        [None if i % 5 == 0 else i / 4 for i in range(n)],
+        [None if i % 3 == 0 else i % 2 == 0 for i in range(n)],
+        [None if i % 11 == 0 else [f"t{i}"] * (i % 3) for i in range(n)],
+    ]
+
+
+def _rechunked(columns: list[list[Any]], sizes: list[int]) -> Iterator[list[Any]]:
+    """``columns`` cut into chunks of ``sizes`` rows (then the rest), columns as tuples."""
+    start = 0
+    for size in [*sizes, len(columns[0])]:
+        end = min(start + size, len(columns[0]))
+        yield [tuple(column[start:end]) for column in columns]
+        start = end
+
+
+@pytest.mark.parametrize("src_fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("out_fmt", ["parquet", "jsonl"])
+def test_the_output_is_the_same_however_the_results_are_chunked(
+    tmp_path: Path, src_fmt: str, out_fmt: str
+) -> None:
+    """One chunk per read, one chunk in all, or odd sizes with empty chunks between: the
+    results handed over whole, sliced, or joined from several chunks give the same file."""
+    n = 20_000
+    rows = [{"a": i} for i in range(n)]
+    src = tmp_path / f"in.{src_fmt}"
+    if src_fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), src, row_group_size=3000)
+    else:
+        write_jsonl(src, rows)
+    columns = _mixed_results(n)
+    layouts = {
+        "whole": [columns],
+        "aligned": list(_rechunked(columns, [8192, 0, 8192])),
+        "odd": list(_rechunked(columns, [1, 0, 777, 4096, 0, 3, 9000, 1])),
+        "rows": list(_rechunked(columns, [1] * 50 + [5000] * 3)),
+    }
+    outputs = {}
+    for name, chunks in layouts.items():
+        dest = tmp_path / f"{name}.{out_fmt}"
+        assert write_joined(Dataset(str(src)), chunks, _MIXED_COLUMNS, str(dest)) == n
+        if out_fmt == "parquet":
+            outputs[name] = pq.read_table(dest)
+        else:
+            outputs[name] = [orjson.loads(line) for line in dest.read_bytes().splitlines()]
+    names = ["a", *(name for name, _ in _MIXED_COLUMNS)]
+    expected = [dict(zip(names, r, strict=True)) for r in zip(range(n), *columns, strict=True)]
+    for layout, got in outputs.items():
+        if out_fmt == "parquet":
+            assert got.equals(outputs["whole"]), layout
+        assert (got.to_pylist() if out_fmt == "parquet" else got) == expected, layout
+
+
+@pytest.mark.parametrize("out_fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ([[["x", "y"]]], r"result chunks have 1 columns, expected 4"),
+        ([[["x", "y"], [1.0, 2.0], [True], [[], []]]], r"columns of a result chunk differ"),
+    ],
+)
+def test_misshapen_result_chunks_are_refused(
+    tmp_path: Path, out_fmt: str, chunks: list[list[Any]], message: str
+) -> None:
+    data = Dataset(str(write_jsonl(tmp_path / "in.jsonl", [{"a": 1}, {"a": 2}])))
+    with pytest.raises(ValueError, match=message):
+        write_joined(data, chunks, _MIXED_COLUMNS, str(tmp_path / f"o.{out_fmt}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_result_value_of_the_wrong_type_names_its_column(tmp_path: Path) -> None:
+    data = Dataset(str(write_jsonl(tmp_path / "in.jsonl", [{"a": 1}, {"a": 2}])))
+    chunks = [[["x", "y"], [1.0, "not a number"], [True, None], [[], None]]]
+    with pytest.raises(ValueError, match=r"result column 'score' is typed double"):
+        write_joined(data, chunks, _MIXED_COLUMNS, str(tmp_path / "o.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

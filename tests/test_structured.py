@@ -6,6 +6,7 @@ test_pipeline), on SQLite.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from test_pipeline import Harness, spec_for, write_docs
 
+from batchpipe import pipeline
+from batchpipe.db.items import EXPORT_FIELDS
 from batchpipe.errors import UsageError
+from batchpipe.models import RESULT_COLUMNS
 from batchpipe.structured import OutputSchema, labels_schema
+
+# The module, not the function pipeline.export that shadows its name.
+export_module = importlib.import_module("batchpipe.pipeline.export")
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -159,5 +166,66 @@ def harness_summary(harness: Harness, job: Any) -> dict[str, Any]:
     ctx = harness.context()
     try:
         return pipeline.job_summary(ctx, job, with_batches=False)
+    finally:
+        ctx.close()
+
+
+def _expected_results(harness: Harness, job: Any, outputs: OutputSchema | None) -> list[Any]:
+    """Each row's result columns worked out one row at a time from what the store holds."""
+    api_ids = {b.id: b.api_batch_id for b in harness.store.list_batches(job.id)}
+    expected = []
+    for row in harness.store.export_rows(job.id):
+        fields = dict(zip(EXPORT_FIELDS, row, strict=True))
+        stop = fields["stop_reason"]
+        values = {
+            **{c: fields[c] for c in RESULT_COLUMNS if c in fields},
+            "result_status": fields["status"],
+            "batch_id": api_ids.get(fields["batch_id"]),
+            "truncated": None if stop is None else stop == "max_tokens",
+        }
+        if outputs is not None:
+            answer = fields["response_text"] if fields["status"] == "succeeded" else None
+            values.update(zip(outputs.field_names(), outputs.row_values(answer), strict=True))
+        expected.append(values)
+    return expected
+
+
+@pytest.mark.parametrize("schema", [None, SCHEMA], ids=["plain", "schema"])
+def test_exported_results_are_the_stored_items_whatever_the_paging(
+    harness: Harness, tmp_path: Path, schema: dict[str, Any] | None, monkeypatch: Any
+) -> None:
+    """Failed, expired, truncated and answered rows: the result columns hold each item's
+    stored fields, its batch's API id and ``truncated`` (None without a stop reason), in the
+    Parquet and the JSONL output, whether the store's pages line up with the writer's row
+    groups (the result arrays handed over whole) or not (sliced and joined)."""
+    src = tmp_path / "docs.parquet"
+    write_docs(src, 3000)
+    harness.emulator.configure(errored_rate=0.15, expired_rate=0.1, invalid_rate=0.05)
+    # max_tokens cuts some answers short (with the schema: invalid_output, no fields).
+    spec = spec_for(tmp_path, src, output_schema=schema, max_tokens=30, max_attempts=1)
+    job = harness.run(spec)
+    assert job.status == "done"
+    outputs = None if schema is None else OutputSchema(schema, spec.output_mode)
+    expected = _expected_results(harness, job, outputs)
+    statuses = {r["result_status"] for r in expected}
+    assert {"succeeded", "errored", "expired"} <= statuses
+    assert {True, False, None} <= {r["truncated"] for r in expected}
+    if outputs is not None:
+        assert "invalid_output" in statuses
+        assert any(r["label"] is not None for r in expected)
+    names = list(expected[0])
+    ctx = harness.context()
+    try:
+        for page in (4096, 8192, 7, 2500):  # 2048-row reads, 8192-row groups
+            monkeypatch.setattr(export_module, "_PAGE", page)
+            for fmt in ("parquet", "jsonl"):
+                out = tmp_path / f"out-{page}.{fmt}"
+                pipeline.export(ctx, job, str(out))
+                if fmt == "parquet":
+                    got = pq.read_table(out, columns=names).to_pylist()
+                else:
+                    lines = [json.loads(line) for line in out.read_text().splitlines()]
+                    got = [{n: line[n] for n in names} for line in lines]
+                assert got == expected, (page, fmt)
     finally:
         ctx.close()

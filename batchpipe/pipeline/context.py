@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batchpipe.db import JobRow, Store
 from batchpipe.errors import JobLocked
 from batchpipe.log import get_logger
-from batchpipe.models import JobSpec
+from batchpipe.models import ItemStatus, JobSpec
 from batchpipe.procs import pid_gone, this_host
 
 if TYPE_CHECKING:
@@ -115,6 +115,10 @@ class Context:
     _renewed: dict[int, float] = field(default_factory=dict)
     # Jobs whose lease `lease()` keeps past its block, inside `keeping_leases()`.
     _kept: set[int] | None = None
+    # The items by status of the job this context last finished, counted as it finished
+    # (see pipeline.runner.finished_counts): the end of `run` shows them without walking
+    # the job's rows once more.
+    finished_counts: dict[int, dict[ItemStatus, int]] = field(default_factory=dict)
 
     @property
     def client(self) -> BatchClient:

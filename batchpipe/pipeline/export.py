@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from batchpipe.dataset import Dataset, output_format, write_joined
@@ -48,6 +48,7 @@ def result_columns(job: JobRow) -> list[tuple[str, str]]:
 
 
 _UNFINISHED = frozenset({ItemStatus.PENDING.value, ItemStatus.SUBMITTED.value})
+_SUCCEEDED = ItemStatus.SUCCEEDED.value
 
 
 def _not_finished(ctx: Context, job: JobRow) -> UsageError:
@@ -59,31 +60,60 @@ def _not_finished(ctx: Context, job: JobRow) -> UsageError:
     )
 
 
-def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[tuple[Any, ...]]]:
-    chunk: list[tuple[Any, ...]] = []
+def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[Sequence[Any]]]:
+    """The result columns (:func:`result_columns`' order), one chunk per page of items.
+
+    Each page is turned into columns once (``zip``) and the derived columns are built a
+    column at a time: a tuple built per row, turned back into columns by the writer, cost
+    about 0.6 s more CPU per million rows (2.58 s against 1.96 s, median process_time of
+    the result side on a busy machine) and 30% more instructions (callgrind).
+    """
     outputs = output_schema(job_spec(job))
     api_ids = {b.id: b.api_batch_id for b in ctx.store.list_batches(job.id)}
-    # export_rows yields (row_index, custom_id … attempts, batch_id, model, cost_usd): the
-    # result columns but batch_id, which becomes the API's id, and truncated, derived here.
-    for row in ctx.store.export_rows(job.id, page=_PAGE):
-        status, text, stop_reason = row[2], row[3], row[4]
-        if status in _UNFINISHED:
+    # Pages of (row_index, custom_id … attempts, batch_id, model, cost_usd): the result
+    # columns but batch_id, which becomes the API's id, and truncated, derived here.
+    for page in ctx.store.export_pages(job.id, page=_PAGE):
+        (
+            _row_index,
+            custom_id,
+            status,
+            text,
+            stop_reason,
+            input_tokens,
+            output_tokens,
+            error_type,
+            error_message,
+            attempts,
+            batch_id,
+            model,
+            cost_usd,
+        ) = zip(*page, strict=True)
+        if not _UNFINISHED.isdisjoint(status):
             # A finished job has none (checked here rather than by a count beforehand: that
             # would walk every row once more); the half-written file is removed.
             raise _not_finished(ctx, job)
-        truncated = None if stop_reason is None else stop_reason == TRUNCATED
-        values = (*row[1:10], api_ids.get(row[10]), row[11], truncated, row[12])
+        truncated = [None if reason is None else reason == TRUNCATED for reason in stop_reason]
+        columns: list[Sequence[Any]] = [
+            custom_id,
+            status,
+            text,
+            stop_reason,
+            input_tokens,
+            output_tokens,
+            error_type,
+            error_message,
+            attempts,
+            list(map(api_ids.get, batch_id)),
+            model,
+            truncated,
+            cost_usd,
+        ]
         if outputs is not None:
-            answer = text if status == ItemStatus.SUCCEEDED.value else None
-            values += outputs.row_values(answer)
-        chunk.append(values)
-        if len(chunk) >= _PAGE:
-            ctx.progress.advance(len(chunk))
-            yield chunk
-            chunk = []
-    if chunk:
-        ctx.progress.advance(len(chunk))
-        yield chunk
+            answers = (t if s == _SUCCEEDED else None for s, t in zip(status, text, strict=True))
+            fields = [outputs.row_values(answer) for answer in answers]
+            columns += zip(*fields, strict=True) if fields[0] else []
+        ctx.progress.advance(len(page))
+        yield columns
 
 
 def suggested_output(dest: str) -> str:

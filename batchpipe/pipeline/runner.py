@@ -186,7 +186,21 @@ def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
         bind(job, log).info(
             "job.finished", status=final.value, **{k.value: v for k, v in counts.items()}, **usage
         )
+        # The latest job's only: a long-lived process finishing many jobs keeps one.
+        ctx.finished_counts = {job.id: counts}
     return _reload(ctx, job)
+
+
+def finished_counts(ctx: Context, job: JobRow) -> dict[ItemStatus, int]:
+    """The items of a job that :func:`run` just ran to its end, by status.
+
+    The counts taken as this run finished the job when it did (under the job's lease, with
+    nothing left in flight: a finished job's items stay as they are until a `retry`), else
+    (finished earlier, or by another worker) counted now. Spares the end of `run` a walk
+    over the job's rows (a count of a million items on SQLite: 0.4 s CPU on a busy machine).
+    """
+    counts = ctx.finished_counts.pop(job.id, None)
+    return ctx.store.count_items(job.id) if counts is None else counts
 
 
 class Backoff:
@@ -258,6 +272,7 @@ def run(ctx: Context, job: JobRow, *, poll_interval: float | None = None) -> Job
     """
     spec = job_spec(job)
     backoff = Backoff(spec.poll_interval if spec.poll_interval is not None else poll_interval)
+    ctx.finished_counts.pop(job.id, None)  # only this run's finish counts (finished_counts)
     with ctx.lease(job):
         # Progress only matters to the adaptive backoff; a fixed interval skips the counts
         # (a walk over the job's rows each, twice per poll).
