@@ -73,45 +73,26 @@ def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[Sequence[Any]]]:
     # Pages of (row_index, custom_id … attempts, batch_id, model, cost_usd): the result
     # columns but batch_id, which becomes the API's id, and truncated, derived here.
     for page in ctx.store.export_pages(job.id, page=_PAGE):
-        (
-            _row_index,
-            custom_id,
-            status,
-            text,
-            stop_reason,
-            input_tokens,
-            output_tokens,
-            error_type,
-            error_message,
-            attempts,
-            batch_id,
-            model,
-            cost_usd,
-        ) = zip(*page, strict=True)
+        # Positions in EXPORT_FIELDS order: 0 row_index (not exported), 1 custom_id,
+        # 2 status, 3 response_text, 4 stop_reason … 10 batch_id, 11 model, 12 cost_usd.
+        fields = list(zip(*page, strict=True))
+        status, text, stop_reason, batch_id = fields[2], fields[3], fields[4], fields[10]
         if not _UNFINISHED.isdisjoint(status):
             # A finished job has none (checked here rather than by a count beforehand: that
             # would walk every row once more); the half-written file is removed.
             raise _not_finished(ctx, job)
         truncated = [None if reason is None else reason == TRUNCATED for reason in stop_reason]
         columns: list[Sequence[Any]] = [
-            custom_id,
-            status,
-            text,
-            stop_reason,
-            input_tokens,
-            output_tokens,
-            error_type,
-            error_message,
-            attempts,
+            *fields[1:10],  # custom_id … attempts
             list(map(api_ids.get, batch_id)),
-            model,
+            fields[11],  # model
             truncated,
-            cost_usd,
+            fields[12],  # cost_usd
         ]
         if outputs is not None:
             answers = (t if s == _SUCCEEDED else None for s, t in zip(status, text, strict=True))
-            fields = [outputs.row_values(answer) for answer in answers]
-            columns += zip(*fields, strict=True) if fields[0] else []
+            values = [outputs.row_values(answer) for answer in answers]
+            columns += zip(*values, strict=True) if values[0] else []
         ctx.progress.advance(len(page))
         yield columns
 
