@@ -20,7 +20,7 @@ import pytest
 from conftest import batchpipe_argv, env_for, job_args, run_batchpipe
 
 from batchpipe.cli.wiring import emulator_state_path
-from batchpipe.db import Store
+from batchpipe.db import JobRow, Store
 from batchpipe.emulator import Emulator
 from batchpipe.models import ItemStatus, JobStatus
 
@@ -50,6 +50,21 @@ def _tick(db: str, *args: str) -> subprocess.CompletedProcess[str]:
         env=env_for("http://unused.invalid"), capture_output=True, text=True, timeout=120,
         check=False,
     )  # fmt: skip
+
+
+def _submit_gone(tmp_path: Path, cli_env: dict[str, str]) -> tuple[str, JobRow, list[str]]:
+    """Submit the job "gone" (10 rows, two batches of 5) against the test's emulator: the
+    state database's URL, the job, and the API ids of its batches."""
+    db = f"sqlite:///{tmp_path / 'state.db'}"
+    _inputs(tmp_path, ["gone"], rows=10)
+    src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
+    submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
+    assert submitted.returncode == 0, submitted.stderr
+    with Store.open(db) as store:
+        job = store.get_job("gone")
+        assert job is not None
+        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    return db, job, sent
 
 
 def _wait_ended(client: anthropic.Anthropic, batch_ids: list[str]) -> None:
@@ -98,15 +113,8 @@ def test_a_batch_the_api_no_longer_knows_stops_the_job_and_says_what_to_do(
     cli_env: dict[str, str],
 ) -> None:
     emulator.configure(processing_seconds=0.2)
-    db = f"sqlite:///{tmp_path / 'state.db'}"
-    _inputs(tmp_path, ["gone"], rows=10)
-    src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
-    submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
-    assert submitted.returncode == 0, submitted.stderr
-    with Store.open(db) as store:
-        job = store.get_job("gone")
-        assert job is not None
-        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    db, _, sent = _submit_gone(tmp_path, cli_env)
+    out = tmp_path / "gone.parquet"
     first = sent[0]
     _wait_ended(anthropic_client, sent)  # both batches ended at the API, not yet polled
     anthropic_client.messages.batches.delete(first)  # as in the Console
@@ -147,17 +155,9 @@ def test_a_batch_lost_while_the_job_is_canceled_does_not_stop_the_cancel(
     # A day: each item finishes at a random point of it, and at 60 s one of ten often
     # finished in the seconds before the cancel on a busy machine (then 9 canceled).
     emulator.configure(processing_seconds=86_400, cancel_seconds=0.1)
-    db = f"sqlite:///{tmp_path / 'state.db'}"
-    _inputs(tmp_path, ["gone"], rows=10)
-    src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
-    submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
-    assert submitted.returncode == 0, submitted.stderr
+    db, job, sent = _submit_gone(tmp_path, cli_env)
     canceled = run_batchpipe(db, cli_env, "cancel", "gone")
     assert canceled.returncode == 0, canceled.stderr
-    with Store.open(db) as store:
-        job = store.get_job("gone")
-        assert job is not None
-        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
     assert len(sent) == 2
     _wait_ended(anthropic_client, sent)
     anthropic_client.messages.batches.delete(sent[0])
@@ -188,15 +188,7 @@ def test_cancel_of_a_job_whose_batch_was_deleted_at_the_api(
     # A day: each item finishes at a random point of it, and at 60 s one of ten often
     # finished in the seconds before the cancel on a busy machine (then 9 canceled).
     emulator.configure(processing_seconds=86_400, cancel_seconds=0.1)
-    db = f"sqlite:///{tmp_path / 'state.db'}"
-    _inputs(tmp_path, ["gone"], rows=10)
-    src, out = tmp_path / "gone.jsonl", tmp_path / "gone.parquet"
-    submitted = run_batchpipe(db, cli_env, "submit", *job_args(src, "gone", out, per_batch=5))
-    assert submitted.returncode == 0, submitted.stderr
-    with Store.open(db) as store:
-        job = store.get_job("gone")
-        assert job is not None
-        sent = [b.api_batch_id for b in store.list_batches(job.id) if b.api_batch_id]
+    db, job, sent = _submit_gone(tmp_path, cli_env)
     assert len(sent) == 2
     anthropic_client.messages.batches.cancel(sent[0])  # in the Console, say
     _wait_ended(anthropic_client, sent[:1])
