@@ -396,11 +396,11 @@ def test_a_refused_create_fails_the_run_and_the_same_command_resumes(
     assert harness.emulator.stats()["batches_created"] == 3
 
 
-def test_finished_counts_are_the_counts_of_the_items_as_the_run_ended(
+def test_finished_totals_are_the_counts_and_cost_of_the_items_as_the_run_ended(
     harness: Harness, tmp_path: Path
 ) -> None:
-    """The end of `run` shows the counts taken as the run finished the job; without them
-    (the job finished before this run, or by another worker) it counts the items."""
+    """The end of `run` shows the counts and cost taken as the run finished the job;
+    without them (the job finished before this run, or by another worker) it counts."""
     src = tmp_path / "docs.jsonl"
     write_docs(src, 300)
     harness.emulator.configure(errored_rate=0.2, expired_rate=0.1)
@@ -409,16 +409,19 @@ def test_finished_counts_are_the_counts_of_the_items_as_the_run_ended(
         job = pipeline.prepare(ctx, "job", spec_for(tmp_path, src, max_attempts=1))
         job = pipeline.run(ctx, job)
         assert job.status == "done"
-        stored = harness.store.count_items(job.id)
-        assert stored[ItemStatus.ERRORED]
-        assert stored[ItemStatus.EXPIRED]
-        assert ctx.finished_counts == {job.id: stored}
-        assert pipeline.finished_counts(ctx, job) == stored  # as the run finished it
-        assert ctx.finished_counts == {}
-        assert pipeline.finished_counts(ctx, job) == stored  # counted now
+        counts = harness.store.count_items(job.id)
+        assert counts[ItemStatus.ERRORED]
+        assert counts[ItemStatus.EXPIRED]
+        cost, _ = harness.store.cost_total(job.id)
+        assert cost > 0
+        assert ctx.finished_totals == {job.id: (counts, pytest.approx(cost))}
+        stored = (counts, pytest.approx(cost))
+        assert pipeline.finished_totals(ctx, job) == stored  # as the run finished it
+        assert ctx.finished_totals == {}
+        assert pipeline.finished_totals(ctx, job) == stored  # counted now
         # A run of the finished job finishes nothing: its counts are counted.
         job = pipeline.run(ctx, job)
-        assert ctx.finished_counts == {}
-        assert pipeline.finished_counts(ctx, job) == stored
+        assert ctx.finished_totals == {}
+        assert pipeline.finished_totals(ctx, job) == stored
     finally:
         ctx.close()

@@ -754,7 +754,7 @@ def test_export_rows_order_join_and_usage(store: Store) -> None:
     )  # fmt: skip
     assert rows[3][10] == batch
     assert [(b.id, b.api_batch_id) for b in store.list_batches(job)] == [(batch, "msgbatch_9")]
-    counts, usage = store.count_items_and_usage(job)
+    counts, usage, _ = store.count_items_and_usage(job)
     assert usage == {
         "input_tokens": 20,
         "output_tokens": 8,
@@ -767,6 +767,7 @@ def test_export_rows_order_join_and_usage(store: Store) -> None:
     assert store.count_items_and_usage(empty) == (
         dict.fromkeys(ItemStatus, 0),
         dict.fromkeys(items_module.TOKEN_FIELDS, 0),
+        0.0,
     )
     assert list(store.export_rows(empty)) == []
 
@@ -794,6 +795,7 @@ def test_job_totals_sum_tokens_cost_and_truncated_answers_in_one_pass(store: Sto
     assert totals.usage == store.count_items_and_usage(job)[1]
     # Rows without a price (the unpriced success, the errored line) count in neither.
     assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 2)
+    assert store.count_items_and_usage(job)[2] == 0.75  # the same sum, over status groups
     assert totals.truncated == 1
     empty = store.job_totals(new_job(store, "empty", "ffffffffff"))
     assert (empty.cost_usd, empty.priced, empty.truncated) == (0.0, 0, 0)

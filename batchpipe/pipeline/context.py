@@ -115,10 +115,10 @@ class Context:
     _renewed: dict[int, float] = field(default_factory=dict)
     # Jobs whose lease `lease()` keeps past its block, inside `keeping_leases()`.
     _kept: set[int] | None = None
-    # The items by status of the job this context last finished, counted as it finished
-    # (see pipeline.runner.finished_counts): the end of `run` shows them without walking
-    # the job's rows once more.
-    finished_counts: dict[int, dict[ItemStatus, int]] = field(default_factory=dict)
+    # The items by status and the dollars paid of the job this context last finished,
+    # counted as it finished (see pipeline.runner.finished_totals): the end of `run` shows
+    # them without walking the job's rows once more.
+    finished_totals: dict[int, tuple[dict[ItemStatus, int], float]] = field(default_factory=dict)
 
     @property
     def client(self) -> BatchClient:
