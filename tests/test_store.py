@@ -265,6 +265,38 @@ def test_insert_items_is_all_or_nothing(store: Store) -> None:
     assert list(store.iter_items(job)) == []
 
 
+def _orphan_item_refused(store: Store) -> bool:
+    """Whether a plain write of an item for a job that does not exist is refused."""
+    try:
+        with store._write() as conn:
+            conn.execute(
+                sa.insert(items_module.items).values(
+                    job_id=999, row_index=0, row_key="k", status=P.value, attempts=0
+                )
+            )
+    except sa.exc.IntegrityError:
+        return True
+    return False
+
+
+def test_foreign_keys_are_checked_again_after_the_bulk_writes_that_skip_them(
+    store: Store,
+) -> None:
+    # The insert and the claim skip SQLite's per-row foreign key lookups; the pooled
+    # connection they ran on checks them again afterwards, whether they committed or not.
+    job = with_items(store, 5)
+    assert _orphan_item_refused(store)
+    plan(store, job, [0, 1])
+    assert _orphan_item_refused(store)
+    with pytest.raises(StoreError, match="only 0 of 2 items were pending"):
+        plan(store, job, [0, 1])  # already claimed: rolled back
+    assert _orphan_item_refused(store)
+    with pytest.raises(sa.exc.IntegrityError):
+        store.insert_items(job, [(0, "again", P, None)])
+    assert _orphan_item_refused(store)
+    assert [i.status for i in store.iter_items(job)] == [ItemStatus.SUBMITTED] * 2 + [P] * 3
+
+
 def test_find_duplicate_keys(store: Store) -> None:
     job = new_job(store)
     keys = ["a", "b", "a", "c", "b", "a", "d", "a", "a", "a", "a"]

@@ -286,7 +286,8 @@ class BatchesMixin(StoreBase):
             "last_row": max(row for row, _, _ in items),
             "intent_at": now,
         }
-        with self._write() as conn:
+        # No foreign key checks: the batch points at its job, the claims at that batch.
+        with self._write(foreign_keys=False) as conn:
             ended = conn.execute(
                 sa.select(sa.func.max(batches.c.round)).where(
                     batches.c.job_id == job_id, batches.c.status.in_(_ENDED)

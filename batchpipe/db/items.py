@@ -116,7 +116,9 @@ class ItemsMixin(StoreBase):
         now = self.clock()
         total = 0
         source = iter(rows)
-        with self._write() as conn:
+        # No foreign key checks (SQLite): every item points at this job, and jobs are never
+        # deleted.
+        with self._write(foreign_keys=False) as conn:
             if self.dialect == "postgresql":
                 # Plain tuples straight to a binary COPY: see db/bulk.py.
                 shaped = _copied_items(job_id, source, now)
