@@ -75,13 +75,6 @@ _FINGERPRINT_DIGESTS: dict[str, Any] = {
     "blake2b": lambda: hashlib.blake2b(digest_size=20),
 }
 _FINGERPRINT_ALGORITHM = "sha256"
-# A file whose mtime is this close to the moment it was hashed may still be written to within
-# the filesystem's timestamp granularity (a few ms, or 1-2 s on some) without its stat
-# changing: it is hashed again each time ("racily clean", as git calls it).
-_RACY_NS = 2_000_000_000
-# Whole-file fingerprints this process made, by (path, algorithm): the file's stat when
-# hashed, and the fingerprint. See Dataset.fingerprint.
-_hashed: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
 
 _RESULT_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -240,15 +233,6 @@ class Dataset:
         algorithm = _FINGERPRINT_ALGORITHM if like is None else like.partition(":")[0]
         if algorithm not in _FINGERPRINT_DIGESTS:
             raise ValueError(f"unknown fingerprint algorithm {algorithm!r}")
-        # One run hashes its input at ingest, submit and export (0.2 s each per 156 MB):
-        # a local file whose stat has not changed since this process hashed it is not read
-        # again, the quick check make and rsync make. A file written since has a new
-        # mtime/ctime, size or inode; one changed right before it was hashed is not kept.
-        stat = self._local_stat() if limit is None else None
-        memo = _hashed.get((self._path, algorithm)) if stat is not None else None
-        if memo is not None and memo[0] == stat:
-            return memo[1]
-        started_ns = time.time_ns()
         digest = _FINGERPRINT_DIGESTS[algorithm]()
         size = 0
         try:
@@ -260,24 +244,7 @@ class Dataset:
                     size += len(block)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"cannot read {self.uri}: {exc}") from None
-        fingerprint = f"{algorithm}:{digest.hexdigest()}:{size}"
-        if (
-            stat is not None
-            and max(stat[3:]) < started_ns - _RACY_NS  # mtime and ctime
-            and stat == self._local_stat()  # not written while it was read
-        ):
-            _hashed[(self._path, algorithm)] = (stat, fingerprint)
-        return fingerprint
-
-    def _local_stat(self) -> tuple[int, ...] | None:
-        """(device, inode, size, mtime ns, ctime ns) of a local input, else None."""
-        if not isinstance(self._fs, pafs.LocalFileSystem):
-            return None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return f"{algorithm}:{digest.hexdigest()}:{size}"
 
     def columns(self) -> list[str]:
         """Column names: the Parquet schema's, or for JSONL every key in first-seen order."""

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import batchpipe.dataset as dataset_module
 from batchpipe.dataset import Dataset, check_writable, write_joined
 from batchpipe.errors import InputChangedError, InputError, OutputNotWritable, UsageError
 from batchpipe.procs import host_tag
@@ -158,65 +157,6 @@ def test_fingerprint_changes_with_one_byte(tmp_path: Path) -> None:
     raw[5000] = ord("j") if raw[5000] != ord("j") else ord("k")
     path.write_bytes(bytes(raw))
     assert Dataset(str(path)).fingerprint() != first
-
-
-def _counting_sha256(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the files hashed from now on (one entry per hash started)."""
-    started: list[int] = []
-
-    def sha256() -> Any:
-        started.append(1)
-        return hashlib.sha256()
-
-    monkeypatch.setitem(dataset_module._FINGERPRINT_DIGESTS, "sha256", sha256)
-    return started
-
-
-def test_fingerprint_of_an_unchanged_file_is_not_read_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A run checks its input at ingest, submit and export: one read of the file, not three.
-    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 1000)
-    monkeypatch.setattr(dataset_module, "_RACY_NS", 0)  # the file was just written
-    hashed = _counting_sha256(monkeypatch)
-    first = Dataset(str(path)).fingerprint()
-    assert Dataset(str(path)).fingerprint() == first
-    assert Dataset(str(path)).fingerprint(like=first) == first
-    assert len(hashed) == 1
-    # Rewritten with the same size and its old mtime put back: its ctime still moved on.
-    raw = bytearray(path.read_bytes())
-    raw[5000] = ord("j") if raw[5000] != ord("j") else ord("k")
-    before = path.stat()
-    path.write_bytes(bytes(raw))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = path.stat()
-    if after.st_ctime_ns == before.st_ctime_ns:  # the same clock tick: make it a later one
-        time.sleep(0.05)
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert Dataset(str(path)).fingerprint() != first
-    assert len(hashed) == 2
-    # Replaced by another file (a new inode) of the same size and times.
-    other = tmp_path / "other.jsonl"
-    other.write_bytes(path.read_bytes()[::-1])
-    other.replace(path)
-    assert Dataset(str(path)).fingerprint() != first
-    assert Dataset(str(path)).fingerprint(limit=10).endswith(":10")  # a prefix: never kept
-    assert len(hashed) == 4
-
-
-def test_fingerprint_of_a_file_written_just_before_is_read_every_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A same-size write within the filesystem's timestamp granularity leaves the stat as it
-    # was, so a file changed right before it was hashed is always hashed again.
-    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}] * 1000)
-    hashed = _counting_sha256(monkeypatch)
-    first = Dataset(str(path)).fingerprint()
-    raw = bytearray(path.read_bytes())
-    raw[5000] = ord("j") if raw[5000] != ord("j") else ord("k")
-    path.write_bytes(bytes(raw))
-    assert Dataset(str(path)).fingerprint() != first
-    assert len(hashed) == 2
 
 
 def test_fingerprint_like_an_older_one_uses_its_algorithm(tmp_path: Path) -> None:
