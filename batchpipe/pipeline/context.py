@@ -225,6 +225,13 @@ def api_clock_skew(ctx: Context) -> timedelta:
     return seen - ctx.clock() if seen is not None else timedelta(0)
 
 
+def reload_job(ctx: Context, job: JobRow) -> JobRow:
+    """The job's row as the store has it now (another step or worker may have moved it)."""
+    fresh = ctx.store.get_job(job.id)
+    assert fresh is not None  # jobs are never deleted
+    return fresh
+
+
 def job_spec(job: JobRow) -> JobSpec:
     """The JobSpec stored with a job."""
     return JobSpec.model_validate(job.spec)

@@ -1,5 +1,5 @@
-"""Checks of a job's request settings against what the API allows, before anything is
-stored or sent.
+"""Checks before anything is stored or sent: a job's request settings against what the API
+allows, and its output still writable.
 
 A ``max_tokens`` over the model's output limit is accepted by the batch create and then
 fails every row, after the whole batch wait (up to 24 hours). The limits come from the one
@@ -8,6 +8,7 @@ table in :mod:`batchpipe.model_limits`, which the emulator enforces too.
 
 from __future__ import annotations
 
+from batchpipe.dataset import check_writable
 from batchpipe.errors import UsageError
 from batchpipe.log import get_logger
 from batchpipe.model_limits import known_limits
@@ -41,3 +42,10 @@ def check_output_limit(spec: JobSpec) -> None:
                 f"every request would come back errored after the batch wait; nothing was "
                 f"stored or sent. Give {flag} {limit} or less"
             )
+
+
+def check_output_writable(spec: JobSpec) -> None:
+    """Refuse to send more for a job whose output can no longer be written (the folder was
+    removed, made read-only …): the export would only fail after paying."""
+    if spec.output:
+        check_writable(spec.output, source=spec.input)

@@ -12,8 +12,8 @@ from batchpipe.errors import BatchNotFound, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, JobStatus
 from batchpipe.pipeline.collect import settle_batch
-from batchpipe.pipeline.context import Context, bind, job_spec
-from batchpipe.pipeline.runner import _check_output, _reload
+from batchpipe.pipeline.context import Context, bind, job_spec, reload_job
+from batchpipe.pipeline.preflight import check_output_writable
 from batchpipe.pipeline.submit import resend_planned
 
 log = get_logger(__name__)
@@ -44,10 +44,10 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
     if adopt and resend:
         raise UsageError("--adopt and --resend exclude each other")
     with ctx.lease(job):
-        job = _reload(ctx, job)
+        job = reload_job(ctx, job)
         if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:
             raise UsageError(_nothing_to_resume(job))
-        _check_output(job_spec(job))
+        check_output_writable(job_spec(job))
         planned = ctx.store.list_batches(job.id, {BatchStatus.PLANNED})
         lost = _lost_batches(ctx, job) if resend and not planned else []
         if (adopt or resend) and len(planned) != 1 and not lost:
@@ -69,9 +69,9 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
         if lost:
             _requeue_lost(ctx, lost)
         elif resend:
-            resend_planned(ctx, _reload(ctx, job), planned[0])
+            resend_planned(ctx, reload_job(ctx, job), planned[0])
         bind(job, log).warning("job.resumed", adopted=adopt, resent=resend)
-        return _reload(ctx, job)
+        return reload_job(ctx, job)
 
 
 def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from batchpipe.dataset import Dataset, check_writable
+from batchpipe.dataset import Dataset
 from batchpipe.db import JobRow
 from batchpipe.errors import (
     APIError,
@@ -20,10 +20,17 @@ from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.budget import check_estimate
 from batchpipe.pipeline.collect import collect, poll
-from batchpipe.pipeline.context import Context, NullProgress, bind, failpoint, job_spec
+from batchpipe.pipeline.context import (
+    Context,
+    NullProgress,
+    bind,
+    failpoint,
+    job_spec,
+    reload_job,
+)
 from batchpipe.pipeline.export import export
 from batchpipe.pipeline.ingest import REQUEST_FIELDS, RequestsChanged, ingest, open_job
-from batchpipe.pipeline.preflight import check_output_limit
+from batchpipe.pipeline.preflight import check_output_limit, check_output_writable
 from batchpipe.pipeline.rerun import RerunPlan, apply_rerun, plan_rerun
 from batchpipe.pipeline.submit import recover_planned, submit_pending
 from batchpipe.requests import RequestRenderer
@@ -31,12 +38,6 @@ from batchpipe.requests import RequestRenderer
 MIN_POLL, MAX_POLL = 30.0, 300.0
 
 log = get_logger(__name__)
-
-
-def _reload(ctx: Context, job: JobRow) -> JobRow:
-    fresh = ctx.store.get_job(job.id)
-    assert fresh is not None
-    return fresh
 
 
 def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = False) -> JobRow:
@@ -51,7 +52,7 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
     known = ctx.store.get_job(name)
     # Before anything is spent: an unwritable output would only show at the export. Without
     # -o a known job keeps the output it was given (see open_job).
-    _check_output(spec if spec.output or known is None else job_spec(known))
+    check_output_writable(spec if spec.output or known is None else job_spec(known))
     if known is None or not known.ingested:
         _check_startable(spec)  # before a job is recorded: a refused command leaves none
     try:
@@ -60,21 +61,21 @@ def prepare(ctx: Context, name: str, spec: JobSpec, *, confirm_rerun: bool = Fal
         job = changed.job
         with ctx.lease(job):
             if not confirm_rerun:
-                plan = plan_rerun(ctx, _reload(ctx, job), spec, changed.fields)
+                plan = plan_rerun(ctx, reload_job(ctx, job), spec, changed.fields)
                 raise UsageError(
                     f"{plan.describe()}. Pass --yes to send them, or --dry-run to only count"
                 ) from None
-            apply_rerun(ctx, _reload(ctx, job), spec, changed.fields)
-        job = _reload(ctx, job)
+            apply_rerun(ctx, reload_job(ctx, job), spec, changed.fields)
+        job = reload_job(ctx, job)
     with ctx.lease(job):
-        job = _reload(ctx, job)
+        job = reload_job(ctx, job)
         if job.status == JobStatus.FAILED and job.ingested:
             # Running the same command again after fixing the cause resumes the job.
             ctx.store.update_job(
                 job.id, expected_status=JobStatus.FAILED, status=JobStatus.RUNNING, error=None
             )
             bind(job, log).info("job.resumed_after_failure")
-        return _validate(ctx, _reload(ctx, job))
+        return _validate(ctx, reload_job(ctx, job))
 
 
 def _validate(ctx: Context, job: JobRow) -> JobRow:
@@ -88,13 +89,6 @@ def _validate(ctx: Context, job: JobRow) -> JobRow:
         raise
     check_estimate(ctx, job, job_spec(job))
     return job
-
-
-def _check_output(spec: JobSpec) -> None:
-    """Refuse to send more for a job whose output can no longer be written (the folder was
-    removed, made read-only …): the export would only fail after paying."""
-    if spec.output:
-        check_writable(spec.output, source=spec.input)
 
 
 def _check_startable(spec: JobSpec) -> None:
@@ -148,7 +142,7 @@ def step(ctx: Context, job: JobRow) -> JobRow:
 
     The caller holds the job's lease.
     """
-    job = _reload(ctx, job)
+    job = reload_job(ctx, job)
     if not job.status.is_active():
         return job
     if not job.ingested and job.status == JobStatus.RUNNING:
@@ -157,14 +151,14 @@ def step(ctx: Context, job: JobRow) -> JobRow:
         # been refused. Cron's tick validates it now, as that command would have: from the
         # stored settings and input, checked as at the start (a refused input fails the
         # job, exit 1, with the reason), rather than report it running with 0 rows forever.
-        _check_output(job_spec(job))
+        check_output_writable(job_spec(job))
         job = _validate(ctx, job)
         if job.status != JobStatus.RUNNING:
             return job  # an empty input: done at once
     recover_planned(ctx, job)
     poll(ctx, job)
     collect(ctx, job)
-    job = _reload(ctx, job)
+    job = reload_job(ctx, job)
     if job.status == JobStatus.CANCELING:
         ctx.store.cancel_pending(job.id)
     else:
@@ -193,7 +187,7 @@ def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
         )
         # The latest job's only: a long-lived process finishing many jobs keeps one.
         ctx.finished_totals = {job.id: (counts, cost)}
-    return _reload(ctx, job)
+    return reload_job(ctx, job)
 
 
 def finished_totals(ctx: Context, job: JobRow) -> tuple[dict[ItemStatus, int], float]:
@@ -315,11 +309,11 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
     `canceled`, with every item's final status recorded.
     """
     with ctx.lease(job):
-        job = _reload(ctx, job)
+        job = reload_job(ctx, job)
         if job.status.is_terminal():
             return job
         ctx.store.update_job(job.id, expected_status=job.status, status=JobStatus.CANCELING)
-        recover_planned(ctx, _reload(ctx, job))
+        recover_planned(ctx, reload_job(ctx, job))
         for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS}):
             assert batch.api_batch_id is not None
             try:
@@ -343,7 +337,7 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
             )
         canceled = ctx.store.cancel_pending(job.id)
         bind(job, log).info("job.cancel_requested", pending_canceled=canceled)
-        return step(ctx, _reload(ctx, job))
+        return step(ctx, reload_job(ctx, job))
 
 
 # The tries of one round when the command gives none (JobSpec's default).
@@ -367,11 +361,11 @@ def retry(
     cap: that already holds every earlier round, and adding it doubled the tries of a
     second retry (3, 6, 12 where 9 was due)."""
     with ctx.lease(job):
-        job = _reload(ctx, job)
+        job = reload_job(ctx, job)
         if job.status in {JobStatus.CANCELING}:
             raise InputError(f"job {job.id} is being canceled; wait until it is canceled")
         spec = job_spec(job)
-        _check_output(spec)
+        check_output_writable(spec)
         # Attempts keep counting (custom_ids encode them and must never repeat); the job's
         # cap grows instead, so every requeued row gets a full set of fresh tries.
         highest = wanted = 0
