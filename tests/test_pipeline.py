@@ -33,6 +33,7 @@ from batchpipe.errors import (
     BatchpipeError,
     InputChangedError,
     OutputNotWritable,
+    PreflightFailed,
     StoreError,
     UsageError,
 )
@@ -394,6 +395,46 @@ def test_a_refused_create_fails_the_run_and_the_same_command_resumes(
     assert {r["result_status"] for r in table} == {"succeeded"}
     assert {r["attempts"] for r in table} == {1}  # a refused create is not an attempt
     assert harness.emulator.stats()["batches_created"] == 3
+
+
+@pytest.mark.parametrize(
+    ("ids", "queried", "repeated"),
+    [
+        (["a1", "a2", "b", "b0", "c"], False, None),  # in order: no key can repeat
+        (["a1", "a2", "a2", "b"], True, "a2"),  # a repeat next to itself
+        (["b", "a", "c", "a"], True, "a"),  # out of order: the query finds it
+        (["b", "a", "c"], True, None),  # out of order, no repeat
+    ],
+)
+def test_ids_in_ascending_order_skip_the_duplicate_query(
+    harness: Harness,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ids: list[str],
+    queried: bool,
+    repeated: str | None,
+) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"doc_id": i, "body": "x"}) + b"\n" for i in ids))
+    queries: list[int] = []
+    find = Store.find_duplicate_keys
+
+    def counted(store: Store, job_id: int, limit: int = 20) -> list[tuple[str, list[int]]]:
+        queries.append(job_id)
+        return find(store, job_id, limit)
+
+    monkeypatch.setattr(Store, "find_duplicate_keys", counted)
+    ctx = harness.context()
+    try:
+        if repeated is None:
+            job = pipeline.prepare(ctx, "job", spec_for(tmp_path, src))
+            assert job.row_count == len(ids)
+        else:
+            with pytest.raises(PreflightFailed, match=f"'{repeated}' in rows"):
+                pipeline.prepare(ctx, "job", spec_for(tmp_path, src))
+    finally:
+        ctx.close()
+    assert bool(queries) is queried
 
 
 def test_finished_totals_are_the_counts_and_cost_of_the_items_as_the_run_ended(

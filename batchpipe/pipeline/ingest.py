@@ -200,9 +200,16 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     if read is not None and spec.id_column:
         read.add(spec.id_column)
 
+    # Keys that only ever increase cannot repeat: then the duplicate query, a sort of every
+    # key (0.8 s of SQLite CPU at 1M rows), is not needed. Inputs in id order are common
+    # (exports ordered by a primary key); any other order is checked by the query.
+    ascending = True
+
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
+        nonlocal ascending
         ctx.progress.start("validating rows")
         row_index = -1
+        last = ""  # below every key: none is empty (blank ids are refused)
         for first_row, checked_rows in check_chunks(dataset, spec, renderer, read, requests=False):
             for row_index, checked in enumerate(checked_rows, first_row):
                 if isinstance(checked, RowProblem):
@@ -211,9 +218,13 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     key = checked.row_key
                     if key is None:  # no usable id: a key no real id can have
                         key = standin_key(row_index)
-                    yield row_index, key, ItemStatus.INVALID, checked.message
+                    status, error = ItemStatus.INVALID, checked.message
                 else:
-                    yield row_index, checked[0], ItemStatus.PENDING, None
+                    key, status, error = checked[0], ItemStatus.PENDING, None
+                if ascending:
+                    ascending = key > last
+                    last = key
+                yield row_index, key, status, error
             ctx.progress.advance(len(checked_rows))
             ctx.heartbeat(job.id)
         counts["rows"] = row_index + 1
@@ -229,7 +240,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         logger.warning("job.ingest_restarted", leftover_items=leftovers)
     inserted = ctx.store.insert_items(job.id, items())
     failpoint("after_insert_items")
-    duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column else []
+    duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column and not ascending else []
     if duplicates:
         ctx.store.delete_items(job.id)
         raise duplicates_error(dataset, spec, duplicates)
