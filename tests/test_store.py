@@ -327,6 +327,13 @@ def test_scratch_keys_find_what_the_store_finds_and_leave_no_file(
     with ScratchKeys() as scratch:
         scratch.add([(0, "x"), (1, "y")])
         assert scratch.duplicates() == []
+    with ScratchKeys() as scratch:
+        scratch.add([(0, "a"), (1, "b")])
+        scratch.add([(2, "c")])
+        assert scratch.duplicates() == []  # in ascending order: no key can repeat
+        assert not scratch._indexed  # so no query was run
+        scratch.add([(3, "c"), (4, "d")])  # a repeat next to itself, across two adds
+        assert scratch.duplicates() == [("c", [2, 3])]
 
 
 # ------------------------------------------------------------------ batches

@@ -90,18 +90,34 @@ class ScratchKeys:
         self._conn.exec_driver_sql("PRAGMA synchronous = OFF")
         _scratch.create_all(self._conn)
         self._conn.commit()
-        self._insert = _keys.insert()
+        self._insert = "INSERT INTO keys (row_index, row_key) VALUES (?, ?)"
         self._indexed = False
+        # Keys added in strictly ascending order cannot repeat: no query is needed (ingest
+        # skips find_duplicate_keys on the same grounds).
+        self._ascending = True
+        self._last = ""  # below every key: none is empty
 
     def add(self, keys: Iterable[tuple[int, str]]) -> None:
         """Record ``(row_index, row_key)`` pairs."""
         source = iter(keys)
         while chunk := list(itertools.islice(source, _CHUNK)):
-            self._conn.execute(self._insert, [{"row_index": i, "row_key": key} for i, key in chunk])
+            if self._ascending:
+                last = self._last
+                for _, key in chunk:
+                    if key <= last:
+                        self._ascending = False
+                        break
+                    last = key
+                self._last = last
+            # The tuples straight to the driver: through SQLAlchemy's insert, a dict per key
+            # and its bind processing took 4.4 s of CPU per million keys, this 0.6 s.
+            self._conn.exec_driver_sql(self._insert, chunk)
         self._conn.commit()
 
     def duplicates(self, limit: int = 20) -> list[tuple[str, list[int]]]:
         """What ``Store.find_duplicate_keys`` would say of the keys added so far."""
+        if self._ascending:
+            return []
         if not self._indexed:
             # Built once, after the inserts (cheaper than keeping it up to date): the GROUP BY
             # then walks the index instead of sorting every key in memory.
