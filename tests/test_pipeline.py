@@ -455,8 +455,8 @@ def test_finished_totals_are_the_counts_and_cost_of_the_items_as_the_run_ended(
         assert counts[ItemStatus.EXPIRED]
         cost, _ = harness.store.cost_total(job.id)
         assert cost > 0
-        assert ctx.finished_totals == {job.id: (counts, pytest.approx(cost))}
         stored = (counts, pytest.approx(cost))
+        assert ctx.finished_totals == {job.id: stored}
         assert pipeline.finished_totals(ctx, job) == stored  # as the run finished it
         assert ctx.finished_totals == {}
         assert pipeline.finished_totals(ctx, job) == stored  # counted now
