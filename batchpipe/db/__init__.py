@@ -7,17 +7,19 @@ SQLAlchemy and alembic are imported only inside this package. Modules:
 - ``connect``: engines per dialect, masked URLs
 - ``migrate``: alembic upgrade/downgrade/revisions, driven from code
 - ``store``: :class:`Store`, built from ``jobs``, ``items`` and ``batches``
-- ``duplicates``: the duplicate-key query, and :class:`ScratchKeys` for rows not stored
+- ``duplicates``: the duplicate-key query, :class:`AscendingKeys` (when it is not needed)
+  and :class:`ScratchKeys` for rows not stored
 """
 
 from batchpipe.db.base import JobNameTaken
 from batchpipe.db.connect import mask_url, sqlite_path
-from batchpipe.db.duplicates import ScratchKeys
+from batchpipe.db.duplicates import AscendingKeys, ScratchKeys
 from batchpipe.db.migrate import current_revision, downgrade, head_revision, upgrade
 from batchpipe.db.rows import BatchRow, ItemRow, JobRow, PendingItem
 from batchpipe.db.store import Store
 
 __all__ = [
+    "AscendingKeys",
     "BatchRow",
     "ItemRow",
     "JobNameTaken",

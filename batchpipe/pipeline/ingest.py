@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from batchpipe.dataset import Dataset
-from batchpipe.db import JobNameTaken, JobRow
+from batchpipe.db import AscendingKeys, JobNameTaken, JobRow
 from batchpipe.errors import InputChangedError, InputError, PreflightFailed, UsageError
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
@@ -200,16 +200,12 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     if read is not None and spec.id_column:
         read.add(spec.id_column)
 
-    # Keys that only ever increase cannot repeat: then the duplicate query, a sort of every
-    # key (0.8 s of SQLite CPU at 1M rows), is not needed. Inputs in id order are common
-    # (exports ordered by a primary key); any other order is checked by the query.
-    ascending = True
+    order = AscendingKeys()  # keys in ascending order need no duplicate query
 
     def items() -> Iterator[tuple[int, str, ItemStatus, str | None]]:
-        nonlocal ascending
         ctx.progress.start("validating rows")
         row_index = -1
-        last = ""  # below every key: none is empty (blank ids are refused)
+        see = order.see
         for first_row, checked_rows in check_chunks(dataset, spec, renderer, read, requests=False):
             for row_index, checked in enumerate(checked_rows, first_row):
                 if isinstance(checked, RowProblem):
@@ -221,9 +217,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
                     status, error = ItemStatus.INVALID, checked.message
                 else:
                     key, status, error = checked[0], ItemStatus.PENDING, None
-                if ascending:
-                    ascending = key > last
-                    last = key
+                see(key)
                 yield row_index, key, status, error
             ctx.progress.advance(len(checked_rows))
             ctx.heartbeat(job.id)
@@ -240,7 +234,7 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
         logger.warning("job.ingest_restarted", leftover_items=leftovers)
     inserted = ctx.store.insert_items(job.id, items())
     failpoint("after_insert_items")
-    duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column and not ascending else []
+    duplicates = ctx.store.find_duplicate_keys(job.id) if spec.id_column and not order.holds else []
     if duplicates:
         ctx.store.delete_items(job.id)
         raise duplicates_error(dataset, spec, duplicates)
