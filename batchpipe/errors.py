@@ -18,7 +18,8 @@ interface for cron and Airflow (never 99: Airflow's BashOperator treats it as "s
     │   ├── AuthenticationFailed   2  missing or rejected API key
     │   ├── BatchNotFound          1  the API does not know a batch we sent (deleted, other key)
     │   └── TransientAPIError     75  overloaded, rate limited, unreachable; try later
-    │       └── CreateRefused     75  a create refused (429/503/529) or never connected
+    │       ├── CreateRefused     75  a create refused (429/503/529) or never connected
+    │       └── ResultsUnavailable 75 an ended batch's results file answers 404 (for now)
     ├── NeedsAttention             1  a state batchpipe will not guess its way out of
     ├── BudgetExceeded             1  sending more would pass the job's --max-cost
     └── RowsFailed                 1  the job ended with more failed rows than --max-failed
@@ -126,6 +127,15 @@ class TransientAPIError(APIError):
 
 class CreateRefused(TransientAPIError):
     """The API turned a create away (rate limit, overload): certainly no batch was created."""
+
+
+class ResultsUnavailable(TransientAPIError):
+    """The API shows the batch as ended, but its results file answers 404.
+
+    Just after the end that passes (the file is not served yet, or its URL went stale);
+    collect stops the job for a human once it has lasted too long to be that
+    (``pipeline.collect.RESULTS_PATIENCE``).
+    """
 
 
 class NeedsAttention(BatchpipeError):

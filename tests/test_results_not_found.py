@@ -105,3 +105,93 @@ def test_a_refused_cancel_is_not_a_lost_batch(client: BatchClient) -> None:
         client.cancel("msgbatch_01DoesNotExist")
     assert type(info.value) is errors.APIError
     assert "cancel batch msgbatch_01DoesNotExist failed: 404 not_found_error" in str(info.value)
+
+
+def _held(store: Store, job_id: int) -> dict[ItemStatus, int]:
+    """The job's item counts by status, the statuses no item has left out."""
+    return {status: n for status, n in store.count_items(job_id).items() if n}
+
+
+def _stopped_over_missing_results(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient, store: Store
+) -> tuple[pipeline.Context, db.JobRow]:
+    """A job of 4 rows whose one batch ended and whose results then answer 404 for over an
+    hour: the job is stopped as needs_attention (checked here)."""
+    write_rows(tmp_path / "in.jsonl", 4)
+    spec = JobSpec(
+        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
+        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
+    )  # fmt: skip
+    ctx = pipeline.Context(store=store, client_factory=lambda: client)
+    job = pipeline.prepare(ctx, "j", spec)
+    with ctx.lease(job):
+        job = pipeline.step(ctx, job)  # submitted
+        emu.advance(60)  # the batch has ended
+        transport.missing = True
+        with pytest.raises(errors.ResultsUnavailable):
+            pipeline.step(ctx, job)  # just after the end: try again later (exit 75)
+        emu.advance(30 * 60)
+        with pytest.raises(errors.ResultsUnavailable):
+            pipeline.step(ctx, job)  # half an hour on: still only a wait
+        emu.advance(31 * 60)
+        with pytest.raises(errors.NeedsAttention) as info:
+            pipeline.step(ctx, job)
+    message = str(info.value)
+    assert "the results of batch msgbatch_" in message
+    assert "still answer 404 1.0 h after it ended" in message
+    assert "`batchpipe resume j --resend` sends its unanswered rows again" in message
+    assert info.value.exit_code == 1
+    stopped = store.get_job(job.id)
+    assert stopped is not None
+    assert stopped.status == JobStatus.NEEDS_ATTENTION
+    assert stopped.error == message
+    return ctx, stopped
+
+
+def test_results_still_missing_an_hour_after_the_end_stop_the_job_until_resend(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    db.upgrade(url)
+    with Store.open(url) as store:
+        ctx, job = _stopped_over_missing_results(tmp_path, emu, transport, client, store)
+        # A plain resume tries again, and stops again while the file is still missing.
+        job = pipeline.resume(ctx, job)
+        assert job.status == JobStatus.RUNNING
+        with ctx.lease(job), pytest.raises(errors.NeedsAttention):
+            pipeline.step(ctx, job)
+        assert emu.stats()["batches_created"] == 1
+
+        job = pipeline.resume(ctx, job, resend=True)
+        assert _held(store, job.id) == {ItemStatus.PENDING: 4}
+        (old,) = store.list_batches(job.id)
+        assert old.error == (
+            "its results not served by the API; its 4 unanswered rows were sent again"
+        )
+        transport.missing = False
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)  # the rows go again, in a new batch
+            emu.advance(60)
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
+        assert emu.stats()["batches_created"] == 2
+        assert [i.attempts for i in store.iter_items(job.id)] == [2, 2, 2, 2]
+
+
+def test_results_served_again_are_downloaded_by_resume_and_never_resent(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    db.upgrade(url)
+    with Store.open(url) as store:
+        ctx, job = _stopped_over_missing_results(tmp_path, emu, transport, client, store)
+        transport.missing = False
+        with pytest.raises(errors.UsageError, match="none the API has lost"):
+            pipeline.resume(ctx, job, resend=True)  # nothing is lost any more: not paid twice
+        job = pipeline.resume(ctx, job)
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
+        assert emu.stats()["batches_created"] == 1

@@ -409,7 +409,7 @@ def retry(
     "--resend",
     is_flag=True,
     help="Send the interrupted batch again, or the rows of a batch the API no longer knows "
-    "(404: deleted); pays again if the API did run them.",
+    "(404: deleted) or serves no results for; pays again if the API did run them.",
 )
 @click.option("--emulate", is_flag=True, help="Use the built-in emulator of the API.")
 @click.pass_obj

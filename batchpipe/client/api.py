@@ -292,7 +292,7 @@ class BatchClient:
             # collect records it), or else the file is not served yet / the URL went stale,
             # which the next try (a fresh retrieve, a fresh URL) gets past.
             _refuse_archived(self.retrieve(batch_id))
-            raise errors.TransientAPIError(
+            raise errors.ResultsUnavailable(
                 f"{exc}; batch {batch_id} exists and has ended but its results file is not "
                 "available yet; try again later (`batchpipe tick`, or `run` retries itself)",
                 request_id=exc.request_id,

@@ -15,7 +15,13 @@ from datetime import timedelta
 from typing import Any
 
 from batchpipe.db import BatchRow, JobRow
-from batchpipe.errors import APIError, BatchNotFound, NeedsAttention, TransientAPIError
+from batchpipe.errors import (
+    APIError,
+    BatchNotFound,
+    NeedsAttention,
+    ResultsUnavailable,
+    TransientAPIError,
+)
 from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import (
@@ -37,6 +43,9 @@ _APPLY_CHUNK = 5_000
 EXPIRY_WARNING = timedelta(hours=2)
 ARCHIVE_AFTER = timedelta(days=29)
 ARCHIVE_WARNING = timedelta(days=2)
+# The API serves a batch's results once it has ended; a results file that still answers 404
+# this long after the end will not come by waiting (see missing_results).
+RESULTS_PATIENCE = timedelta(hours=1)
 
 log = get_logger(__name__)
 
@@ -110,6 +119,10 @@ def collect(ctx: Context, job: JobRow) -> int:
             total += _collect_batch(ctx, job, batch, spec, user_canceled)
         except BatchNotFound as exc:
             lost_batch(ctx, job, batch, exc)
+        except ResultsUnavailable as exc:
+            if not results_overdue(ctx, batch):
+                raise  # exit 75: just after the end, the next try gets the file
+            missing_results(ctx, job, batch, exc)
     return total
 
 
@@ -124,18 +137,6 @@ def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -
     running): the lost batch settles, and the step cancels its unanswered rows with the
     other pending ones.
     """
-    ctx.store.update_batch(batch.id, error=str(exc))
-    logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
-    if job.status == JobStatus.CANCELING:
-        rows = settle_batch(
-            ctx,
-            batch,
-            expected=batch.status,
-            error="not found at the API while the job was being canceled; its {rows} "
-            "unanswered rows are canceled",
-        )
-        logger.warning("batch.not_found_while_canceling", request_id=exc.request_id, rows=rows)
-        return
     message = (
         f"job {job.id} ({job.name}): batch {batch.api_batch_id} (batch {batch.id}, "
         f"{batch.request_count} requests) is not found at the API (404): it was deleted (in "
@@ -144,6 +145,63 @@ def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -
         f"`batchpipe resume {job.name}`; if the batch is gone, `batchpipe resume {job.name} "
         "--resend` sends its rows again"
     )
+    _stop_for_batch(ctx, job, batch, exc, message, event="batch.not_found", lost="not found")
+
+
+def results_overdue(ctx: Context, batch: BatchRow) -> bool:
+    """Whether ``batch`` ended longer than :data:`RESULTS_PATIENCE` ago by the API's clock
+    (a batch with no recorded end is given the benefit of the doubt)."""
+    return batch.ended_at is not None and api_now(ctx) - batch.ended_at > RESULTS_PATIENCE
+
+
+def missing_results(ctx: Context, job: JobRow, batch: BatchRow, exc: ResultsUnavailable) -> None:
+    """The results file of a batch that ended long ago still answers 404: stop the job as
+    needs_attention (raises NeedsAttention), or settle the batch of a job being canceled.
+
+    Until then each step exits 75 and the next tries again. After that, trying again is all
+    a scheduler would do, every few minutes for good (exit 75 looks healthy to cron), while
+    the answers the job paid for are nowhere: a human decides whether they come back
+    (`resume`) or the rows are sent again, and paid for again (`resume --resend`).
+    """
+    assert batch.ended_at is not None  # results_overdue said so
+    hours = (api_now(ctx) - batch.ended_at).total_seconds() / 3600
+    message = (
+        f"job {job.id} ({job.name}): the results of batch {batch.api_batch_id} (batch "
+        f"{batch.id}, {batch.request_count} requests) still answer 404 {hours:.1f} h after "
+        f"it ended ({batch.ended_at:%Y-%m-%d %H:%M} UTC), though the API keeps results for "
+        "29 days. Look at the batch in the Console: `batchpipe resume "
+        f"{job.name}` downloads them if they are back; `batchpipe resume {job.name} --resend` "
+        "sends its unanswered rows again (paid again)"
+    )
+    _stop_for_batch(
+        ctx, job, batch, exc, message, event="batch.results_missing", lost="results not served"
+    )
+
+
+def _stop_for_batch(
+    ctx: Context,
+    job: JobRow,
+    batch: BatchRow,
+    exc: APIError,
+    message: str,
+    *,
+    event: str,
+    lost: str,
+) -> None:
+    """Stop a running job as needs_attention over ``batch`` (raises NeedsAttention); for a
+    job being canceled, settle the batch instead (its rows are then canceled)."""
+    ctx.store.update_batch(batch.id, error=str(exc))
+    logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
+    if job.status == JobStatus.CANCELING:
+        rows = settle_batch(
+            ctx,
+            batch,
+            expected=batch.status,
+            error=f"{lost} at the API while the job was being canceled; its {{rows}} "
+            "unanswered rows are canceled",
+        )
+        logger.warning(f"{event}_while_canceling", request_id=exc.request_id, rows=rows)
+        return
     # Compare-and-set: only a running job stops here; a cancel or another step that moved
     # it meanwhile keeps its word.
     stopped = ctx.store.update_job(
@@ -152,7 +210,7 @@ def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -
         status=JobStatus.NEEDS_ATTENTION,
         error=message,
     )
-    logger.error("batch.not_found", request_id=exc.request_id, job_stopped=stopped)
+    logger.error(event, request_id=exc.request_id, job_stopped=stopped)
     raise NeedsAttention(message)
 
 

@@ -1,17 +1,18 @@
 """Recover a stopped job: `resume` after a human looked, and batches the API has lost.
 
 A job stops as `needs_attention` when deciding alone could cost money (an orphan that can't
-be told apart, a batch the API answers 404 for); `resume` puts it back to work, optionally
+be told apart, a batch the API answers 404 for, results that are not served long after the
+batch ended); `resume` puts it back to work, optionally
 saying how (adopt the orphan, resend the rows).
 """
 
 from __future__ import annotations
 
 from batchpipe.db import BatchRow, JobRow
-from batchpipe.errors import BatchNotFound, UsageError
+from batchpipe.errors import BatchNotFound, ResultsUnavailable, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, JobStatus
-from batchpipe.pipeline.collect import settle_batch
+from batchpipe.pipeline.collect import results_overdue, settle_batch
 from batchpipe.pipeline.context import Context, bind, job_spec, reload_job
 from batchpipe.pipeline.preflight import check_output_writable
 from batchpipe.pipeline.submit import resend_planned
@@ -52,7 +53,8 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
         lost = _lost_batches(ctx, job) if resend and not planned else []
         if (adopt or resend) and len(planned) != 1 and not lost:
             raise UsageError(
-                f"job {job.id} has {len(planned)} planned batches and none the API has lost; "
+                f"job {job.id} has {len(planned)} planned batches and none the API has lost "
+                "(or serves no results for); "
                 "--adopt needs exactly one planned batch, --resend one or a lost batch"
             )
         if adopt:
@@ -74,11 +76,13 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
         return reload_job(ctx, job)
 
 
-def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:
-    """The job's sent batches the API answers 404 for now (see ``collect.lost_batch``).
+def _lost_batches(ctx: Context, job: JobRow) -> list[tuple[BatchRow, str]]:
+    """The job's sent batches the API answers 404 for now (see ``collect.lost_batch``), and
+    its ended batches whose results still answer 404 long after the end
+    (``collect.missing_results``); each with how it was lost.
 
     Asked again rather than taken from the job's error: a batch found again (the right key
-    is back) must not be sent twice.
+    is back, the results are served again) must not be sent twice.
     """
     lost = []
     sent = {BatchStatus.IN_PROGRESS, BatchStatus.CANCELING, BatchStatus.ENDED}
@@ -87,17 +91,36 @@ def _lost_batches(ctx: Context, job: JobRow) -> list[BatchRow]:
         try:
             ctx.client.retrieve(batch.api_batch_id)
         except BatchNotFound:
-            lost.append(batch)
+            lost.append((batch, "not found at the API"))
+            continue
+        if batch.status == BatchStatus.ENDED and _results_missing(ctx, batch):
+            lost.append((batch, "its results not served by the API"))
     return lost
 
 
-def _requeue_lost(ctx: Context, lost: list[BatchRow]) -> None:
+def _results_missing(ctx: Context, batch: BatchRow) -> bool:
+    """Whether the ended ``batch``'s results file answers 404, past collect's patience.
+
+    Reads no further than the first line: the stream is closed as soon as it has answered.
+    """
+    assert batch.api_batch_id is not None
+    lines = ctx.client.result_objects(batch.api_batch_id)
+    try:
+        next(lines, None)
+    except ResultsUnavailable:
+        return results_overdue(ctx, batch)
+    finally:
+        lines.close()
+    return False
+
+
+def _requeue_lost(ctx: Context, lost: list[tuple[BatchRow, str]]) -> None:
     """Lost batches' rows go back to pending (the next step sends them); the batches settle."""
-    for batch in lost:
+    for batch, how in lost:
         settle_batch(
             ctx,
             batch,
             expected=batch.status,
-            error="not found at the API; its {rows} unanswered rows were sent again",
+            error=how + "; its {rows} unanswered rows were sent again",
         )
         log.warning("batch.resent_lost", batch_id=batch.id, api_batch_id=batch.api_batch_id)
