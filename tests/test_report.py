@@ -206,3 +206,31 @@ def test_control_characters_in_rows_are_shown_escaped(tmp_path: Path) -> None:
     html_text = page.read_text(encoding="utf-8")
     assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", html_text)
     assert r"\x00nul" in html_text
+
+
+def test_a_report_prints_integers_wider_than_64_bits_exactly(tmp_path: Path) -> None:
+    """The JSONL reader keeps such integers exact; the report's sample printed them with
+    orjson, which refuses them: the report ended in a traceback."""
+    src = tmp_path / "big.jsonl"
+    big = 123456789012345678901234
+    src.write_text(
+        json.dumps({"id": "a", "n": big, "meta": {"x": -(10**20)}}) + "\n"
+        + json.dumps({"id": "b", "n": 7, "meta": {"x": 1}}) + "\n"
+    )  # fmt: skip
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    run = CliRunner().invoke(
+        cli,
+        [
+            *root, "run", str(src), "--job", "big", "--prompt", "Q {{ n }}", "--model",
+            "claude-haiku-4-5", "--max-tokens", "16", "--id-column", "id", "--emulate",
+            "-o", str(tmp_path / "out.parquet"),
+        ],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    text = CliRunner().invoke(cli, [*root, "report", "big", "--sample", "2"])
+    assert text.exit_code == 0, text.stderr
+    assert f"n={big}" in text.stdout
+    assert '{"x":-100000000000000000000}' in text.stdout
+    report = CliRunner().invoke(cli, [*root, "report", "big", "--json", "--sample", "2"])
+    assert report.exit_code == 0, report.stderr
+    assert str(big) in report.stdout

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from batchpipe import pricing
+from batchpipe import jsontext, pricing
 from batchpipe.dataset import Dataset
 from batchpipe.db import ItemRow, JobRow
 from batchpipe.errors import InputError, StoreError
@@ -70,7 +70,8 @@ def _label_of(item: ItemRow, field_name: str | None) -> str | None:
 
 
 def _clip(value: Any) -> str:
-    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    # jsontext: a row's integer may be wider than orjson writes (a 24-digit id, say).
+    text = value if isinstance(value, str) else jsontext.dumps(value, default=str).decode()
     return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
 
 
