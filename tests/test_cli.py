@@ -452,6 +452,26 @@ def test_skip_invalid_given_after_a_failed_validation_resumes_the_job(tmp_path: 
     assert job["status"] == "done"
 
 
+def test_export_of_a_job_that_failed_validation_says_it_failed_not_to_wait(
+    tmp_path: Path,
+) -> None:
+    """It said "not finished (0 rows still pending)" and advised `tick`, which does nothing
+    for a failed job."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"doc_id": "a", "body": "x"}, {"doc_id": "b", "body": None}]), src
+    )
+    failed = invoke(tmp_path, *run_args(src, tmp_path / "out.jsonl", "--job", "f"))
+    assert failed.exit_code == 1
+    export = invoke(tmp_path, "export", "f", "-o", str(tmp_path / "x.jsonl"))
+    assert export.exit_code == 2
+    assert "job 1 (f) failed, so there is nothing to export: " in export.stderr
+    assert "row(s) failed validation" in export.stderr
+    assert "`batchpipe status f` says what to do next" in export.stderr
+    assert "tick" not in export.stderr
+    assert not list(tmp_path.glob("*x.jsonl*"))
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -52,6 +52,12 @@ _SUCCEEDED = ItemStatus.SUCCEEDED.value
 
 
 def _not_finished(ctx: Context, job: JobRow) -> UsageError:
+    if job.status in {JobStatus.FAILED, JobStatus.NEEDS_ATTENTION}:
+        # Not "wait" or "tick": a stopped job goes nowhere until a human acts (its error).
+        state = "failed" if job.status == JobStatus.FAILED else "needs attention"
+        said = f"job {job.id} ({job.name}) {state}, so there is nothing to export"
+        why = f": {job.error}" if job.error else ""
+        return UsageError(f"{said}{why}. `batchpipe status {job.name}` says what to do next")
     counts = ctx.store.count_items(job.id)
     unfinished = counts.get(ItemStatus.PENDING, 0) + counts.get(ItemStatus.SUBMITTED, 0)
     return UsageError(
