@@ -452,6 +452,24 @@ def test_skip_invalid_given_after_a_failed_validation_resumes_the_job(tmp_path: 
     assert job["status"] == "done"
 
 
+def test_duplicate_ids_name_their_file_lines_where_blank_lines_shift_them(
+    tmp_path: Path,
+) -> None:
+    """Validation says `row 2 (line 3, id 'b')`; the duplicate check gave row numbers only."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(
+        '{"doc_id":"a","body":"1"}\n\n\n{"doc_id":"b","body":"2"}\n\n{"doc_id":"a","body":"3"}\n'
+    )
+    args = run_args(src, tmp_path / "o.jsonl")
+    said = "duplicates: 'a' in rows 1, 3 (line 6); nothing was submitted"
+    estimated = invoke(tmp_path, "estimate", *args[1:], "--offline")
+    assert estimated.exit_code == 1
+    assert said in estimated.stderr
+    ran = invoke(tmp_path, *args)
+    assert ran.exit_code == 1
+    assert said in ran.stderr
+
+
 def test_export_of_a_job_that_failed_validation_says_it_failed_not_to_wait(
     tmp_path: Path,
 ) -> None:

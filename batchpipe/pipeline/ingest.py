@@ -259,9 +259,19 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
 def duplicates_error(
     dataset: Dataset, spec: JobSpec, duplicates: list[tuple[str, list[int]]]
 ) -> PreflightFailed:
-    """The refusal of an input whose id column repeats keys (``find_duplicate_keys``' list)."""
+    """The refusal of an input whose id column repeats keys (``find_duplicate_keys``' list).
+
+    Rows are numbered from 1, with their file line where blank lines make it differ, as
+    validation numbers them (``problems._location``).
+    """
+    lines = dataset.lines_of({i for _, rows in duplicates for i in rows})  # one pass, JSONL
+
+    def where(i: int) -> str:
+        line = lines.get(i)
+        return f"{i + 1}" if line is None or line == i + 1 else f"{i + 1} (line {line})"
+
     shown = "; ".join(
-        f"{key!r} in rows {', '.join(str(i + 1) for i in rows)}" for key, rows in duplicates
+        f"{key!r} in rows {', '.join(map(where, rows))}" for key, rows in duplicates
     )
     return PreflightFailed(
         f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
