@@ -470,6 +470,23 @@ def test_duplicate_ids_name_their_file_lines_where_blank_lines_shift_them(
     assert said in ran.stderr
 
 
+def test_run_of_a_known_job_without_o_names_the_output_it_wrote(tmp_path: Path) -> None:
+    """The summary printed -o from the command line, so `run --job NAME` (which writes the
+    output the job holds) left the `output:` line out."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    out = tmp_path / "out.jsonl"
+    first = invoke(tmp_path, *run_args(src, out, "--job", "j"))
+    assert first.exit_code == 0, first.output
+    assert f"  output: {out}\n" in first.stderr
+    out.unlink()
+    again = invoke(
+        tmp_path, "run", "--job", "j", "--emulate", "--prompt", "Again: {{ body }}", "--yes"
+    )
+    assert again.exit_code == 0, again.output
+    assert f"  output: {out}\n" in again.stderr
+    assert len(out.read_text().splitlines()) == 5
+
+
 def test_export_of_a_job_that_failed_validation_says_it_failed_not_to_wait(
     tmp_path: Path,
 ) -> None:

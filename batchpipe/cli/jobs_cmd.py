@@ -193,8 +193,10 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     failed = failed_line(job, by_status)
     if failed:
         click.echo(f"  {failed}", err=True)
-    if spec.output:
-        click.echo(f"  output: {spec.output}", err=True)
+    # The job's own output: `run --job NAME` without -o writes the one the job holds.
+    output = job.spec.get("output")
+    if output:
+        click.echo(f"  output: {output}", err=True)
     failure = pipeline.rows_failed(job, by_status)
     if failure is not None:
         raise failure
