@@ -201,6 +201,36 @@ def test_a_database_in_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None
     assert "no-such-folder does not exist; create it or point --db" in result.stderr
 
 
+def test_root_options_are_accepted_after_the_command_name(tmp_path: Path) -> None:
+    """`batchpipe run … --db URL` is how a cron line gets written; click said "No such
+    option '--db'. Did you mean '--job'?"."""
+    state = tmp_path / "elsewhere.db"
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    args = [*run_args(src, tmp_path / "out.jsonl"), "--db", f"sqlite:///{state}"]
+    ran = CliRunner().invoke(cli, [*args, "--log-format", "json"], env={"ANTHROPIC_API_KEY": ""})
+    assert ran.exit_code == 0, ran.output
+    assert state.exists()
+    assert not (tmp_path / "batchpipe.db").exists()
+    assert '"event": "job.finished"' in ran.stderr  # --log-format json, given after `run`
+    jobs = CliRunner().invoke(cli, ["status", "--json", "--db", f"sqlite:///{state}"])
+    assert jobs.exit_code == 0, jobs.output
+    assert [j["status"] for j in json.loads(jobs.stdout)["jobs"]] == ["done"]
+    upgraded = CliRunner().invoke(cli, ["db", "upgrade", "--db", f"sqlite:///{state}"])
+    assert upgraded.exit_code == 0, upgraded.output
+    # Before and after the name, the same URL is fine; two different ones are refused.
+    same = CliRunner().invoke(
+        cli, ["--db", f"sqlite:///{state}", "jobs", "--db", f"sqlite:///{state}"]
+    )
+    assert same.exit_code == 0, same.output
+    two = CliRunner().invoke(cli, ["--db", "sqlite:///a.db", "jobs", "--db", "sqlite:///b.db"])
+    assert two.exit_code == 2
+    assert "--db is given twice, with two different URLs" in two.stderr
+    # --debug after the name shows the traceback of an error, as before it.
+    missing = CliRunner().invoke(cli, ["export", "nope", "--db", f"sqlite:///{state}", "--debug"])
+    assert missing.exit_code == 2
+    assert "Traceback" in missing.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -29,7 +29,87 @@ class State:
         self.debug = debug
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Commands that touch no state database (so no --db after their name).
+_WITHOUT_DB = frozenset({"emulator"})
+
+
+def _root_option_again(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A root option given after the command's name: as if it had come before it."""
+    state = ctx.find_object(State)
+    if state is None or value is None or value is False:
+        return value
+    if param.name == "database_url":
+        if state.database_url not in (None, value):
+            raise click.UsageError("--db is given twice, with two different URLs")
+        state.database_url = value
+        return value
+    if param.name == "log_format":
+        state.log_format = value
+    else:
+        state.debug = True
+    log.configure(state.log_format, level=logging.DEBUG if state.debug else logging.INFO)
+    return value
+
+
+def _accept_root_options(command: click.Command) -> None:
+    """Give ``command`` (and a group's commands) the root's --db, --log-format and --debug.
+
+    `batchpipe run in.jsonl … --db URL` is how people write a cron line or an Airflow
+    command; click alone answered "No such option '--db'. Did you mean '--job'?".
+    """
+    if getattr(command, "_batchpipe_root_options", False):
+        return
+    command._batchpipe_root_options = True  # type: ignore[attr-defined]
+    if command.name not in _WITHOUT_DB:
+        command.params.append(
+            click.Option(
+                ["--db", "database_url"],
+                metavar="URL",
+                expose_value=False,
+                callback=_root_option_again,
+                help="The state database (as `batchpipe --db URL`).",
+            )
+        )
+    command.params.append(
+        click.Option(
+            ["--log-format"],
+            type=click.Choice(["auto", "console", "json"]),
+            expose_value=False,
+            callback=_root_option_again,
+            help="Log style on stderr (as `batchpipe --log-format`).",
+        )
+    )
+    command.params.append(
+        click.Option(
+            ["--debug"],
+            is_flag=True,
+            default=None,
+            expose_value=False,
+            callback=_root_option_again,
+            help="Show tracebacks and debug logs (as `batchpipe --debug`).",
+        )
+    )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_root_options(sub)
+
+
+class _RootGroup(click.Group):
+    """The root group: its options are also accepted after a command's name."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        # At resolution, not registration: a subgroup's commands (`db upgrade`) are added
+        # to it after it was added here.
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _accept_root_options(command)
+        return command
+
+
+@click.group(
+    cls=_RootGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="batchpipe")
 @click.option(
     "--db",
