@@ -116,7 +116,7 @@ BAD_INPUTS = {
     "not UTF-8": (b'{"doc_id": "a", "body": "caf\xe9"}\n', r"in\.jsonl, line 1: not valid UTF-8"),
     "missing template column": (
         b'{"doc_id": "a", "text": "x"}\n',
-        r"template uses column\(s\) 'body', which the input does not have",
+        r"the --prompt template uses column\(s\) 'body', which the input does not have",
     ),
     "null template value": (
         b'{"doc_id": "a", "body": "x"}\n{"doc_id": "b", "body": null}\n',
@@ -360,10 +360,33 @@ def test_a_parquet_input_without_columns_says_so(tmp_path: Path) -> None:
     result = invoke(tmp_path, *run_args(src, tmp_path / "out.parquet"))
     assert result.exit_code == 1, result.output
     assert (
-        f"error: {src}: the template uses column(s) 'body', which the input does not have "
+        f"error: {src}: the --prompt template uses column(s) 'body', which the input does not "
+        "have "
         "(the file has no columns at all)\n"
     ) in result.stderr
     assert "(it has: )" not in result.stderr
+    assert batches_created(tmp_path) == 0
+
+
+def test_a_missing_column_names_the_template_that_uses_it(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    args = run_args(src, tmp_path / "out.parquet")
+    system = invoke(tmp_path, *args, "--system", "You label {{ nope }}.")
+    assert system.exit_code == 1, system.output
+    assert (
+        f"error: {src}: the --system template uses column(s) 'nope', which the input does not "
+        "have (it has: doc_id, body)"
+    ) in system.stderr
+    both = invoke(
+        tmp_path,
+        *with_prompt(args, "{{ body }} {{ lang }} {{ zz }}"),
+        "--system", "In {{ lang }}.",
+    )  # fmt: skip
+    assert both.exit_code == 1, both.output
+    assert (
+        "the --prompt and --system templates use column(s) 'lang'; "
+        "the --prompt template uses column(s) 'zz', which the input does not have"
+    ) in both.stderr
     assert batches_created(tmp_path) == 0
 
 

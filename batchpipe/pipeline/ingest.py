@@ -159,10 +159,18 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
     check_result_column_clash(columns, [spec.result_column(name) for name in added])
     missing = sorted(renderer.template_columns() - set(columns))
     if missing:
-        raise InputError(
-            f"{dataset.uri}: the template uses column(s) {', '.join(map(repr, missing))}, "
-            f"which the input does not have ({_has(columns)})"
+        # Named per template: a column only the --system template prints was reported as
+        # "the template's", sending users to look in --prompt.
+        by_template: dict[str, list[str]] = {}
+        for column in missing:
+            which = " and ".join(f"--{name}" for name in renderer.templates_using(column))
+            by_template.setdefault(which, []).append(repr(column))
+        uses = "; ".join(
+            f"the {which} {'templates use' if ' and ' in which else 'template uses'} "
+            f"column(s) {', '.join(cols)}"
+            for which, cols in by_template.items()
         )
+        raise InputError(f"{dataset.uri}: {uses}, which the input does not have ({_has(columns)})")
     if spec.id_column is not None and spec.id_column not in columns:
         raise InputError(
             f"{dataset.uri}: --id-column {spec.id_column!r} is not a column of the input "
@@ -270,9 +278,7 @@ def duplicates_error(
         line = lines.get(i)
         return f"{i + 1}" if line is None or line == i + 1 else f"{i + 1} (line {line})"
 
-    shown = "; ".join(
-        f"{key!r} in rows {', '.join(map(where, rows))}" for key, rows in duplicates
-    )
+    shown = "; ".join(f"{key!r} in rows {', '.join(map(where, rows))}" for key, rows in duplicates)
     return PreflightFailed(
         f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
         f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "

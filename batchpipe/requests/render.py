@@ -291,6 +291,10 @@ class RequestRenderer:
         )
         self._prompt = self._compile("prompt", spec.prompt)
         self._system = self._compile("system", spec.system) if spec.system is not None else None
+        # Each template's own columns, to say which one names a column the input lacks.
+        self._by_template = {"prompt": self._referenced(spec.prompt) - {ROW_NAME}}
+        if spec.system is not None:
+            self._by_template["system"] = self._referenced(spec.system) - {ROW_NAME}
         self._columns = self._referenced(spec.prompt)
         if spec.system is not None:
             self._columns |= self._referenced(spec.system)
@@ -356,6 +360,10 @@ class RequestRenderer:
     def template_columns(self) -> set[str]:
         """The columns the templates reference by name (not through ``row[...]``)."""
         return set(self._columns)
+
+    def templates_using(self, column: str) -> list[str]:
+        """Which templates (``prompt``, ``system``) reference ``column`` by name."""
+        return [name for name, columns in self._by_template.items() if column in columns]
 
     def columns_to_read(self) -> set[str] | None:
         """The input columns rendering needs; None for all of them (``row`` is used)."""
