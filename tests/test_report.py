@@ -234,3 +234,24 @@ def test_a_report_prints_integers_wider_than_64_bits_exactly(tmp_path: Path) -> 
     report = CliRunner().invoke(cli, [*root, "report", "big", "--json", "--sample", "2"])
     assert report.exit_code == 0, report.stderr
     assert str(big) in report.stdout
+
+
+def test_a_report_of_a_job_without_rows_says_so(tmp_path: Path) -> None:
+    """An empty partition makes a done job of 0 rows; its report printed an empty
+    `attempts per row:` line."""
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    run = CliRunner().invoke(
+        cli,
+        [
+            *root, "run", str(src), "--job", "empty", "--prompt", "Q {{ body }}", "--model",
+            "claude-haiku-4-5", "--max-tokens", "16", "--emulate",
+            "-o", str(tmp_path / "out.parquet"),
+        ],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    report = CliRunner().invoke(cli, [*root, "report", "empty"])
+    assert report.exit_code == 0, report.stderr
+    assert "job 1 (empty): done, 0 rows" in report.stdout
+    assert "\nattempts per row: none (no rows)\n" in report.stdout

@@ -57,7 +57,8 @@ def render_text(report: pipeline.Report) -> str:
     out.append("\nstatus and errors:")
     for status, error, n in r.statuses:
         out.append(f"  {status + (f' ({_shown(error)})' if error else ''):<40} {n:>8}")
-    out.append("\nattempts per row: " + ", ".join(f"{a}: {n}" for a, n in r.attempts.items()))
+    attempts = ", ".join(f"{a}: {n}" for a, n in r.attempts.items()) or "none (no rows)"
+    out.append(f"\nattempts per row: {attempts}")
     out.append(f"truncated at max_tokens: {r.truncated}")
     per_k = f"${r.cost_per_1000_rows:.4f}" if r.cost_per_1000_rows is not None else "-"
     if r.cost_usd is None:
