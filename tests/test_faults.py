@@ -274,3 +274,29 @@ def test_cancel_cancels_in_flight_batches_and_records_every_item(
     assert set(counts) == {ItemStatus.SUCCEEDED, ItemStatus.CANCELED}
     assert sum(counts.values()) == ROWS
     assert emu.stats()["requests_received"] == ROWS
+
+
+def test_retry_while_the_job_is_being_canceled_is_refused_as_not_now(
+    store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
+) -> None:
+    """It was an input error (exit 1) where resume says "not now" (exit 2)."""
+    emu.configure(processing_seconds=3600, cancel_seconds=600)
+    ctx = _context(store, server)
+    job = pipeline.prepare(ctx, "stop", _spec(tmp_path))
+    with ctx.lease(job):
+        pipeline.step(ctx, job)
+    job = pipeline.cancel(ctx, job)
+    assert job.status == JobStatus.CANCELING
+    with pytest.raises(errors.UsageError) as refused:
+        pipeline.retry(ctx, job, statuses={ItemStatus.CANCELED})
+    assert refused.value.exit_code == 2
+    assert str(refused.value) == (
+        "job 1 (stop) is being canceled; wait until it is canceled (`batchpipe tick` drains "
+        "it), then `batchpipe retry stop --status canceled` sends its canceled rows again"
+    )
+    emu.advance(600)
+    _step_until(ctx, "stop", JobStatus.CANCELED)
+    ctx.close()
+    # Nothing was requeued by the refused retry: every row ended canceled, none sent again.
+    assert {k: v for k, v in store.count_items(job.id).items() if v} == {ItemStatus.CANCELED: ROWS}
+    assert emu.stats()["requests_received"] == ROWS

@@ -2,8 +2,8 @@
 
 A job stops as `needs_attention` when deciding alone could cost money (an orphan that can't
 be told apart, a batch the API answers 404 for, results that are not served long after the
-batch ended); `resume` puts it back to work, optionally
-saying how (adopt the orphan, resend the rows).
+batch ended); `resume` puts it back to work, optionally saying how (adopt the orphan, resend
+the rows).
 """
 
 from __future__ import annotations

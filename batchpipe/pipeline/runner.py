@@ -363,7 +363,12 @@ def retry(
     with ctx.lease(job):
         job = reload_job(ctx, job)
         if job.status in {JobStatus.CANCELING}:
-            raise InputError(f"job {job.id} is being canceled; wait until it is canceled")
+            # "Not now", as resume says it (exit 2); nothing is wrong with the input.
+            raise UsageError(
+                f"job {job.id} ({job.name}) is being canceled; wait until it is canceled "
+                f"(`batchpipe tick` drains it), then `batchpipe retry {job.name} --status "
+                "canceled` sends its canceled rows again"
+            )
         spec = job_spec(job)
         check_output_writable(spec)
         # Attempts keep counting (custom_ids encode them and must never repeat); the job's
