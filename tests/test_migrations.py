@@ -64,8 +64,8 @@ def schema_diff(url: str) -> list[object]:
 
 def test_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0007"]
-    assert head_revision() == "0007"
+    assert script.get_heads() == ["0008"]
+    assert head_revision() == "0008"
     assert MIGRATIONS_DIR == REPO / "migrations"
 
 
@@ -81,10 +81,10 @@ def test_upgrade_matches_models_then_down_and_up_again(db_url: str) -> None:
     assert table_names(db_url) == {"alembic_version"}
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
     assert schema_diff(db_url) == []
     upgrade(db_url)  # already at head: a no-op, not an error
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
 
 
 def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
     with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
         Store.open(db_url, auto_migrate=False)
     assert "revision none" in str(err.value)
-    assert "needs 0007" in str(err.value)
+    assert "needs 0008" in str(err.value)
     assert current_revision(db_url) is None  # refused without touching it
 
 
@@ -174,7 +174,7 @@ def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'old0'")
     engine.dispose()
-    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0007"):
+    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0008"):
         Store.open(sqlite_url)  # auto_migrate applies to blank files only
 
 
@@ -233,7 +233,7 @@ def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert current_revision(url) == "0007"
+    assert current_revision(url) == "0008"
 
 
 NOW = "2026-01-01 00:00:00"

@@ -129,7 +129,7 @@ def _stopped_over_missing_results(
         emu.advance(60)  # the batch has ended
         transport.missing = True
         with pytest.raises(errors.ResultsUnavailable):
-            pipeline.step(ctx, job)  # just after the end: try again later (exit 75)
+            pipeline.step(ctx, job)  # the first 404: try again later (exit 75)
         emu.advance(30 * 60)
         with pytest.raises(errors.ResultsUnavailable):
             pipeline.step(ctx, job)  # half an hour on: still only a wait
@@ -138,7 +138,8 @@ def _stopped_over_missing_results(
             pipeline.step(ctx, job)
     message = str(info.value)
     assert "the results of batch msgbatch_" in message
-    assert "still answer 404 1.0 h after it ended" in message
+    assert "requests) (ended 20" in message
+    assert "have answered 404 for 1.0 h, though the API keeps results for 29 days" in message
     assert "`batchpipe resume j --resend` sends its unanswered rows again" in message
     assert info.value.exit_code == 1
     stopped = store.get_job(job.id)
@@ -194,4 +195,76 @@ def test_results_served_again_are_downloaded_by_resume_and_never_resent(
             job = pipeline.step(ctx, job)
         assert job.status == JobStatus.DONE
         assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
+        assert emu.stats()["batches_created"] == 1
+
+
+def test_a_first_404_long_after_the_end_is_one_look_not_an_hour_of_them(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    """The hour counts from the first 404 collect saw, not from the batch's end: a nightly
+    tick's first look at a batch that ended hours before must not stop its job."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    db.upgrade(url)
+    write_rows(tmp_path / "in.jsonl", 4)
+    spec = JobSpec(
+        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
+        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
+    )  # fmt: skip
+    with Store.open(url) as store:
+        ctx = pipeline.Context(store=store, client_factory=lambda: client)
+        job = pipeline.prepare(ctx, "j", spec)
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)  # submitted
+            emu.advance(5 * 3600)  # ended long ago; nobody looked until now
+            transport.missing = True
+            with pytest.raises(errors.ResultsUnavailable):
+                pipeline.step(ctx, job)  # the first 404, 5 h after the end: still a wait
+            stopped = store.get_job(job.id)
+            assert stopped is not None
+            assert stopped.status == JobStatus.RUNNING
+            (batch,) = store.list_batches(job.id)
+            assert batch.results_missing_since is not None
+            transport.missing = False
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
+        assert emu.stats()["batches_created"] == 1
+
+
+def test_results_missing_while_canceling_end_errored_not_canceled(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    """A job being canceled is not stopped for a human (a resume would make it run again),
+    and rows the API may have answered (and billed) are not called canceled: they end
+    errored, results_unavailable, for `retry --error-type` to send again if wanted."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    db.upgrade(url)
+    write_rows(tmp_path / "in.jsonl", 4)
+    spec = JobSpec(
+        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
+        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
+    )  # fmt: skip
+    with Store.open(url) as store:
+        ctx = pipeline.Context(store=store, client_factory=lambda: client)
+        job = pipeline.prepare(ctx, "j", spec)
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)  # submitted
+        emu.advance(60)  # ended, all 4 answered
+        transport.missing = True
+        with pytest.raises(errors.ResultsUnavailable):
+            pipeline.cancel(ctx, job)  # the cancel's step meets the first 404
+        job = store.get_job(job.id)  # type: ignore[assignment]
+        assert job.status == JobStatus.CANCELING
+        emu.advance(3700)
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.CANCELED
+        items = list(store.iter_items(job.id))
+        assert {(i.status, i.error_type) for i in items} == {
+            (ItemStatus.ERRORED, "results_unavailable")
+        }
+        assert items[0].error_message is not None
+        assert "retry --error-type results_unavailable" in items[0].error_message
+        (batch,) = store.list_batches(job.id)
+        assert batch.status.value == "collected"
         assert emu.stats()["batches_created"] == 1

@@ -87,6 +87,7 @@ class BatchRow:
     collected_at: datetime | None
     api_counts: dict[str, int] | None
     error: str | None
+    results_missing_since: datetime | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> BatchRow:
@@ -110,6 +111,7 @@ class BatchRow:
             collected_at=m["collected_at"],
             api_counts=None if counts is None else {str(k): int(v) for k, v in counts.items()},
             error=m["error"],
+            results_missing_since=m["results_missing_since"],
         )
 
 

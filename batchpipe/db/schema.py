@@ -109,6 +109,9 @@ batches = sa.Table(
     sa.Column("collected_at", UTCDateTime, nullable=True),
     sa.Column("api_counts", sa.JSON, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # When the results file of this ended batch first answered 404 (API clock); NULL: never.
+    # A 404 that lasts pipeline.collect.RESULTS_PATIENCE from then stops the job.
+    sa.Column("results_missing_since", UTCDateTime, nullable=True),
     sa.Index(None, "job_id", "status"),
 )
 

@@ -120,8 +120,13 @@ def collect(ctx: Context, job: JobRow) -> int:
         except BatchNotFound as exc:
             lost_batch(ctx, job, batch, exc)
         except ResultsUnavailable as exc:
+            if batch.results_missing_since is None:
+                # The first 404: the time it lasts is counted from now (a nightly tick's
+                # first look at a batch that ended hours ago is one look, not an hour's).
+                ctx.store.update_batch(batch.id, results_missing_since=api_now(ctx))
+                raise
             if not results_overdue(ctx, batch):
-                raise  # exit 75: just after the end, the next try gets the file
+                raise  # exit 75: the file may not be served yet, or its URL went stale
             missing_results(ctx, job, batch, exc)
     return total
 
@@ -145,37 +150,53 @@ def lost_batch(ctx: Context, job: JobRow, batch: BatchRow, exc: BatchNotFound) -
         f"`batchpipe resume {job.name}`; if the batch is gone, `batchpipe resume {job.name} "
         "--resend` sends its rows again"
     )
-    _stop_for_batch(ctx, job, batch, exc, message, event="batch.not_found", lost="not found")
+    _stop_for_batch(ctx, job, batch, exc, message, event="batch.not_found")
 
 
 def results_overdue(ctx: Context, batch: BatchRow) -> bool:
-    """Whether ``batch`` ended longer than :data:`RESULTS_PATIENCE` ago by the API's clock
-    (a batch with no recorded end is given the benefit of the doubt)."""
-    return batch.ended_at is not None and api_now(ctx) - batch.ended_at > RESULTS_PATIENCE
+    """Whether ``batch``'s results file has answered 404 for longer than
+    :data:`RESULTS_PATIENCE` (API clock), counted from the first 404 collect recorded."""
+    since = batch.results_missing_since
+    return since is not None and api_now(ctx) - since > RESULTS_PATIENCE
 
 
 def missing_results(ctx: Context, job: JobRow, batch: BatchRow, exc: ResultsUnavailable) -> None:
-    """The results file of a batch that ended long ago still answers 404: stop the job as
-    needs_attention (raises NeedsAttention), or settle the batch of a job being canceled.
+    """The results file of an ended batch has answered 404 for too long: stop the job as
+    needs_attention (raises NeedsAttention); for a job being canceled, its unanswered rows
+    end errored (``results_unavailable``), as archived results do.
 
     Until then each step exits 75 and the next tries again. After that, trying again is all
     a scheduler would do, every few minutes for good (exit 75 looks healthy to cron), while
     the answers the job paid for are nowhere: a human decides whether they come back
-    (`resume`) or the rows are sent again, and paid for again (`resume --resend`).
+    (`resume`) or the rows are sent again, and paid for again (`resume --resend`). A job
+    being canceled is not stopped (a `resume` would bring it back to running), and its rows
+    are not called canceled: the API may have answered them, and paid is paid.
     """
-    assert batch.ended_at is not None  # results_overdue said so
-    hours = (api_now(ctx) - batch.ended_at).total_seconds() / 3600
+    assert batch.results_missing_since is not None  # results_overdue said so
+    hours = (api_now(ctx) - batch.results_missing_since).total_seconds() / 3600
+    ended = f" (ended {batch.ended_at:%Y-%m-%d %H:%M} UTC)" if batch.ended_at else ""
+    if job.status == JobStatus.CANCELING:
+        ctx.store.update_batch(batch.id, error=str(exc))
+        _fail_unanswered(
+            ctx,
+            job,
+            batch,
+            error_type="results_unavailable",
+            error_message=f"the API ended batch {batch.api_batch_id} but answered 404 for its "
+            f"results for {hours:.1f} h; `batchpipe retry --error-type results_unavailable` "
+            "sends them again (and pays again)",
+            status=BatchStatus.COLLECTED,
+            event="batch.results_missing_while_canceling",
+        )
+        return
     message = (
         f"job {job.id} ({job.name}): the results of batch {batch.api_batch_id} (batch "
-        f"{batch.id}, {batch.request_count} requests) still answer 404 {hours:.1f} h after "
-        f"it ended ({batch.ended_at:%Y-%m-%d %H:%M} UTC), though the API keeps results for "
-        "29 days. Look at the batch in the Console: `batchpipe resume "
-        f"{job.name}` downloads them if they are back; `batchpipe resume {job.name} --resend` "
-        "sends its unanswered rows again (paid again)"
+        f"{batch.id}, {batch.request_count} requests){ended} have answered 404 for "
+        f"{hours:.1f} h, though the API keeps results for 29 days. Look at the batch in the "
+        f"Console: `batchpipe resume {job.name}` downloads them if they are back; "
+        f"`batchpipe resume {job.name} --resend` sends its unanswered rows again (paid again)"
     )
-    _stop_for_batch(
-        ctx, job, batch, exc, message, event="batch.results_missing", lost="results not served"
-    )
+    _stop_for_batch(ctx, job, batch, exc, message, event="batch.results_missing")
 
 
 def _stop_for_batch(
@@ -186,7 +207,6 @@ def _stop_for_batch(
     message: str,
     *,
     event: str,
-    lost: str,
 ) -> None:
     """Stop a running job as needs_attention over ``batch`` (raises NeedsAttention); for a
     job being canceled, settle the batch instead (its rows are then canceled)."""
@@ -197,7 +217,7 @@ def _stop_for_batch(
             ctx,
             batch,
             expected=batch.status,
-            error=f"{lost} at the API while the job was being canceled; its {{rows}} "
+            error="not found at the API while the job was being canceled; its {rows} "
             "unanswered rows are canceled",
         )
         logger.warning(f"{event}_while_canceling", request_id=exc.request_id, rows=rows)
@@ -377,6 +397,32 @@ def _general_update(
 
 def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:
     """Results were archived before we collected them: say so loudly, never resend silently."""
+    ctx.store.update_batch(batch.id, error=str(exc))
+    return _fail_unanswered(
+        ctx,
+        job,
+        batch,
+        error_type="results_archived",
+        error_message="results were archived (29 days after creation) before batchpipe "
+        "collected them; `batchpipe retry` with --error-type results_archived sends them "
+        "again (and pays again)",
+        status=BatchStatus.ARCHIVED,
+        event="batch.archived_before_collection",
+    )
+
+
+def _fail_unanswered(
+    ctx: Context,
+    job: JobRow,
+    batch: BatchRow,
+    *,
+    error_type: str,
+    error_message: str,
+    status: BatchStatus,
+    event: str,
+) -> int:
+    """The ended batch's rows still in it end errored with ``error_type`` (final: `retry
+    --error-type` sends them again), and the batch ends as ``status``; logged as an error."""
     logger = bind(job, log, batch_id=batch.id, api_batch_id=batch.api_batch_id)
     updates: list[ResultRecord] = []
     for item in ctx.store.iter_batch_items(batch.id, statuses={ItemStatus.SUBMITTED}):
@@ -385,18 +431,15 @@ def _archived(ctx: Context, job: JobRow, batch: BatchRow, exc: APIError) -> int:
                 ResultRecord(
                     custom_id=item.custom_id,
                     result_type=ResultType.ERRORED,
-                    error_type="results_archived",
-                    error_message="results were archived (29 days after creation) before "
-                    "batchpipe collected them; `batchpipe retry` with --error-type "
-                    "results_archived sends them again (and pays again)",
+                    error_type=error_type,
+                    error_message=error_message,
                     row_index=item.row_index,
                     attempt=item.attempts,
                     status=ItemStatus.ERRORED,
                 )
             )
     applied = ctx.store.apply_results(job.id, batch.id, updates) if updates else 0
-    ctx.store.update_batch(
-        batch.id, expected_status=BatchStatus.ENDED, status=BatchStatus.ARCHIVED, error=str(exc)
-    )
-    logger.error("batch.archived_before_collection", items=applied)
+    settled = {"collected_at": ctx.clock()} if status == BatchStatus.COLLECTED else {}
+    ctx.store.update_batch(batch.id, expected_status=BatchStatus.ENDED, status=status, **settled)
+    logger.error(event, items=applied)
     return applied

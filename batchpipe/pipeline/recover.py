@@ -9,7 +9,13 @@ the rows).
 from __future__ import annotations
 
 from batchpipe.db import BatchRow, JobRow
-from batchpipe.errors import BatchNotFound, ResultsUnavailable, UsageError
+from batchpipe.errors import (
+    APIError,
+    BatchNotFound,
+    ResultsUnavailable,
+    TransientAPIError,
+    UsageError,
+)
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, JobStatus
 from batchpipe.pipeline.collect import results_overdue, settle_batch
@@ -102,6 +108,7 @@ def _results_missing(ctx: Context, batch: BatchRow) -> bool:
     """Whether the ended ``batch``'s results file answers 404, past collect's patience.
 
     Reads no further than the first line: the stream is closed as soon as it has answered.
+    Any other refusal (results archived, say) is not this kind of loss: collect records it.
     """
     assert batch.api_batch_id is not None
     lines = ctx.client.result_objects(batch.api_batch_id)
@@ -109,6 +116,10 @@ def _results_missing(ctx: Context, batch: BatchRow) -> bool:
         next(lines, None)
     except ResultsUnavailable:
         return results_overdue(ctx, batch)
+    except TransientAPIError:
+        raise  # the API is unavailable: this resume cannot decide, the next one will
+    except APIError:
+        return False
     finally:
         lines.close()
     return False
