@@ -292,7 +292,7 @@ def test_retry_while_the_job_is_being_canceled_is_refused_as_not_now(
     assert refused.value.exit_code == 2
     assert str(refused.value) == (
         "job 1 (stop) is being canceled; wait until it is canceled (`batchpipe tick` drains "
-        "it), then `batchpipe retry stop --status canceled` sends its canceled rows again"
+        "it), then retry (`--status canceled` sends its canceled rows too)"
     )
     emu.advance(600)
     _step_until(ctx, "stop", JobStatus.CANCELED)

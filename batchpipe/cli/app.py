@@ -31,6 +31,7 @@ class State:
 
 # Commands that touch no state database (so no --db after their name).
 _WITHOUT_DB = frozenset({"emulator"})
+LOG_FORMATS = ("auto", "console", "json")
 
 
 def _root_option_again(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -39,9 +40,7 @@ def _root_option_again(ctx: click.Context, param: click.Parameter, value: Any) -
     if state is None or value is None or value is False:
         return value
     if param.name == "database_url":
-        if state.database_url not in (None, value):
-            raise click.UsageError("--db is given twice, with two different URLs")
-        state.database_url = value
+        state.database_url = value  # given before the name too: the later one, as click does
         return value
     if param.name == "log_format":
         state.log_format = value
@@ -60,26 +59,22 @@ def _accept_root_options(command: click.Command) -> None:
     if getattr(command, "_batchpipe_root_options", False):
         return
     command._batchpipe_root_options = True  # type: ignore[attr-defined]
-    if command.name not in _WITHOUT_DB:
-        command.params.append(
-            click.Option(
-                ["--db", "database_url"],
-                metavar="URL",
-                expose_value=False,
-                callback=_root_option_again,
-                help="The state database (as `batchpipe --db URL`).",
-            )
-        )
-    command.params.append(
+    taken = {flag for param in command.params for flag in param.opts}
+    added = [
+        click.Option(
+            ["--db", "database_url"],
+            metavar="URL",
+            expose_value=False,
+            callback=_root_option_again,
+            help="The state database (as `batchpipe --db URL`).",
+        ),
         click.Option(
             ["--log-format"],
-            type=click.Choice(["auto", "console", "json"]),
+            type=click.Choice(LOG_FORMATS),
             expose_value=False,
             callback=_root_option_again,
             help="Log style on stderr (as `batchpipe --log-format`).",
-        )
-    )
-    command.params.append(
+        ),
         click.Option(
             ["--debug"],
             is_flag=True,
@@ -87,8 +82,14 @@ def _accept_root_options(command: click.Command) -> None:
             expose_value=False,
             callback=_root_option_again,
             help="Show tracebacks and debug logs (as `batchpipe --debug`).",
-        )
-    )
+        ),
+    ]
+    for option in added:
+        # A command's own option of the name stays its own; the emulator has no database.
+        if taken.isdisjoint(option.opts) and not (
+            option.name == "database_url" and command.name in _WITHOUT_DB
+        ):
+            command.params.append(option)
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _accept_root_options(sub)
@@ -121,7 +122,7 @@ class _RootGroup(click.Group):
 )
 @click.option(
     "--log-format",
-    type=click.Choice(["auto", "console", "json"]),
+    type=click.Choice(LOG_FORMATS),
     default=None,
     help="Log style on stderr: console on a TTY, JSON lines otherwise (auto). "
     "Env: BATCHPIPE_LOG_FORMAT.",

@@ -25,7 +25,7 @@ from batchpipe.cli.wiring import EMULATE_POLL_INTERVAL, pipeline_context, requir
 from batchpipe.config import given_job_settings, job_file_settings, job_spec_from
 from batchpipe.db import JobRow
 from batchpipe.errors import EXIT_TEMPFAIL, MissingSettings, UsageError
-from batchpipe.models import ItemStatus, JobSpec
+from batchpipe.models import ItemStatus, JobSpec, JobStatus
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -193,9 +193,10 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
     failed = failed_line(job, by_status)
     if failed:
         click.echo(f"  {failed}", err=True)
-    # The job's own output: `run --job NAME` without -o writes the one the job holds.
+    # The job's own output (`run --job NAME` without -o writes the one the job holds); run
+    # writes it for a done job only, so a canceled one names none (a stale file may be there).
     output = job.spec.get("output")
-    if output:
+    if output and job.status == JobStatus.DONE:
         click.echo(f"  output: {output}", err=True)
     failure = pipeline.rows_failed(job, by_status)
     if failure is not None:

@@ -55,7 +55,7 @@ def _not_finished(ctx: Context, job: JobRow) -> UsageError:
     if job.status in {JobStatus.FAILED, JobStatus.NEEDS_ATTENTION}:
         # Not "wait" or "tick": a stopped job goes nowhere until a human acts (its error).
         state = "failed" if job.status == JobStatus.FAILED else "needs attention"
-        said = f"job {job.id} ({job.name}) {state}, so there is nothing to export"
+        said = f"job {job.id} ({job.name}) {state} and cannot be exported until it finishes"
         why = f": {job.error}" if job.error else ""
         return UsageError(f"{said}{why}. `batchpipe status {job.name}` says what to do next")
     counts = ctx.store.count_items(job.id)

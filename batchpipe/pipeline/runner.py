@@ -366,8 +366,8 @@ def retry(
             # "Not now", as resume says it (exit 2); nothing is wrong with the input.
             raise UsageError(
                 f"job {job.id} ({job.name}) is being canceled; wait until it is canceled "
-                f"(`batchpipe tick` drains it), then `batchpipe retry {job.name} --status "
-                "canceled` sends its canceled rows again"
+                "(`batchpipe tick` drains it), then retry (`--status canceled` sends its "
+                "canceled rows too)"
             )
         spec = job_spec(job)
         check_output_writable(spec)

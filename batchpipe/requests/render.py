@@ -291,13 +291,12 @@ class RequestRenderer:
         )
         self._prompt = self._compile("prompt", spec.prompt)
         self._system = self._compile("system", spec.system) if spec.system is not None else None
+        referenced = {"prompt": self._referenced(spec.prompt)}
+        if spec.system is not None:
+            referenced["system"] = self._referenced(spec.system)
+        self._columns = set().union(*referenced.values())
         # Each template's own columns, to say which one names a column the input lacks.
-        self._by_template = {"prompt": self._referenced(spec.prompt) - {ROW_NAME}}
-        if spec.system is not None:
-            self._by_template["system"] = self._referenced(spec.system) - {ROW_NAME}
-        self._columns = self._referenced(spec.prompt)
-        if spec.system is not None:
-            self._columns |= self._referenced(spec.system)
+        self._by_template = {name: cols - {ROW_NAME} for name, cols in referenced.items()}
         # `row` is the whole row, for columns whose names are not identifiers
         # ({{ row["product name"] }}); an input column of that name still wins.
         self._whole_row = ROW_NAME in self._columns
