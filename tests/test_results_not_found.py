@@ -60,9 +60,8 @@ def client(transport: ResultsGone) -> Iterator[BatchClient]:
         yield bc
 
 
-def test_a_results_file_answering_404_keeps_the_job_running_and_is_fetched_later(
-    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
-) -> None:
+def _job_of_four(tmp_path: Path) -> tuple[str, JobSpec]:
+    """A migrated state database's URL, and a job's spec over an input of 4 rows."""
     url = f"sqlite:///{tmp_path / 'state.db'}"
     db.upgrade(url)
     write_rows(tmp_path / "in.jsonl", 4)
@@ -70,11 +69,27 @@ def test_a_results_file_answering_404_keeps_the_job_running_and_is_fetched_later
         input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
         model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
     )  # fmt: skip
+    return url, spec
+
+
+def _submitted(
+    spec: JobSpec, client: BatchClient, store: Store
+) -> tuple[pipeline.Context, db.JobRow]:
+    """The job of ``spec`` prepared and stepped once: its one batch is in flight."""
+    ctx = pipeline.Context(store=store, client_factory=lambda: client)
+    job = pipeline.prepare(ctx, "j", spec)
+    with ctx.lease(job):
+        job = pipeline.step(ctx, job)
+    return ctx, job
+
+
+def test_a_results_file_answering_404_keeps_the_job_running_and_is_fetched_later(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    url, spec = _job_of_four(tmp_path)
     with Store.open(url) as store:
-        ctx = pipeline.Context(store=store, client_factory=lambda: client)
-        job = pipeline.prepare(ctx, "j", spec)
+        ctx, job = _submitted(spec, client, store)
         with ctx.lease(job):
-            job = pipeline.step(ctx, job)  # submitted
             emu.advance(60)  # the batch has ended
             transport.missing = True
             with pytest.raises(errors.TransientAPIError) as info:
@@ -113,19 +128,12 @@ def _held(store: Store, job_id: int) -> dict[ItemStatus, int]:
 
 
 def _stopped_over_missing_results(
-    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient, store: Store
+    spec: JobSpec, emu: Emulator, transport: ResultsGone, client: BatchClient, store: Store
 ) -> tuple[pipeline.Context, db.JobRow]:
-    """A job of 4 rows whose one batch ended and whose results then answer 404 for over an
-    hour: the job is stopped as needs_attention (checked here)."""
-    write_rows(tmp_path / "in.jsonl", 4)
-    spec = JobSpec(
-        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
-        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
-    )  # fmt: skip
-    ctx = pipeline.Context(store=store, client_factory=lambda: client)
-    job = pipeline.prepare(ctx, "j", spec)
+    """The job of ``spec`` (4 rows), whose one batch ended and whose results then answer 404
+    for over an hour: the job is stopped as needs_attention (checked here)."""
+    ctx, job = _submitted(spec, client, store)
     with ctx.lease(job):
-        job = pipeline.step(ctx, job)  # submitted
         emu.advance(60)  # the batch has ended
         transport.missing = True
         with pytest.raises(errors.ResultsUnavailable):
@@ -152,10 +160,9 @@ def _stopped_over_missing_results(
 def test_results_still_missing_an_hour_after_the_end_stop_the_job_until_resend(
     tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    db.upgrade(url)
+    url, spec = _job_of_four(tmp_path)
     with Store.open(url) as store:
-        ctx, job = _stopped_over_missing_results(tmp_path, emu, transport, client, store)
+        ctx, job = _stopped_over_missing_results(spec, emu, transport, client, store)
         # A plain resume tries again, and stops again while the file is still missing.
         job = pipeline.resume(ctx, job)
         assert job.status == JobStatus.RUNNING
@@ -183,10 +190,9 @@ def test_results_still_missing_an_hour_after_the_end_stop_the_job_until_resend(
 def test_results_served_again_are_downloaded_by_resume_and_never_resent(
     tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    db.upgrade(url)
+    url, spec = _job_of_four(tmp_path)
     with Store.open(url) as store:
-        ctx, job = _stopped_over_missing_results(tmp_path, emu, transport, client, store)
+        ctx, job = _stopped_over_missing_results(spec, emu, transport, client, store)
         transport.missing = False
         with pytest.raises(errors.UsageError, match="none the API has lost"):
             pipeline.resume(ctx, job, resend=True)  # nothing is lost any more: not paid twice
@@ -203,18 +209,10 @@ def test_a_first_404_long_after_the_end_is_one_look_not_an_hour_of_them(
 ) -> None:
     """The hour counts from the first 404 collect saw, not from the batch's end: a nightly
     tick's first look at a batch that ended hours before must not stop its job."""
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    db.upgrade(url)
-    write_rows(tmp_path / "in.jsonl", 4)
-    spec = JobSpec(
-        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
-        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
-    )  # fmt: skip
+    url, spec = _job_of_four(tmp_path)
     with Store.open(url) as store:
-        ctx = pipeline.Context(store=store, client_factory=lambda: client)
-        job = pipeline.prepare(ctx, "j", spec)
+        ctx, job = _submitted(spec, client, store)
         with ctx.lease(job):
-            job = pipeline.step(ctx, job)  # submitted
             emu.advance(5 * 3600)  # ended long ago; nobody looked until now
             transport.missing = True
             with pytest.raises(errors.ResultsUnavailable):
@@ -237,18 +235,9 @@ def test_results_missing_while_canceling_end_errored_not_canceled(
     """A job being canceled is not stopped for a human (a resume would make it run again),
     and rows the API may have answered (and billed) are not called canceled: they end
     errored, results_unavailable, for `retry --error-type` to send again if wanted."""
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    db.upgrade(url)
-    write_rows(tmp_path / "in.jsonl", 4)
-    spec = JobSpec(
-        input=str(tmp_path / "in.jsonl"), prompt="Classify: {{ body }}",
-        model="claude-haiku-4-5", max_tokens=16, id_column="doc_id",
-    )  # fmt: skip
+    url, spec = _job_of_four(tmp_path)
     with Store.open(url) as store:
-        ctx = pipeline.Context(store=store, client_factory=lambda: client)
-        job = pipeline.prepare(ctx, "j", spec)
-        with ctx.lease(job):
-            job = pipeline.step(ctx, job)  # submitted
+        ctx, job = _submitted(spec, client, store)
         emu.advance(60)  # ended, all 4 answered
         transport.missing = True
         with pytest.raises(errors.ResultsUnavailable):
