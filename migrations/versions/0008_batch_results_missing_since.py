@@ -4,11 +4,12 @@ Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-01
 
-Written by hand and frozen, like 0001 (so no import of batchpipe.db.schema). When the results file of an ended batch answers 404,
-collect records when it first did; only a 404 that lasts an hour from then stops the job for
-a human (``pipeline.collect.RESULTS_PATIENCE``). Measured from the batch's end instead, the
-first look of a nightly `tick` at a batch that ended hours before would stop its job at
-once. NULL: no 404 seen (every batch before this revision).
+Written by hand and frozen, like 0001 (so no import of batchpipe.db.schema). When the
+results file of an ended batch answers 404, collect records when it first did; only a 404
+that lasts an hour from then stops the job for a human (``pipeline.collect.RESULTS_PATIENCE``).
+Measured from the batch's end instead, the first look of a nightly `tick` at a batch that
+ended hours before would stop its job at once. NULL: no 404 seen (every batch before this
+revision).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("batches", sa.Column("results_missing_since", sa.DateTime(timezone=True), nullable=True))
+    op.add_column(
+        "batches", sa.Column("results_missing_since", sa.DateTime(timezone=True), nullable=True)
+    )
 
 
 def downgrade() -> None:
