@@ -26,14 +26,18 @@ from batchpipe.models import ItemStatus, JobSpec, JobStatus
 
 
 class ResultsGone(httpx2.BaseTransport):
-    """The emulator in-process, but every results download answers 404 while ``missing``."""
+    """The emulator in-process, but every results download answers 404 while ``missing``
+    (or only those of the batches in ``missing_ids``)."""
 
     def __init__(self, emu: Emulator) -> None:
         self.inner = httpx2.WSGITransport(app=emu.wsgi_app)
         self.missing = False
+        self.missing_ids: set[str] = set()
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        if self.missing and request.url.path.endswith("/results"):
+        path = request.url.path
+        gone = self.missing or any(f"/{i}/" in path for i in self.missing_ids)
+        if gone and path.endswith("/results"):
             body = {"type": "error", "error": {"type": "not_found_error", "message": "Not found"}}
             return httpx2.Response(
                 404, content=orjson.dumps(body), headers={"request-id": "req_results404"}
@@ -257,3 +261,26 @@ def test_results_missing_while_canceling_end_errored_not_canceled(
         (batch,) = store.list_batches(job.id)
         assert batch.status.value == "collected"
         assert emu.stats()["batches_created"] == 1
+
+
+def test_a_results_file_not_served_yet_does_not_hold_up_the_other_batches(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    url, spec = _job_of_four(tmp_path)
+    spec = spec.model_copy(update={"max_batch_requests": 2})  # two batches of two rows
+    with Store.open(url) as store:
+        ctx, job = _submitted(spec, client, store)
+        first, _ = store.list_batches(job.id)
+        assert first.api_batch_id is not None
+        emu.advance(60)  # both have ended
+        transport.missing_ids = {first.api_batch_id}
+        with ctx.lease(job), pytest.raises(errors.ResultsUnavailable):
+            pipeline.step(ctx, job)
+        # The second batch was collected in the same step; the first waits for the next.
+        assert [b.status.value for b in store.list_batches(job.id)] == ["ended", "collected"]
+        assert _held(store, job.id) == {ItemStatus.SUBMITTED: 2, ItemStatus.SUCCEEDED: 2}
+        transport.missing_ids = set()
+        with ctx.lease(job):
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}

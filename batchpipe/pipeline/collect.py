@@ -114,6 +114,9 @@ def collect(ctx: Context, job: JobRow) -> int:
     spec = job_spec(job)
     user_canceled = job.status in {JobStatus.CANCELING, JobStatus.CANCELED}
     total = 0
+    # A results file not served yet waits for the next step (exit 75), after the job's
+    # other ended batches are collected: one slow file must not hold up the rest.
+    wait: ResultsUnavailable | None = None
     for batch in ctx.store.list_batches(job.id, {BatchStatus.ENDED}):
         try:
             total += _collect_batch(ctx, job, batch, spec, user_canceled)
@@ -124,10 +127,13 @@ def collect(ctx: Context, job: JobRow) -> int:
                 # The first 404: the time it lasts is counted from now (a nightly tick's
                 # first look at a batch that ended hours ago is one look, not an hour's).
                 ctx.store.update_batch(batch.id, results_missing_since=api_now(ctx))
-                raise
-            if not results_overdue(ctx, batch):
-                raise  # exit 75: the file may not be served yet, or its URL went stale
-            missing_results(ctx, job, batch, exc)
+                wait = wait or exc
+            elif not results_overdue(ctx, batch):
+                wait = wait or exc  # the file may not be served yet, or its URL went stale
+            else:
+                missing_results(ctx, job, batch, exc)
+    if wait is not None:
+        raise wait
     return total
 
 
