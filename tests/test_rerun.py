@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from test_pipeline import Harness, spec_for
 
@@ -411,3 +412,65 @@ def test_each_retry_adds_one_round_of_tries_not_the_jobs_whole_cap(
         assert retried.exit_code == 0, retried.output
         assert attempts() == tries
     assert emulator.stats()["requests_received"] - sent_before == 2 * 10  # each try paid
+
+
+def test_a_retry_with_nothing_to_send_changes_no_setting(harness: Harness, tmp_path: Path) -> None:
+    """Answers cut at max_tokens are succeeded rows, which retry does not pick. `retry
+    --max-tokens 40` on such a job sent nothing but stored the 40, and `run --job NAME
+    --max-tokens 40` then saw no change and sent nothing either."""
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, 6)
+    first = spec_for(tmp_path, src, max_tokens=3)
+    job = harness.run(first)
+    ctx = harness.context()
+    try:
+        assert ctx.store.job_totals(job.id).truncated == 6
+        failed = {ItemStatus.ERRORED, ItemStatus.EXPIRED}
+        assert pipeline.retry(ctx, job, statuses=failed, max_tokens=40) == 0
+        assert current(harness, job.id).spec == job.spec
+        plan = pipeline.check_rerun(ctx, "job", first.model_copy(update={"max_tokens": 40}))
+        assert plan is not None
+        assert (plan.changed, plan.unchanged) == (6, 0)
+    finally:
+        ctx.close()
+
+
+def test_a_retry_by_error_type_counts_its_round_from_the_rows_it_sends(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The round's cap was the highest attempt of every failed row plus --max-attempts, the
+    rows the --error-type filter left out included: invalid_request_error rows sent once,
+    beside api_error rows that had used 3 tries, were given 3 more sends each, not 1."""
+    src = tmp_path / "docs.jsonl"
+    write_notes(src, 10)
+    harness.emulator.configure(invalid_rate=1.0)
+    job = harness.run(spec_for(tmp_path, src, max_failed="100%"))
+    engine = sa.create_engine(harness.db_url)
+    with engine.begin() as conn:  # half the rows used their 3 tries on transient errors
+        conn.execute(
+            sa.text(
+                "UPDATE items SET error_type = 'api_error', attempts = 3 "
+                "WHERE job_id = :j AND row_index < 5"
+            ),
+            {"j": job.id},
+        )
+    engine.dispose()
+    ctx = harness.context()
+    try:
+        sent = pipeline.retry(
+            ctx,
+            job,
+            statuses={ItemStatus.ERRORED},
+            error_types={"invalid_request_error"},
+            max_attempts=1,
+        )
+        assert sent == 5
+        assert job_spec_of(current(harness, job.id)).max_attempts == 2
+        before = harness.emulator.stats()["requests_received"]
+        harness.emulator.configure(invalid_rate=0.0, errored_rate=1.0)  # every try fails again
+        pipeline.run(ctx, current(harness, job.id))
+        items = list(ctx.store.iter_items(job.id))
+        assert [i.attempts for i in items] == [3] * 5 + [2] * 5
+        assert harness.emulator.stats()["requests_received"] - before == 5
+    finally:
+        ctx.close()

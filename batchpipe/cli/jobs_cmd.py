@@ -349,12 +349,14 @@ _RETRY_STATUSES = ["errored", "expired", "canceled"]
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
-    help="Use this max_tokens from now on (e.g. after truncation).",
+    help="Send the retried rows with this max_tokens, and use it from now on. Answers cut "
+    "at max_tokens are succeeded rows, which retry does not pick: `run --job JOB "
+    "--max-tokens N` sends those again.",
 )
 @click.option(
     "--max-attempts",
     type=click.IntRange(min=1, max=1000),
-    help="Tries per row in this round, on top of those already made [3].",
+    help="Tries in this round, on top of the highest attempt among the rows it sends [3].",
 )
 @click.pass_obj
 @handle_errors
@@ -398,6 +400,11 @@ def retry(
         if job.status.is_active()
         else ""
     )
+    if max_tokens is not None and not why:
+        why = (
+            "; nothing was changed (answers cut at max_tokens are succeeded rows: `batchpipe "
+            f"run --job {job.name} --max-tokens {max_tokens}` sends those again)"
+        )
     click.echo(f"job {job.id} ({job.name}): no {which} rows to send again{why}", err=True)
 
 

@@ -373,10 +373,19 @@ def retry(
         check_output_writable(spec)
         # Attempts keep counting (custom_ids encode them and must never repeat); the job's
         # cap grows instead, so every requeued row gets a full set of fresh tries.
+        # Over the rows this retry requeues only: counting rows its --error-type leaves out
+        # (an api_error row at attempt 3 beside invalid_request_error rows at 1) gave the
+        # requeued ones their tries and then some.
         highest = wanted = 0
         for item in ctx.store.iter_items(job.id, statuses=statuses):
-            highest = max(highest, item.attempts)
-            wanted += error_types is None or item.error_type in error_types
+            if error_types is None or item.error_type in error_types:
+                highest = max(highest, item.attempts)
+                wanted += 1
+        if not wanted:
+            # Nothing to send, so nothing changes: a --max-tokens stored here made a later
+            # `run --job NAME --max-tokens N` see no change and send nothing (truncated
+            # answers are succeeded rows, which retry does not pick).
+            return 0
         round_tries = max_attempts if max_attempts is not None else _ROUND_TRIES
         updates: dict[str, object] = {"max_attempts": highest + round_tries}
         moved: dict[str, Any] = {}
@@ -393,13 +402,12 @@ def retry(
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise UsageError(f"retry: invalid setting ({exc}); nothing was changed") from None
         check_output_limit(new_spec)  # a --max-tokens the model refuses errs every row again
-        if wanted:
-            # The output file will no longer hold these rows' final answers: export it again.
-            # Marked before the rows are requeued, not after: a crash between the two then
-            # leaves a running job that simply finishes again (retry can be run again),
-            # where the other order left a `done` job with pending rows that run, tick and
-            # retry all passed by.
-            moved.update(status=JobStatus.RUNNING, error=None, exported_at=None)
+        # The output file will no longer hold these rows' final answers: export it again.
+        # Marked before the rows are requeued, not after: a crash between the two then
+        # leaves a running job that simply finishes again (retry can be run again), where
+        # the other order left a `done` job with pending rows that run, tick and retry all
+        # passed by.
+        moved.update(status=JobStatus.RUNNING, error=None, exported_at=None)
         ctx.store.update_job(job.id, spec=new_spec.model_dump(), **moved)
         failpoint("before_requeue")
         count = ctx.store.requeue_items(job.id, statuses=statuses, error_types=error_types)
