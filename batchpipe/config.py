@@ -6,6 +6,7 @@ job file, never stored with a job and never printed (``SecretStr`` hides them in
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from pydantic import SecretStr, ValidationError
 
 from batchpipe.errors import MissingSettings, UsageError
 from batchpipe.models import JobSpec
+from batchpipe.structured import labels_schema, read_schema_file
 
 ENV_PREFIX = "BATCHPIPE_"
 DEFAULT_DATABASE_URL = "sqlite:///batchpipe.db"
@@ -58,13 +60,47 @@ class Settings:
 
 
 def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
-    """BATCHPIPE_<FIELD> variables for JobSpec fields (values parsed by pydantic)."""
+    """BATCHPIPE_<FIELD> variables for JobSpec fields (values parsed by pydantic), and
+    BATCHPIPE_LABELS, as --labels (see :func:`_structured`)."""
     out: dict[str, Any] = {}
-    for name in JobSpec.model_fields:
+    for name in (*JobSpec.model_fields, "labels"):
         value = env.get(f"{ENV_PREFIX}{name.upper()}")
         if value is not None and value != "":
             out[name] = value
     return out
+
+
+def _structured(layer: dict[str, Any], base: Path, job_file: Path | None) -> dict[str, Any]:
+    """A job file's or the environment's settings with ``labels``, ``output_schema`` and
+    ``params`` given as the options give them, made what the spec holds.
+
+    ``labels`` (a list, or text like --labels a,b,c) becomes its output schema;
+    ``output_schema`` given as text is a JSON file (relative to ``base``: the job file's
+    folder, or the working directory for BATCHPIPE_OUTPUT_SCHEMA); ``params`` as text is a
+    JSON object (BATCHPIPE_PARAMS). BATCHPIPE_LABELS used to be dropped without a word, and
+    the job paid for free-text answers.
+    """
+    where = f"job file {job_file}" if job_file is not None else "the environment"
+    labels = layer.pop("labels", None)
+    if labels is not None:
+        if layer.get("output_schema") is not None:
+            raise UsageError(f"{where}: give labels or output_schema, not both")
+        items = labels.split(",") if isinstance(labels, str) else labels
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise UsageError(f"{where}: labels must be a list of strings, or text like a,b,c")
+        layer["output_schema"] = labels_schema(items)
+    schema = layer.get("output_schema")
+    if isinstance(schema, str):
+        path = Path(schema)
+        what = f"{where}: output_schema" if job_file else "BATCHPIPE_OUTPUT_SCHEMA"
+        layer["output_schema"] = read_schema_file(path if path.is_absolute() else base / path, what)
+    params = layer.get("params")
+    if isinstance(params, str):
+        try:
+            layer["params"] = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"BATCHPIPE_PARAMS is not a JSON object: {exc}") from None
+    return layer
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -110,14 +146,14 @@ def given_job_settings(
     env = os.environ if env is None else env
     merged: dict[str, Any] = {}
     if config_file is not None:
-        merged.update(read_job_file(config_file))
+        merged.update(_structured(read_job_file(config_file), config_file.parent, config_file))
         # Relative paths in a job file are relative to the file, as users expect.
         base = config_file.parent
         for key in ("input", "output"):
             value = merged.get(key)
             if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
                 merged[key] = str(base / value)
-    merged.update(_env_layer(env))
+    merged.update(_structured(_env_layer(env), Path.cwd(), None))
     merged.update({k: v for k, v in flags.items() if v is not None})
     # Stored with the job, paths must not depend on the directory a later `tick` runs in
     # (cron starts in $HOME): make local ones absolute now.

@@ -22,6 +22,7 @@ arrays) → a ``string`` column holding JSON.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -48,6 +49,23 @@ def labels_schema(labels: Sequence[str]) -> dict[str, Any]:
         "required": [LABEL_FIELD],
         "additionalProperties": False,
     }
+
+
+def read_schema_file(path: Path, what: str) -> dict[str, Any]:
+    """The output schema in the JSON file ``path``, checked (:func:`check_schema`);
+    UsageError naming ``what`` gave the path (``--output-schema x.json``, a job file …)."""
+    try:
+        schema = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"{what} {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{what} {path} must hold a JSON object")
+    check_schema(schema)
+    return schema
 
 
 def check_schema(schema: dict[str, Any]) -> None:

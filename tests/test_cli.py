@@ -818,6 +818,60 @@ def test_job_file_with_flags_overriding(tmp_path: Path) -> None:
     assert job["status"] == "done"
 
 
+def test_labels_and_schemas_in_a_job_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`labels` in a job file was refused as an unknown key, `output_schema = "x.json"` as
+    not a table, and BATCHPIPE_LABELS was dropped without a word: the job paid for
+    free-text answers with no label column."""
+    write_jsonl(tmp_path / "in.jsonl", rows(3))
+    base = (
+        'input = "in.jsonl"\nprompt = "Say: {{ body }}"\nmodel = "claude-haiku-4-5"\n'
+        'max_tokens = 32\nid_column = "doc_id"\n'
+    )
+    schema = {"type": "object", "properties": {"tone": {"type": "string"}}, "required": ["tone"]}
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "tone.json").write_text(json.dumps(schema))
+    cases = {
+        "list": ('labels = ["yes", "no"]\n', {}, "label"),
+        "text": ('labels = "yes,no"\n', {}, "label"),
+        "schema file": ('output_schema = "schemas/tone.json"\n', {}, "tone"),
+        "env labels": ("", {"BATCHPIPE_LABELS": "yes,no"}, "label"),
+        # The environment is over the job file: its labels replace the file's schema.
+        "env over file": (
+            'output_schema = "schemas/tone.json"\n',
+            {"BATCHPIPE_LABELS": "yes,no"},
+            "label",
+        ),
+    }
+    for n, (extra, env, column) in enumerate(cases.values()):
+        job = tmp_path / f"job{n}.toml"
+        out = tmp_path / f"out{n}.jsonl"
+        job.write_text(f'{base}output = "{out.name}"\n{extra}')
+        ran = invoke(tmp_path, "run", "--emulate", "--job", f"j{n}", "--config", str(job), env=env)
+        assert ran.exit_code == 0, (extra, env, ran.output)
+        first = json.loads(out.read_text().splitlines()[0])
+        assert column in first, (extra, env, sorted(first))
+    monkeypatch.chdir(tmp_path)  # BATCHPIPE_OUTPUT_SCHEMA is relative to the working directory
+    job = tmp_path / "plain.toml"
+    job.write_text(f'{base}output = "plain.jsonl"\n')
+    env = {"BATCHPIPE_OUTPUT_SCHEMA": "schemas/tone.json", "BATCHPIPE_PARAMS": '{"top_k": 3}'}
+    ran = invoke(tmp_path, "run", "--emulate", "--job", "p", "--config", str(job), env=env)
+    assert ran.exit_code == 0, ran.output
+    assert "tone" in json.loads((tmp_path / "plain.jsonl").read_text().splitlines()[0])
+    both = tmp_path / "both.toml"
+    both.write_text(f'{base}labels = ["a"]\noutput_schema = "schemas/tone.json"\n')
+    refused = invoke(tmp_path, "run", "--emulate", "--job", "b", "--config", str(both))
+    assert refused.exit_code == 2
+    assert f"job file {both}: give labels or output_schema, not both" in refused.stderr
+    missing = invoke(
+        tmp_path, "run", "--emulate", "--job", "m", "--config", str(job),
+        env={"BATCHPIPE_OUTPUT_SCHEMA": "nope.json"},
+    )  # fmt: skip
+    assert missing.exit_code == 2
+    assert f"BATCHPIPE_OUTPUT_SCHEMA {tmp_path / 'nope.json'} does not exist" in missing.stderr
+
+
 def test_sigterm_exits_130_releases_the_lease_and_the_job_resumes(
     tmp_path: Path, cli_env: dict[str, str], emulator: Emulator
 ) -> None:

@@ -15,7 +15,7 @@ from batchpipe.cli.wiring import pipeline_context, settings_for
 from batchpipe.db import sqlite_path
 from batchpipe.errors import UsageError
 from batchpipe.models import JobSpec
-from batchpipe.structured import check_schema, labels_schema
+from batchpipe.structured import labels_schema, read_schema_file
 
 
 def structured_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
@@ -78,16 +78,7 @@ def output_schema_from(labels: str | None, schema_file: Path | None) -> dict[str
         return labels_schema(labels.split(","))
     if schema_file is None:
         return None
-    try:
-        schema = json.loads(schema_file.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--output-schema {schema_file} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--output-schema {schema_file} is not JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise UsageError(f"--output-schema {schema_file} must hold a JSON object")
-    check_schema(schema)
-    return schema
+    return read_schema_file(schema_file, "--output-schema")
 
 
 def job_name_for(ctx: pipeline.Context, name: str | None, spec: JobSpec) -> str:
