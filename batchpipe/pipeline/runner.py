@@ -381,11 +381,6 @@ def retry(
             if error_types is None or item.error_type in error_types:
                 highest = max(highest, item.attempts)
                 wanted += 1
-        if not wanted:
-            # Nothing to send, so nothing changes: a --max-tokens stored here made a later
-            # `run --job NAME --max-tokens N` see no change and send nothing (truncated
-            # answers are succeeded rows, which retry does not pick).
-            return 0
         round_tries = max_attempts if max_attempts is not None else _ROUND_TRIES
         updates: dict[str, object] = {"max_attempts": highest + round_tries}
         moved: dict[str, Any] = {}
@@ -402,6 +397,11 @@ def retry(
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise UsageError(f"retry: invalid setting ({exc}); nothing was changed") from None
         check_output_limit(new_spec)  # a --max-tokens the model refuses errs every row again
+        if not wanted:
+            # Nothing to send, so nothing changes: a --max-tokens stored here made a later
+            # `run --job NAME --max-tokens N` see no change and send nothing (truncated
+            # answers are succeeded rows, which retry does not pick).
+            return 0
         # The output file will no longer hold these rows' final answers: export it again.
         # Marked before the rows are requeued, not after: a crash between the two then
         # leaves a running job that simply finishes again (retry can be run again), where
