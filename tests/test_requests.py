@@ -216,6 +216,38 @@ def test_a_null_nested_field_is_a_row_problem_not_the_text_none() -> None:
     assert params["messages"][0]["content"] == "Language: unknown"
 
 
+def test_a_null_column_a_template_gives_a_default_for_is_sent_with_it() -> None:
+    """`{{ meta.lang or 'unknown' }}` rescued a null nested field, but the same for a
+    top-level column was refused before it rendered ("column 'body' is null")."""
+    row = {"body": None, "meta": {"lang": "en"}}
+    for prompt, sent in [
+        ("S {{ body or 'unknown' }}", "S unknown"),
+        ("S {{ body | default('d', true) }}", "S d"),
+        ("{% if body %}{{ body }}{% else %}none{% endif %}", "none"),
+        ("{% if body is none %}none{% else %}{{ body }}{% endif %}", "none"),
+        ("{{ meta.lang }}: {{ body or '' }}.", "en: ."),
+    ]:
+        params = RequestRenderer(make_spec(prompt=prompt)).render(row, 0)
+        assert isinstance(params, dict), (prompt, params)
+        assert params["messages"][0]["content"] == sent
+    # Never the text "None": printed, or turned into text by a filter, the null is refused.
+    for prompt in [
+        "S {{ body | upper }}",
+        "S {{ body ~ '!' }}",
+        "{% if meta %}{{ body }}{% endif %}",
+    ]:
+        problem = RequestRenderer(make_spec(prompt=prompt)).render(row, 3)
+        assert problem == RowProblem(
+            3,
+            None,
+            "template prints a null value: body is null in this row; write {{ body or '' }} "
+            "where an empty value is fine",
+        ), prompt
+    # A plain template (the fast path) refuses it before rendering, as it always did.
+    plain = RequestRenderer(make_spec(prompt="S {{ body }}")).render(row, 1)
+    assert plain == RowProblem(1, None, "column 'body' is null")
+
+
 def test_a_mistyped_or_null_nested_field_is_named_with_the_fields_there(tmp_path: Path) -> None:
     """A typo in a nested field fails every row: the message names the lookup as the
     template wrote it and the fields the object has, not jinja2's "'dict object' has no

@@ -10,7 +10,7 @@ of the templates once and explains a failed row against them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import jinja2
@@ -101,7 +101,9 @@ class TemplateLookups:
             for output in ast.find_all(jinja2.nodes.Output):
                 for child in output.nodes:
                     path = _lookup_path(child)
-                    if path is not None and len(path) > 1 and path not in self._printed:
+                    # Names too: a null column a Jinja template prints is refused as it
+                    # renders (render.RequestRenderer), and named here.
+                    if path is not None and path not in self._printed:
                         self._printed.append(path)
 
     def _resolve(self, row: Mapping[str, Any], path: Path) -> Any:
@@ -141,16 +143,23 @@ class TemplateLookups:
                     )
         return f"template: {exc.message}"
 
-    def null_field(self, row: Mapping[str, Any]) -> str:
-        """What a printed null means: the field that is null in this row, where it is known."""
+    def null_field(self, row: Mapping[str, Any], null_columns: Sequence[str] = ()) -> str:
+        """What a printed null means: the field that is null in this row, where it is known;
+        else the first of ``null_columns`` (the row's null columns, which a filter may have
+        turned into text: `{{ body | upper }}`)."""
         for path in self._printed:
             if self._resolve(row, path) is None:
-                shown = show_path(path)
-                return (
-                    f"template prints a null value: {shown} is null in this row; "
-                    f"write {{{{ {shown} or '' }}}} where an empty value is fine"
-                )
+                return _null_message(show_path(path))
+        if null_columns:
+            return _null_message(null_columns[0])
         return (
             "template prints a null value (a nested field that is null, say); "
             "write {{ field or '' }} where an empty value is fine"
         )
+
+
+def _null_message(shown: str) -> str:
+    return (
+        f"template prints a null value: {shown} is null in this row; "
+        f"write {{{{ {shown} or '' }}}} where an empty value is fine"
+    )

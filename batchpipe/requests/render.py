@@ -178,14 +178,40 @@ class _NullPrinted(Exception):
     """A template printed a null value (raised by _finalize, turned into a RowProblem)."""
 
 
+class _Null:
+    """A null column as a Jinja template sees it: false, so `{{ body or 'none' }}`,
+    `{% if body %}` and `default('x', true)` say what to print instead; but never text. A
+    bare None would print through a filter as "None" (`{{ body | upper }}` gives "NONE",
+    sent and paid for): turned into text, this refuses the row instead."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        raise _NullPrinted
+
+    def __iter__(self) -> Any:
+        raise _NullPrinted
+
+
+_NULL = _Null()
+
+
+def _is_none(value: Any) -> bool:
+    """Jinja's `none` test, true for a null column too (`{% if body is none %}`)."""
+    return value is None or value is _NULL
+
+
 def _finalize(value: Any) -> Any:
     # Objects and arrays go into prompts as JSON, which models read better than Python's
     # repr ({'a': 1}); everything else renders with str() as jinja2 normally does.
     if isinstance(value, dict | list):
         return dumps(value, default=str).decode()  # integers of any size exactly
-    if value is None:
+    if value is None or value is _NULL:
         # Not the text "None" (sent, and paid for): a null is missing data, as it is for a
-        # top-level column, which render() checks before this can see one.
+        # column a plain template prints, which render() refuses before it renders.
         raise _NullPrinted
     return value
 
@@ -289,6 +315,7 @@ class RequestRenderer:
             keep_trailing_newline=True,
             finalize=_finalize,
         )
+        self._env.tests["none"] = _is_none
         self._prompt = self._compile("prompt", spec.prompt)
         self._system = self._compile("system", spec.system) if spec.system is not None else None
         referenced = {"prompt": self._referenced(spec.prompt)}
@@ -308,6 +335,15 @@ class RequestRenderer:
         )
         # Checked in sorted order so a row with several problems always reports the same one.
         self._column_order = sorted(self._columns)
+        # A column only Jinja templates print may be null: the template may say what to
+        # print instead ({{ body or 'none' }}, {% if body %}), as for a nested field, and
+        # a null it prints is refused as it renders (_finalize). One a plain template prints
+        # is refused before it renders, as it always was.
+        plain_printed: set[str] = set()
+        for name, template in (("prompt", self._prompt), ("system", self._system)):
+            if isinstance(template, _SimpleTemplate):
+                plain_printed |= self._by_template[name]
+        self._nullable = frozenset(self._columns - plain_printed)
         self._head: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens}
         self._tail: dict[str, Any] = {}
         if spec.temperature is not None:
@@ -374,20 +410,23 @@ class RequestRenderer:
         The returned dict shares ``spec.params`` values with every other request; treat it
         as read-only.
         """
+        nulls = []
         for column in self._column_order:
             value = row.get(column, _MISSING)
-            if value is None or value is _MISSING:
+            if value is None and column in self._nullable:
+                nulls.append(column)
+            elif value is None or value is _MISSING:
                 return self._absent_columns(row, row_index)
-        context = row
+        context = row if not nulls else {**row, **dict.fromkeys(nulls, _NULL)}
         if self._whole_row and ROW_NAME not in row:
-            context = {**row, ROW_NAME: row}
+            context = {**context, ROW_NAME: row}
         try:
             text = self._prompt.render(context)
             system = self._system.render(context) if self._system is not None else None
         except jinja2.UndefinedError as exc:
             return RowProblem(row_index, None, self._lookups.missing_field(row, exc))
         except _NullPrinted:
-            return RowProblem(row_index, None, self._lookups.null_field(row))
+            return RowProblem(row_index, None, self._lookups.null_field(row, nulls))
         except Exception as exc:
             # User template code (filters, arithmetic on row values) can raise anything;
             # whatever it is, it is this row's problem, not the run's.
@@ -578,7 +617,7 @@ class RequestRenderer:
         absent = []
         for column in self._column_order:
             value = row.get(column, _MISSING)
-            if value is None or value is _MISSING:
+            if value is _MISSING or (value is None and column not in self._nullable):
                 what = "missing" if value is _MISSING else "null"
                 absent.append(f"column {column!r} is {what}")
         return RowProblem(row_index, None, "; ".join(absent))
