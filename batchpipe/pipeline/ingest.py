@@ -24,7 +24,7 @@ from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.carry import ROUND_FIELDS, SETTINGS_FIELDS, carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.fingerprint import check_fingerprint
-from batchpipe.pipeline.problems import ProblemTally
+from batchpipe.pipeline.problems import ProblemTally, row_location
 from batchpipe.requests import (
     IdKinds,
     MixedIds,
@@ -270,15 +270,13 @@ def duplicates_error(
     """The refusal of an input whose id column repeats keys (``find_duplicate_keys``' list).
 
     Rows are numbered from 1, with their file line where blank lines make it differ, as
-    validation numbers them (``problems._location``).
+    validation numbers them (``problems.row_location``).
     """
     lines = dataset.lines_of({i for _, rows in duplicates for i in rows})  # one pass, JSONL
-
-    def where(i: int) -> str:
-        line = lines.get(i)
-        return f"{i + 1}" if line is None or line == i + 1 else f"{i + 1} (line {line})"
-
-    shown = "; ".join(f"{key!r} in rows {', '.join(map(where, rows))}" for key, rows in duplicates)
+    shown = "; ".join(
+        f"{key!r} in rows {', '.join(row_location(i, lines.get(i)) for i in rows)}"
+        for key, rows in duplicates
+    )
     return PreflightFailed(
         f"{dataset.uri}: column {spec.id_column!r} must identify rows uniquely, but has "
         f"duplicates: {shown}; nothing was submitted. Make the column unique, or run "

@@ -81,9 +81,15 @@ class ProblemTally:
 def _location(problem: RowProblem, lineno: int | None) -> str:
     """``4``, ``4 (id 'd9')`` or ``4 (line 6, id 'd9')``: the row from 1, its line if the
     file's line differs (blank lines), its id if it has one."""
+    return row_location(problem.row_index, lineno, problem.row_key)
+
+
+def row_location(row_index: int, lineno: int | None, row_key: str | None = None) -> str:
+    """Row ``row_index`` (from 0) as messages name it: from 1, with its file line where that
+    differs (blank lines) and its id where given: ``4``, ``4 (line 6, id 'd9')``."""
     notes = []
-    if lineno is not None and lineno != problem.row_index + 1:
+    if lineno is not None and lineno != row_index + 1:
         notes.append(f"line {lineno}")
-    if problem.row_key is not None:
-        notes.append(f"id {problem.row_key!r}")
-    return f"{problem.row_index + 1}" + (f" ({', '.join(notes)})" if notes else "")
+    if row_key is not None:
+        notes.append(f"id {row_key!r}")
+    return f"{row_index + 1}" + (f" ({', '.join(notes)})" if notes else "")
