@@ -58,6 +58,8 @@ class Measured:
     wall: float
     cpu: float
     peak_rss: int
+    # of cpu, the seconds spent in the kernel (I/O, page faults) for the process
+    sys_cpu: float = 0.0
     # (epoch, cpu seconds, rss bytes), sampled every 50 ms
     samples: list[tuple[float, float, int]] = field(default_factory=list)
 
@@ -107,7 +109,7 @@ def measure(cmd: list[str], env: dict[str, str], stderr: Path) -> Measured:
     samples.insert(0, (started, 0.0, 0))
     cpu = usage.ru_utime + usage.ru_stime
     samples.append((time.time(), cpu, 0))
-    return Measured(wall, cpu, usage.ru_maxrss * 1024, samples)
+    return Measured(wall, cpu, usage.ru_maxrss * 1024, usage.ru_stime, samples)
 
 
 @contextmanager
@@ -267,11 +269,14 @@ def report(rows: int, chosen: Round) -> None:
         rss = bp.rss_between(begin, end) / MIB
         print(f"{stage:10} {wall:8.2f} {rows / wall:10,.0f} {cpu:8.2f} {rss:13.0f}")
     rss = bp.peak_rss / MIB
-    print(f"batchpipe  wall {bp.wall:7.2f} s  cpu {bp.cpu:7.2f} s  peak RSS {rss:6.0f} MiB")
+    print(
+        f"batchpipe  wall {bp.wall:7.2f} s  cpu {bp.cpu:7.2f} s (sys {bp.sys_cpu:5.2f})  "
+        f"peak RSS {rss:6.0f} MiB"
+    )
     if floor is not None:
         print(
-            f"floor      wall {floor.wall:7.2f} s  cpu {floor.cpu:7.2f} s  "
-            f"peak RSS {floor.peak_rss / MIB:6.0f} MiB"
+            f"floor      wall {floor.wall:7.2f} s  cpu {floor.cpu:7.2f} s "
+            f"(sys {floor.sys_cpu:5.2f})  peak RSS {floor.peak_rss / MIB:6.0f} MiB"
         )
         print(f"ratio (batchpipe cpu / floor cpu)  {chosen.ratio:.2f}")
 
