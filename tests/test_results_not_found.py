@@ -27,12 +27,14 @@ from batchpipe.models import ItemStatus, JobSpec, JobStatus
 
 class ResultsGone(httpx2.BaseTransport):
     """The emulator in-process, but every results download answers 404 while ``missing``
-    (or only those of the batches in ``missing_ids``)."""
+    (or only those of the batches in ``missing_ids``), and results files answer the
+    custom_ids in ``omitted`` with a repeat of the line before instead (not the first)."""
 
     def __init__(self, emu: Emulator) -> None:
         self.inner = httpx2.WSGITransport(app=emu.wsgi_app)
         self.missing = False
         self.missing_ids: set[str] = set()
+        self.omitted: set[str] = set()
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
@@ -42,7 +44,16 @@ class ResultsGone(httpx2.BaseTransport):
             return httpx2.Response(
                 404, content=orjson.dumps(body), headers={"request-id": "req_results404"}
             )
-        return self.inner.handle_request(request)
+        response = self.inner.handle_request(request)
+        if not (self.omitted and path.endswith("/results")):
+            return response
+        # The line before stands in for each one left out, so the file still has as many
+        # lines as the batch's request counts say (a shorter one is a broken download).
+        lines: list[bytes] = []
+        for line in response.read().splitlines(keepends=True):
+            left_out = orjson.loads(line)["custom_id"] in self.omitted
+            lines.append(lines[-1] if left_out else line)
+        return httpx2.Response(200, content=b"".join(lines), headers=response.headers)
 
 
 @pytest.fixture
@@ -129,6 +140,30 @@ def test_a_refused_cancel_is_not_a_lost_batch(client: BatchClient) -> None:
 def _held(store: Store, job_id: int) -> dict[ItemStatus, int]:
     """The job's item counts by status, the statuses no item has left out."""
     return {status: n for status, n in store.count_items(job_id).items() if n}
+
+
+def test_a_row_a_results_file_leaves_out_is_sent_again_in_the_next_round(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    """Every request of an ended batch should have its line; one without (here a repeat of
+    another line stands in its place) goes back to pending when the batch is collected, and
+    the next round sends it under a new custom_id."""
+    url, spec = _job_of_four(tmp_path)
+    with Store.open(url) as store:
+        ctx, job = _submitted(spec, client, store)
+        third = next(i for i in store.iter_items(job.id) if i.row_index == 2)
+        assert third.custom_id is not None
+        transport.omitted = {third.custom_id}
+        with ctx.lease(job):
+            emu.advance(60)
+            job = pipeline.step(ctx, job)  # collects 3 answers; row 2 goes back to pending
+            assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 3, ItemStatus.SUBMITTED: 1}
+            assert emu.stats()["batches_created"] == 2  # the same step sent it again
+            emu.advance(60)
+            job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
+        assert [i.attempts for i in store.iter_items(job.id)] == [1, 1, 2, 1]
 
 
 def _stopped_over_missing_results(
