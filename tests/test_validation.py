@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner, Result
 
 from batchpipe.cli import cli
@@ -122,6 +123,29 @@ def test_a_parquet_input_names_rows_only(tmp_path: Path) -> None:
         "4 (id 'k3'), 5 (id 'k4'), …)\n"
         "  1 row: prompt renders to empty text (row 13 (id 'k12'))\n"
     ) in ran.stderr
+
+
+@pytest.mark.parametrize("prompt", ["", "{# a note #}", "{% raw %}{% endraw %}"])
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_prompt_of_no_text_refuses_every_row_and_loses_none(
+    tmp_path: Path, prompt: str, suffix: str
+) -> None:
+    """Before: the rows vanished (a job done with 0 rows, then an export that blamed a
+    changed input), where a prompt of blanks refused every row."""
+    rows = [{"doc_id": f"k{i}", "body": f"text {i}"} for i in range(3)]
+    src = tmp_path / f"in.{suffix}"
+    if suffix == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), src)
+    else:
+        write_lines(src, [orjson.dumps(r) for r in rows])
+    args = common(src, "--emulate", "-o", str(tmp_path / "o.parquet"))
+    args[args.index(PROMPT)] = prompt
+    ran = invoke(tmp_path, "run", *args)
+    assert ran.exit_code == 1, ran.output
+    assert f"{src}: 3 row(s) failed validation; nothing was submitted" in ran.stderr
+    assert "3 rows: prompt renders to empty text (rows 1 (id 'k0'), 2 (id 'k1')" in ran.stderr
+    assert not (tmp_path / "o.parquet").exists()
+    assert batches_created(tmp_path) == 0
 
 
 def batches_created(tmp_path: Path) -> int:

@@ -286,6 +286,8 @@ class _SimpleTemplate:
         parts: list[Iterable[str]] = [
             values[text] if is_column else repeat(text, count) for text, is_column in self._parts
         ]
+        if not parts:  # a template of no text at all ('' or only a comment): blank rows
+            return [""] * count
         if len(parts) == 1:
             return list(parts[0])
         if len(parts) == 2:  # literal + column, or column + literal: the commonest prompts
