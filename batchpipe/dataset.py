@@ -385,10 +385,10 @@ class Dataset:
 
     # ------------------------------------------------------------ internals
 
-    def _open_text(self) -> Any:
+    def _open_text(self) -> _TextStream:
         """The JSONL byte stream, decompressed when the extension says so."""
         try:
-            return self._fs.open_input_stream(self._path, compression="detect")
+            return _TextStream(self._fs.open_input_stream(self._path, compression="detect"), self)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"cannot read {self.uri}: {exc}") from None
 
@@ -653,3 +653,35 @@ def _refuse_clash(uri: str, clash: list[str]) -> None:
             f"{uri} already has column(s) {', '.join(map(repr, clash))}, which the export "
             f"adds; {RESULT_PREFIX_HINT}"
         )
+
+
+class _TextStream:
+    """A JSONL input stream whose read errors say which file broke, and where.
+
+    A corrupt or cut-short compressed file (.gz, .bz2, .zst) fails only once read that far,
+    with pyarrow's bare OSError ("Truncated compressed stream"): as InputError the job is
+    refused with the file's name, as any other unreadable input is.
+    """
+
+    def __init__(self, stream: Any, dataset: Dataset) -> None:
+        self._stream = stream
+        self._dataset = dataset
+        self._done = 0  # bytes handed out so far (decompressed)
+
+    def read(self, nbytes: int, /) -> bytes:
+        """Up to ``nbytes`` bytes (b"" at the end), or InputError."""
+        try:
+            block: bytes = self._stream.read(nbytes)
+        except (pa.ArrowException, OSError) as exc:
+            where = f" after {self._done:,} bytes of its text" if self._done else ""
+            compressed = self._dataset.uri.lower().endswith(_COMPRESSION_SUFFIXES)
+            hint = "; is the compressed file whole and uncorrupted?" if compressed else ""
+            raise InputError(f"cannot read {self._dataset.uri}{where}: {exc}{hint}") from None
+        self._done += len(block)
+        return block
+
+    def __enter__(self) -> _TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.close()

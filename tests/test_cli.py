@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import re
@@ -148,6 +149,45 @@ def test_bad_input_fails_cleanly(tmp_path: Path, case: str) -> None:
     assert not out.exists()
     assert not list(tmp_path.glob("*.tmp"))
     assert batches_created(tmp_path) == 0
+
+
+def _lines(n: int) -> bytes:
+    return b"".join(b'{"doc_id": "d%d", "body": "text %d"}\n' % (i, i) for i in range(n))
+
+
+CORRUPT_COMPRESSED = {
+    "gzip cut short": ("gz", gzip.compress(_lines(3))[:30], ": Truncated compressed stream"),
+    "gzip cut after many lines": (
+        "gz",
+        gzip.compress(_lines(200_000))[:400_000],
+        r" after [\d,]+ bytes of its text: Truncated compressed stream",
+    ),
+    "bz2 garbage": ("bz2", bz2.compress(_lines(3))[:12] + b"\x00" * 64, ": bz2 decompress"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_COMPRESSED)
+def test_a_corrupt_compressed_input_fails_its_job_once_with_the_files_name(
+    tmp_path: Path, case: str
+) -> None:
+    """Before: a traceback (pyarrow's bare OSError), and the job stayed running with 0
+    rows, so every tick printed the traceback again."""
+    suffix, content, message = CORRUPT_COMPRESSED[case]
+    src = tmp_path / f"in.jsonl.{suffix}"
+    src.write_bytes(content)
+    out = tmp_path / "out.parquet"
+    result = invoke(tmp_path, *run_args(src, out))
+    assert result.exit_code == 1, result.output
+    said = f"cannot read {re.escape(str(src))}{message}"
+    assert re.search(said + r".*; is the compressed file whole and uncorrupted\?", result.stderr)
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert batches_created(tmp_path) == 0
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "failed"
+    tick = invoke(tmp_path, "tick", "--emulate")
+    assert tick.exit_code == 0, tick.output
+    assert "Traceback" not in tick.output
 
 
 @pytest.mark.parametrize("kind", ["empty JSONL", "blank JSONL", "empty Parquet"])
