@@ -25,6 +25,7 @@ Parquet writer needs one schema up front and JSONL has none.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -158,13 +159,16 @@ def _parse_slowly(
     """
     parsed = []
     for offset, line in enumerate(lines):
+        long_digits = exact and _LONG_RUN in line.translate(_DIGITS)
         try:
             obj = _loads(line)
         except orjson.JSONDecodeError as exc:
             if not line.strip():
                 continue  # blank (or whitespace-only) line: skipped, still counted
-            raise line_error(name, first_lineno + offset, line, exc) from None
-        if exact and _LONG_RUN in line.translate(_DIGITS):
+            if not long_digits:
+                raise line_error(name, first_lineno + offset, line, exc) from None
+            # Maybe an integer orjson calls infinity (309 digits or more): read below.
+        if long_digits:
             obj = _loads_exactly(name, first_lineno + offset, line)
         if type(obj) is not dict:
             raise InputError(
@@ -175,10 +179,38 @@ def _parse_slowly(
     return parsed
 
 
+class _NotJSON(Exception):
+    """NaN or Infinity: the json module reads them, orjson (and JSON) does not."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJSON(name)
+
+
+def _finite(text: str) -> float:
+    """A float literal as the json module reads it, but refused where it overflows to
+    infinity, as orjson refuses it (``1e400``)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:24]} is beyond the largest float")
+    return value
+
+
 def _loads_exactly(name: str, lineno: int, line: bytes) -> Any:
-    """A line orjson parsed, parsed again keeping integers of any size exact."""
+    """A line with 19 digits in a row, parsed keeping integers of any size exact (orjson
+    may round them, or call one of 309 digits infinity and refuse the line)."""
     try:
-        return json.loads(line)
+        return json.loads(line, parse_constant=_no_constant, parse_float=_finite)
+    except _NotJSON as exc:
+        raise InputError(
+            f"{name}, line {lineno}: invalid JSON: {exc} is not a JSON value; fix or remove "
+            "that line"
+        ) from None
+    except json.JSONDecodeError as exc:
+        # Not JSON after all: the json module's account of what is wrong, and where.
+        raise line_error(name, lineno, line, exc) from None
+    except UnicodeDecodeError:
+        raise line_error(name, lineno, line, json.JSONDecodeError("", "", 0)) from None
     except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
         raise InputError(
             f"{name}, line {lineno}: cannot read a number exactly ({exc}); write such "
@@ -186,7 +218,7 @@ def _loads_exactly(name: str, lineno: int, line: bytes) -> Any:
         ) from None
 
 
-def line_error(name: str, lineno: int, line: bytes, exc: orjson.JSONDecodeError) -> InputError:
+def line_error(name: str, lineno: int, line: bytes, exc: json.JSONDecodeError) -> InputError:
     """Why ``line`` failed: bad UTF-8 first (orjson's message for it is vague), else JSON."""
     if lineno == 1 and line.startswith(b"\x1f\x8b"):
         # gzip's magic number: compressed data under a name without .gz

@@ -14,10 +14,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import job_args, run_batchpipe, write_rows
 
 from batchpipe.dataset import Dataset
 from batchpipe.db import Store
+from batchpipe.errors import InputError
 from batchpipe.models import JobSpec
 from batchpipe.requests import RequestRenderer
 
@@ -87,6 +89,36 @@ def test_integers_beyond_64_bits_are_read_and_prompted_exactly(tmp_path: Path) -
     params = RequestRenderer(spec).render(row, 0)
     assert isinstance(params, dict)
     assert params["messages"][0]["content"] == "123456789012345678901234 [18446744073709551616]"
+
+
+def test_an_integer_too_big_for_a_double_is_still_read_exactly(tmp_path: Path) -> None:
+    """Before: 309 digits or more was "invalid JSON: number is infinity" (orjson reads an
+    integer past 64 bits as a double); JSON has no such limit, and the README says an
+    integer of any size stays an integer."""
+    huge = int("9" * 309)
+    src = tmp_path / "huge.jsonl"
+    src.write_bytes(b'{"id": "a", "n": %d, "m": -%d}\n' % (huge, huge * 10))
+    (row,) = next(Dataset(str(src)).iter_rows())
+    assert row == {"id": "a", "n": huge, "m": -huge * 10}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b"NaN", "invalid JSON: NaN is not a JSON value"),
+        (b"1e400", "cannot read a number exactly (1e400 is beyond the largest float)"),
+        (b"}", "invalid JSON: Expecting value at column 345"),
+        (b"9" * 5000, "cannot read a number exactly (Exceeds the limit (4300 digits)"),
+    ],
+)
+def test_a_line_with_a_huge_integer_and_a_real_fault_names_the_fault(
+    tmp_path: Path, value: bytes, message: str
+) -> None:
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"id": "a", "n": %s, "x": %s}\n' % (b"9" * 320, value))
+    with pytest.raises(InputError) as info:
+        list(Dataset(str(src)).iter_rows())
+    assert str(info.value).startswith(f"{src}, line 1: {message}")
 
 
 # ---------------------------------------------------------------- 2. id column types
