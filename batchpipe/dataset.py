@@ -324,7 +324,7 @@ class Dataset:
                 yield from iter_row_chunks(stream, self.uri, batch_rows)
             return
         for batch in self.iter_batches(batch_rows, columns):
-            yield batch.to_pylist()
+            yield self._for_python(batch).to_pylist()
 
     def iter_chunks(
         self, batch_rows: int = 8192, columns: Collection[str] | None = None
@@ -336,7 +336,7 @@ class Dataset:
                 yield RowChunk(rows, None)
             return
         for batch in self.iter_batches(batch_rows, columns):
-            yield RowChunk(None, batch)
+            yield RowChunk(None, self._for_python(batch))
 
     def iter_batches(
         self, batch_rows: int = 8192, columns: Collection[str] | None = None
@@ -384,6 +384,45 @@ class Dataset:
         return self._schema
 
     # ------------------------------------------------------------ internals
+
+    def _for_python(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` with its nanosecond times as values Python can hold: a timestamp or a
+        time of day as its ISO text, nanoseconds and all (``2023-11-14 22:13:20.123456789``),
+        a duration as its count of nanoseconds. Python's datetime stops at microseconds,
+        and pyarrow refuses (it asks for pandas) any value with nanoseconds in it, so
+        rendering or a JSONL export of such a column failed. Every row of the column
+        becomes text, not just those with nanoseconds, so a column keeps one type.
+        """
+        changed = False
+        arrays = []
+        for field, column in zip(batch.schema, batch.columns, strict=True):
+            kind = field.type
+            if _in_nanoseconds(kind):
+                to = pa.int64() if pa.types.is_duration(kind) else pa.string()
+                arrays.append(column.cast(to))
+                changed = True
+                continue
+            if _holds_nanoseconds(kind):
+                raise self._nested_nanoseconds(field)
+            arrays.append(column)
+        return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names) if changed else batch
+
+    def check_python_readable(self) -> None:
+        """InputError if a column cannot become Python values (see :meth:`_for_python`):
+        one with nanosecond times inside nested values. For a job whose JSONL output needs
+        every column as Python values: refused before anything is paid for, not at export."""
+        if self.format != "parquet":
+            return
+        for field in self._parquet_file().schema_arrow:
+            if _holds_nanoseconds(field.type):
+                raise self._nested_nanoseconds(field)
+
+    def _nested_nanoseconds(self, field: pa.Field) -> InputError:
+        return InputError(
+            f"{self.uri}: column {field.name!r} holds times in nanoseconds inside its "
+            f"{field.type} values, which batchpipe cannot read; write them in microseconds "
+            "(or as text), or export to Parquet"
+        )
 
     def _open_text(self) -> _TextStream:
         """The JSONL byte stream, decompressed when the extension says so."""
@@ -653,6 +692,18 @@ def _refuse_clash(uri: str, clash: list[str]) -> None:
             f"{uri} already has column(s) {', '.join(map(repr, clash))}, which the export "
             f"adds; {RESULT_PREFIX_HINT}"
         )
+
+
+def _in_nanoseconds(kind: pa.DataType) -> bool:
+    """A timestamp, time of day or duration counted in nanoseconds."""
+    temporal = pa.types.is_timestamp(kind) or pa.types.is_time64(kind)
+    return (temporal or pa.types.is_duration(kind)) and bool(kind.unit == "ns")
+
+
+def _holds_nanoseconds(kind: pa.DataType) -> bool:
+    """A nested type (struct, list, map) with a nanosecond time anywhere inside it."""
+    children = [kind.field(i).type for i in range(kind.num_fields)]
+    return any(_in_nanoseconds(child) or _holds_nanoseconds(child) for child in children)
 
 
 class _TextStream:

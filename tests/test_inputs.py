@@ -278,3 +278,89 @@ def test_an_id_spelled_like_an_invalid_rows_stand_in_is_no_duplicate(
     assert report.returncode == 0, report.stderr
     keys = {r["row"]: r["key"] for r in json.loads(report.stdout)["sample"]}
     assert keys == {1: "<row 1>", 2: None, 3: "c"}
+
+
+# ---------------------------------------------------------------- 6. nanosecond times
+
+NANOS = 1_700_000_000_123_456_789  # 2023-11-14 22:13:20.123456789 UTC
+
+
+def _nanos_parquet(path: Path) -> Path:
+    """Two rows with times in nanoseconds that Python's datetime cannot hold."""
+    pq.write_table(
+        pa.table(
+            {
+                "doc_id": ["a", "b"],
+                "body": ["x", "y"],
+                "at": pa.array([NANOS, 5], pa.timestamp("ns")),
+                "utc": pa.array([NANOS, None], pa.timestamp("ns", tz="UTC")),
+                "clock": pa.array([5, 86_399_999_999_999], pa.time64("ns")),
+                "took": pa.array([1, 2_000], pa.duration("ns")),
+            }
+        ),
+        path,
+    )
+    return path
+
+
+def test_times_in_nanoseconds_reach_templates_and_jsonl_whole(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    """Before: pyarrow refused to turn them into datetimes ("Install pandas"): a template
+    printing one crashed validation, and a JSONL export crashed after the batch was paid."""
+    src = _nanos_parquet(tmp_path / "nanos.parquet")
+    (rows,) = Dataset(str(src)).iter_rows()
+    assert rows[0] == {
+        "doc_id": "a",
+        "body": "x",
+        "at": "2023-11-14 22:13:20.123456789",
+        "utc": "2023-11-14 22:13:20.123456789Z",
+        "clock": "00:00:00.000000005",
+        "took": 1,
+    }
+    assert rows[1]["utc"] is None
+    assert rows[1]["clock"] == "23:59:59.999999999"
+    spec = JobSpec(input=str(src), prompt="{{ at }} / {{ took }}", model="m", max_tokens=1)
+    (chunk,) = Dataset(str(src)).iter_chunks()
+    (params, _) = RequestRenderer(spec).render_chunk(chunk, 0)
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "2023-11-14 22:13:20.123456789 / 1"
+
+    out = tmp_path / "out.jsonl"
+    done = run_job(sqlite_url, cli_env, src, out, "--id-column", "doc_id")
+    assert done.returncode == 0, done.stderr
+    first = json.loads(out.read_text().splitlines()[0])
+    assert (first["at"], first["took"], first["result_status"]) == (
+        "2023-11-14 22:13:20.123456789",
+        1,
+        "succeeded",
+    )
+    # Parquet keeps the input's own types, nanoseconds and all.
+    parquet = run_batchpipe(sqlite_url, cli_env, "export", "j", "-o", str(tmp_path / "o.parquet"))
+    assert parquet.returncode == 0, parquet.stderr
+    table = pq.read_table(tmp_path / "o.parquet")
+    assert table.schema.field("at").type == pa.timestamp("ns")
+    assert table.column("at").cast(pa.int64()).to_pylist() == [NANOS, 5]
+
+
+def test_nanosecond_times_inside_nested_values_refuse_a_jsonl_job_before_it_is_sent(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "nested.parquet"
+    times = pa.array([{"t": NANOS}], pa.struct([("t", pa.timestamp("ns"))]))
+    pq.write_table(pa.table({"doc_id": ["a"], "body": ["x"], "s": times}), src)
+    refused = run_job(sqlite_url, cli_env, src, tmp_path / "out.jsonl", "--id-column", "doc_id")
+    assert refused.returncode == 1
+    assert (
+        f"{src}: column 's' holds times in nanoseconds inside its struct<t: timestamp[ns]> "
+        "values, which batchpipe cannot read; write them in microseconds (or as text), or "
+        "export to Parquet"
+    ) in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+    # To Parquet the column is written as it is, never turned into Python values.
+    done = run_job(
+        sqlite_url, cli_env, src, tmp_path / "out.parquet", "--id-column", "doc_id", name="k"
+    )
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "out.parquet").column("s").type == times.type

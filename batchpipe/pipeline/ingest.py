@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from batchpipe.dataset import Dataset
+from batchpipe.dataset import Dataset, output_format
 from batchpipe.db import AscendingKeys, JobNameTaken, JobRow
 from batchpipe.errors import InputChangedError, InputError, PreflightFailed, UsageError
 from batchpipe.log import get_logger
@@ -176,6 +176,8 @@ def check_columns(dataset: Dataset, spec: JobSpec, renderer: RequestRenderer) ->
             f"{dataset.uri}: --id-column {spec.id_column!r} is not a column of the input "
             f"({_has(columns)})"
         )
+    if spec.output is not None and output_format(spec.output) == "jsonl":
+        dataset.check_python_readable()  # a JSONL output turns every column into JSON
     nested = dataset.nested_column(spec.id_column) if spec.id_column is not None else None
     if nested is not None:
         raise InputError(
