@@ -35,10 +35,41 @@ class UndefinedLookup(jinja2.UndefinedError):
         self.name = name
 
 
-class StrictLookupUndefined(jinja2.StrictUndefined):
-    """jinja2's StrictUndefined, whose error keeps which object lacked which field."""
+class NullPrinted(Exception):
+    """A template printed a null value (raised by render._finalize, turned into a RowProblem)."""
+
+
+class Null:
+    """A null column as a Jinja template sees it: false, so `{{ body or 'none' }}`,
+    `{% if body %}` and `default('x', true)` say what to print instead; but never text. A
+    bare None would print through a filter as "None" (`{{ body | upper }}` gives "NONE",
+    sent and paid for): turned into text, this refuses the row instead."""
 
     __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        raise NullPrinted
+
+    def __iter__(self) -> Any:
+        raise NullPrinted
+
+
+NULL = Null()
+
+
+class StrictLookupUndefined(jinja2.StrictUndefined):
+    """jinja2's StrictUndefined, whose error keeps which object lacked which field, and
+    which is false: `{{ meta.lang or 'unknown' }}` and `{% if meta.lang %}` give a missing
+    field (or one of a null object) the template's default, as they do a null one. Printed,
+    turned into text or used in any other way, it still fails the row."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:  # type: ignore[override]  # jinja2's raises
+        return False
 
     def __init__(
         self,
@@ -130,6 +161,18 @@ class TemplateLookups:
         """What a row's UndefinedError means: the lookup, as written, and the fields there."""
         obj = getattr(exc, "obj", None)
         name = getattr(exc, "name", None)
+        if obj is None or obj is NULL:
+            # A lookup into a null: name the null, not "'NoneType' has no attribute …".
+            for path in self._all:
+                if path[-1] == name and self._resolve(row, path[:-1]) is None:
+                    # The whole lookup the template wrote (meta.info.lang, not meta.info).
+                    whole = max((p for p in self._all if p[: len(path)] == path), key=len)
+                    shown = show_path(whole)
+                    return (
+                        f"template: {show_path(path[:-1])} is null in this row, so {shown} "
+                        f"cannot be read; write {{{{ {shown} or '' }}}} where an empty value "
+                        "is fine"
+                    )
         if isinstance(obj, Mapping) and name not in obj:
             for path in self._all:
                 if path[-1] == name and self._resolve(row, path[:-1]) is obj:

@@ -21,7 +21,7 @@ from batchpipe.errors import InputError, UsageError
 from batchpipe.jsontext import dumps
 from batchpipe.models import RESULT_PREFIX_HINT, JobSpec
 from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
-from batchpipe.requests.lookups import StrictLookupUndefined, TemplateLookups
+from batchpipe.requests.lookups import NULL, NullPrinted, StrictLookupUndefined, TemplateLookups
 from batchpipe.structured import OutputSchema
 
 # Marks a column absent from the row (as opposed to present and null).
@@ -174,34 +174,9 @@ def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[s
 ROW_NAME = "row"
 
 
-class _NullPrinted(Exception):
-    """A template printed a null value (raised by _finalize, turned into a RowProblem)."""
-
-
-class _Null:
-    """A null column as a Jinja template sees it: false, so `{{ body or 'none' }}`,
-    `{% if body %}` and `default('x', true)` say what to print instead; but never text. A
-    bare None would print through a filter as "None" (`{{ body | upper }}` gives "NONE",
-    sent and paid for): turned into text, this refuses the row instead."""
-
-    __slots__ = ()
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __str__(self) -> str:
-        raise _NullPrinted
-
-    def __iter__(self) -> Any:
-        raise _NullPrinted
-
-
-_NULL = _Null()
-
-
 def _is_none(value: Any) -> bool:
     """Jinja's `none` test, true for a null column too (`{% if body is none %}`)."""
-    return value is None or value is _NULL
+    return value is None or value is NULL
 
 
 def _finalize(value: Any) -> Any:
@@ -209,10 +184,10 @@ def _finalize(value: Any) -> Any:
     # repr ({'a': 1}); everything else renders with str() as jinja2 normally does.
     if isinstance(value, dict | list):
         return dumps(value, default=str).decode()  # integers of any size exactly
-    if value is None or value is _NULL:
+    if value is None or value is NULL:
         # Not the text "None" (sent, and paid for): a null is missing data, as it is for a
         # column a plain template prints, which render() refuses before it renders.
-        raise _NullPrinted
+        raise NullPrinted
     return value
 
 
@@ -419,7 +394,7 @@ class RequestRenderer:
                 nulls.append(column)
             elif value is None or value is _MISSING:
                 return self._absent_columns(row, row_index)
-        context = row if not nulls else {**row, **dict.fromkeys(nulls, _NULL)}
+        context = row if not nulls else {**row, **dict.fromkeys(nulls, NULL)}
         if self._whole_row and ROW_NAME not in row:
             context = {**context, ROW_NAME: row}
         try:
@@ -427,7 +402,7 @@ class RequestRenderer:
             system = self._system.render(context) if self._system is not None else None
         except jinja2.UndefinedError as exc:
             return RowProblem(row_index, None, self._lookups.missing_field(row, exc))
-        except _NullPrinted:
+        except NullPrinted:
             return RowProblem(row_index, None, self._lookups.null_field(row, nulls))
         except Exception as exc:
             # User template code (filters, arithmetic on row values) can raise anything;
