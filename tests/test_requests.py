@@ -371,6 +371,13 @@ def test_oversized_request_is_a_row_problem() -> None:
     assert problem == RowProblem(
         1, None, "request is 11 kB, over the 10 kB batch limit; shorten the prompt"
     )
+    # Sizes that round to one figure are given exactly, not "10 kB, over the 10 kB limit".
+    near = renderer.render({"body": "x" * 10_000}, 2)
+    assert isinstance(near, RowProblem)
+    assert re.fullmatch(
+        r"request is 10,\d{3} bytes, over the 10,000-byte batch limit; shorten the prompt",
+        near.message,
+    ), near.message
 
 
 @pytest.mark.parametrize("cache_system", [False, True])

@@ -617,11 +617,13 @@ class RequestRenderer:
         size = len(orjson.dumps(params)) + REQUEST_WRAPPER_BYTES + FRAME_BYTES
         if size <= self._spec.max_batch_bytes:
             return None
+        shown, limit = _human_bytes(size), _human_bytes(self._spec.max_batch_bytes)
+        if shown == limit:  # "1 kB, over the 1 kB limit": exact, then
+            shown, limit = f"{size:,} bytes", f"{self._spec.max_batch_bytes:,}-byte"
         return RowProblem(
             row_index,
             None,
-            f"request is {_human_bytes(size)}, over the "
-            f"{_human_bytes(self._spec.max_batch_bytes)} batch limit; shorten the prompt",
+            f"request is {shown}, over the {limit} batch limit; shorten the prompt",
         )
 
     def request_bytes(self, custom_id: str, params: dict[str, Any]) -> bytes:
