@@ -255,3 +255,29 @@ def test_a_report_of_a_job_without_rows_says_so(tmp_path: Path) -> None:
     assert report.exit_code == 0, report.stderr
     assert "job 1 (empty): done, 0 rows" in report.stdout
     assert "\nattempts per row: none (no rows)\n" in report.stdout
+
+
+def test_a_report_of_a_stopped_job_says_why_it_stopped(tmp_path: Path) -> None:
+    """`status` gave a failed job's error and `report` did not: a report of 0 rows with no
+    word of why."""
+    src = tmp_path / "in.jsonl.gz"
+    src.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    run = CliRunner().invoke(
+        cli,
+        [
+            *root, "run", str(src), "--job", "broken", "--prompt", "Q {{ body }}", "--model",
+            "claude-haiku-4-5", "--max-tokens", "16", "--emulate",
+            "-o", str(tmp_path / "out.parquet"),
+        ],
+    )  # fmt: skip
+    assert run.exit_code == 1
+    report = CliRunner().invoke(cli, [*root, "report", "broken"])
+    assert report.exit_code == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert lines[0] == "job 1 (broken): failed, 0 rows, model claude-haiku-4-5"
+    assert lines[1].startswith(f"error: cannot read {src}")
+    page = tmp_path / "r.html"
+    html_run = CliRunner().invoke(cli, [*root, "report", "broken", "--html", str(page)])
+    assert html_run.exit_code == 0, html_run.stderr
+    assert f'<p class="error">error: cannot read {src}' in page.read_text()

@@ -48,6 +48,8 @@ def render_text(report: pipeline.Report) -> str:
     """The report for a terminal."""
     r = report
     out = [f"job {r.job_id} ({r.job_name}): {r.status}, {r.rows} rows, model {r.model}"]
+    if r.error:
+        out.append(f"error: {_shown(r.error)}")
     if r.labels:
         total = sum(n for _, n in r.labels)
         out.append(f"\nlabels ({r.label_field or 'answer'}):")
@@ -114,7 +116,7 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.35rem .
 border-bottom:1px solid #e6e9ef;vertical-align:top}th{background:#f4f6fa}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .status-succeeded{color:#2f7d32}.status-invalid_output,.status-errored{color:#b3261e}
-small{color:#5a6578}
+small{color:#5a6578}.error{color:#b3261e}
 """
 
 
@@ -172,6 +174,7 @@ def render_html(report: pipeline.Report) -> str:
 <body>
 <h1>Job {r.job_id}: {e(r.job_name)}</h1>
 <div class="meta">model {e(r.model)} · batch prices, price table {e(r.price_table)}</div>
+{f'<p class="error">error: {e(r.error)}</p>' if r.error else ""}
 <div class="cards">{card_html}</div>
 <h2>Labels{f" ({e(r.label_field)})" if r.label_field else ""}</h2>
 {_bars(r.labels, "label distribution") or f"<p>{e(no_labels)}</p>"}

@@ -49,6 +49,7 @@ class Report:
     cost_per_1000_rows: float | None
     usage: dict[str, int]
     cost_unknown: str | None = None  # why the cost is unknown, when it is
+    error: str | None = None  # why the job stopped (failed, needs attention), as status says
     price_table: str = pricing.PRICE_TABLE_VERSION
     sample: list[dict[str, Any]] = field(default_factory=list)
 
@@ -136,6 +137,7 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
         cost_per_1000_rows=totals.cost_usd / answered * 1000 if answered and not unknown else None,
         usage=totals.usage,
         cost_unknown=unknown,
+        error=job.error,
         sample=rows,
     )
 
