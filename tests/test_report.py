@@ -281,3 +281,5 @@ def test_a_report_of_a_stopped_job_says_why_it_stopped(tmp_path: Path) -> None:
     html_run = CliRunner().invoke(cli, [*root, "report", "broken", "--html", str(page)])
     assert html_run.exit_code == 0, html_run.stderr
     assert f'<p class="error">error: cannot read {src}' in page.read_text()
+    as_json = CliRunner().invoke(cli, [*root, "report", "broken", "--json"])
+    assert json.loads(as_json.stdout)["error"].startswith(f"cannot read {src}")

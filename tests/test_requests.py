@@ -248,41 +248,52 @@ def test_a_null_column_a_template_gives_a_default_for_is_sent_with_it() -> None:
     assert plain == RowProblem(1, None, "column 'body' is null")
 
 
-def test_a_default_covers_a_missing_field_and_a_field_of_a_null_object() -> None:
-    """The README: a null or missing value gets what the template says to print instead.
-    Before, `or` and `if` failed the row for a missing field ("meta.lang is missing") and
-    for a null object ("'..._Null object' has no attribute 'lang'")."""
+def test_a_field_of_a_null_object_is_null_and_takes_the_templates_default() -> None:
+    """Before: `{{ meta.lang or 'unknown' }}` failed a row whose meta was null, with an
+    internal class name ("'..._Null object' has no attribute 'lang'")."""
     rows = [
-        ({"meta": {"lang": "en"}}, "en"),
-        ({"meta": {"lang": None}}, "unknown"),
-        ({"meta": {}}, "unknown"),
-        ({"meta": None}, "unknown"),
-        ({"meta": {"info": None}}, "unknown"),
+        ({"meta": {"lang": "en", "info": {"lang": "fr"}}}, "en fr"),
+        ({"meta": {"lang": None, "info": None}}, "unknown unknown"),
+        ({"meta": None}, "unknown unknown"),
     ]
     for prompt in [
-        "{{ meta.lang or 'unknown' }}",
-        "{% if meta.lang %}{{ meta.lang }}{% else %}unknown{% endif %}",
-        "{{ meta.lang | default('unknown', true) }}",
+        "{{ meta.lang or 'unknown' }} {{ meta.info.lang or 'unknown' }}",
+        "{% if meta.lang %}{{ meta.lang }}{% else %}unknown{% endif %} "
+        "{{ meta['info']['lang'] | default('unknown', true) }}",
     ]:
         renderer = RequestRenderer(make_spec(prompt=prompt))
         for row, sent in rows:
             params = renderer.render(row, 0)
             assert isinstance(params, dict), (prompt, row, params)
             assert params["messages"][0]["content"] == sent, (prompt, row)
-    # Printed without a default, each is refused, and the message names what is null.
+    # Printed without a default it is refused, and the message names what is null.
     renderer = RequestRenderer(make_spec(prompt="{{ meta.info.lang }}"))
     for row, null in [({"meta": None}, "meta"), ({"meta": {"info": None}}, "meta.info")]:
         problem = renderer.render(row, 4)
         assert problem == RowProblem(
             4,
             None,
-            f"template: {null} is null in this row, so meta.info.lang cannot be read; write "
-            "{{ meta.info.lang or '' }} where an empty value is fine",
+            f"template prints a null value: {null} is null, so meta.info.lang is too, in this "
+            "row; write {{ meta.info.lang or '' }} where an empty value is fine",
         ), row
-    # A missing field turned into text by a filter is still refused, not printed.
-    upper = RequestRenderer(make_spec(prompt="{{ meta.lagn | upper }}")).render({"meta": {}}, 0)
-    assert isinstance(upper, RowProblem)
-    assert upper.message.startswith("template: meta.lagn is missing (meta has: no fields)")
+
+
+def test_a_missing_field_fails_the_row_even_where_it_is_only_tested() -> None:
+    """A typo in a condition would otherwise drop (or invert) it on every row, paid for;
+    `| default` and `is defined` say that a field may be absent."""
+    row = {"meta": {"lang": "en"}}
+    for prompt in [
+        "{% if meta.lagn %}Language: {{ meta.lagn }}{% endif %}x",
+        "{{ meta.lagn or 'unknown' }}",
+        "{{ meta.lagn | upper }}",
+    ]:
+        problem = RequestRenderer(make_spec(prompt=prompt)).render(row, 0)
+        assert isinstance(problem, RowProblem), prompt
+        assert problem.message.startswith("template: meta.lagn is missing (meta has: lang)")
+    for prompt in ["{{ meta.region | default('unknown') }}", "{{ meta.region is defined }}"]:
+        params = RequestRenderer(make_spec(prompt=prompt)).render(row, 0)
+        assert isinstance(params, dict), prompt
+        assert params["messages"][0]["content"] in {"unknown", "False"}
 
 
 def test_a_mistyped_or_null_nested_field_is_named_with_the_fields_there(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ jinja2 reports a missing nested field as "'dict object' has no attribute 'langg'
 printed null as nothing at all. A typo in ``{{ meta.langg }}`` fails every row, so the
 message should say which lookup, as the template wrote it, and what the object holds:
 ``meta.langg is missing (meta has: lang, tags, prio)``. This module reads the lookups out
-of the templates once and explains a failed row against them.
+of the templates once and explains a failed row against them, and holds what templates
+see instead of a null (:data:`NULL`) and of a missing field (:class:`StrictLookupUndefined`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class NullPrinted(Exception):
 
 
 class Null:
-    """A null column as a Jinja template sees it: false, so `{{ body or 'none' }}`,
-    `{% if body %}` and `default('x', true)` say what to print instead; but never text. A
-    bare None would print through a filter as "None" (`{{ body | upper }}` gives "NONE",
-    sent and paid for): turned into text, this refuses the row instead."""
+    """A null column as a Jinja template sees it, and any field of a null (the renderer's
+    lookups give it for ``meta.lang`` when ``meta`` is null): false, so
+    `{{ body or 'none' }}`, `{% if body %}` and `default('x', true)` say what to print
+    instead; but never text. A bare None would print through a filter as "None"
+    (`{{ body | upper }}` gives "NONE", sent and paid for): turned into text, this refuses
+    the row instead."""
 
     __slots__ = ()
 
@@ -61,15 +64,14 @@ NULL = Null()
 
 
 class StrictLookupUndefined(jinja2.StrictUndefined):
-    """jinja2's StrictUndefined, whose error keeps which object lacked which field, and
-    which is false: `{{ meta.lang or 'unknown' }}` and `{% if meta.lang %}` give a missing
-    field (or one of a null object) the template's default, as they do a null one. Printed,
-    turned into text or used in any other way, it still fails the row."""
+    """jinja2's StrictUndefined, whose error keeps which object lacked which field.
+
+    Tested too (`{% if meta.lagn %}`, `meta.lagn or 'x'`) it fails the row: a mistyped
+    field would otherwise drop or invert a condition on every row, silently and paid for.
+    `| default('x')` and `is defined` are the ways to say a field may be absent.
+    """
 
     __slots__ = ()
-
-    def __bool__(self) -> bool:  # type: ignore[override]  # jinja2's raises
-        return False
 
     def __init__(
         self,
@@ -161,18 +163,6 @@ class TemplateLookups:
         """What a row's UndefinedError means: the lookup, as written, and the fields there."""
         obj = getattr(exc, "obj", None)
         name = getattr(exc, "name", None)
-        if obj is None or obj is NULL:
-            # A lookup into a null: name the null, not "'NoneType' has no attribute …".
-            for path in self._all:
-                if path[-1] == name and self._resolve(row, path[:-1]) is None:
-                    # The whole lookup the template wrote (meta.info.lang, not meta.info).
-                    whole = max((p for p in self._all if p[: len(path)] == path), key=len)
-                    shown = show_path(whole)
-                    return (
-                        f"template: {show_path(path[:-1])} is null in this row, so {shown} "
-                        f"cannot be read; write {{{{ {shown} or '' }}}} where an empty value "
-                        "is fine"
-                    )
         if isinstance(obj, Mapping) and name not in obj:
             for path in self._all:
                 if path[-1] == name and self._resolve(row, path[:-1]) is obj:
@@ -193,6 +183,9 @@ class TemplateLookups:
         for path in self._printed:
             if self._resolve(row, path) is None:
                 return _null_message(show_path(path))
+            for end in range(1, len(path)):  # meta.info.lang where meta or meta.info is null
+                if self._resolve(row, path[:end]) is None:
+                    return _null_message(show_path(path), null=show_path(path[:end]))
         if null_columns:
             return _null_message(null_columns[0])
         return (
@@ -201,8 +194,9 @@ class TemplateLookups:
         )
 
 
-def _null_message(shown: str) -> str:
+def _null_message(shown: str, null: str | None = None) -> str:
+    what = f"{shown} is null" if null is None else f"{null} is null, so {shown} is too,"
     return (
-        f"template prints a null value: {shown} is null in this row; "
+        f"template prints a null value: {what} in this row; "
         f"write {{{{ {shown} or '' }}}} where an empty value is fine"
     )

@@ -174,6 +174,22 @@ def check_result_column_clash(columns: Iterable[str], result_columns: Iterable[s
 ROW_NAME = "row"
 
 
+class _Environment(SandboxedEnvironment):
+    """The sandbox, where a field of a null is null (NULL): `{{ meta.lang or 'unknown' }}`
+    gives the default when ``meta`` is null, as when ``meta.lang`` is, at any depth. A
+    missing field stays undefined (strict: a typo fails the row)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if obj is None or obj is NULL:
+            return NULL
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if obj is None or obj is NULL:
+            return NULL
+        return super().getitem(obj, argument)
+
+
 def _is_none(value: Any) -> bool:
     """Jinja's `none` test, true for a null column too (`{% if body is none %}`)."""
     return value is None or value is NULL
@@ -286,7 +302,7 @@ class RequestRenderer:
 
     def __init__(self, spec: JobSpec) -> None:
         self._spec = spec
-        self._env = SandboxedEnvironment(
+        self._env = _Environment(
             undefined=StrictLookupUndefined,
             autoescape=False,
             keep_trailing_newline=True,
