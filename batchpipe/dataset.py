@@ -386,42 +386,53 @@ class Dataset:
     # ------------------------------------------------------------ internals
 
     def _for_python(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """``batch`` with its nanosecond times as values Python can hold: a timestamp or a
-        time of day as its ISO text, nanoseconds and all (``2023-11-14 22:13:20.123456789``),
-        a duration as its count of nanoseconds. Python's datetime stops at microseconds,
-        and pyarrow refuses (it asks for pandas) any value with nanoseconds in it, so
-        rendering or a JSONL export of such a column failed. Every row of the column
-        becomes text, not just those with nanoseconds, so a column keeps one type.
+        """``batch`` with its nanosecond times as values Python can hold.
+
+        Python's datetime stops at microseconds, and pyarrow refuses (asking for pandas) to
+        convert a value with nanoseconds in it, so rendering or a JSONL export of such a
+        column failed. pandas writes every timestamp in nanoseconds, almost always whole
+        microseconds: those become microsecond times, as Python would have them anyway.
+        A top-level column that really has nanoseconds in this batch becomes text, every
+        digit kept (``2023-11-14 22:13:20.123456789``; a duration: its nanoseconds as an
+        int). Nested values cannot become text: InputError names the column.
         """
         changed = False
         arrays = []
         for field, column in zip(batch.schema, batch.columns, strict=True):
             kind = field.type
-            if _in_nanoseconds(kind):
+            micro = _in_microseconds(kind)
+            if micro == kind:
+                arrays.append(column)
+                continue
+            changed = True
+            try:
+                arrays.append(column.cast(micro, safe=True))  # refused if it would lose data
+            except pa.ArrowInvalid:
+                if not _in_nanoseconds(kind):
+                    raise self._nested_nanoseconds(field) from None
                 to = pa.int64() if pa.types.is_duration(kind) else pa.string()
                 arrays.append(column.cast(to))
-                changed = True
-                continue
-            if _holds_nanoseconds(kind):
-                raise self._nested_nanoseconds(field)
-            arrays.append(column)
         return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names) if changed else batch
 
     def check_python_readable(self) -> None:
         """InputError if a column cannot become Python values (see :meth:`_for_python`):
-        one with nanosecond times inside nested values. For a job whose JSONL output needs
-        every column as Python values: refused before anything is paid for, not at export."""
+        nanoseconds inside nested values. For a job whose JSONL output needs every column
+        as Python values: refused before anything is paid for, not at export. Reads only
+        such columns, and only a file that has one."""
         if self.format != "parquet":
             return
-        for field in self._parquet_file().schema_arrow:
-            if _holds_nanoseconds(field.type):
-                raise self._nested_nanoseconds(field)
+        schema = self._parquet_file().schema_arrow
+        nested = [f.name for f in schema if _in_microseconds(f.type) != f.type]
+        nested = [name for name in nested if not _in_nanoseconds(schema.field(name).type)]
+        if nested:
+            for batch in self.iter_batches(columns=nested):
+                self._for_python(batch)
 
     def _nested_nanoseconds(self, field: pa.Field) -> InputError:
         return InputError(
-            f"{self.uri}: column {field.name!r} holds times in nanoseconds inside its "
-            f"{field.type} values, which batchpipe cannot read; write them in microseconds "
-            "(or as text), or export to Parquet"
+            f"{self.uri}: column {field.name!r} holds times with nanoseconds inside its "
+            f"{field.type} values, which cannot become Python values for a template or a "
+            "JSONL output; round them to microseconds or store them as text"
         )
 
     def _open_text(self) -> _TextStream:
@@ -700,10 +711,32 @@ def _in_nanoseconds(kind: pa.DataType) -> bool:
     return (temporal or pa.types.is_duration(kind)) and bool(kind.unit == "ns")
 
 
-def _holds_nanoseconds(kind: pa.DataType) -> bool:
-    """A nested type (struct, list, map) with a nanosecond time anywhere inside it."""
-    children = [kind.field(i).type for i in range(kind.num_fields)]
-    return any(_in_nanoseconds(child) or _holds_nanoseconds(child) for child in children)
+def _in_microseconds(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with every nanosecond time in it (nested too) counted in microseconds;
+    ``kind`` itself when it has none."""
+    if _in_nanoseconds(kind):
+        if pa.types.is_timestamp(kind):
+            return pa.timestamp("us", kind.tz)
+        return pa.time64("us") if pa.types.is_time64(kind) else pa.duration("us")
+    if pa.types.is_struct(kind):
+        fields = [kind.field(i) for i in range(kind.num_fields)]
+        inner = [f.with_type(_in_microseconds(f.type)) for f in fields]
+        return kind if inner == fields else pa.struct(inner)
+    if pa.types.is_map(kind):
+        key, item = _in_microseconds(kind.key_type), _in_microseconds(kind.item_type)
+        same = key == kind.key_type and item == kind.item_type
+        return kind if same else pa.map_(key, item, kind.keys_sorted)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        value = kind.value_field
+        inner_field = value.with_type(_in_microseconds(value.type))
+        if inner_field == value:
+            return kind
+        return pa.list_(inner_field) if pa.types.is_list(kind) else pa.large_list(inner_field)
+    if pa.types.is_fixed_size_list(kind):
+        value = kind.value_field
+        inner_field = value.with_type(_in_microseconds(value.type))
+        return kind if inner_field == value else pa.list_(inner_field, kind.list_size)
+    return kind  # dictionary-encoded times and rarer nestings: left as they are
 
 
 class _TextStream:

@@ -9,6 +9,7 @@ user sees: exit codes, messages naming file, line and column, and the exported r
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -352,9 +353,9 @@ def test_nanosecond_times_inside_nested_values_refuse_a_jsonl_job_before_it_is_s
     refused = run_job(sqlite_url, cli_env, src, tmp_path / "out.jsonl", "--id-column", "doc_id")
     assert refused.returncode == 1
     assert (
-        f"{src}: column 's' holds times in nanoseconds inside its struct<t: timestamp[ns]> "
-        "values, which batchpipe cannot read; write them in microseconds (or as text), or "
-        "export to Parquet"
+        f"{src}: column 's' holds times with nanoseconds inside its struct<t: timestamp[ns]> "
+        "values, which cannot become Python values for a template or a JSONL output; round "
+        "them to microseconds or store them as text"
     ) in refused.stderr
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "out.jsonl").exists()
@@ -364,3 +365,37 @@ def test_nanosecond_times_inside_nested_values_refuse_a_jsonl_job_before_it_is_s
     )
     assert done.returncode == 0, done.stderr
     assert pq.read_table(tmp_path / "out.parquet").column("s").type == times.type
+
+
+def test_nanosecond_columns_of_whole_microseconds_stay_times(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    """pandas writes every timestamp in nanoseconds, nearly always whole microseconds: those
+    reach templates and JSONL as the times they are, nested ones too, not as text."""
+    src = tmp_path / "pandas.parquet"
+    whole = 1_700_000_000_123_456_000
+    pq.write_table(
+        pa.table(
+            {
+                "doc_id": ["a"],
+                "body": ["x"],
+                "at": pa.array([whole], pa.timestamp("ns", tz="UTC")),
+                "took": pa.array([5_000], pa.duration("ns")),
+                "s": pa.array([{"t": whole}], pa.struct([("t", pa.timestamp("ns"))])),
+            }
+        ),
+        src,
+    )
+    (rows,) = Dataset(str(src)).iter_rows()
+    assert rows[0]["at"] == datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
+    assert rows[0]["took"] == timedelta(microseconds=5)
+    assert rows[0]["s"] == {"t": datetime(2023, 11, 14, 22, 13, 20, 123456)}
+    spec = JobSpec(input=str(src), prompt="{{ at.year }} {{ s.t }}", model="m", max_tokens=1)
+    (chunk,) = Dataset(str(src)).iter_chunks()
+    (params,) = RequestRenderer(spec).render_chunk(chunk, 0)
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "2023 2023-11-14 22:13:20.123456"
+    out = tmp_path / "out.jsonl"
+    done = run_job(sqlite_url, cli_env, src, out, "--id-column", "doc_id")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["at"] == "2023-11-14T22:13:20.123456+00:00"
