@@ -43,6 +43,8 @@ _loads = orjson.loads
 # row, the shortest integer orjson may read inexactly (-9223372036854775809).
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
 _LONG_RUN = b"0" * 19
+# How orjson refuses an integer too big for a double (309 digits or more).
+_TOO_BIG = "number is infinity"
 
 
 class ByteStream(Protocol):
@@ -159,63 +161,102 @@ def _parse_slowly(
     """
     parsed = []
     for offset, line in enumerate(lines):
-        long_digits = exact and _LONG_RUN in line.translate(_DIGITS)
+        lineno = first_lineno + offset
         try:
             obj = _loads(line)
         except orjson.JSONDecodeError as exc:
             if not line.strip():
                 continue  # blank (or whitespace-only) line: skipped, still counted
-            if not long_digits:
-                raise line_error(name, first_lineno + offset, line, exc) from None
-            # Maybe an integer orjson calls infinity (309 digits or more): read below.
-        if long_digits:
-            obj = _loads_exactly(name, first_lineno + offset, line)
+            if not (exact and _TOO_BIG in exc.msg and _LONG_RUN in line.translate(_DIGITS)):
+                raise line_error(name, lineno, line, exc) from None
+            # An integer of 309 digits or more, too big for the double orjson reads it as,
+            # is still JSON: read it exactly, as any line with a long integer is below.
+            obj = _loads_huge(name, lineno, line, exc)
+        else:
+            if exact and _LONG_RUN in line.translate(_DIGITS):
+                obj = _loads_exactly(name, lineno, line)
         if type(obj) is not dict:
             raise InputError(
-                f"{name}, line {first_lineno + offset}: expected a JSON object ({{...}}), "
+                f"{name}, line {lineno}: expected a JSON object ({{...}}), "
                 f"got {_json_kind(obj)}; every non-blank line must be one object"
             )
         parsed.append(obj)
     return parsed
 
 
+def _loads_exactly(name: str, lineno: int, line: bytes) -> Any:
+    """A line orjson parsed, parsed again keeping integers of any size exact."""
+    try:
+        return json.loads(line)
+    except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
+        raise _inexact(name, lineno, exc) from None
+
+
+def _inexact(name: str, lineno: int, exc: Exception) -> InputError:
+    return InputError(
+        f"{name}, line {lineno}: cannot read a number exactly ({exc}); write such numbers as "
+        "strings (in quotes)"
+    )
+
+
 class _NotJSON(Exception):
-    """NaN or Infinity: the json module reads them, orjson (and JSON) does not."""
+    """What the json module reads and orjson (and JSON) does not: NaN, Infinity, 1e400, a
+    lone surrogate."""
 
 
 def _no_constant(name: str) -> Any:
-    raise _NotJSON(name)
+    raise _NotJSON(f"{name} is not a JSON value")
 
 
 def _finite(text: str) -> float:
     """A float literal as the json module reads it, but refused where it overflows to
-    infinity, as orjson refuses it (``1e400``)."""
+    infinity, as orjson refuses it."""
     value = float(text)
     if math.isinf(value):
-        raise ValueError(f"{text[:24]} is beyond the largest float")
+        raise _NotJSON(f"{text[:24]} is beyond the largest float")
     return value
 
 
-def _loads_exactly(name: str, lineno: int, line: bytes) -> Any:
-    """A line with 19 digits in a row, parsed keeping integers of any size exact (orjson
-    may round them, or call one of 309 digits infinity and refuse the line)."""
+def _loads_huge(name: str, lineno: int, line: bytes, failed: orjson.JSONDecodeError) -> Any:
+    """A line orjson refused over an integer too big for a double, read by the json module,
+    which must refuse what orjson would have refused for any other reason (orjson's error
+    ``failed`` stands where the json module has none of its own)."""
     try:
-        return json.loads(line, parse_constant=_no_constant, parse_float=_finite)
+        obj = json.loads(line, parse_constant=_no_constant, parse_float=_finite)
+        _check_strings(obj)
     except _NotJSON as exc:
         raise InputError(
-            f"{name}, line {lineno}: invalid JSON: {exc} is not a JSON value; fix or remove "
-            "that line"
+            f"{name}, line {lineno}: invalid JSON: {exc}; fix or remove that line"
         ) from None
     except json.JSONDecodeError as exc:
-        # Not JSON after all: the json module's account of what is wrong, and where.
         raise line_error(name, lineno, line, exc) from None
     except UnicodeDecodeError:
-        raise line_error(name, lineno, line, json.JSONDecodeError("", "", 0)) from None
-    except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
+        raise line_error(name, lineno, line, failed) from None
+    except RecursionError:
         raise InputError(
-            f"{name}, line {lineno}: cannot read a number exactly ({exc}); write such "
-            "numbers as strings (in quotes)"
+            f"{name}, line {lineno}: invalid JSON: nested too deeply to read; fix or remove "
+            "that line"
         ) from None
+    except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
+        raise _inexact(name, lineno, exc) from None
+    return obj
+
+
+def _check_strings(value: Any) -> None:
+    """_NotJSON for a string with a lone surrogate (``"\\ud800"``), which the json module
+    reads and orjson does not (and nothing downstream could encode)."""
+    if type(value) is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _NotJSON("a lone surrogate (\\ud800-\\udfff) in a string") from None
+    elif type(value) is dict:
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif type(value) is list:
+        for item in value:
+            _check_strings(item)
 
 
 def line_error(name: str, lineno: int, line: bytes, exc: json.JSONDecodeError) -> InputError:
@@ -236,8 +277,9 @@ def line_error(name: str, lineno: int, line: bytes, exc: json.JSONDecodeError) -
             f"{column}); re-save the file as UTF-8"
         )
     return InputError(
-        f"{name}, line {lineno}: invalid JSON: {exc.msg} at column {exc.colno}; "
-        "fix or remove that line"
+        # The json module's own messages may end in "at" ("Invalid control character at").
+        f"{name}, line {lineno}: invalid JSON: {exc.msg.removesuffix(' at')} at column "
+        f"{exc.colno}; fix or remove that line"
     )
 
 

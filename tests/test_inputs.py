@@ -107,8 +107,11 @@ def test_an_integer_too_big_for_a_double_is_still_read_exactly(tmp_path: Path) -
     ("value", "message"),
     [
         (b"NaN", "invalid JSON: NaN is not a JSON value"),
-        (b"1e400", "cannot read a number exactly (1e400 is beyond the largest float)"),
+        (b"1e400", "invalid JSON: 1e400 is beyond the largest float"),
         (b"}", "invalid JSON: Expecting value at column 345"),
+        (b'"a\tb"', "invalid JSON: Invalid control character at column 347;"),
+        (b'"a\\ud800b"', "invalid JSON: a lone surrogate (\\ud800-\\udfff) in a string"),
+        (b"[" * 5000 + b"]" * 5000, "invalid JSON: nested too deeply to read"),
         (b"9" * 5000, "cannot read a number exactly (Exceeds the limit (4300 digits)"),
     ],
 )
