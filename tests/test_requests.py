@@ -382,7 +382,7 @@ def test_oversized_request_is_a_row_problem() -> None:
     assert problem == RowProblem(
         1, None, "request is 11 kB, over the 10 kB batch limit; shorten the prompt"
     )
-    # Sizes that round to one figure are given exactly, not "10 kB, over the 10 kB limit".
+    # Sizes within 10% are given exactly, not "10 kB, over the 10 kB limit".
     near = renderer.render({"body": "x" * 10_000}, 2)
     assert isinstance(near, RowProblem)
     assert re.fullmatch(

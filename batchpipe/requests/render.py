@@ -633,9 +633,10 @@ class RequestRenderer:
         size = len(orjson.dumps(params)) + REQUEST_WRAPPER_BYTES + FRAME_BYTES
         if size <= self._spec.max_batch_bytes:
             return None
-        shown, limit = _human_bytes(size), _human_bytes(self._spec.max_batch_bytes)
-        if shown == limit:  # "1 kB, over the 1 kB limit": exact, then
-            shown, limit = f"{size:,} bytes", f"{self._spec.max_batch_bytes:,}-byte"
+        most = self._spec.max_batch_bytes
+        shown, limit = _human_bytes(size), _human_bytes(most)
+        if size < most * 1.1:  # not "1 kB, over the 1 kB limit" (or "1 MB … 1000 kB"): exact
+            shown, limit = f"{size:,} bytes", f"{most:,}-byte"
         return RowProblem(
             row_index,
             None,
