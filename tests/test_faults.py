@@ -276,6 +276,36 @@ def test_cancel_cancels_in_flight_batches_and_records_every_item(
     assert emu.stats()["requests_received"] == ROWS
 
 
+def test_a_cancel_cut_short_is_finished_by_the_next_step(
+    store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
+) -> None:
+    """`cancel` exits 75 when the API is overloaded ("try later"). Before, no step sent the
+    cancels it had not: the job stayed canceling while its batches ran on, paid for, until
+    a second `cancel`; cron's `tick` never finished it."""
+    emu.configure(processing_seconds=3600, cancel_seconds=0.1)
+    ctx = _context(store, server)
+    job = pipeline.prepare(ctx, "stop", _spec(tmp_path))
+    with ctx.lease(job):
+        pipeline.step(ctx, job)
+    emu.advance(1800)  # about half of each batch is done
+    emu.configure(http_529_rate=1.0)
+    with pytest.raises(errors.TransientAPIError):
+        pipeline.cancel(ctx, job)
+    assert store.list_batches(job.id, {BatchStatus.CANCELING}) == []
+    emu.configure(http_529_rate=0.0)
+    job = store.get_job(job.id)  # type: ignore[assignment]
+    assert job.status == JobStatus.CANCELING
+    with ctx.lease(job):
+        pipeline.step(ctx, job)  # a tick: sends the cancels
+    assert len(store.list_batches(job.id, {BatchStatus.IN_PROGRESS})) == 0
+    _step_until(ctx, "stop", JobStatus.CANCELED)
+    ctx.close()
+    counts = {k: v for k, v in store.count_items(job.id).items() if v}
+    assert set(counts) == {ItemStatus.SUCCEEDED, ItemStatus.CANCELED}
+    assert counts[ItemStatus.CANCELED] > ROWS // 4  # the unprocessed half, not paid for
+    assert emu.stats()["requests_received"] == ROWS
+
+
 def test_retry_while_the_job_is_being_canceled_is_refused_as_not_now(
     store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
 ) -> None:

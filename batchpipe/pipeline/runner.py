@@ -156,6 +156,8 @@ def step(ctx: Context, job: JobRow) -> JobRow:
         if job.status != JobStatus.RUNNING:
             return job  # an empty input: done at once
     recover_planned(ctx, job)
+    if job.status == JobStatus.CANCELING:
+        _cancel_in_flight(ctx, job)
     poll(ctx, job)
     collect(ctx, job)
     job = reload_job(ctx, job)
@@ -314,30 +316,42 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
             return job
         ctx.store.update_job(job.id, expected_status=job.status, status=JobStatus.CANCELING)
         recover_planned(ctx, reload_job(ctx, job))
-        for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS}):
-            assert batch.api_batch_id is not None
-            try:
-                ctx.client.cancel(batch.api_batch_id)
-            except TransientAPIError:
-                raise
-            except APIError:
-                # The API refuses to cancel a batch that ended since our last poll; poll and
-                # collect take it from here, and the other batches still need their cancel.
-                try:
-                    info = ctx.client.retrieve(batch.api_batch_id)
-                except BatchNotFound:
-                    # Gone at the API (deleted in the Console): nothing left to cancel. The
-                    # next step settles it for the canceling job (collect.lost_batch).
-                    continue
-                if info.processing_status != "ended":
-                    raise
-                continue
-            ctx.store.update_batch(
-                batch.id, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
-            )
+        _cancel_in_flight(ctx, job)
         canceled = ctx.store.cancel_pending(job.id)
         bind(job, log).info("job.cancel_requested", pending_canceled=canceled)
         return step(ctx, reload_job(ctx, job))
+
+
+def _cancel_in_flight(ctx: Context, job: JobRow) -> None:
+    """Ask the API to cancel each batch of a canceling job still in progress (as we last
+    saw it); each one canceled is marked canceling.
+
+    Run by `cancel`, and by every step of a canceling job: a `cancel` that stopped part-way
+    (killed, or the API overloaded: exit 75, "try later") left batches in progress, which
+    ran on, paid for, until a second `cancel`. A batch whose cancel was sent but not
+    recorded is asked again; the API answers a canceling batch as it is.
+    """
+    for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS}):
+        assert batch.api_batch_id is not None
+        try:
+            ctx.client.cancel(batch.api_batch_id)
+        except TransientAPIError:
+            raise
+        except APIError:
+            # The API refuses to cancel a batch that ended since our last poll; poll and
+            # collect take it from here, and the other batches still need their cancel.
+            try:
+                info = ctx.client.retrieve(batch.api_batch_id)
+            except BatchNotFound:
+                # Gone at the API (deleted in the Console): nothing left to cancel. The
+                # next step settles it for the canceling job (collect.lost_batch).
+                continue
+            if info.processing_status != "ended":
+                raise
+            continue
+        ctx.store.update_batch(
+            batch.id, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
+        )
 
 
 # The tries of one round when the command gives none (JobSpec's default).
