@@ -4,6 +4,7 @@ one head; Store.open's revision checks; no password in any error message."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -172,10 +173,51 @@ def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
     upgrade(sqlite_url)
     engine = sa.create_engine(sqlite_url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'old0'")
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0007'")
     engine.dispose()
-    with pytest.raises(StoreError, match=r"at revision old0, batchpipe needs 0008"):
+    with pytest.raises(StoreError, match=r"at revision 0007, batchpipe needs 0008"):
         Store.open(sqlite_url)  # auto_migrate applies to blank files only
+
+
+def test_a_database_a_newer_batchpipe_migrated_says_to_upgrade_batchpipe(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Before: "run `batchpipe db upgrade`", which then failed with alembic's traceback."""
+    upgrade(sqlite_url)
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    engine.dispose()
+    said = (
+        r"is at revision 0099, which batchpipe \S+ does not know \(it knows up to 0008\): a "
+        r"newer batchpipe migrated it\. Upgrade batchpipe to use it"
+    )
+    with pytest.raises(StoreError, match=said):
+        Store.open(sqlite_url)
+    for command in (["status"], ["db", "upgrade"]):
+        ran = subprocess.run(
+            [sys.executable, "-m", "batchpipe", "--db", sqlite_url, *command],
+            capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        )  # fmt: skip
+        assert ran.returncode == 1, ran.stderr
+        assert re.search(said, ran.stderr), ran.stderr
+        assert "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:/state.db", "notaurl", "postgresql+psycopg://u:pw@db.example:543x/db"]
+)
+def test_a_malformed_database_url_is_a_setting_to_fix(url: str, tmp_path: Path) -> None:
+    """Before: a traceback and exit 1 (ValueError for a port that is not a number)."""
+    ran = subprocess.run(
+        [sys.executable, "-m", "batchpipe", "--db", url, "tick"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    assert "error: invalid database URL " in ran.stderr
+    assert "expected a SQLAlchemy URL such as sqlite:///state.db" in ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert "pw" not in ran.stderr
 
 
 @pytest.mark.postgres
@@ -215,6 +257,12 @@ def test_a_server_that_cannot_be_reached_is_try_later_and_a_refusal_is_not(
         capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 75, result.stderr
+    # Settings of the URL that libpq refuses itself, before asking any server: exit 75
+    # ("try later") would hide them from cron for good.
+    for query in ("sslmode=bogus", "bogus_option=1"):
+        with pytest.raises(StoreError, match=r"cannot open database ") as err:
+            Store.open(f"{postgres_server}/state?{query}")
+        assert not isinstance(err.value, StoreUnreachable), query
 
 
 def test_mask_url_without_password() -> None:

@@ -15,17 +15,32 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
-from batchpipe.errors import StoreError, UsageError
+from batchpipe.errors import UsageError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_PAGE_BYTES = 16_384
+
+
+def parse_url(url: str | URL) -> URL:
+    """``url`` parsed; UsageError (exit 2: a setting to fix) when it is not a URL SQLAlchemy
+    reads, such as ``sqlite:/state.db`` or a port that is not a number."""
+    if not isinstance(url, str):
+        return url
+    try:
+        return make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        raise UsageError(
+            f"invalid database URL {mask_url(url)}: {exc}; expected a SQLAlchemy URL such as "
+            "sqlite:///state.db or postgresql+psycopg://user@host/db (--db, "
+            "BATCHPIPE_DATABASE_URL)"
+        ) from None
 
 
 def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ``***`` (for messages and logs)."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         # Unparseable: show only the scheme, never the rest (it may hold a password).
         text = str(url)
         return text.split("://", 1)[0] + "://***" if "://" in text else "***"
@@ -45,7 +60,7 @@ def describe_error(exc: BaseException, url: str | URL) -> str:
     text = " ".join(kept) or type(exc).__name__
     try:
         password = (make_url(url) if isinstance(url, str) else url).password
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         password = None
     if password:
         text = text.replace(str(password), "***")
@@ -61,6 +76,18 @@ _BUSY_SERVER = (
 )
 
 
+# libpq's refusals of the URL's own settings, before any server is asked (no FATAL): waiting
+# never fixes them, and exit 75 would keep cron from ever saying so.
+_CLIENT_SETTINGS = (
+    "invalid sslmode value",
+    "no password supplied",
+    "invalid connection option",
+    "invalid port number",
+    "invalid integer value",
+    "invalid value for parameter",
+)
+
+
 def unavailable(exc: sa.exc.SQLAlchemyError) -> bool:
     """Whether trying again later may help (StoreUnreachable, exit 75 for cron and Airflow).
 
@@ -69,7 +96,8 @@ def unavailable(exc: sa.exc.SQLAlchemyError) -> bool:
     transaction is rolled back), when PostgreSQL gave no answer to a connect (refused,
     timed out, unknown host), or when it is not taking connections yet. No for a refusal
     that stands (a wrong password, a missing database or role): libpq reports those as
-    FATAL, and psycopg attaches no SQLSTATE to connection failures to tell them apart by.
+    FATAL, and psycopg attaches no SQLSTATE to connection failures to tell them apart by;
+    nor for a setting of the URL that libpq refuses itself (``_CLIENT_SETTINGS``).
     No for an error of a statement on a live connection (a full disk, a deadlock, a
     statement timeout): those carry a SQLSTATE, and waiting is not known to fix them.
     """
@@ -81,6 +109,8 @@ def unavailable(exc: sa.exc.SQLAlchemyError) -> bool:
     if not type(orig).__module__.startswith("psycopg") or getattr(orig, "sqlstate", None):
         return False
     text = str(orig)
+    if any(setting in text for setting in _CLIENT_SETTINGS):
+        return False
     return "FATAL:" not in text or any(busy in text for busy in _BUSY_SERVER)
 
 
@@ -107,7 +137,7 @@ def locked(exc: sa.exc.SQLAlchemyError) -> bool:
 
 def sqlite_path(url: str | URL) -> Path | None:
     """The file behind a SQLite URL; None for other dialects and in-memory databases."""
-    parsed = make_url(url) if isinstance(url, str) else url
+    parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
     database = parsed.database
@@ -160,10 +190,7 @@ def _on_sqlite_begin(conn: sa.Connection) -> None:
 
 def create_engine(url: str) -> Engine:
     """An engine with batchpipe's per-dialect settings. Does not connect yet."""
-    try:
-        parsed = make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise StoreError(f"invalid database URL {mask_url(url)}: {exc}") from None
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {}
     if backend == "sqlite":

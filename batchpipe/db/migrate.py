@@ -15,6 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 import batchpipe
 from batchpipe.db.connect import create_engine, describe_error, mask_url
@@ -41,6 +42,21 @@ def head_revision() -> str:
     if len(heads) != 1:
         raise StoreError(f"expected one migration head, found {len(heads)}: {sorted(heads)}")
     return heads[0]
+
+
+def newer_schema(url: str, revision: str) -> StoreError | None:
+    """The error for a database at a ``revision`` these migrations do not have (a newer
+    batchpipe migrated it), or None for a revision they know."""
+    try:
+        ScriptDirectory.from_config(alembic_config()).get_revision(revision)
+    except CommandError:
+        return StoreError(
+            f"database {mask_url(url)} is at revision {revision}, which batchpipe "
+            f"{batchpipe.__version__} does not know (it knows up to {head_revision()}): a "
+            "newer batchpipe migrated it. Upgrade batchpipe to use it; a database is never "
+            "migrated back"
+        )
+    return None
 
 
 def upgrade(url: str) -> None:
@@ -80,6 +96,12 @@ def _run(url: str, action: str, revision: str) -> None:
             command.upgrade(config, revision)
         else:
             command.downgrade(config, revision)
+    except CommandError:
+        current = current_revision(url)
+        newer = newer_schema(url, current) if current is not None else None
+        if newer is not None:
+            raise newer from None
+        raise
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(
             f"migrating database {mask_url(url)} ({action} {revision}) failed: "

@@ -23,7 +23,7 @@ from batchpipe.db.connect import (
 from batchpipe.db.items import ItemsMixin
 from batchpipe.db.jobs import JobsMixin
 from batchpipe.db.ledger import LedgerMixin
-from batchpipe.db.migrate import head_revision, revision_of, upgrade
+from batchpipe.db.migrate import head_revision, newer_schema, revision_of, upgrade
 from batchpipe.errors import StoreBusy, StoreError, StoreUnreachable, UsageError
 
 # How long Store.open keeps retrying a SQLite file that is locked in a way SQLite does not
@@ -85,7 +85,8 @@ class Store(JobsMixin, ItemsMixin, BatchesMixin, LedgerMixin):
                     raise
             else:
                 engine.dispose()
-                raise StoreError(
+                newer = newer_schema(url, current) if current is not None else None
+                raise newer or StoreError(
                     f"database {mask_url(url)} is at revision {current or 'none (empty)'}, "
                     f"batchpipe needs {head}: run `batchpipe db upgrade`"
                 )
