@@ -420,3 +420,30 @@ def test_a_batch_adopted_by_mistake_is_given_back_and_the_rows_are_sent(
     assert stats["batches_created"] == 2
     assert stats["requests_received"] == 2 * ROWS
     assert stats["duplicate_successes"] == 0
+
+
+def test_a_canceling_job_never_cancels_a_batch_it_cannot_confirm_is_its_own(
+    emulator_server: EmulatorServer, emulator: Emulator, tmp_path: Path
+) -> None:
+    """Each step of a canceling job cancels its batches in progress. An orphan of the same
+    size created in the window, which a running job adopts before its results confirm it,
+    may be another state database's (same API key): a canceling job waits until it ends."""
+    env = env_for(emulator_server.url)
+    emulator.configure(processing_seconds=3600)
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    write_rows(ours, ROWS)
+    theirs.write_text(ours.read_text().replace("review", "other"))
+    our_db, their_db = (f"sqlite:///{tmp_path / n}" for n in ("ours.db", "theirs.db"))
+    args = job_args(ours, "ours", tmp_path / "out.parquet", per_batch=ROWS)
+    killed = run_batchpipe(our_db, {**env, "BATCHPIPE_FAILPOINT": "after_intent"}, "submit", *args)
+    assert killed.returncode == -signal.SIGKILL  # our create never went out
+    canceled = run_batchpipe(our_db, env, "cancel", "ours")
+    assert canceled.returncode == 0, canceled.stderr
+    their_args = job_args(theirs, "theirs", tmp_path / "theirs.parquet", per_batch=ROWS)
+    assert run_batchpipe(their_db, env, "submit", *their_args).returncode == 0
+    ticked = run_batchpipe(our_db, env, "tick")
+    assert ticked.returncode == 0, ticked.stderr
+    assert _events(ticked.stderr, "batch.orphan_adopted") == []
+    assert _events(ticked.stderr, "batch.orphan_ambiguous")
+    with emulator.locked() as api:
+        assert all(b.cancel_initiated_at is None for b in api.batches.values())

@@ -156,9 +156,13 @@ def step(ctx: Context, job: JobRow) -> JobRow:
         if job.status != JobStatus.RUNNING:
             return job  # an empty input: done at once
     recover_planned(ctx, job)
-    if job.status == JobStatus.CANCELING:
-        _cancel_in_flight(ctx, job)
     poll(ctx, job)
+    if job.status == JobStatus.CANCELING:
+        # After the poll, so batches that ended meanwhile are not asked; a cancel the API
+        # refuses now is asked again by the next step, and the collect goes on.
+        failed = _cancel_in_flight(ctx, job)
+        if failed is not None:
+            bind(job, log).warning("job.cancel_incomplete", error=str(failed))
     collect(ctx, job)
     job = reload_job(ctx, job)
     if job.status == JobStatus.CANCELING:
@@ -316,28 +320,35 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
             return job
         ctx.store.update_job(job.id, expected_status=job.status, status=JobStatus.CANCELING)
         recover_planned(ctx, reload_job(ctx, job))
-        _cancel_in_flight(ctx, job)
+        failed = _cancel_in_flight(ctx, job)
+        if failed is not None:
+            raise failed
         canceled = ctx.store.cancel_pending(job.id)
         bind(job, log).info("job.cancel_requested", pending_canceled=canceled)
         return step(ctx, reload_job(ctx, job))
 
 
-def _cancel_in_flight(ctx: Context, job: JobRow) -> None:
+def _cancel_in_flight(ctx: Context, job: JobRow) -> APIError | None:
     """Ask the API to cancel each batch of a canceling job still in progress (as we last
-    saw it); each one canceled is marked canceling.
+    saw it); each one canceled is marked canceling. Returns the first error of a cancel
+    the API refused for now (the others are still asked), or None.
 
     Run by `cancel`, and by every step of a canceling job: a `cancel` that stopped part-way
     (killed, or the API overloaded: exit 75, "try later") left batches in progress, which
     ran on, paid for, until a second `cancel`. A batch whose cancel was sent but not
-    recorded is asked again; the API answers a canceling batch as it is.
+    recorded is asked again; the API answers a canceling batch as it is. A canceling job
+    adopts no orphan it cannot confirm (``recover_planned``), so no one else's batch is
+    canceled here.
     """
+    failed: APIError | None = None
     for batch in ctx.store.list_batches(job.id, {BatchStatus.IN_PROGRESS}):
         assert batch.api_batch_id is not None
         try:
             ctx.client.cancel(batch.api_batch_id)
-        except TransientAPIError:
-            raise
-        except APIError:
+        except TransientAPIError as exc:
+            failed = failed or exc
+            continue
+        except APIError as exc:
             # The API refuses to cancel a batch that ended since our last poll; poll and
             # collect take it from here, and the other batches still need their cancel.
             try:
@@ -346,12 +357,16 @@ def _cancel_in_flight(ctx: Context, job: JobRow) -> None:
                 # Gone at the API (deleted in the Console): nothing left to cancel. The
                 # next step settles it for the canceling job (collect.lost_batch).
                 continue
+            except APIError as retrieved:
+                failed = failed or retrieved
+                continue
             if info.processing_status != "ended":
-                raise
+                failed = failed or exc
             continue
         ctx.store.update_batch(
             batch.id, expected_status=BatchStatus.IN_PROGRESS, status=BatchStatus.CANCELING
         )
+    return failed
 
 
 # The tries of one round when the command gives none (JobSpec's default).

@@ -269,9 +269,16 @@ def recover_planned(ctx: Context, job: JobRow) -> None:
                     api_batch_ids=[c.id for c in confirmed],
                 )
             _adopt(ctx, job, batch, found, unclaimed, confirmed=True)
-        elif len(running) + len(unreadable) == 1 and running and sizes[batch.request_count] == 1:
+        elif (
+            len(running) + len(unreadable) == 1
+            and running
+            and sizes[batch.request_count] == 1
+            and job.status != JobStatus.CANCELING
+        ):
             # Unconfirmed adoption only when no other planned batch of this job could own
-            # that API batch too; otherwise wait until its results tell them apart.
+            # that API batch too; otherwise wait until its results tell them apart. Not for a
+            # job being canceled: its steps cancel what it adopts, and a batch of another
+            # state database on the same key would be canceled; it waits until it ends.
             _adopt(ctx, job, batch, running[0], unclaimed, confirmed=False)
         elif running:
             logger.warning(
