@@ -260,22 +260,42 @@ def test_a_field_of_a_null_object_is_null_and_takes_the_templates_default() -> N
         "{{ meta.lang or 'unknown' }} {{ meta.info.lang or 'unknown' }}",
         "{% if meta.lang %}{{ meta.lang }}{% else %}unknown{% endif %} "
         "{{ meta['info']['lang'] | default('unknown', true) }}",
+        "{{ 'unknown' if meta.lang is none else meta.lang }} "
+        "{{ 'unknown' if meta.info.lang is none else meta.info.lang }}",
     ]:
         renderer = RequestRenderer(make_spec(prompt=prompt))
         for row, sent in rows:
             params = renderer.render(row, 0)
             assert isinstance(params, dict), (prompt, row, params)
             assert params["messages"][0]["content"] == sent, (prompt, row)
-    # Printed without a default it is refused, and the message names what is null.
-    renderer = RequestRenderer(make_spec(prompt="{{ meta.info.lang }}"))
-    for row, null in [({"meta": None}, "meta"), ({"meta": {"info": None}}, "meta.info")]:
-        problem = renderer.render(row, 4)
+    equal = RequestRenderer(make_spec(prompt="{{ 'x' if meta.lang == none else 'y' }}"))
+    assert equal.render({"meta": {"lang": None}}, 0)["messages"][0]["content"] == "x"  # type: ignore[index]
+    # Read from a null, a field is absent too: default() and `is defined` say so.
+    absent = RequestRenderer(
+        make_spec(prompt="{{ meta.lang | default('none') }} {{ meta.info.lang is defined }}")
+    ).render({"meta": None}, 0)
+    assert isinstance(absent, dict)
+    assert absent["messages"][0]["content"] == "none False"
+    # Printed without a default, or used, it is refused, and the message names the null.
+    for prompt, row, null in [
+        ("{{ meta.info.lang }}", {"meta": None}, "meta"),
+        ("{{ meta.info.lang }}", {"meta": {"info": None}}, "meta.info"),
+        ("{{ meta.info.lang | length }}", {"meta": None}, "meta"),
+    ]:
+        problem = RequestRenderer(make_spec(prompt=prompt)).render(row, 4)
         assert problem == RowProblem(
             4,
             None,
             f"template prints a null value: {null} is null, so meta.info.lang is too, in this "
             "row; write {{ meta.info.lang or '' }} where an empty value is fine",
-        ), row
+        ), (prompt, row)
+    # A null field is never turned into the text "None" by a filter or an operator.
+    for prompt in ["{{ meta.lang | upper }}", "{{ meta.lang ~ '!' }}", "{{ row.meta | upper }}"]:
+        problem = RequestRenderer(make_spec(prompt=prompt)).render({"meta": {"lang": None}}, 0)
+        if prompt == "{{ row.meta | upper }}":
+            problem = RequestRenderer(make_spec(prompt=prompt)).render({"meta": None}, 0)
+        assert isinstance(problem, RowProblem), prompt
+        assert problem.message.startswith("template prints a null value: "), prompt
 
 
 def test_a_missing_field_fails_the_row_even_where_it_is_only_tested() -> None:
@@ -290,10 +310,13 @@ def test_a_missing_field_fails_the_row_even_where_it_is_only_tested() -> None:
         problem = RequestRenderer(make_spec(prompt=prompt)).render(row, 0)
         assert isinstance(problem, RowProblem), prompt
         assert problem.message.startswith("template: meta.lagn is missing (meta has: lang)")
-    for prompt in ["{{ meta.region | default('unknown') }}", "{{ meta.region is defined }}"]:
+    for prompt, sent in [
+        ("{{ meta.region | default('unknown') }}", "unknown"),
+        ("{{ meta.region is defined }}", "False"),
+    ]:
         params = RequestRenderer(make_spec(prompt=prompt)).render(row, 0)
         assert isinstance(params, dict), prompt
-        assert params["messages"][0]["content"] in {"unknown", "False"}
+        assert params["messages"][0]["content"] == sent, prompt
 
 
 def test_a_mistyped_or_null_nested_field_is_named_with_the_fields_there(tmp_path: Path) -> None:

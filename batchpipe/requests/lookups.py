@@ -41,8 +41,8 @@ class NullPrinted(Exception):
 
 
 class Null:
-    """A null column as a Jinja template sees it, and any field of a null (the renderer's
-    lookups give it for ``meta.lang`` when ``meta`` is null): false, so
+    """A null value as a Jinja template sees it (a null column, or a null field the
+    renderer's lookups read): false, so
     `{{ body or 'none' }}`, `{% if body %}` and `default('x', true)` say what to print
     instead; but never text. A bare None would print through a filter as "None"
     (`{{ body | upper }}` gives "NONE", sent and paid for): turned into text, this refuses
@@ -52,6 +52,12 @@ class Null:
 
     def __bool__(self) -> bool:
         return False
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or other is self  # `== none` holds, as for the None it stands for
+
+    def __hash__(self) -> int:
+        return hash(None)
 
     def __str__(self) -> str:
         raise NullPrinted
@@ -84,6 +90,17 @@ class StrictLookupUndefined(jinja2.StrictUndefined):
         # factory. jinja2 only calls it with the message, so a partial serves as the class.
         factory = functools.partial(UndefinedLookup, obj=obj, name=name)
         super().__init__(hint, obj, name, cast("type[jinja2.TemplateRuntimeError]", factory))
+
+
+class NullLookup(StrictLookupUndefined):
+    """A field read from a null (``meta.lang`` when ``meta`` is null, at any depth): absent,
+    so `| default('x')` and `is defined` say so, and false, so `or` and `if` give their
+    default; printed or used in any other way it fails the row, naming the null."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:  # type: ignore[override]  # StrictUndefined's raises
+        return False
 
 
 def _lookup_path(node: jinja2.nodes.Node) -> Path | None:
@@ -139,6 +156,14 @@ class TemplateLookups:
                     if path is not None and path not in self._printed:
                         self._printed.append(path)
 
+    def _null_prefix(self, row: Mapping[str, Any], path: Path) -> Path | None:
+        """The shortest part of ``path`` that is null in ``row`` (``meta`` of
+        ``meta.info.lang``), short of the whole; None if none is."""
+        for end in range(1, len(path)):
+            if self._resolve(row, path[:end]) is None:
+                return path[:end]
+        return None
+
     def _resolve(self, row: Mapping[str, Any], path: Path) -> Any:
         """The value ``path`` reads in ``row``, or _MISSING where it reads nothing."""
         head = str(path[0])  # paths start at a name
@@ -163,6 +188,11 @@ class TemplateLookups:
         """What a row's UndefinedError means: the lookup, as written, and the fields there."""
         obj = getattr(exc, "obj", None)
         name = getattr(exc, "name", None)
+        if obj is None or obj is NULL or isinstance(obj, NullLookup):
+            for path in self._all:
+                null = self._null_prefix(row, path) if path[-1] == name else None
+                if null is not None:
+                    return _null_message(show_path(path), null=show_path(null))
         if isinstance(obj, Mapping) and name not in obj:
             for path in self._all:
                 if path[-1] == name and self._resolve(row, path[:-1]) is obj:
@@ -183,9 +213,12 @@ class TemplateLookups:
         for path in self._printed:
             if self._resolve(row, path) is None:
                 return _null_message(show_path(path))
-            for end in range(1, len(path)):  # meta.info.lang where meta or meta.info is null
-                if self._resolve(row, path[:end]) is None:
-                    return _null_message(show_path(path), null=show_path(path[:end]))
+            null = self._null_prefix(row, path)  # meta.info.lang where meta.info is null
+            if null is not None:
+                return _null_message(show_path(path), null=show_path(null))
+        for path in self._all:  # not printed bare: through a filter ({{ meta.lang | upper }})
+            if self._resolve(row, path) is None:
+                return _null_message(show_path(path))
         if null_columns:
             return _null_message(null_columns[0])
         return (

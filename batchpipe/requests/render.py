@@ -21,7 +21,13 @@ from batchpipe.errors import InputError, UsageError
 from batchpipe.jsontext import dumps
 from batchpipe.models import RESULT_PREFIX_HINT, JobSpec
 from batchpipe.requests.framing import FRAME_BYTES, REQUEST_WRAPPER_BYTES
-from batchpipe.requests.lookups import NULL, NullPrinted, StrictLookupUndefined, TemplateLookups
+from batchpipe.requests.lookups import (
+    NULL,
+    NullLookup,
+    NullPrinted,
+    StrictLookupUndefined,
+    TemplateLookups,
+)
 from batchpipe.structured import OutputSchema
 
 # Marks a column absent from the row (as opposed to present and null).
@@ -175,24 +181,28 @@ ROW_NAME = "row"
 
 
 class _Environment(SandboxedEnvironment):
-    """The sandbox, where a field of a null is null (NULL): `{{ meta.lang or 'unknown' }}`
-    gives the default when ``meta`` is null, as when ``meta.lang`` is, at any depth. A
-    missing field stays undefined (strict: a typo fails the row)."""
+    """The sandbox, with lookups that treat nulls as nulls. A null field read is NULL, so
+    that a filter cannot turn it into "None" (`{{ meta.lang | upper }}`), and a field read
+    from a null is a NullLookup, absent and false: `{{ meta.info.lang or 'unknown' }}` and
+    `| default('unknown')` give the default when ``meta`` is null. A missing field stays
+    strictly undefined (a typo fails the row)."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        if obj is None or obj is NULL:
-            return NULL
-        return super().getattr(obj, attribute)
+        if obj is None or obj is NULL or isinstance(obj, NullLookup):
+            return NullLookup(obj=obj, name=attribute)
+        value = super().getattr(obj, attribute)
+        return NULL if value is None else value
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        if obj is None or obj is NULL:
-            return NULL
-        return super().getitem(obj, argument)
+        if obj is None or obj is NULL or isinstance(obj, NullLookup):
+            return NullLookup(obj=obj, name=argument)
+        value = super().getitem(obj, argument)
+        return NULL if value is None else value
 
 
 def _is_none(value: Any) -> bool:
     """Jinja's `none` test, true for a null column too (`{% if body is none %}`)."""
-    return value is None or value is NULL
+    return value is None or value is NULL or isinstance(value, NullLookup)
 
 
 def _finalize(value: Any) -> Any:
