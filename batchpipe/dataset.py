@@ -217,6 +217,8 @@ class Dataset:
         self._columns: list[str] | None = None
         self._count: int | None = None
         self._schema: tuple[pa.Schema, frozenset[str]] | None = None
+        # Per nanosecond column, the type Python gets it as (see _for_python); on first need.
+        self._python_types: dict[str, pa.DataType | None] | None = None
 
     def __repr__(self) -> str:
         return f"Dataset({self.uri!r}, fmt={self.format!r})"
@@ -390,43 +392,62 @@ class Dataset:
 
         Python's datetime stops at microseconds, and pyarrow refuses (asking for pandas) to
         convert a value with nanoseconds in it, so rendering or a JSONL export of such a
-        column failed. pandas writes every timestamp in nanoseconds, almost always whole
-        microseconds: those become microsecond times, as Python would have them anyway.
-        A top-level column that really has nanoseconds in this batch becomes text, every
-        digit kept (``2023-11-14 22:13:20.123456789``; a duration: its nanoseconds as an
-        int). Nested values cannot become text: InputError names the column.
+        column failed. Each such column is converted as the whole file allows (decided once,
+        :meth:`_nanosecond_columns`), so that every row of it reaches templates and JSONL in
+        one form. InputError for nested values with nanoseconds in them, naming the column.
         """
-        changed = False
+        plan = self._nanosecond_columns()
+        if not plan:
+            return batch
         arrays = []
         for field, column in zip(batch.schema, batch.columns, strict=True):
-            kind = field.type
-            micro = _in_microseconds(kind)
-            if micro == kind:
+            if field.name not in plan:
                 arrays.append(column)
                 continue
-            changed = True
-            try:
-                arrays.append(column.cast(micro, safe=True))  # refused if it would lose data
-            except pa.ArrowInvalid:
-                if not _in_nanoseconds(kind):
-                    raise self._nested_nanoseconds(field) from None
-                to = pa.int64() if pa.types.is_duration(kind) else pa.string()
-                arrays.append(column.cast(to))
-        return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names) if changed else batch
+            to = plan[field.name]
+            if to is None:
+                raise self._nested_nanoseconds(field)
+            arrays.append(column.cast(to))
+        return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+    def _nanosecond_columns(self) -> dict[str, pa.DataType | None]:
+        """The Parquet columns with nanosecond times (nested too), each with the type it
+        reaches Python as: counted in microseconds when that loses nothing in any row (pandas
+        writes every time in nanoseconds, nearly always whole microseconds); else a top-level
+        time as text, every digit kept (``2023-11-14 22:13:20.123456789``), a duration as its
+        nanoseconds; else (nested) None: it cannot be converted. One read of these columns
+        only, and only for a file that has one."""
+        if self._python_types is None:
+            plan: dict[str, pa.DataType | None] = {}
+            if self.format == "parquet":
+                for field in self._parquet_file().schema_arrow:
+                    micro = _in_microseconds(field.type)
+                    if micro != field.type:
+                        plan[field.name] = micro
+            for batch in self.iter_batches(columns=list(plan)) if plan else ():
+                for field, column in zip(batch.schema, batch.columns, strict=True):
+                    to = plan[field.name]
+                    if to is None or to in (pa.string(), pa.int64()):
+                        continue  # already given up on microseconds
+                    try:
+                        column.cast(to, safe=True)  # refused where it would lose digits
+                    except pa.ArrowInvalid:
+                        if not _in_nanoseconds(field.type):
+                            plan[field.name] = None
+                        elif pa.types.is_duration(field.type):
+                            plan[field.name] = pa.int64()
+                        else:
+                            plan[field.name] = pa.string()
+            self._python_types = plan
+        return self._python_types
 
     def check_python_readable(self) -> None:
         """InputError if a column cannot become Python values (see :meth:`_for_python`):
         nanoseconds inside nested values. For a job whose JSONL output needs every column
-        as Python values: refused before anything is paid for, not at export. Reads only
-        such columns, and only a file that has one."""
-        if self.format != "parquet":
-            return
-        schema = self._parquet_file().schema_arrow
-        nested = [f.name for f in schema if _in_microseconds(f.type) != f.type]
-        nested = [name for name in nested if not _in_nanoseconds(schema.field(name).type)]
-        if nested:
-            for batch in self.iter_batches(columns=nested):
-                self._for_python(batch)
+        as Python values: refused before anything is paid for, not at export."""
+        for name, to in self._nanosecond_columns().items():
+            if to is None:
+                raise self._nested_nanoseconds(self._parquet_file().schema_arrow.field(name))
 
     def _nested_nanoseconds(self, field: pa.Field) -> InputError:
         return InputError(

@@ -402,3 +402,22 @@ def test_nanosecond_columns_of_whole_microseconds_stay_times(
     done = run_job(sqlite_url, cli_env, src, out, "--id-column", "doc_id")
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["at"] == "2023-11-14T22:13:20.123456+00:00"
+
+
+def test_a_nanosecond_column_is_converted_alike_in_every_row(tmp_path: Path) -> None:
+    """Decided per chunk, one real nanosecond in the second chunk made the column text
+    there and times in the first: `{{ at.year }}` rendered one chunk and refused the other,
+    and a JSONL export mixed two formats in one column."""
+    whole = 1_700_000_000_123_456_000
+    rows = 20_000  # three chunks of 8,192 rows; the one nanosecond is in the last
+    src = tmp_path / "mixed.parquet"
+    at = pa.array([whole] * (rows - 1) + [NANOS], pa.timestamp("ns"))
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(rows)], "at": at}), src)
+    kinds = {type(row["at"]) for chunk in Dataset(str(src)).iter_rows() for row in chunk}
+    assert kinds == {str}
+    spec = JobSpec(input=str(src), prompt="{{ at }}", model="m", max_tokens=1)
+    renderer = RequestRenderer(spec)
+    first = next(Dataset(str(src)).iter_chunks())
+    params = renderer.render_chunk(first, 0)[0]
+    assert isinstance(params, dict)
+    assert params["messages"][0]["content"] == "2023-11-14 22:13:20.123456000"
