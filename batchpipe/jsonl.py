@@ -188,8 +188,17 @@ def _loads_exactly(name: str, lineno: int, line: bytes) -> Any:
     """A line orjson parsed, parsed again keeping integers of any size exact."""
     try:
         return json.loads(line)
+    except RecursionError:  # orjson reads 1,023 levels; the json module fewer
+        raise _too_deep(name, lineno) from None
     except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
         raise _inexact(name, lineno, exc) from None
+
+
+def _too_deep(name: str, lineno: int) -> InputError:
+    return InputError(
+        f"{name}, line {lineno}: nested too deeply to read with its long integers exact; "
+        "nest it less, or write those numbers as strings"
+    )
 
 
 def _inexact(name: str, lineno: int, exc: Exception) -> InputError:
@@ -213,7 +222,8 @@ def _finite(text: str) -> float:
     infinity, as orjson refuses it."""
     value = float(text)
     if math.isinf(value):
-        raise _NotJSON(f"{text[:24]} is beyond the largest float")
+        shown = text if len(text) <= 24 else f"{text[:12]}…{text[-8:]}"
+        raise _NotJSON(f"{shown} is beyond the largest float")
     return value
 
 
@@ -233,10 +243,7 @@ def _loads_huge(name: str, lineno: int, line: bytes, failed: orjson.JSONDecodeEr
     except UnicodeDecodeError:
         raise line_error(name, lineno, line, failed) from None
     except RecursionError:
-        raise InputError(
-            f"{name}, line {lineno}: invalid JSON: nested too deeply to read; fix or remove "
-            "that line"
-        ) from None
+        raise _too_deep(name, lineno) from None
     except ValueError as exc:  # an integer past Python's digit limit (4,300 by default)
         raise _inexact(name, lineno, exc) from None
     return obj

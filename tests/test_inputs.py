@@ -111,7 +111,8 @@ def test_an_integer_too_big_for_a_double_is_still_read_exactly(tmp_path: Path) -
         (b"}", "invalid JSON: Expecting value at column 345"),
         (b'"a\tb"', "invalid JSON: Invalid control character at column 347;"),
         (b'"a\\ud800b"', "invalid JSON: a lone surrogate (\\ud800-\\udfff) in a string"),
-        (b"[" * 5000 + b"]" * 5000, "invalid JSON: nested too deeply to read"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply to read with its long integers exact"),
+        (b"[" * 1000 + b"]" * 1000, "nested too deeply to read with its long integers exact"),
         (b"9" * 5000, "cannot read a number exactly (Exceeds the limit (4300 digits)"),
     ],
 )

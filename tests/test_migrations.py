@@ -205,7 +205,13 @@ def test_a_database_a_newer_batchpipe_migrated_says_to_upgrade_batchpipe(
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite:/state.db", "notaurl", "postgresql+psycopg://u:pw@db.example:543x/db"]
+    "url",
+    [
+        "sqlite:/state.db",
+        "notaurl",
+        "postgresql+psycopg://u:pw@db.example:543x/db",
+        "postgresql+psycopg://u:pa@ss:w0rd@db.example/db",  # an unescaped "@" in the password
+    ],
 )
 def test_a_malformed_database_url_is_a_setting_to_fix(url: str, tmp_path: Path) -> None:
     """Before: a traceback and exit 1 (ValueError for a port that is not a number)."""
@@ -218,6 +224,7 @@ def test_a_malformed_database_url_is_a_setting_to_fix(url: str, tmp_path: Path) 
     assert "expected a SQLAlchemy URL such as sqlite:///state.db" in ran.stderr
     assert "Traceback" not in ran.stderr
     assert "pw" not in ran.stderr
+    assert "w0rd" not in ran.stderr
 
 
 @pytest.mark.postgres
@@ -267,7 +274,8 @@ def test_a_server_that_cannot_be_reached_is_try_later_and_a_refusal_is_not(
 
 def test_mask_url_without_password() -> None:
     assert mask_url("sqlite:///state.db") == "sqlite:///state.db"
-    assert mask_url("not a url") == "***"
+    assert mask_url("not a url") == "not a url"  # nothing to hide: shown as given
+    assert mask_url("postgresql://u:pa:ss@db:54x/d") == "postgresql://***"
 
 
 def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:

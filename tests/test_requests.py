@@ -412,6 +412,10 @@ def test_oversized_request_is_a_row_problem() -> None:
         r"request is 10,\d{3} bytes, over the 10,000-byte batch limit; shorten the prompt",
         near.message,
     ), near.message
+    # Further over, but still rounding to the limit's figure: exact too.
+    mb = RequestRenderer(make_spec(max_batch_bytes=1_000_000)).render({"body": "x" * 1_400_000}, 3)
+    assert isinstance(mb, RowProblem)
+    assert re.match(r"request is 1,4\d\d,\d{3} bytes, over the 1,000,000-byte", mb.message)
 
 
 @pytest.mark.parametrize("cache_system", [False, True])

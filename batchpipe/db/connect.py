@@ -28,10 +28,13 @@ def parse_url(url: str | URL) -> URL:
         return url
     try:
         return make_url(url)
-    except (sa.exc.ArgumentError, ValueError) as exc:
+    except (sa.exc.ArgumentError, ValueError):
+        # Not the parser's words: they may quote part of a password ("invalid literal for
+        # int(): 'w0rd@db'" for an unescaped ':' in it).
         raise UsageError(
-            f"invalid database URL {mask_url(url)}: {exc}; expected a SQLAlchemy URL such as "
-            "sqlite:///state.db or postgresql+psycopg://user@host/db (--db, "
+            f"invalid database URL {mask_url(url)}: expected a SQLAlchemy URL such as "
+            "sqlite:///state.db or postgresql+psycopg://user@host:5432/db, with a number for "
+            "the port and any '@', ':' or '/' in the password percent-encoded (--db, "
             "BATCHPIPE_DATABASE_URL)"
         ) from None
 
@@ -41,8 +44,10 @@ def mask_url(url: str | URL) -> str:
     try:
         parsed = make_url(url) if isinstance(url, str) else url
     except (sa.exc.ArgumentError, ValueError):
-        # Unparseable: show only the scheme, never the rest (it may hold a password).
+        # Unparseable: show only the scheme, never the rest, when it may hold a password.
         text = str(url)
+        if "@" not in text:
+            return text
         return text.split("://", 1)[0] + "://***" if "://" in text else "***"
     return parsed.render_as_string(hide_password=True)
 

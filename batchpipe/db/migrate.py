@@ -96,12 +96,14 @@ def _run(url: str, action: str, revision: str) -> None:
             command.upgrade(config, revision)
         else:
             command.downgrade(config, revision)
-    except CommandError:
+    except CommandError as exc:
         current = current_revision(url)
         newer = newer_schema(url, current) if current is not None else None
         if newer is not None:
             raise newer from None
-        raise
+        raise StoreError(
+            f"migrating database {mask_url(url)} ({action} {revision}) failed: {exc}"
+        ) from None
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(
             f"migrating database {mask_url(url)} ({action} {revision}) failed: "

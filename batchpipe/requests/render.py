@@ -645,7 +645,7 @@ class RequestRenderer:
             return None
         most = self._spec.max_batch_bytes
         shown, limit = _human_bytes(size), _human_bytes(most)
-        if size < most * 1.1:  # not "1 kB, over the 1 kB limit" (or "1 MB … 1000 kB"): exact
+        if size < most * 1.1 or shown == limit:  # not "1 MB, over the 1 MB limit": exact
             shown, limit = f"{size:,} bytes", f"{most:,}-byte"
         return RowProblem(
             row_index,
