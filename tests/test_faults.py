@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from batchpipe import errors, pipeline
 from batchpipe.client import BatchClient
 from batchpipe.config import Settings
-from batchpipe.db import Store
+from batchpipe.db import JobRow, Store
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
 from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 
@@ -257,15 +257,23 @@ def test_results_archived_before_collection_are_reported_loudly(
     assert emu.stats()["requests_received"] == ROWS  # reported, not silently paid again
 
 
-def test_cancel_cancels_in_flight_batches_and_records_every_item(
+def _half_done(
     store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
-) -> None:
+) -> tuple[pipeline.Context, JobRow]:
+    """Job "stop" submitted in batches of an hour's work each, half an hour on."""
     emu.configure(processing_seconds=3600, cancel_seconds=0.1)
     ctx = _context(store, server)
     job = pipeline.prepare(ctx, "stop", _spec(tmp_path))
     with ctx.lease(job):
         pipeline.step(ctx, job)
     emu.advance(1800)  # about half of each batch is done
+    return ctx, job
+
+
+def test_cancel_cancels_in_flight_batches_and_records_every_item(
+    store: Store, server: EmulatorServer, emu: Emulator, tmp_path: Path
+) -> None:
+    ctx, job = _half_done(store, server, emu, tmp_path)
     job = pipeline.cancel(ctx, job)
     assert emu.stats()["calls"]["cancel"] == ROWS // 20
     _step_until(ctx, "stop", JobStatus.CANCELED)
@@ -282,12 +290,7 @@ def test_a_cancel_cut_short_is_finished_by_the_next_step(
     """`cancel` exits 75 when the API is overloaded ("try later"). Before, no step sent the
     cancels it had not: the job stayed canceling while its batches ran on, paid for, until
     a second `cancel`; cron's `tick` never finished it."""
-    emu.configure(processing_seconds=3600, cancel_seconds=0.1)
-    ctx = _context(store, server)
-    job = pipeline.prepare(ctx, "stop", _spec(tmp_path))
-    with ctx.lease(job):
-        pipeline.step(ctx, job)
-    emu.advance(1800)  # about half of each batch is done
+    ctx, job = _half_done(store, server, emu, tmp_path)
     emu.configure(http_529_rate=1.0)
     with pytest.raises(errors.TransientAPIError):
         pipeline.cancel(ctx, job)

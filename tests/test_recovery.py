@@ -377,6 +377,24 @@ def test_cancel_goes_on_past_a_batch_that_ended_since_the_last_poll(
     assert emulator.stats()["requests_received"] == ROWS
 
 
+def _an_orphan_window(
+    env: dict[str, str], emulator: Emulator, tmp_path: Path
+) -> tuple[str, str, list[str], list[str]]:
+    """Our job "ours" killed after recording its intent, before its create went out (an
+    orphan window of one batch of ROWS), and the makings of "theirs", a job of the same size
+    on another state database: our db, theirs, and the two jobs' arguments."""
+    emulator.configure(processing_seconds=3600)
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    write_rows(ours, ROWS)
+    theirs.write_text(ours.read_text().replace("review", "other"))
+    our_db, their_db = (f"sqlite:///{tmp_path / n}" for n in ("ours.db", "theirs.db"))
+    args = job_args(ours, "ours", tmp_path / "out.parquet", per_batch=ROWS)
+    killed = run_batchpipe(our_db, {**env, "BATCHPIPE_FAILPOINT": "after_intent"}, "submit", *args)
+    assert killed.returncode == -signal.SIGKILL
+    their_args = job_args(theirs, "theirs", tmp_path / "theirs.parquet", per_batch=ROWS)
+    return our_db, their_db, args, their_args
+
+
 def test_a_batch_adopted_by_mistake_is_given_back_and_the_rows_are_sent(
     emulator_server: EmulatorServer, emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -385,17 +403,8 @@ def test_a_batch_adopted_by_mistake_is_given_back_and_the_rows_are_sent(
     prove it someone else's. That once stopped the job as needs_attention for good (resume
     collected the same batch again; --resend wanted a planned batch)."""
     env = env_for(emulator_server.url)
-    emulator.configure(processing_seconds=3600)
-    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
-    write_rows(ours, ROWS)
-    theirs.write_text(ours.read_text().replace("review", "other"))
-    our_db, their_db = (f"sqlite:///{tmp_path / n}" for n in ("ours.db", "theirs.db"))
     out = tmp_path / "out.parquet"
-    args = job_args(ours, "ours", out, per_batch=ROWS)
-
-    killed = run_batchpipe(our_db, {**env, "BATCHPIPE_FAILPOINT": "after_intent"}, "submit", *args)
-    assert killed.returncode == -signal.SIGKILL
-    their_args = job_args(theirs, "theirs", tmp_path / "theirs.parquet", per_batch=ROWS)
+    our_db, their_db, args, their_args = _an_orphan_window(env, emulator, tmp_path)
     assert run_batchpipe(their_db, env, "submit", *their_args).returncode == 0
 
     adopted = run_batchpipe(our_db, env, "tick")
@@ -429,17 +438,9 @@ def test_a_canceling_job_never_cancels_a_batch_it_cannot_confirm_is_its_own(
     size created in the window, which a running job adopts before its results confirm it,
     may be another state database's (same API key): a canceling job waits until it ends."""
     env = env_for(emulator_server.url)
-    emulator.configure(processing_seconds=3600)
-    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
-    write_rows(ours, ROWS)
-    theirs.write_text(ours.read_text().replace("review", "other"))
-    our_db, their_db = (f"sqlite:///{tmp_path / n}" for n in ("ours.db", "theirs.db"))
-    args = job_args(ours, "ours", tmp_path / "out.parquet", per_batch=ROWS)
-    killed = run_batchpipe(our_db, {**env, "BATCHPIPE_FAILPOINT": "after_intent"}, "submit", *args)
-    assert killed.returncode == -signal.SIGKILL  # our create never went out
+    our_db, their_db, _, their_args = _an_orphan_window(env, emulator, tmp_path)
     canceled = run_batchpipe(our_db, env, "cancel", "ours")
     assert canceled.returncode == 0, canceled.stderr
-    their_args = job_args(theirs, "theirs", tmp_path / "theirs.parquet", per_batch=ROWS)
     assert run_batchpipe(their_db, env, "submit", *their_args).returncode == 0
     ticked = run_batchpipe(our_db, env, "tick")
     assert ticked.returncode == 0, ticked.stderr

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from test_pipeline import write_docs
 
 from batchpipe.cli import cli
@@ -236,20 +236,27 @@ def test_a_report_prints_integers_wider_than_64_bits_exactly(tmp_path: Path) -> 
     assert str(big) in report.stdout
 
 
+def _run(tmp_path: Path, src: Path, job: str) -> tuple[list[str], Result]:
+    """`run` of a small job over ``src`` (emulated), in a state database of ``tmp_path``;
+    the root options that name that database, and the result."""
+    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
+    run = CliRunner().invoke(
+        cli,
+        [
+            *root, "run", str(src), "--job", job, "--prompt", "Q {{ body }}", "--model",
+            "claude-haiku-4-5", "--max-tokens", "16", "--emulate",
+            "-o", str(tmp_path / "out.parquet"),
+        ],
+    )  # fmt: skip
+    return root, run
+
+
 def test_a_report_of_a_job_without_rows_says_so(tmp_path: Path) -> None:
     """An empty partition makes a done job of 0 rows; its report printed an empty
     `attempts per row:` line."""
     src = tmp_path / "empty.jsonl"
     src.write_text("")
-    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
-    run = CliRunner().invoke(
-        cli,
-        [
-            *root, "run", str(src), "--job", "empty", "--prompt", "Q {{ body }}", "--model",
-            "claude-haiku-4-5", "--max-tokens", "16", "--emulate",
-            "-o", str(tmp_path / "out.parquet"),
-        ],
-    )  # fmt: skip
+    root, run = _run(tmp_path, src, "empty")
     assert run.exit_code == 0, run.stderr
     report = CliRunner().invoke(cli, [*root, "report", "empty"])
     assert report.exit_code == 0, report.stderr
@@ -262,15 +269,7 @@ def test_a_report_of_a_stopped_job_says_why_it_stopped(tmp_path: Path) -> None:
     word of why."""
     src = tmp_path / "in.jsonl.gz"
     src.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
-    root = ["--db", f"sqlite:///{tmp_path / 'state.db'}"]
-    run = CliRunner().invoke(
-        cli,
-        [
-            *root, "run", str(src), "--job", "broken", "--prompt", "Q {{ body }}", "--model",
-            "claude-haiku-4-5", "--max-tokens", "16", "--emulate",
-            "-o", str(tmp_path / "out.parquet"),
-        ],
-    )  # fmt: skip
+    root, run = _run(tmp_path, src, "broken")
     assert run.exit_code == 1
     report = CliRunner().invoke(cli, [*root, "report", "broken"])
     assert report.exit_code == 0, report.stderr
