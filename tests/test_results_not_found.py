@@ -22,22 +22,31 @@ from batchpipe.client import BatchClient
 from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import IN_PROCESS_BASE_URL, Emulator, EmulatorConfig
-from batchpipe.models import ItemStatus, JobSpec, JobStatus
+from batchpipe.models import BatchStatus, ItemStatus, JobSpec, JobStatus
 
 
 class ResultsGone(httpx2.BaseTransport):
     """The emulator in-process, but every results download answers 404 while ``missing``
-    (or only those of the batches in ``missing_ids``), and results files answer the
-    custom_ids in ``omitted`` with a repeat of the line before instead (not the first)."""
+    (or only those of the batches in ``missing_ids``), results files answer the custom_ids
+    in ``omitted`` with a repeat of the line before instead (not the first), and create
+    number ``failed_create`` answers 500 without creating anything."""
 
     def __init__(self, emu: Emulator) -> None:
         self.inner = httpx2.WSGITransport(app=emu.wsgi_app)
         self.missing = False
         self.missing_ids: set[str] = set()
         self.omitted: set[str] = set()
+        self.creates = 0
+        self.failed_create = 0  # the create (counted from 1) answered 500, creating nothing
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
+        if request.method == "POST" and path.endswith("/messages/batches"):
+            self.creates += 1
+            if self.creates == self.failed_create:
+                request.read()
+                body = {"type": "error", "error": {"type": "api_error", "message": "boom"}}
+                return httpx2.Response(500, content=orjson.dumps(body))
         gone = self.missing or any(f"/{i}/" in path for i in self.missing_ids)
         if gone and path.endswith("/results"):
             body = {"type": "error", "error": {"type": "not_found_error", "message": "Not found"}}
@@ -317,5 +326,41 @@ def test_a_results_file_not_served_yet_does_not_hold_up_the_other_batches(
         transport.missing_ids = set()
         with ctx.lease(job):
             job = pipeline.step(ctx, job)
+        assert job.status == JobStatus.DONE
+        assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
+
+
+def test_a_batch_adopted_by_mistake_answering_as_many_rows_still_gives_its_own_back(
+    tmp_path: Path, emu: Emulator, transport: ResultsGone, client: BatchClient
+) -> None:
+    """A duplicate of batch A's requests (same job, same custom_ids) is adopted for batch B
+    after B's create failed uncertainly. Its answers change A's rows, as many as B has
+    requests; B's own rows must still go back to pending when B is collected, not stay
+    submitted for good (a shortcut that skipped that walk left the job running forever)."""
+    url, spec = _job_of_four(tmp_path)
+    spec = spec.model_copy(update={"max_batch_requests": 2})
+    transport.failed_create = 2  # B's create: 500, nothing created, B stays planned
+    with Store.open(url) as store:
+        ctx = pipeline.Context(store=store, client_factory=lambda: client)
+        job = pipeline.prepare(ctx, "j", spec)
+        with ctx.lease(job):
+            with pytest.raises(errors.TransientAPIError):
+                pipeline.step(ctx, job)
+            a, b = store.list_batches(job.id)
+            assert b.status == BatchStatus.PLANNED
+            a_ids = [i.custom_id for i in store.iter_batch_items(a.id)]
+            params = {"model": "claude-haiku-4-5", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "Classify: x"}]}  # fmt: skip
+            requests = [{"custom_id": cid, "params": params} for cid in a_ids]
+            client.create(orjson.dumps({"requests": requests}), count=2)  # the stray copy
+            job = pipeline.step(ctx, job)  # recovery adopts the running stray for B
+            emu.advance(60)
+            transport.missing_ids = {str(a.api_batch_id)}  # A's own file comes later
+            with pytest.raises(errors.ResultsUnavailable):
+                pipeline.step(ctx, job)  # B (the stray) is collected: it answers A's rows
+            transport.missing_ids = set()
+            for _ in range(4):
+                emu.advance(60)
+                job = pipeline.step(ctx, job)
         assert job.status == JobStatus.DONE
         assert _held(store, job.id) == {ItemStatus.SUCCEEDED: 4}
