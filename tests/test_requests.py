@@ -290,10 +290,12 @@ def test_a_field_of_a_null_object_is_null_and_takes_the_templates_default() -> N
             "row; write {{ meta.info.lang or '' }} where an empty value is fine",
         ), (prompt, row)
     # A null field is never turned into the text "None" by a filter or an operator.
-    for prompt in ["{{ meta.lang | upper }}", "{{ meta.lang ~ '!' }}", "{{ row.meta | upper }}"]:
-        problem = RequestRenderer(make_spec(prompt=prompt)).render({"meta": {"lang": None}}, 0)
-        if prompt == "{{ row.meta | upper }}":
-            problem = RequestRenderer(make_spec(prompt=prompt)).render({"meta": None}, 0)
+    for prompt, row in [
+        ("{{ meta.lang | upper }}", {"meta": {"lang": None}}),
+        ("{{ meta.lang ~ '!' }}", {"meta": {"lang": None}}),
+        ("{{ row.meta | upper }}", {"meta": None}),
+    ]:
+        problem = RequestRenderer(make_spec(prompt=prompt)).render(row, 0)
         assert isinstance(problem, RowProblem), prompt
         assert problem.message.startswith("template prints a null value: "), prompt
 

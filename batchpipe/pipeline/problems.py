@@ -63,7 +63,9 @@ class ProblemTally:
         out = []
         for message, cause in groups:
             noun = "row" if cause.count == 1 else "rows"
-            where = ", ".join(_location(p, lines_of.get(p.row_index)) for p in cause.first)
+            where = ", ".join(
+                row_location(p.row_index, lines_of.get(p.row_index), p.row_key) for p in cause.first
+            )
             more = ", …" if cause.count > len(cause.first) else ""
             label = "row" if len(cause.first) == 1 and not more else "rows"
             out.append(f"{cause.count:,} {noun}: {message} ({label} {where}{more})")
@@ -76,12 +78,6 @@ class ProblemTally:
             f"{dataset.uri}: {self.total:,} row(s) {head} "
             f"({causes} cause{'' if causes == 1 else 's'}):\n  " + "\n  ".join(self.lines(dataset))
         )
-
-
-def _location(problem: RowProblem, lineno: int | None) -> str:
-    """``4``, ``4 (id 'd9')`` or ``4 (line 6, id 'd9')``: the row from 1, its line if the
-    file's line differs (blank lines), its id if it has one."""
-    return row_location(problem.row_index, lineno, problem.row_key)
 
 
 def row_location(row_index: int, lineno: int | None, row_key: str | None = None) -> str:

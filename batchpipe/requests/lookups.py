@@ -42,11 +42,10 @@ class NullPrinted(Exception):
 
 class Null:
     """A null value as a Jinja template sees it (a null column, or a null field the
-    renderer's lookups read): false, so
-    `{{ body or 'none' }}`, `{% if body %}` and `default('x', true)` say what to print
-    instead; but never text. A bare None would print through a filter as "None"
-    (`{{ body | upper }}` gives "NONE", sent and paid for): turned into text, this refuses
-    the row instead."""
+    renderer's lookups read): false, so `{{ body or 'none' }}`, `{% if body %}` and
+    `default('x', true)` say what to print instead; but never text. A bare None would print
+    through a filter as "None" (`{{ body | upper }}` gives "NONE", sent and paid for):
+    turned into text, this refuses the row instead."""
 
     __slots__ = ()
 

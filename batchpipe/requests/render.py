@@ -8,7 +8,7 @@ report every bad row before anything is sent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple, Protocol
 
@@ -188,16 +188,19 @@ class _Environment(SandboxedEnvironment):
     strictly undefined (a typo fails the row)."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        if obj is None or obj is NULL or isinstance(obj, NullLookup):
-            return NullLookup(obj=obj, name=attribute)
-        value = super().getattr(obj, attribute)
-        return NULL if value is None else value
+        return _read(obj, attribute, super().getattr)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        if obj is None or obj is NULL or isinstance(obj, NullLookup):
-            return NullLookup(obj=obj, name=argument)
-        value = super().getitem(obj, argument)
-        return NULL if value is None else value
+        return _read(obj, argument, super().getitem)
+
+
+def _read(obj: Any, key: Any, lookup: Callable[[Any, Any], Any]) -> Any:
+    """``lookup(obj, key)`` (the sandbox's own), with a null read as NULL, and anything read
+    from a null as a NullLookup."""
+    if obj is None or obj is NULL or isinstance(obj, NullLookup):
+        return NullLookup(obj=obj, name=key)
+    value = lookup(obj, key)
+    return NULL if value is None else value
 
 
 def _is_none(value: Any) -> bool:
