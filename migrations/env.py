@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import os
 
+import sqlalchemy as sa
 from alembic import context
 
 from batchpipe.db.connect import BEGIN_IMMEDIATE, create_engine
 from batchpipe.db.schema import metadata
 
 config = context.config
+
+# PostgreSQL: a transaction-level advisory lock every migrator takes before it reads the
+# schema's revision, so workers that run `db upgrade` at once migrate one after the other
+# (the later ones find the head and do nothing) instead of colliding on CREATE TABLE. The
+# key is arbitrary but fixed: the bytes of "batchpip" as a signed 64-bit integer.
+_PG_MIGRATION_LOCK = int.from_bytes(b"batchpip", "big", signed=True)
 
 
 def _database_url() -> str:
@@ -59,6 +66,9 @@ def run_migrations_online() -> None:
                 transactional_ddl=True,
             )
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Released by the commit (or rollback) that ends the migration.
+                    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
                 context.run_migrations()
     finally:
         engine.dispose()

@@ -135,6 +135,25 @@ def test_concurrent_processes_open_one_new_sqlite_file(tmp_path: Path) -> None:
     assert current_revision(url) == head_revision()
 
 
+@pytest.mark.postgres
+def test_concurrent_db_upgrades_of_a_new_postgres_database_all_succeed(postgres_url: str) -> None:
+    """Workers that each run `db upgrade` at start-up on one new database: one migrates, the
+    others wait for it and find the head. Before the advisory lock, about half of them
+    failed (exit 1) on "relation jobs already exists" or the alembic_version type."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "batchpipe", "--db", postgres_url, "db", "upgrade"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    outcomes = [(p.communicate(timeout=120), p.returncode) for p in procs]
+    assert [(out, rc) for out, rc in outcomes if rc != 0] == []
+    assert current_revision(postgres_url) == head_revision()
+
+
 def test_a_new_file_another_process_is_writing_is_opened_once_it_is_free(tmp_path: Path) -> None:
     """The lock behind the flake of the test above, made on purpose: while another
     connection holds a write lock on a file still in rollback mode, switching it to WAL
