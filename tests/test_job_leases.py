@@ -9,8 +9,10 @@ whose creator's lease lapsed (it died).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,8 +25,11 @@ from batchpipe.client import BatchClient
 from batchpipe.config import Settings
 from batchpipe.db import Store
 from batchpipe.emulator import EmulatorServer
+from batchpipe.errors import JobLocked
 from batchpipe.models import JobSpec, JobStatus
+from batchpipe.pipeline.context import default_owner
 from batchpipe.pipeline.ingest import open_job
+from batchpipe.procs import pid_home, this_host
 
 
 @pytest.fixture
@@ -101,3 +106,51 @@ def test_a_tick_validates_a_job_whose_creator_lease_lapsed(
     assert fresh is not None
     assert fresh.ingested
     assert fresh.row_count == 3
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    return int(proc.stdout)
+
+
+def test_a_dead_holder_whose_pid_is_ours_to_judge_is_taken_over_at_once(
+    store: Store, emulator_server: EmulatorServer, tmp_path: Path
+) -> None:
+    job = open_job(context(store, emulator_server, "creator:1:a"), "j", spec(tmp_path))
+    store.release_lease(job.id, "creator:1:a")
+    assert store.acquire_lease(job.id, f"{pid_home()}:{_dead_pid()}:dead", 300)
+    assert context(store, emulator_server, default_owner()).try_lease(job)
+
+
+@pytest.mark.parametrize(
+    "home",
+    [
+        pytest.param(lambda: f"{this_host()}/00000000", id="same-host-other-pid-namespace"),
+        pytest.param(this_host, id="same-host-name-no-scope"),
+    ],
+)
+def test_a_holder_on_a_host_of_the_same_name_is_left_until_its_lease_runs_out(
+    store: Store,
+    emulator_server: EmulatorServer,
+    tmp_path: Path,
+    home: Callable[[], str],
+) -> None:
+    """A container sharing the host name (host networking) numbers its processes apart: a
+    pid alive there may be unused here. Taking its lease over had two processes work one
+    job; now only the lease's end frees the job, and the refusal says when."""
+    job = open_job(context(store, emulator_server, "creator:1:a"), "j", spec(tmp_path))
+    store.release_lease(job.id, "creator:1:a")
+    holder = f"{home()}:{_dead_pid()}:live"
+    assert store.acquire_lease(job.id, holder, 300)
+    ctx = context(store, emulator_server, default_owner())
+    assert not ctx.try_lease(job)
+    with pytest.raises(JobLocked) as refused, ctx.lease(job):
+        pass
+    held = store.get_job(job.id)
+    assert held is not None
+    assert held.lease_owner == holder
+    assert held.lease_until is not None
+    assert f"({holder})" in str(refused.value)
+    assert f"the job is free from {held.lease_until:%Y-%m-%d %H:%M:%S} UTC" in str(refused.value)

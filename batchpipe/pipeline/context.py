@@ -20,7 +20,7 @@ from batchpipe.db import JobRow, Store
 from batchpipe.errors import JobLocked
 from batchpipe.log import get_logger
 from batchpipe.models import ItemStatus, JobSpec
-from batchpipe.procs import pid_gone, this_host
+from batchpipe.procs import pid_gone, pid_home
 
 if TYPE_CHECKING:
     # Only a type here: importing the SDK costs ~2 s of CPU, which commands that never
@@ -75,8 +75,9 @@ def utcnow() -> datetime:
 
 
 def default_owner() -> str:
-    """A lease owner id: host, pid and a nonce (the pid lets a restart spot a dead holder)."""
-    return f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A lease owner id: where the pid is meaningful (:func:`~batchpipe.procs.pid_home`),
+    the pid and a nonce (the pid lets a restart spot a dead holder)."""
+    return f"{pid_home()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def failpoint(name: str) -> None:
@@ -91,10 +92,11 @@ def failpoint(name: str) -> None:
 
 
 def _holder_is_dead(owner: str) -> bool:
-    """True when the lease holder ran on this host and its process is gone."""
-    host, _, rest = owner.partition(":")
+    """True when the lease holder's pid is one of ours (same host, boot and PID namespace)
+    and its process is gone. Anywhere else its lease runs out instead."""
+    home, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != this_host() or not pid_text.isdigit():
+    if home != pid_home() or not pid_text.isdigit():
         return False
     return pid_gone(int(pid_text))
 
@@ -155,10 +157,17 @@ class Context:
         if not self.try_lease(job):
             current = self.store.get_job(job.id)
             holder = f" ({current.lease_owner})" if current and current.lease_owner else ""
+            # A holder elsewhere that died is only known dead when its lease runs out: say when.
+            until = current.lease_until if current else None
+            free = (
+                f"; if that process is gone, the job is free from {until:%Y-%m-%d %H:%M:%S} UTC"
+                if until is not None
+                else ""
+            )
             raise JobLocked(
                 f"job {job.id} ({job.name}) is being worked on by another process{holder}; "
                 "try again when it is done, or stop it first (a `batchpipe run` stops with "
-                "Ctrl-C and resumes later)"
+                f"Ctrl-C and resumes later){free}"
             )
         try:
             yield
