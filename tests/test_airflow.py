@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchpipe.emulator import Emulator, EmulatorConfig, EmulatorServer
+from batchpipe.pipeline.context import LEASE_TTL_SECONDS
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
@@ -209,3 +210,103 @@ def test_an_output_folder_that_cannot_be_written_fails_the_submit_before_any_bat
     assert logs.count("[DAG TEST] starting task_id=submit") == 1
     assert "starting task_id=export" not in logs
     assert emulator.stats()["batches_created"] == 0
+
+
+def _wrapper(tmp_path: Path, command: str, body: str) -> str:
+    """A stand-in for the batchpipe executable that runs ``body`` (sh) the first time it is
+    called for ``command`` (its third argument, after --log-format json), else batchpipe."""
+    marker = tmp_path / f"{command}-wrapped"
+    wrapper = tmp_path / "batchpipe"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$3" = {command} ] && [ ! -e "{marker}" ]; then\n'
+        f'  touch "{marker}"; {body}\n'
+        "fi\n"
+        f'exec "{BATCHPIPE}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_status_that_cannot_reach_the_database_is_looked_at_again_not_retried(
+    airflow_bin: Path,
+    airflow_env: dict[str, str],
+    slow_emulator: tuple[Emulator, str],
+    tmp_path: Path,
+) -> None:
+    """`status` exits 75 while the state database restarts: the sensor pokes again. It used
+    to raise, and three such pokes in a 24 h wait failed the run (a new run pays again)."""
+    emulator, url = slow_emulator
+    emulator.configure(processing_seconds=0)
+    env, out_dir = _run_env(airflow_env, tmp_path, url)
+    env["BATCHPIPE_BIN"] = _wrapper(
+        tmp_path, "status", "echo 'error: cannot reach database' >&2; exit 75"
+    )
+
+    rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+
+    assert rc == 0, f"DAG run failed; log in {tmp_path / 'airflow.log'}"
+    assert (tmp_path / "status-wrapped").exists()
+    assert "error: cannot reach database" in logs
+    assert "new_state=up_for_retry" not in logs  # no retry spent on it
+    assert logs.count("[DAG TEST] starting task_id=wait") >= 2
+    assert pq.read_table(_only_parquet(out_dir)).num_rows == ROWS
+
+
+def test_a_canceled_job_fails_the_wait_and_the_run(
+    airflow_bin: Path,
+    airflow_env: dict[str, str],
+    slow_emulator: tuple[Emulator, str],
+    tmp_path: Path,
+) -> None:
+    """Someone cancels the run's job while the sensor waits. The run used to go green and
+    hand downstream a file whose canceled rows have no answers."""
+    emulator, url = slow_emulator
+    emulator.configure(processing_seconds=3600)
+    env, out_dir = _run_env(airflow_env, tmp_path, url)
+    stop = threading.Event()
+
+    def cancel_after_a_poke() -> None:
+        while not stop.wait(0.2):
+            if emulator.stats()["calls"].get("retrieve", 0) >= 1:
+                listed = subprocess.run(
+                    [BATCHPIPE, "status", "--json"], env=env, capture_output=True, text=True,
+                    check=True,
+                )  # fmt: skip
+                (job,) = json.loads(listed.stdout)["jobs"]
+                subprocess.run([BATCHPIPE, "cancel", job["name"]], env=env, check=True)
+                return
+
+    canceler = threading.Thread(target=cancel_after_a_poke, daemon=True)
+    canceler.start()
+    try:
+        rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
+    finally:
+        stop.set()
+
+    assert rc != 0, f"DAG run should fail; log in {tmp_path / 'airflow.log'}"
+    assert "was canceled" in logs
+    assert "`batchpipe export classify_reviews-manual" in logs  # how to get what it answered
+    assert "starting task_id=export" not in logs
+    assert not list(out_dir.glob("*.parquet"))
+
+
+def test_submit_retries_outlast_a_lease_left_by_a_worker_killed_elsewhere(
+    airflow_bin: Path, airflow_env: dict[str, str]
+) -> None:
+    """A submit killed on one machine holds its job for the lease's 5 minutes; a retry on
+    another machine exits 75 until then. With 2 retries a minute apart the run failed, and
+    the way out a user would take (a new run) sends every row again."""
+    env = {k: v for k, v in airflow_env.items() if k != "BATCHPIPE_RETRY_SECONDS"}
+    code = (
+        "from airflow.models.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(REPO / 'jobs' / 'airflow')!r}, include_examples=False)\n"
+        "task = bag.dags['classify_reviews'].get_task('submit')\n"
+        "print(task.retries * task.retry_delay.total_seconds())\n"
+    )
+    python = airflow_bin.with_name("python")
+    proc = subprocess.run(
+        [str(python), "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    budget = float(proc.stdout.strip().splitlines()[-1])
+    assert budget > LEASE_TTL_SECONDS

@@ -17,11 +17,16 @@ which takes minutes to 24 hours) → export.
   Variables are best left alone. The subprocess inherits the environment:
   ``BATCHPIPE_DATABASE_URL`` (use PostgreSQL when workers run on several machines),
   ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``.
-- Exit codes: 75 from ``tick`` means "try again later" (the sensor pokes again); 1 means the
-  job failed for good (or finished with more failed rows than the job file's ``max_failed``
-  allows; its output is written all the same) and 2 that the command or its settings are
-  wrong (e.g. an output folder that cannot be written, found by ``submit`` before anything
-  is sent): either way the task fails without retrying.
+- Exit codes: 75 means "try again later": the sensor pokes again (``tick`` or ``status``: the
+  API or the database is away for a while), ``submit`` is retried. 1 means the job failed
+  for good (or finished with more failed rows than the job file's ``max_failed`` allows;
+  its output is written all the same) and 2 that the command or its settings are wrong (e.g.
+  an output folder that cannot be written, found by ``submit`` before anything is sent):
+  either way the task fails without retrying. A job canceled with ``batchpipe cancel``
+  fails ``wait`` too: its output would miss the canceled rows.
+- ``submit``'s retries outlast batchpipe's job lease (5 minutes): a submit killed on one
+  machine holds the job until its lease runs out, and a retry on another machine must
+  still be trying then, or the run fails and a new run pays for every row again.
 - Each run writes ``<output dir>/<job name>.parquet``; the job file's own ``output`` is
   only for running it by hand.
 """
@@ -29,6 +34,7 @@ which takes minutes to 24 hours) → export.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -41,6 +47,10 @@ from airflow.sdk import PokeReturnValue, Variable, dag, get_current_context, tas
 
 JOB_FILE = Path(__file__).resolve().parent.parent / "examples" / "classify_reviews.toml"
 EXIT_TEMPFAIL = 75
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("BATCHPIPE_RETRY_SECONDS", "60")))
+# batchpipe's job lease (LEASE_TTL_SECONDS in batchpipe/pipeline/context.py), plus a minute.
+LEASE_SECONDS = 300 + 60
+SUBMIT_RETRIES = min(max(2, math.ceil(LEASE_SECONDS / RETRY_DELAY.total_seconds())), 30)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -87,15 +97,12 @@ def job_name_for_run() -> str:
     schedule=None,
     catchup=False,
     tags=["batchpipe"],
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(seconds=float(os.environ.get("BATCHPIPE_RETRY_SECONDS", "60"))),
-    },
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
 )
 def classify_reviews() -> None:
     """Label every review positive/negative/mixed and write a Parquet file per run."""
 
-    @task
+    @task(retries=SUBMIT_RETRIES)
     def submit() -> str:
         """Validate and submit (or resume) this run's job; return its name."""
         name = job_name_for_run()
@@ -106,7 +113,7 @@ def classify_reviews() -> None:
         if input_path:
             args.insert(1, input_path)
         # Exit 75 (API unavailable, job busy) raises and Airflow retries; the retry resumes
-        # the same job by name.
+        # the same job by name, once the lease of a submit killed elsewhere has run out.
         proc = _batchpipe(*args)
         return proc.stdout.strip().splitlines()[-1]
 
@@ -118,12 +125,21 @@ def classify_reviews() -> None:
     def wait(name: str) -> PokeReturnValue:
         """Advance the job one step; done when batchpipe says it is finished."""
         _batchpipe("tick", "--job", name, ok=(0, EXIT_TEMPFAIL))
-        status: dict[str, Any] = json.loads(_batchpipe("status", name, "--json").stdout)
-        job = status["jobs"][0]
+        # 75 from status too (the database restarting): look again at the next poke rather
+        # than spend a retry, of which a short outage would use up all.
+        shown = _batchpipe("status", name, "--json", ok=(0, EXIT_TEMPFAIL))
+        if shown.returncode == EXIT_TEMPFAIL:
+            return PokeReturnValue(is_done=False)
+        job: dict[str, Any] = json.loads(shown.stdout)["jobs"][0]
         print(f"job {name}: {job['status']}, rows {job['counts']}, next: {job['next_action']}")
         if job["status"] in {"failed", "needs_attention"}:
             raise AirflowFailException(f"job {name} is {job['status']}: {job['error']}")
-        return PokeReturnValue(is_done=job["status"] in {"done", "canceled"}, xcom_value=name)
+        if job["status"] == "canceled":
+            raise AirflowFailException(
+                f"job {name} was canceled (rows: {job['counts']}); what it answered can still "
+                f"be written with `batchpipe export {name} -o PATH`"
+            )
+        return PokeReturnValue(is_done=job["status"] == "done", xcom_value=name)
 
     @task
     def export(name: str) -> str:
