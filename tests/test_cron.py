@@ -57,7 +57,7 @@ def cron_env(tmp_path: Path, emulator_server: EmulatorServer) -> dict[str, str]:
     return env
 
 
-def _submit(tmp_path: Path, env: dict[str, str]) -> Path:
+def _submit(tmp_path: Path, env: dict[str, str], *extra: str) -> Path:
     source = tmp_path / "in.jsonl"
     source.write_text(
         "".join(json.dumps({"doc_id": f"d{i}", "body": f"text {i}"}) + "\n" for i in range(ROWS))
@@ -66,7 +66,7 @@ def _submit(tmp_path: Path, env: dict[str, str]) -> Path:
     subprocess.run(
         [BATCHPIPE, "submit", str(source), "--job", "nightly", "--prompt", "Label: {{ body }}",
          "--model", "claude-haiku-4-5", "--max-tokens", "8", "--id-column", "doc_id",
-         "--max-batch-requests", "4", "-o", str(out)],
+         "--max-batch-requests", "4", "-o", str(out), *extra],
         env={**env, **_api_env(env)}, check=True, capture_output=True,
     )  # fmt: skip
     return out
@@ -160,12 +160,53 @@ def test_wrapper_passes_the_exit_code_through_and_logs_the_error(
     )
     assert proc.returncode == 2  # usage error, as `batchpipe tick` itself exits
     assert proc.stdout == b""
-    assert proc.stderr == b""  # cron mails any output; everything goes to the log
-    log = [json.loads(x) for x in Path(cron_env["BATCHPIPE_TICK_LOG"]).read_text().splitlines()]
-    assert {"event": "cli.message", "message": "error: no job 'no-such-job'; `batchpipe jobs` "
-            "lists them", "level": "info"} in log  # fmt: skip
+    # What cron mails: the error, and where the log is.
+    message = "error: no job 'no-such-job'; `batchpipe jobs` lists them"
+    log_path = cron_env["BATCHPIPE_TICK_LOG"]
+    assert proc.stderr.decode().splitlines() == [
+        message,
+        f"batchpipe tick exited 2; its log is {log_path}",
+    ]
+    log = [json.loads(x) for x in Path(log_path).read_text().splitlines()]
+    (said,) = [x for x in log if x["event"] == "cli.message"]
+    assert (said["message"], said["level"]) == (message, "error")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", said["timestamp"])
     assert log[-1]["event"] == "tick.exit"
-    assert log[-1]["exit_code"] == 2
+    assert (log[-1]["exit_code"], log[-1]["level"]) == (2, "error")
+
+
+def test_a_job_that_fails_under_cron_is_mailed_once_and_logged_as_an_error(
+    tmp_path: Path, cron_env: dict[str, str], emulator_server: EmulatorServer
+) -> None:
+    """A job ending with more failed rows than --max-failed allows: the tick that finds it
+    exits 1 and says why on stderr (cron mails it); the ticks after it say nothing. Before,
+    everything went to the log, as level "info", and cron never mailed."""
+    Path(cron_env["BATCHPIPE_DATABASE_URL"].removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    emulator_server.emulator.configure(invalid_rate=0.5)
+    out = _submit(tmp_path, cron_env, "--max-failed", "0")
+    runs: list[subprocess.CompletedProcess[str]] = []
+    deadline = time.monotonic() + 60
+    while not out.exists():  # the tick that finishes the job exports it
+        assert time.monotonic() < deadline, "the job never finished under cron"
+        runs.append(subprocess.run(_cron_command(cron_env), env=cron_env, capture_output=True,
+                                   text=True, check=False))  # fmt: skip
+        time.sleep(0.3)
+    failed = runs[-1]
+    assert failed.returncode == 1, failed
+    assert all(r.stderr == "" for r in runs[:-1])
+    mailed = failed.stderr.splitlines()
+    assert mailed[0].startswith("error: job 1 (nightly): ")
+    assert "more than --max-failed" in mailed[0]
+    assert mailed[-1] == f"batchpipe tick exited 1; its log is {cron_env['BATCHPIPE_TICK_LOG']}"
+    after = subprocess.run(_cron_command(cron_env), env=cron_env, capture_output=True, text=True,
+                           check=False)  # fmt: skip
+    assert (after.returncode, after.stderr) == (0, "")
+    log = [json.loads(x) for x in Path(cron_env["BATCHPIPE_TICK_LOG"]).read_text().splitlines()]
+    errors = [x for x in log if x["event"] == "cli.message" and x["level"] == "error"]
+    assert [x["message"] for x in errors] == [mailed[0]]
+    exits = [(x["exit_code"], x["level"]) for x in log if x["event"] == "tick.exit"]
+    assert (1, "error") in exits
+    assert exits[-1] == (0, "info")
 
 
 @pytest.mark.parametrize("job_file", sorted((REPO / "jobs" / "examples").glob("*.toml")))

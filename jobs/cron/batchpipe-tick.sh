@@ -11,7 +11,13 @@
 # slow ticks from piling up.)
 #
 # Logs: JSON lines appended to $BATCHPIPE_TICK_LOG: batchpipe's own log lines, its messages
-# wrapped as {"event": "cli.message"}, and a tick.exit (or tick.skipped) line per run.
+# wrapped as {"event": "cli.message"} (level "error" for its `error:` lines, "warning" for
+# `warning:`, else "info"), and a tick.exit (or tick.skipped) line per run, whose level is
+# "info" for exit 0, "warning" for 75 and "error" otherwise.
+#
+# Output (what cron mails): nothing while all is well or only delayed (exit 0 or 75). On any
+# other exit, batchpipe's `error:` lines (or, if it said none, all it said) go to stderr with
+# a line naming the log, so a failed job or a broken setup reaches MAILTO once.
 #
 # Exit codes (batchpipe's own, passed through unchanged):
 #   0    every job advanced, or nothing to do
@@ -46,15 +52,46 @@ if ! flock --nonblock 9; then
 fi
 
 # batchpipe's log lines are JSON already; its one-line messages (and a traceback, should one
-# ever escape) become {"event": "cli.message"} lines, so the whole file is JSON lines.
+# ever escape) become {"event": "cli.message"} lines, so the whole file is JSON lines. Each
+# message line is also kept in $said, for stderr should the run fail.
 as_json_lines() {
-  sed -u -e '/^{.*}$/b' \
-    -e 's/\\/\\\\/g; s/"/\\"/g; s/\t/\\t/g; s/[[:cntrl:]]//g' \
-    -e 's/^/{"event": "cli.message", "message": "/; s/$/", "level": "info"}/'
+  local line level ts
+  export TZ=UTC  # this subshell's clock only; batchpipe keeps the user's
+  while IFS= read -r line || [[ -n $line ]]; do
+    if [[ $line == \{*\} ]]; then
+      printf '%s\n' "$line"
+      continue
+    fi
+    printf '%s\n' "$line" >>"$said"
+    case $line in
+      error:*) level=error ;;
+      warning:*) level=warning ;;
+      *) level=info ;;
+    esac
+    line=${line//\\/\\\\}
+    line=${line//\"/\\\"}
+    line=${line//$'\t'/\\t}
+    line=${line//[[:cntrl:]]/}
+    printf -v ts '%(%Y-%m-%dT%H:%M:%S)TZ' -1
+    printf '{"event": "cli.message", "message": "%s", "level": "%s", "timestamp": "%s"}\n' \
+      "$line" "$level" "$ts"
+  done
 }
 
+said=$(mktemp "${TMPDIR:-/tmp}/batchpipe-tick.XXXXXX") || exit 2
+trap 'rm -f "$said"' EXIT
 "$bin" --log-format json tick "$@" </dev/null 2>&1 | as_json_lines >>"$logfile"
 rc=${PIPESTATUS[0]}
-printf '{"event": "tick.exit", "exit_code": %d, "level": "info", "timestamp": "%s"}\n' \
-  "$rc" "$(now)" >>"$logfile"
+case $rc in
+  0) level=info ;;
+  75) level=warning ;;
+  *) level=error ;;
+esac
+printf '{"event": "tick.exit", "exit_code": %d, "level": "%s", "timestamp": "%s"}\n' \
+  "$rc" "$level" "$(now)" >>"$logfile"
+if [[ $rc != 0 && $rc != 75 ]]; then
+  # For cron's mail: what went wrong, once, from the run that found it.
+  grep '^error:' "$said" >&2 || cat "$said" >&2
+  echo "batchpipe tick exited $rc; its log is $logfile" >&2
+fi
 exit "$rc"
