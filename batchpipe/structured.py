@@ -14,9 +14,14 @@ a missing field, a label outside the enum, an answer cut off at ``max_tokens``) 
 ``invalid_output`` with the reason in ``error_message`` and the raw answer kept.
 
 Each top-level property becomes one export column named after it, typed by the schema:
-string and enum → ``string``, integer → ``int64``, number → ``float64``, boolean → ``bool``,
-an array of one of those → a list column (``list<string>`` …), anything else (objects, mixed
-arrays) → a ``string`` column holding JSON.
+string and an enum of strings → ``string``, integer → ``int64``, number → ``float64``,
+boolean → ``bool``, an array of one of those → a list column (``list<string>`` …). A field
+that may also be null (``"type": [T, "null"]``, or ``anyOf``/``oneOf`` of one schema and
+``{"type": "null"}``, as pydantic writes ``Optional[T]``) is typed as T, null where the
+answer is; a local ``$ref`` (``#/$defs/…``, ``#/definitions/…``) is typed as what it points
+to. Anything else (objects, mixed arrays, unions of two types, a cycle of refs) → a
+``string`` column holding each value's JSON text. The JSONL export writes the same values
+(a typed field as its JSON value, the rest as JSON text).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import jsonschema
 import orjson
@@ -83,20 +89,64 @@ def check_schema(schema: dict[str, Any]) -> None:
         raise UsageError("output schema has no properties; name at least one field")
 
 
-def _column_type(prop: Any) -> str:
+def _column_type(prop: Any, root: dict[str, Any], seen: frozenset[str] = frozenset()) -> str:
+    """The export type of a field whose schema is ``prop`` (``root``: the whole schema, which
+    local ``$ref``s point into); ``json`` unless every valid value has one type.
+
+    Every keyword of a schema applies to the value, so the first that settles the type
+    decides: ``type`` (a nullable ``[T, "null"]`` is typed as T), an all-string ``enum``,
+    a local ``$ref`` (typed as its target), ``anyOf``/``oneOf`` of one schema and
+    ``{"type": "null"}`` (as pydantic writes ``Optional[T]``). ``seen`` holds the refs
+    followed so far, so a cycle of refs ends as ``json`` rather than recursing forever.
+    """
     if not isinstance(prop, dict):
         return "json"
     kind = prop.get("type")
+    if isinstance(kind, list):
+        # ["integer", "null"]: null is just a missing cell; two real types have no one column.
+        real = [t for t in kind if t != "null"]
+        kind = real[0] if len(real) == 1 else None
     if kind is None and "enum" in prop:
-        values = prop["enum"]
-        kind = "string" if all(isinstance(v, str) for v in values) else None
+        values = [v for v in prop["enum"] if v is not None]
+        kind = "string" if values and all(isinstance(v, str) for v in values) else None
     if isinstance(kind, str) and kind in _SCALAR_TYPES:
         return _SCALAR_TYPES[kind]
     if kind == "array":
-        inner = _column_type(prop.get("items"))
+        inner = _column_type(prop.get("items"), root, seen)
         if inner in _SCALAR_TYPES.values():
             return f"list<{inner}>"
+        return "json"
+    if kind is not None:
+        return "json"  # an object, or null alone
+    ref = prop.get("$ref")
+    if isinstance(ref, str):
+        target = _local_target(root, ref)
+        if target is not None and ref not in seen:
+            return _column_type(target, root, seen | {ref})
+    for key in ("anyOf", "oneOf"):
+        branches = prop.get(key)
+        if isinstance(branches, list):
+            real = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
+            if len(real) == 1 and len(branches) == 2:
+                return _column_type(real[0], root, seen)
     return "json"
+
+
+def _local_target(root: dict[str, Any], ref: str) -> Any:
+    """The subschema a ``$ref`` into this document points at (``#/$defs/Name``, a JSON
+    pointer in a URI fragment); None for a ref elsewhere or to nothing."""
+    if not ref.startswith("#/"):
+        return None  # another document (or a bare "#", the whole object): not followed
+    target: Any = root
+    for part in ref[2:].split("/"):
+        key = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and key in target:
+            target = target[key]
+        elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+            target = target[int(key)]
+        else:
+            return None
+    return target
 
 
 class OutputSchema:
@@ -110,7 +160,7 @@ class OutputSchema:
         self.mode = mode
         self._validator = jsonschema.Draft202012Validator(schema)
         self._fields: list[tuple[str, str]] = [
-            (name, _column_type(prop)) for name, prop in schema["properties"].items()
+            (name, _column_type(prop, schema)) for name, prop in schema["properties"].items()
         ]
 
     def request_params(self) -> dict[str, Any]:

@@ -229,3 +229,126 @@ def test_exported_results_are_the_stored_items_whatever_the_paging(
                 assert got == expected, (page, fmt)
     finally:
         ctx.close()
+
+
+# As pydantic's model_json_schema() writes a model: an enum as a $ref to $defs, Optional[T] as
+# anyOf T | null, and the same in the other spellings a hand-written schema uses.
+PYDANTIC_SCHEMA: dict[str, Any] = {
+    "$defs": {"Sentiment": {"enum": ["positive", "negative", "mixed"], "type": "string"}},
+    "definitions": {"Rating": {"type": "integer", "minimum": 1, "maximum": 5}},
+    "properties": {
+        "sentiment": {"$ref": "#/$defs/Sentiment"},
+        "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+        "note2": {"type": ["string", "null"]},
+        "maybe_int": {"type": ["integer", "null"]},
+        "rating": {"$ref": "#/definitions/Rating", "description": "1 to 5"},
+        "score": {"oneOf": [{"type": "number"}, {"type": "null"}]},
+        "flag": {"type": ["null", "boolean"]},
+        "mood": {"anyOf": [{"$ref": "#/$defs/Sentiment"}, {"type": "null"}]},
+        "tags": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 3},
+        # Two non-null types: no one column type fits, so JSON text as before.
+        "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    },
+    "required": [
+        "sentiment", "note", "note2", "maybe_int", "rating", "score", "flag", "mood", "tags",
+        "either",
+    ],
+    "type": "object",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_pydantic_schema_gets_typed_columns(harness: Harness, tmp_path: Path, fmt: str) -> None:
+    """$refs to local definitions are typed as what they refer to, and T-or-null fields as a
+    nullable T column, in the Parquet output and as plain values in the JSONL output (they
+    used to be JSON text: sentiment ``"\\"positive\\""``, maybe_int ``"94"``)."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 40)
+    out = tmp_path / f"out.{fmt}"
+    spec = spec_for(tmp_path, src, output_schema=PYDANTIC_SCHEMA, max_tokens=400, output=str(out))
+    job = harness.run(spec)
+    assert job.status == "done"
+    if fmt == "parquet":
+        table = pq.read_table(out)
+        types = {f.name: f.type for f in table.schema}
+        assert types["sentiment"] == pa.string()
+        assert types["note"] == pa.string()
+        assert types["note2"] == pa.string()
+        assert types["maybe_int"] == pa.int64()
+        assert types["rating"] == pa.int64()
+        assert types["score"] == pa.float64()
+        assert types["flag"] == pa.bool_()
+        assert types["mood"] == pa.string()
+        assert types["tags"] == pa.list_(pa.string())
+        assert types["either"] == pa.string()
+        rows = table.to_pylist()
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    for r in rows:
+        answer = json.loads(r["response_text"])
+        assert r["sentiment"] in {"positive", "negative", "mixed"}
+        assert r["mood"] in {"positive", "negative", "mixed"}
+        assert 1 <= r["rating"] <= 5
+        for name in ("note", "note2", "maybe_int", "score", "flag", "tags"):
+            assert r[name] == answer[name]  # the value itself, null as null
+        assert r["note"] is None or isinstance(r["note"], str)
+        assert r["maybe_int"] is None or type(r["maybe_int"]) is int
+        assert r["flag"] is None or isinstance(r["flag"], bool)
+        assert r["either"] == json.dumps(answer["either"])  # JSON text, as before
+    # The emulator leaves a nullable field empty now and then: those are nulls, not "null".
+    assert any(r["maybe_int"] is None for r in rows)
+    assert any(r["maybe_int"] is not None for r in rows)
+
+
+def test_ambiguous_fields_stay_json_text() -> None:
+    """Only a type that every valid answer has becomes a typed column; the rest stay JSON."""
+    schema: dict[str, Any] = {
+        "$defs": {
+            "A": {"$ref": "#/$defs/B"},  # a cycle of refs
+            "B": {"$ref": "#/$defs/A"},
+            "Word": {"type": "string"},
+        },
+        "type": "object",
+        "properties": {
+            "cycle": {"$ref": "#/$defs/A"},
+            "elsewhere": {"$ref": "other.json#/$defs/Word"},
+            "missing": {"$ref": "#/$defs/Nope"},
+            "two": {"type": ["string", "integer", "null"]},
+            "nulls": {"anyOf": [{"type": "null"}, {"type": "null"}]},
+            "three": {"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+            "word": {"$ref": "#/$defs/Word"},
+            "words": {"type": "array", "items": {"$ref": "#/$defs/Word"}},
+            "maybe_words": {
+                "anyOf": [{"type": "null"}, {"items": {"type": "string"}, "type": "array"}]
+            },
+            "obj": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            "escaped": {"$ref": "#/$defs/W~1x%20y"},
+        },
+    }
+    schema["$defs"]["W/x y"] = {"type": "boolean"}
+    columns = dict(OutputSchema(schema).columns())
+    assert columns == {
+        "cycle": "string",
+        "elsewhere": "string",
+        "missing": "string",
+        "two": "string",
+        "nulls": "string",
+        "three": "string",
+        "word": "string",
+        "words": "list<string>",
+        "maybe_words": "list<string>",
+        "obj": "string",
+        "escaped": "bool",
+    }
+    # The string columns above but word hold JSON text.
+    values = OutputSchema(schema).row_values(
+        '{"cycle": 1, "two": 2, "three": "x", "word": "w", "obj": {"a": 1}, "escaped": true}'
+    )
+    got = dict(zip(OutputSchema(schema).field_names(), values, strict=True))
+    assert got["cycle"] == "1"
+    assert got["two"] == "2"
+    assert got["three"] == '"x"'
+    assert got["word"] == "w"
+    assert got["obj"] == '{"a":1}'
+    assert got["escaped"] is True
