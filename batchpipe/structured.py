@@ -10,8 +10,9 @@ A job may carry an output schema. Each request then asks for it in one of two wa
 
 Every answer is validated against the schema (``jsonschema``, draft 2020-12). A valid answer is
 stored as compact JSON in ``response_text``; one that does not fit (no tool call, not JSON,
-a missing field, a label outside the enum, an answer cut off at ``max_tokens``) becomes
-``invalid_output`` with the reason in ``error_message`` and the raw answer kept.
+a missing field, a label outside the enum, an answer cut off at ``max_tokens``, an integer
+field outside its int64 column's range) becomes ``invalid_output`` with the reason in
+``error_message`` and the raw answer kept.
 
 Each top-level property becomes one export column named after it, typed by the schema:
 string and an enum of strings → ``string``, integer → ``int64``, number → ``float64``,
@@ -40,6 +41,10 @@ TOOL_NAME = "record_answer"
 LABEL_FIELD = "label"
 _SCALAR_TYPES = {"string": "string", "integer": "int64", "number": "float64", "boolean": "bool"}
 _MAX_REASON = 300
+# An int64 column's range; JSON Schema's "integer" has none.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT64_KINDS = frozenset({"int64", "list<int64>"})
+_FLOAT_LOW, _FLOAT_HIGH = float(_INT64_MIN), float(2**63)
 
 
 def labels_schema(labels: Sequence[str]) -> dict[str, Any]:
@@ -205,20 +210,52 @@ class OutputSchema:
                 raw = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
                 reason = f"the answer is not JSON ({exc})"
+        what = "the output schema"
         if reason is None:
             error = jsonschema.exceptions.best_match(self._validator.iter_errors(raw))
             if error is not None:
                 where = "/".join(str(p) for p in error.absolute_path)
                 reason = f"{where + ': ' if where else ''}{error.message}"
+            else:
+                # Valid, but JSON Schema's integers have no bound and the column has.
+                reason = self._too_wide(raw)
+                what = "its int64 column"
         stored = text if raw is None else orjson.dumps(raw).decode()
         if reason is None:
             return stored, None
         if stop_reason == "max_tokens":
             reason = f"cut off at max_tokens before the answer was complete ({reason})"
-        return stored, f"answer does not fit the output schema: {reason}"[:_MAX_REASON]
+        return stored, f"answer does not fit {what}: {reason}"[:_MAX_REASON]
 
-    def row_values(self, answer: str | None) -> tuple[Any, ...]:
-        """The typed column values of a stored valid answer (Nones when there is none)."""
+    def _too_wide(self, answer: Any) -> str | None:
+        """Why a valid answer's integer field does not fit its int64 column, if one does not."""
+        if not isinstance(answer, dict):
+            return None
+        for name, kind in self._fields:
+            value = answer.get(name)
+            if value is None or kind not in _INT64_KINDS:
+                continue
+            listed = kind == "list<int64>" and isinstance(value, list)
+            items = list(enumerate(value)) if listed else [(None, value)]
+            for index, item in items:
+                if item is not None and _as_int64(item) is None:
+                    where = name if index is None else f"{name}/{index}"
+                    return (
+                        f"{where}: {orjson.dumps(item).decode()} is outside the signed 64-bit "
+                        f"range ({_INT64_MIN} to {_INT64_MAX})"
+                    )
+        return None
+
+    def row_values(
+        self, answer: str | None, left_empty: dict[str, int] | None = None
+    ) -> tuple[Any, ...]:
+        """The typed column values of a stored valid answer (Nones when there is none).
+
+        An integer its int64 column cannot hold (only in answers collected before
+        :meth:`extract` refused them) leaves that cell None, counted per field in
+        ``left_empty``: the answer is still in ``response_text``, and the export must not
+        fail on it each time it is tried.
+        """
         if answer is None:
             return (None,) * len(self._fields)
         try:
@@ -236,6 +273,36 @@ class OutputSchema:
                 out.append(orjson.dumps(value).decode())
             elif kind == "float64" and isinstance(value, int | float):
                 out.append(float(value))
+            elif kind in _INT64_KINDS:
+                typed = _int64_cell(value, kind)
+                if typed is None and left_empty is not None:
+                    left_empty[name] = left_empty.get(name, 0) + 1
+                out.append(typed)
             else:
                 out.append(value)
         return tuple(out)
+
+
+def _as_int64(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number an int64 holds, else None.
+
+    orjson reads integers past 64 bits as floats (10000000000000000000000 arrives as 1e22),
+    and rounds the few just below -2**63 to the float -2**63, while -2**63 written as an
+    integer arrives as an int: so a float must lie strictly inside the range.
+    """
+    if type(value) is float:
+        return int(value) if _FLOAT_LOW < value < _FLOAT_HIGH and value.is_integer() else None
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    return None
+
+
+def _int64_cell(value: Any, kind: str) -> Any:
+    """A non-null answer value as its int64 or list<int64> cell; None if it does not fit."""
+    if kind == "int64":
+        return _as_int64(value)
+    if not isinstance(value, list):
+        return None
+    items = [None if item is None else _as_int64(item) for item in value]
+    fits = all(got is not None or item is None for got, item in zip(items, value, strict=True))
+    return items if fits else None
