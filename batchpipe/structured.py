@@ -10,13 +10,19 @@ A job may carry an output schema. Each request then asks for it in one of two wa
 
 Every answer is validated against the schema (``jsonschema``, draft 2020-12). A valid answer is
 stored as compact JSON in ``response_text``; one that does not fit (no tool call, not JSON,
-a missing field, a label outside the enum, an answer cut off at ``max_tokens``) becomes
-``invalid_output`` with the reason in ``error_message`` and the raw answer kept.
+a missing field, a label outside the enum, an answer cut off at ``max_tokens``, an integer
+field outside its int64 column's range) becomes ``invalid_output`` with the reason in
+``error_message`` and the raw answer kept.
 
 Each top-level property becomes one export column named after it, typed by the schema:
-string and enum → ``string``, integer → ``int64``, number → ``float64``, boolean → ``bool``,
-an array of one of those → a list column (``list<string>`` …), anything else (objects, mixed
-arrays) → a ``string`` column holding JSON.
+string and an enum of strings → ``string``, integer → ``int64``, number → ``float64``,
+boolean → ``bool``, an array of one of those → a list column (``list<string>`` …). A field
+that may also be null (``"type": [T, "null"]``, or ``anyOf``/``oneOf`` of one schema and
+``{"type": "null"}``, as pydantic writes ``Optional[T]``) is typed as T, null where the
+answer is; a local ``$ref`` (``#/$defs/…``, ``#/definitions/…``) is typed as what it points
+to. Anything else (objects, mixed arrays, unions of two types, a cycle of refs) → a
+``string`` column holding each value's JSON text. The JSONL export writes the same values
+(a typed field as its JSON value, the rest as JSON text).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import jsonschema
 import orjson
@@ -34,6 +41,10 @@ TOOL_NAME = "record_answer"
 LABEL_FIELD = "label"
 _SCALAR_TYPES = {"string": "string", "integer": "int64", "number": "float64", "boolean": "bool"}
 _MAX_REASON = 300
+# An int64 column's range; JSON Schema's "integer" has none.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT64_KINDS = frozenset({"int64", "list<int64>"})
+_FLOAT_LOW, _FLOAT_HIGH = float(_INT64_MIN), float(2**63)
 
 
 def labels_schema(labels: Sequence[str]) -> dict[str, Any]:
@@ -83,20 +94,64 @@ def check_schema(schema: dict[str, Any]) -> None:
         raise UsageError("output schema has no properties; name at least one field")
 
 
-def _column_type(prop: Any) -> str:
+def _column_type(prop: Any, root: dict[str, Any], seen: frozenset[str] = frozenset()) -> str:
+    """The export type of a field whose schema is ``prop`` (``root``: the whole schema, which
+    local ``$ref``s point into); ``json`` unless every valid value has one type.
+
+    Every keyword of a schema applies to the value, so the first that settles the type
+    decides: ``type`` (a nullable ``[T, "null"]`` is typed as T), an all-string ``enum``,
+    a local ``$ref`` (typed as its target), ``anyOf``/``oneOf`` of one schema and
+    ``{"type": "null"}`` (as pydantic writes ``Optional[T]``). ``seen`` holds the refs
+    followed so far, so a cycle of refs ends as ``json`` rather than recursing forever.
+    """
     if not isinstance(prop, dict):
         return "json"
     kind = prop.get("type")
+    if isinstance(kind, list):
+        # ["integer", "null"]: null is just a missing cell; two real types have no one column.
+        real = [t for t in kind if t != "null"]
+        kind = real[0] if len(real) == 1 else None
     if kind is None and "enum" in prop:
-        values = prop["enum"]
-        kind = "string" if all(isinstance(v, str) for v in values) else None
+        values = [v for v in prop["enum"] if v is not None]
+        kind = "string" if values and all(isinstance(v, str) for v in values) else None
     if isinstance(kind, str) and kind in _SCALAR_TYPES:
         return _SCALAR_TYPES[kind]
     if kind == "array":
-        inner = _column_type(prop.get("items"))
+        inner = _column_type(prop.get("items"), root, seen)
         if inner in _SCALAR_TYPES.values():
             return f"list<{inner}>"
+        return "json"
+    if kind is not None:
+        return "json"  # an object, or null alone
+    ref = prop.get("$ref")
+    if isinstance(ref, str):
+        target = _local_target(root, ref)
+        if target is not None and ref not in seen:
+            return _column_type(target, root, seen | {ref})
+    for key in ("anyOf", "oneOf"):
+        branches = prop.get(key)
+        if isinstance(branches, list):
+            real = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
+            if len(real) == 1 and len(branches) == 2:
+                return _column_type(real[0], root, seen)
     return "json"
+
+
+def _local_target(root: dict[str, Any], ref: str) -> Any:
+    """The subschema a ``$ref`` into this document points at (``#/$defs/Name``, a JSON
+    pointer in a URI fragment); None for a ref elsewhere or to nothing."""
+    if not ref.startswith("#/"):
+        return None  # another document (or a bare "#", the whole object): not followed
+    target: Any = root
+    for part in ref[2:].split("/"):
+        key = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and key in target:
+            target = target[key]
+        elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+            target = target[int(key)]
+        else:
+            return None
+    return target
 
 
 class OutputSchema:
@@ -110,7 +165,7 @@ class OutputSchema:
         self.mode = mode
         self._validator = jsonschema.Draft202012Validator(schema)
         self._fields: list[tuple[str, str]] = [
-            (name, _column_type(prop)) for name, prop in schema["properties"].items()
+            (name, _column_type(prop, schema)) for name, prop in schema["properties"].items()
         ]
 
     def request_params(self) -> dict[str, Any]:
@@ -155,20 +210,52 @@ class OutputSchema:
                 raw = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
                 reason = f"the answer is not JSON ({exc})"
+        what = "the output schema"
         if reason is None:
             error = jsonschema.exceptions.best_match(self._validator.iter_errors(raw))
             if error is not None:
                 where = "/".join(str(p) for p in error.absolute_path)
                 reason = f"{where + ': ' if where else ''}{error.message}"
+            else:
+                # Valid, but JSON Schema's integers have no bound and the column has.
+                reason = self._too_wide(raw)
+                what = "its int64 column"
         stored = text if raw is None else orjson.dumps(raw).decode()
         if reason is None:
             return stored, None
         if stop_reason == "max_tokens":
             reason = f"cut off at max_tokens before the answer was complete ({reason})"
-        return stored, f"answer does not fit the output schema: {reason}"[:_MAX_REASON]
+        return stored, f"answer does not fit {what}: {reason}"[:_MAX_REASON]
 
-    def row_values(self, answer: str | None) -> tuple[Any, ...]:
-        """The typed column values of a stored valid answer (Nones when there is none)."""
+    def _too_wide(self, answer: Any) -> str | None:
+        """Why a valid answer's integer field does not fit its int64 column, if one does not."""
+        if not isinstance(answer, dict):
+            return None
+        for name, kind in self._fields:
+            value = answer.get(name)
+            if value is None or kind not in _INT64_KINDS:
+                continue
+            listed = kind == "list<int64>" and isinstance(value, list)
+            items = list(enumerate(value)) if listed else [(None, value)]
+            for index, item in items:
+                if item is not None and _as_int64(item) is None:
+                    where = name if index is None else f"{name}/{index}"
+                    return (
+                        f"{where}: {orjson.dumps(item).decode()} is outside the signed 64-bit "
+                        f"range ({_INT64_MIN} to {_INT64_MAX})"
+                    )
+        return None
+
+    def row_values(
+        self, answer: str | None, left_empty: dict[str, int] | None = None
+    ) -> tuple[Any, ...]:
+        """The typed column values of a stored valid answer (Nones when there is none).
+
+        An integer its int64 column cannot hold (only in answers collected before
+        :meth:`extract` refused them) leaves that cell None, counted per field in
+        ``left_empty``: the answer is still in ``response_text``, and the export must not
+        fail on it each time it is tried.
+        """
         if answer is None:
             return (None,) * len(self._fields)
         try:
@@ -186,6 +273,36 @@ class OutputSchema:
                 out.append(orjson.dumps(value).decode())
             elif kind == "float64" and isinstance(value, int | float):
                 out.append(float(value))
+            elif kind in _INT64_KINDS:
+                typed = _int64_cell(value, kind)
+                if typed is None and left_empty is not None:
+                    left_empty[name] = left_empty.get(name, 0) + 1
+                out.append(typed)
             else:
                 out.append(value)
         return tuple(out)
+
+
+def _as_int64(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number an int64 holds, else None.
+
+    orjson reads integers past 64 bits as floats (10000000000000000000000 arrives as 1e22),
+    and rounds the few just below -2**63 to the float -2**63, while -2**63 written as an
+    integer arrives as an int: so a float must lie strictly inside the range.
+    """
+    if type(value) is float:
+        return int(value) if _FLOAT_LOW < value < _FLOAT_HIGH and value.is_integer() else None
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    return None
+
+
+def _int64_cell(value: Any, kind: str) -> Any:
+    """A non-null answer value as its int64 or list<int64> cell; None if it does not fit."""
+    if kind == "int64":
+        return _as_int64(value)
+    if not isinstance(value, list):
+        return None
+    items = [None if item is None else _as_int64(item) for item in value]
+    fits = all(got is not None or item is None for got, item in zip(items, value, strict=True))
+    return items if fits else None

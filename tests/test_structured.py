@@ -6,8 +6,10 @@ test_pipeline), on SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import env_for, run_batchpipe
 from test_pipeline import Harness, spec_for, write_docs
 
 from batchpipe import pipeline
@@ -229,3 +232,247 @@ def test_exported_results_are_the_stored_items_whatever_the_paging(
                 assert got == expected, (page, fmt)
     finally:
         ctx.close()
+
+
+# As pydantic's model_json_schema() writes a model: an enum as a $ref to $defs, Optional[T] as
+# anyOf T | null, and the same in the other spellings a hand-written schema uses.
+PYDANTIC_SCHEMA: dict[str, Any] = {
+    "$defs": {"Sentiment": {"enum": ["positive", "negative", "mixed"], "type": "string"}},
+    "definitions": {"Rating": {"type": "integer", "minimum": 1, "maximum": 5}},
+    "properties": {
+        "sentiment": {"$ref": "#/$defs/Sentiment"},
+        "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+        "note2": {"type": ["string", "null"]},
+        "maybe_int": {"type": ["integer", "null"]},
+        "rating": {"$ref": "#/definitions/Rating", "description": "1 to 5"},
+        "score": {"oneOf": [{"type": "number"}, {"type": "null"}]},
+        "flag": {"type": ["null", "boolean"]},
+        "mood": {"anyOf": [{"$ref": "#/$defs/Sentiment"}, {"type": "null"}]},
+        "tags": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 3},
+        # Two non-null types: no one column type fits, so JSON text as before.
+        "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    },
+    "required": [
+        "sentiment", "note", "note2", "maybe_int", "rating", "score", "flag", "mood", "tags",
+        "either",
+    ],
+    "type": "object",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_pydantic_schema_gets_typed_columns(harness: Harness, tmp_path: Path, fmt: str) -> None:
+    """$refs to local definitions are typed as what they refer to, and T-or-null fields as a
+    nullable T column, in the Parquet output and as plain values in the JSONL output (they
+    used to be JSON text: sentiment ``"\\"positive\\""``, maybe_int ``"94"``)."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 40)
+    out = tmp_path / f"out.{fmt}"
+    spec = spec_for(tmp_path, src, output_schema=PYDANTIC_SCHEMA, max_tokens=400, output=str(out))
+    job = harness.run(spec)
+    assert job.status == "done"
+    if fmt == "parquet":
+        table = pq.read_table(out)
+        types = {f.name: f.type for f in table.schema}
+        assert types["sentiment"] == pa.string()
+        assert types["note"] == pa.string()
+        assert types["note2"] == pa.string()
+        assert types["maybe_int"] == pa.int64()
+        assert types["rating"] == pa.int64()
+        assert types["score"] == pa.float64()
+        assert types["flag"] == pa.bool_()
+        assert types["mood"] == pa.string()
+        assert types["tags"] == pa.list_(pa.string())
+        assert types["either"] == pa.string()
+        rows = table.to_pylist()
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["result_status"] for r in rows} == {"succeeded"}
+    for r in rows:
+        answer = json.loads(r["response_text"])
+        assert r["sentiment"] in {"positive", "negative", "mixed"}
+        assert r["mood"] in {"positive", "negative", "mixed"}
+        assert 1 <= r["rating"] <= 5
+        for name in ("note", "note2", "maybe_int", "score", "flag", "tags"):
+            assert r[name] == answer[name]  # the value itself, null as null
+        assert r["note"] is None or isinstance(r["note"], str)
+        assert r["maybe_int"] is None or type(r["maybe_int"]) is int
+        assert r["flag"] is None or isinstance(r["flag"], bool)
+        assert r["either"] == json.dumps(answer["either"])  # JSON text, as before
+    # The emulator leaves a nullable field empty now and then: those are nulls, not "null".
+    assert any(r["maybe_int"] is None for r in rows)
+    assert any(r["maybe_int"] is not None for r in rows)
+
+
+def test_ambiguous_fields_stay_json_text() -> None:
+    """Only a type that every valid answer has becomes a typed column; the rest stay JSON."""
+    schema: dict[str, Any] = {
+        "$defs": {
+            "A": {"$ref": "#/$defs/B"},  # a cycle of refs
+            "B": {"$ref": "#/$defs/A"},
+            "Word": {"type": "string"},
+        },
+        "type": "object",
+        "properties": {
+            "cycle": {"$ref": "#/$defs/A"},
+            "elsewhere": {"$ref": "other.json#/$defs/Word"},
+            "missing": {"$ref": "#/$defs/Nope"},
+            "two": {"type": ["string", "integer", "null"]},
+            "nulls": {"anyOf": [{"type": "null"}, {"type": "null"}]},
+            "three": {"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+            "word": {"$ref": "#/$defs/Word"},
+            "words": {"type": "array", "items": {"$ref": "#/$defs/Word"}},
+            "maybe_words": {
+                "anyOf": [{"type": "null"}, {"items": {"type": "string"}, "type": "array"}]
+            },
+            "obj": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            "escaped": {"$ref": "#/$defs/W~1x%20y"},
+        },
+    }
+    schema["$defs"]["W/x y"] = {"type": "boolean"}
+    columns = dict(OutputSchema(schema).columns())
+    assert columns == {
+        "cycle": "string",
+        "elsewhere": "string",
+        "missing": "string",
+        "two": "string",
+        "nulls": "string",
+        "three": "string",
+        "word": "string",
+        "words": "list<string>",
+        "maybe_words": "list<string>",
+        "obj": "string",
+        "escaped": "bool",
+    }
+    # The string columns above but word hold JSON text.
+    values = OutputSchema(schema).row_values(
+        '{"cycle": 1, "two": 2, "three": "x", "word": "w", "obj": {"a": 1}, "escaped": true}'
+    )
+    got = dict(zip(OutputSchema(schema).field_names(), values, strict=True))
+    assert got["cycle"] == "1"
+    assert got["two"] == "2"
+    assert got["three"] == '"x"'
+    assert got["word"] == "w"
+    assert got["obj"] == '{"a":1}'
+    assert got["escaped"] is True
+
+
+INT64_MAX = 2**63 - 1
+# The emulator answers the least integer a field allows: here one just past 64 bits.
+WIDE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "big": {"type": "integer", "minimum": 10_000_000_000_000_000_000},
+        "label": {"type": "string", "enum": ["yes", "no"]},
+    },
+    "required": ["big", "label"],
+}
+
+
+@pytest.mark.parametrize("mode", ["tool", "json"])
+def test_an_integer_wider_than_64_bits_is_invalid_output(
+    harness: Harness, tmp_path: Path, mode: str
+) -> None:
+    """JSON Schema's integer has no bound, an int64 column has: such an answer is
+    invalid_output, saying which field and why, its text kept; the export is written (it
+    used to fail on every try with "Python int too large to convert to C long")."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 8)
+    spec = spec_for(tmp_path, src, output_schema=WIDE_SCHEMA, output_mode=mode, max_tokens=200)
+    job = harness.run(spec)
+    assert job.status == "done"
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("big").type == pa.int64()
+    rows = table.to_pylist()
+    assert len(rows) == 8
+    for r in rows:
+        assert r["result_status"] == "invalid_output"
+        assert r["error_type"] == "invalid_output"
+        assert r["error_message"].startswith(
+            "answer does not fit its int64 column: big: 10000000000000000000 is outside the "
+            "signed 64-bit range"
+        )
+        assert json.loads(r["response_text"])["big"] == 10_000_000_000_000_000_000
+        assert r["big"] is None
+        assert r["label"] is None
+        assert r["cost_usd"] > 0  # answered, so paid for
+
+
+def test_extract_refuses_integers_an_int64_column_cannot_hold() -> None:
+    schema = OutputSchema(
+        {
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer"},
+                "ns": {"type": "array", "items": {"type": ["integer", "null"]}},
+                "nested": {"type": "object"},  # JSON text: any size is fine
+            },
+        },
+        "json",
+    )
+    fits = f'{{"n": {INT64_MAX}, "ns": [{-(2**63)}, null, 3.0], "nested": {{"x": 1e30}}}}'
+    stored, reason = schema.extract(None, fits, "end_turn")
+    assert reason is None
+    assert schema.row_values(stored) == (INT64_MAX, [-(2**63), None, 3], '{"x":1e+30}')
+    for answer, where, shown in [
+        (f'{{"n": {INT64_MAX + 1}}}', "n", str(INT64_MAX + 1)),
+        ('{"n": -9223372036854775809}', "n", "-9.223372036854776e+18"),
+        # The tester's answer: orjson reads integers past 64 bits as floats.
+        ('{"n": 10000000000000000000000}', "n", "1e+22"),
+        (f'{{"n": 1, "ns": [1, {2**64 - 1}]}}', "ns/1", str(2**64 - 1)),
+    ]:
+        _, reason = schema.extract(None, answer, "end_turn")
+        assert reason == (
+            f"answer does not fit its int64 column: {where}: {shown} is outside the signed "
+            "64-bit range (-9223372036854775808 to 9223372036854775807)"
+        ), answer
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_an_old_wide_answer_is_exported_with_its_cell_empty(
+    harness: Harness, tmp_path: Path, sqlite_url: str, fmt: str
+) -> None:
+    """A database written before answers were checked against int64 holds such an answer
+    as succeeded: the export writes the file (that cell empty, the answer in response_text)
+    and warns, instead of a traceback on every export and tick."""
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 6)
+    schema = {
+        "type": "object",
+        "properties": {
+            "big": {"type": "integer"},
+            "many": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["big", "many"],
+    }
+    job = harness.run(spec_for(tmp_path, src, output_schema=schema, max_tokens=200))
+    assert job.status == "done"
+    wide = {1: '{"big":10000000000000000037,"many":[1]}', 2: '{"big":1e22,"many":[2,1e22]}'}
+    db_path = sqlite_url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        for row, answer in wide.items():
+            conn.execute(
+                "UPDATE items SET response_text = ? WHERE job_id = ? AND row_index = ?",
+                (answer, job.id, row),
+            )
+    out = tmp_path / f"again.{fmt}"
+    done = run_batchpipe(sqlite_url, env_for(harness.server.url), "export", "job", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    warnings = [
+        json.loads(line) for line in done.stderr.splitlines() if "export.values_left_empty" in line
+    ]
+    assert [(w["field"], w["rows"]) for w in warnings] == [("big", 2), ("many", 1)]
+    if fmt == "parquet":
+        rows = pq.read_table(out).to_pylist()
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["result_status"] for r in rows] == ["succeeded"] * 6
+    for i, r in enumerate(rows):
+        if i in wide:
+            assert r["response_text"] == wide[i]
+            assert r["big"] is None
+        else:
+            assert type(r["big"]) is int
+    assert rows[1]["many"] == [1]
+    assert rows[2]["many"] is None

@@ -66,8 +66,12 @@ def _not_finished(ctx: Context, job: JobRow) -> UsageError:
     )
 
 
-def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[Sequence[Any]]]:
-    """The result columns (:func:`result_columns`' order), one chunk per page of items.
+def _result_chunks(
+    ctx: Context, job: JobRow, left_empty: dict[str, int]
+) -> Iterator[list[Sequence[Any]]]:
+    """The result columns (:func:`result_columns`' order), one chunk per page of items;
+    answer fields whose value their column cannot hold are counted in ``left_empty``
+    (:meth:`batchpipe.structured.OutputSchema.row_values`).
 
     Each page is turned into columns once (``zip``) and the derived columns are built a
     column at a time: a tuple built per row, turned back into columns by the writer, cost
@@ -97,7 +101,7 @@ def _result_chunks(ctx: Context, job: JobRow) -> Iterator[list[Sequence[Any]]]:
         ]
         if outputs is not None:
             answers = (t if s == _SUCCEEDED else None for s, t in zip(status, text, strict=True))
-            values = [outputs.row_values(answer) for answer in answers]
+            values = [outputs.row_values(answer, left_empty) for answer in answers]
             columns += zip(*values, strict=True) if values[0] else []
         ctx.progress.advance(len(page))
         yield columns
@@ -138,14 +142,25 @@ def export(ctx: Context, job: JobRow, dest: str | None = None) -> tuple[str, int
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job, ctx)
     ctx.progress.start("exporting", job.row_count)
+    left_empty: dict[str, int] = {}
     try:
-        rows = write_joined(dataset, _result_chunks(ctx, job), result_columns(job), target)
+        chunks = _result_chunks(ctx, job, left_empty)
+        rows = write_joined(dataset, chunks, result_columns(job), target)
     except OutputNotWritable as exc:
         raise OutputNotWritable(
             f"{exc}; the job's answers are kept in the state database: write them elsewhere "
             f"with `batchpipe export {job.name} -o PATH`"
         ) from None
     ctx.progress.finish()
+    for field, count in left_empty.items():
+        # Answers collected before collect refused integers wider than int64.
+        bind(job, log).warning(
+            "export.values_left_empty",
+            field=field,
+            rows=count,
+            why="the answer's integer does not fit the column's signed 64-bit range",
+            answer_in="response_text",
+        )
     failpoint("after_export")
     if target == spec.output:
         # The job's own output now holds every answer; a retry or re-run clears this again.
