@@ -92,6 +92,35 @@ def check_schema(schema: dict[str, Any]) -> None:
         )
     if not schema["properties"]:
         raise UsageError("output schema has no properties; name at least one field")
+    for ref in _refs(schema):
+        # jsonschema resolves refs only when an answer reaches them: a broken one would fail
+        # collect, after the batch was paid for.
+        if _local_target(schema, ref) is None:
+            raise UsageError(
+                f"output schema refers to {ref!r}, which is not in the schema: only refs into "
+                'the schema itself are followed (e.g. "#/$defs/Name" with the definition '
+                "under $defs)"
+            )
+
+
+# Keywords whose values are data, not schemas: a "$ref" key in them is no reference.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _refs(schema: Any) -> list[str]:
+    """Every ``$ref`` in ``schema``, at any depth, outside the data of enum, const etc."""
+    found: list[str] = []
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                found.append(ref)
+            pending += [v for k, v in node.items() if k not in _DATA_KEYWORDS]
+        elif isinstance(node, list):
+            pending += node
+    return found
 
 
 def _column_type(prop: Any, root: dict[str, Any], seen: frozenset[str] = frozenset()) -> str:

@@ -819,6 +819,34 @@ def test_a_schema_field_named_like_a_result_column_is_refused_before_anything_ru
     assert batches_created(tmp_path) == 0
 
 
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "#/$defs/Sentiment",  # a definition that is not there
+        "other.json#/Sentiment",  # another document: never fetched
+    ],
+)
+def test_a_schema_ref_that_leads_nowhere_is_refused_before_anything_is_sent(
+    tmp_path: Path, ref: str
+) -> None:
+    """It used to pass the schema check and fail every answer's validation at collect,
+    after the batch was paid for ("Unresolvable")."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {"type": "object", "properties": {"sentiment": {"$ref": ref}},
+             "$defs": {"Other": {"enum": ["a"]}}}
+        )
+    )  # fmt: skip
+    out = tmp_path / "out.parquet"
+    result = invoke(tmp_path, *run_args(src, out, "--output-schema", str(schema)))
+    assert result.exit_code == 2, result.output
+    assert f"output schema refers to {ref!r}, which is not in the schema" in result.stderr
+    assert not out.exists()
+    assert batches_created(tmp_path) == 0
+
+
 @pytest.mark.parametrize("command", ["run", "submit", "estimate"])
 def test_no_api_key_is_refused_before_any_work(tmp_path: Path, command: str) -> None:
     """Without a key, a command that will call the API stops at once (exit 2) saying what
