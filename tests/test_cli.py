@@ -766,6 +766,15 @@ def test_retry_and_cancel_of_a_job_with_nothing_to_do_say_so(tmp_path: Path) -> 
     retried = invoke(tmp_path, "retry", job["name"])
     assert retried.exit_code == 0, retried.output
     assert f"job 1 ({job['name']}): no errored/expired rows to send again\n" in retried.stderr
+    typed = invoke(tmp_path, "retry", job["name"], "--error-type", "overloaded_error")
+    assert typed.exit_code == 0, typed.output
+    assert "no errored rows of error type overloaded_error to send again" in typed.stderr
+    # Expired rows have no error type: asking for both used to say "no expired rows".
+    both = invoke(
+        tmp_path, "retry", job["name"], "--status", "expired", "--error-type", "overloaded_error"
+    )
+    assert both.exit_code == 2, both.output
+    assert "--status expired leaves errored rows out; add --status errored" in both.stderr
     canceled = invoke(tmp_path, "cancel", job["name"])
     assert canceled.exit_code == 0, canceled.output
     assert "is already done; nothing to cancel" in canceled.stderr

@@ -375,6 +375,13 @@ def retry(
     Then `run --job JOB` (its settings are kept) or `tick` the job as usual.
     """
     chosen = {ItemStatus(s) for s in (statuses or ("errored", "expired"))}
+    if error_types and ItemStatus.ERRORED not in chosen:
+        # Only errored rows carry an error type: the two filters together match nothing.
+        raise UsageError(
+            "--error-type picks errored rows by their error type, but --status "
+            f"{'/'.join(sorted(s.value for s in chosen))} leaves errored rows out; add "
+            "--status errored, or drop --error-type"
+        )
     require_database(state)
     with pipeline_context(state) as ctx:
         job = _find_job(ctx, job_ref)
@@ -393,7 +400,9 @@ def retry(
             err=True,
         )
         return
-    which = "/".join(sorted(s.value for s in chosen))
+    which = "/".join(sorted(s.value for s in chosen)) + " rows"
+    if error_types:  # only errored rows have one
+        which = f"errored rows of error type {'/'.join(sorted(set(error_types)))}"
     why = (
         "; it is still running, and sends rows that failed for transient reasons again by "
         "itself (up to --max-attempts)"
@@ -405,7 +414,7 @@ def retry(
             "; nothing was changed (answers cut at max_tokens are succeeded rows: `batchpipe "
             f"run --job {job.name} --max-tokens {max_tokens}` sends those again)"
         )
-    click.echo(f"job {job.id} ({job.name}): no {which} rows to send again{why}", err=True)
+    click.echo(f"job {job.id} ({job.name}): no {which} to send again{why}", err=True)
 
 
 @cli.command()
