@@ -169,6 +169,10 @@ def test_budget_stops_further_batches(harness: Harness, tmp_path: Path) -> None:
     sent = harness.emulator.stats()["requests_received"]
     assert 0 < sent < 40
     assert f"; {40 - sent} row(s) were not sent" in (job.error or "")
+    # The bound it was held to, and what budget would have let the next batch go.
+    assert "the next batch (10 rows) could cost up to $" in (job.error or "")
+    needed = float((job.error or "").split("Raise --max-cost to $")[1].split()[0])
+    assert needed > cap
     s = summary(harness, job)
     assert s["cost_usd"] <= cap
     assert s["counts"]["pending"] == 40 - sent

@@ -67,6 +67,9 @@ class BudgetGuard:
     def __init__(self, ctx: Context, job: JobRow, spec: JobSpec) -> None:
         self._ctx, self._job, self._spec = ctx, job, spec
         self.held_back = 0  # requests not sent because of the budget
+        # The first batch held back: its requests, its worst case, and what it would have
+        # taken the committed spend to: the failure shows the bound it was held to.
+        self._refused: tuple[int, float, float] | None = None
 
     def admit(self, requests: int, request_bytes: int) -> bool:
         """True if a batch of this size fits the budget given what is paid and out already."""
@@ -76,8 +79,11 @@ class BudgetGuard:
         paid, _ = self._ctx.store.cost_total(self._job.id)
         out_requests, out_bytes = self._ctx.store.unsettled_batches(self._job.id)
         committed = paid + worst_case(self._spec, out_requests, out_bytes)
-        if committed + worst_case(self._spec, requests, request_bytes) <= cap:
+        bound = worst_case(self._spec, requests, request_bytes)
+        if committed + bound <= cap:
             return True
+        if self._refused is None:
+            self._refused = (requests, bound, committed + bound)
         self.held_back += requests
         return False
 
@@ -94,11 +100,16 @@ class BudgetGuard:
             logger.warning("budget.waiting", paid_usd=round(paid, 6), held_back=self.held_back)
             return
         assert self._spec.max_cost is not None
+        assert self._refused is not None  # held_back counts what admit refused
+        requests, bound, needed = self._refused
         raise _fail(
             self._ctx,
             self._job,
             f"job {self._job.id} ({self._job.name}): the budget --max-cost "
             f"${self._spec.max_cost:.4f} would be passed: ${paid:.4f} spent so far, and the "
-            f"next batch could cost more than what is left; {pending} row(s) were not sent. "
-            "Raise --max-cost and run the same command again to send them",
+            f"next batch ({requests} rows) could cost up to ${bound:.4f} (its worst case: "
+            "each request byte priced as an input token, each answer --max-tokens long; "
+            f"real costs are usually far lower); {pending} row(s) were not sent. Raise "
+            f"--max-cost to ${needed:.4f} or more (or send smaller batches with "
+            "--max-batch-requests) and run the same command again to send them",
         )
