@@ -7,6 +7,8 @@ installs it) load it from disk, dump its DOM and take a screenshot.
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import json
 import os
 import re
@@ -14,6 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 from test_pipeline import write_docs
@@ -282,3 +286,30 @@ def test_a_report_of_a_stopped_job_says_why_it_stopped(tmp_path: Path) -> None:
     assert f'<p class="error">error: cannot read {src}' in page.read_text()
     as_json = CliRunner().invoke(cli, [*root, "report", "broken", "--json"])
     assert json.loads(as_json.stdout)["error"].startswith(f"cannot read {src}")
+
+
+def test_a_sample_shows_times_and_decimals_as_text_not_quoted_json(tmp_path: Path) -> None:
+    """A Parquet input's timestamp and decimal columns were printed as JSON strings inside
+    the sample's text (`"ts": "\\"2024-01-01 …\\""`), quoted twice."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "body": ["one", "two"],
+                "ts": pa.array(
+                    [dt.datetime(2024, 1, 1, 0, 0, 3, tzinfo=dt.UTC)] * 2, pa.timestamp("us", "UTC")
+                ),
+                "price": pa.array([decimal.Decimal("1.23")] * 2, pa.decimal128(5, 2)),
+                "n": [48, 49],
+            }
+        ),
+        src,
+    )
+    root, run = _run(tmp_path, src, "typed")
+    assert run.exit_code == 0, run.stderr
+    report = CliRunner().invoke(cli, [*root, "report", "typed", "--json", "--sample", "2"])
+    assert report.exit_code == 0, report.stderr
+    first = json.loads(report.stdout)["sample"][0]["input"]
+    assert first == {"body": "one", "ts": "2024-01-01 00:00:03+00:00", "price": "1.23", "n": "48"}
+    text = CliRunner().invoke(cli, [*root, "report", "typed", "--sample", "1"])
+    assert "ts=2024-01-01 00:00:03+00:00; price=1.23; n=48" in text.stdout

@@ -71,8 +71,15 @@ def _label_of(item: ItemRow, field_name: str | None) -> str | None:
 
 
 def _clip(value: Any) -> str:
-    # jsontext: a row's integer may be wider than orjson writes (a 24-digit id, say).
-    text = value if isinstance(value, str) else jsontext.dumps(value, default=str).decode()
+    """A value as the sample shows it: text as it is, numbers and nested values as JSON,
+    anything else (a time, a decimal) as its own text, never quoted twice."""
+    if isinstance(value, str):
+        text = value
+    elif value is None or isinstance(value, bool | int | float | dict | list):
+        # jsontext: a row's integer may be wider than orjson writes (a 24-digit id, say).
+        text = jsontext.dumps(value, default=str).decode()
+    else:
+        text = str(value)
     return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
 
 
