@@ -40,12 +40,12 @@ def failed_rows_problem(job: JobRow, counts: Mapping[ItemStatus, int]) -> str | 
     by_status = ", ".join(f"{status.value} {n:,}" for status, n in sorted(failed.items()))
     if spec.max_failed is None:
         verdict = f"no row got an answer ({rows:,} rows: {by_status})"
-        accept = "pass --max-failed to accept failed rows"
+        accept = "pass --max-failed (max_failed in a job file) to accept failed rows"
     else:
         verdict = (
             f"{total_failed:,} of {rows:,} rows ended without an answer ({by_status}), "
             f"more than --max-failed {spec.max_failed} allows ({allowed:,})"
         )
-        accept = "raise --max-failed to accept them"
+        accept = "raise --max-failed (max_failed in a job file) to accept them"
     where = f"the output {spec.output} has each row's error; " if spec.output else ""
     return f"{verdict}; {where}`batchpipe report {job.name}` groups the errors; {accept}"
