@@ -74,6 +74,7 @@ def errored(row: int, error_type: str, status: ItemStatus, attempt: int = 1) -> 
         attempt=attempt,
         error_type=error_type,
         error_message="boom",
+        cost_usd=0.0,  # not billed: collect's refine prices every failure so
     )
 
 
@@ -638,7 +639,7 @@ def test_insert_items_refuses_a_row_index_past_the_column(store: Store) -> None:
 def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Store) -> None:
     job = with_items(store, 2)
     first = plan(store, job, [0, 1])
-    line = errored(0, "overloaded_error", P)  # unpriced (cost None): adds nothing
+    line = errored(0, "overloaded_error", P)  # not billed (cost 0): adds nothing
     # The same line twice in one call (a file read twice in one chunk) applies once.
     assert store.apply_results(job, first, [line, line, succeeded(1, cost_usd=0.25)]) == 2
     retry = plan(store, job, [0], attempt=2)
@@ -694,20 +695,80 @@ def test_plain_successes_are_stored_as_their_records_would_be(store: Store) -> N
     assert by_row(store, job)[1].cost_usd == 0.5
 
 
-def test_an_unpriced_success_keeps_what_earlier_attempts_cost(store: Store) -> None:
-    job = with_items(store, 2)
-    first = plan(store, job, [0, 1])
-    cut = succeeded(0, cost_usd=0.25, stop_reason="max_tokens")
-    cut.status = P  # a truncated answer, paid for and sent again
-    store.apply_results(job, first, [cut, succeeded(1)])  # row 1: unknown model, no price
-    retry = plan(store, job, [0], attempt=2)
-    store.apply_results(job, retry, [succeeded(0, attempt=2)])  # unpriced too
+def test_a_row_with_an_unpriced_attempt_has_no_cost(store: Store) -> None:
+    """cost_usd sums every billed attempt: one the price table could not price (an unknown
+    model) makes the row's cost unknown (null) for good, whatever came before or after it;
+    attempts the API does not bill (errored, expired) add 0. Each kind of statement
+    (kept success, plain tuple, final, transient; one COPY on PostgreSQL) is exercised."""
+    job = with_items(store, 8)
+    first = plan(store, job, list(range(7)))
+    cut_priced = succeeded(1, cost_usd=0.25, stop_reason="max_tokens")
+    cut_priced.status = P  # a truncated answer, paid for and sent again
+    cut_unpriced = succeeded(2, stop_reason="max_tokens")
+    cut_unpriced.status = P
+    schema_miss = succeeded(5, error_type="invalid_output", error_message="no label")
+    schema_miss.status = ItemStatus.INVALID_OUTPUT  # billed, unpriced, final
+    store.apply_results(
+        job,
+        first,
+        [
+            errored(0, "overloaded_error", P),  # free, sent again
+            cut_priced,
+            cut_unpriced,
+            errored(3, "overloaded_error", P),
+            schema_miss,
+            errored(6, "invalid_request_error", ItemStatus.ERRORED),  # free, final
+        ],
+        [(4, cid(4), 1, "answer 4", "end_turn", "m", 10, 2, None, None, None)],  # unpriced
+    )
+    second = plan(store, job, [0, 1, 2, 3], attempt=2)
+    store.apply_results(
+        job,
+        second,
+        [
+            succeeded(1, attempt=2),  # unpriced after a priced attempt
+            errored(2, "overloaded_error", P, attempt=2),  # free after an unpriced one
+            succeeded(3, attempt=2, cost_usd=0.5),  # priced after a free one
+        ],
+        # The tester's case: unpriced after a free attempt (was 0.0, read as free).
+        [(0, cid(0, 2), 2, "answer 0", "end_turn", "m", 10, 2, None, None, None)],
+    )
+    third = plan(store, job, [2], attempt=3)
+    store.apply_results(job, third, [succeeded(2, attempt=3, cost_usd=0.5)])
     items = by_row(store, job)
-    assert [(items[r].status, items[r].cost_usd) for r in (0, 1)] == [
-        (ItemStatus.SUCCEEDED, 0.25),
-        (ItemStatus.SUCCEEDED, None),
-    ]
-    assert (items[0].stop_reason, items[0].error_type) == (None, None)
+    assert {r: items[r].cost_usd for r in range(8)} == {
+        0: None,
+        1: None,
+        2: None,
+        3: 0.5,
+        4: None,
+        5: None,
+        6: 0.0,
+        7: None,  # never sent: nothing billed, nothing unknown
+    }
+    assert items[5].status is ItemStatus.INVALID_OUTPUT
+    # The totals say so too: 5 rows of unknown cost, not $0.50 as if the rest were free.
+    totals = store.job_totals(job)
+    assert (totals.cost_usd, totals.priced, totals.unpriced) == (0.5, 2, 5)
+    assert store.count_items_and_usage(job)[2] is None
+
+
+def test_a_row_claimed_by_an_older_batchpipe_takes_its_first_price(store: Store) -> None:
+    """Rows claimed before their cost started at 0 on the first claim (an upgrade while a
+    batch was out) have none: their first attempt's price is their cost, not unknown."""
+    job = with_items(store, 3)
+    batch = plan(store, job, [0, 1, 2])
+    with store._engine.begin() as conn:
+        conn.execute(sa.text("UPDATE items SET cost_usd = NULL"))
+    store.apply_results(
+        job,
+        batch,
+        [succeeded(0, cost_usd=0.25), errored(1, "overloaded_error", ItemStatus.ERRORED)],
+        [(2, cid(2), 1, "answer 2", "end_turn", "m", 10, 2, None, None, 0.5)],
+    )
+    items = by_row(store, job)
+    assert [items[r].cost_usd for r in range(3)] == [0.25, 0.0, 0.5]
+    assert store.job_totals(job).unpriced == 0
 
 
 def test_the_first_of_repeated_lines_wins_and_a_success_keeps_what_it_carries(
@@ -832,12 +893,20 @@ def test_job_totals_sum_tokens_cost_and_truncated_answers_in_one_pass(store: Sto
         "cache_read_input_tokens": 3,
     }
     assert totals.usage == store.count_items_and_usage(job)[1]
-    # Rows without a price (the unpriced success, the errored line) count in neither.
-    assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 2)
-    assert store.count_items_and_usage(job)[2] == 0.75  # the same sum, over status groups
+    # The unpriced success counts in neither sum; the errored line was free ($0, priced).
+    assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 3)
+    assert totals.unpriced == 1
     assert totals.truncated == 1
+    # Over status groups, the same: unknown (None) while a row's cost is.
+    assert store.count_items_and_usage(job)[2] is None
+    without_unknown = new_job(store, "priced", "fedcba9876")
+    store.insert_items(without_unknown, ((i, f"k{i}", P, None) for i in range(2)))
+    sent = plan(store, without_unknown, [0, 1])
+    priced = [succeeded(0, cost_usd=0.25), succeeded(1, cost_usd=0.5)]
+    store.apply_results(without_unknown, sent, priced)
+    assert store.count_items_and_usage(without_unknown)[2] == 0.75
     empty = store.job_totals(new_job(store, "empty", "ffffffffff"))
-    assert (empty.cost_usd, empty.priced, empty.truncated) == (0.0, 0, 0)
+    assert (empty.cost_usd, empty.priced, empty.unpriced, empty.truncated) == (0.0, 0, 0, 0)
 
 
 def test_bulk_paths_use_executemany(store: Store) -> None:
