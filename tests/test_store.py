@@ -583,10 +583,10 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     # A re-run whose request changed does the same for the rows it sends again.
     retry = plan(store, job, [0, 1, 2], attempt=2)
     store.apply_results(job, retry, [succeeded(r, attempt=2) for r in range(3)])
-    changed, unchanged = store.rerun_items(
-        job, [(0, True), (1, False), (2, True)], spec={"model": "m"}
+    changed, unchanged, invalid = store.rerun_items(
+        job, [(0, True, None), (1, False, None), (2, True, None)], spec={"model": "m"}
     )
-    assert (changed, unchanged) == (2, 1)
+    assert (changed, unchanged, invalid) == (2, 1, 0)
     assert history_of(store, job) == [
         *expected[:1],
         (0, 2, cid(0, 2), "succeeded", 10),
@@ -597,18 +597,42 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     assert len(history_of(store, job)) == 6
 
 
-def test_rerun_items_counts_only_the_rows_it_sends_again(store: Store) -> None:
+def test_rerun_items_requeues_renders_invalid_and_leaves_rows_in_flight(store: Store) -> None:
+    """The re-run decides per row: changed rows go back to pending (an invalid one too: it
+    renders now), rows the new settings cannot render become invalid with their message
+    (an answer they had goes to the history), and a row in flight is left alone."""
     job = new_job(store)
     store.insert_items(
-        job, [(0, "a", P, None), (1, "b", ItemStatus.INVALID, "bad"), (2, "c", P, None)]
+        job,
+        [
+            (0, "a", P, None),
+            (1, "b", ItemStatus.INVALID, "bad"),
+            (2, "c", P, None),
+            (3, "d", P, None),
+            (4, "e", ItemStatus.INVALID, "still bad"),
+        ],
     )
+    answered = plan(store, job, [3])
+    store.apply_results(job, answered, [succeeded(3, cost_usd=0.25)])
     sent = plan(store, job, [2])
-    # Row 1 is invalid and row 2 in flight: neither is sent again, whatever the caller says.
-    rows = [(0, True), (1, True), (2, True)]
-    assert store.rerun_items(job, rows, spec={"model": "m"}) == (1, 0)
+    rows = [(0, True, None), (1, True, None), (2, True, None), (3, False, "new"),
+            (4, False, "still bad")]  # fmt: skip
+    assert store.rerun_items(job, rows, spec={"model": "m"}) == (2, 0, 2)
     items = by_row(store, job)
-    assert [items[r].status for r in range(3)] == [P, ItemStatus.INVALID, S]
+    assert [items[r].status for r in range(5)] == [P, P, S, ItemStatus.INVALID, ItemStatus.INVALID]
+    assert (items[1].error_message, items[1].attempts) == (None, 0)
     assert items[2].batch_id == sent
+    assert (items[3].error_message, items[3].response_text, items[3].custom_id) == (
+        "new",
+        None,
+        None,
+    )
+    assert (items[3].cost_usd, items[3].attempts) == (0.25, 1)  # paid is paid
+    assert history_of(store, job) == [(3, 1, cid(3), "succeeded", 10)]
+    assert items[4].error_message == "still bad"
+    job_row = store.get_job(job)
+    assert job_row is not None
+    assert (job_row.invalid_count, job_row.status) == (2, JobStatus.RUNNING)
 
 
 def test_a_result_value_of_an_unexpected_type_is_stored_as_text(store: Store) -> None:
