@@ -372,7 +372,9 @@ class ResultRecord:
     # structured output); None otherwise so memory stays flat.
     content: list[dict[str, Any]] | None = None
     # Set by collect. ``status`` is a final status, or ``pending`` for a failure that is
-    # sent again; ``cost_usd`` is this attempt's price, added to the item's running total.
+    # sent again; ``cost_usd`` is this attempt's price, added to the item's running total:
+    # 0.0 for one the API does not bill, None for one billed at a price batchpipe lacks
+    # (an unknown model), which makes the item's cost unknown (null) for good.
     row_index: int = -1
     attempt: int = 0
     status: ItemStatus | None = None

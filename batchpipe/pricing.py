@@ -82,6 +82,17 @@ def unpriced(model: str | None) -> str | None:
     return f"model {model!r} is not in the price table {PRICE_TABLE_VERSION}{hint}"
 
 
+def unknown_cost(model: str | None, unpriced_rows: bool) -> str | None:
+    """Why a job's cost is unknown, for messages: its ``model`` is not in the table, or
+    (``unpriced_rows``) some rows had an answer the table could not price, say from the
+    model a re-run moved away from; None when every attempt was priced. Either way those
+    rows' ``cost_usd`` is null, and a total of the rest would read as all that was paid."""
+    reason = unpriced(model)
+    if reason is None and unpriced_rows:
+        reason = f"some answers came from a model not in the price table {PRICE_TABLE_VERSION}"
+    return reason
+
+
 def cost_usd(
     model: str | None,
     *,

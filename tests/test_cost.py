@@ -9,18 +9,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import run_batchpipe
 from test_pipeline import Harness, spec_for, write_docs
 
 from batchpipe import pipeline, pricing
 from batchpipe.cli import cli
+from batchpipe.db import upgrade
 from batchpipe.errors import BudgetExceeded, UsageError
 from batchpipe.structured import labels_schema
+
+if TYPE_CHECKING:
+    from batchpipe.emulator import Emulator
 
 HAIKU = pricing.PRICES["claude-haiku-4-5"]
 STATUS_SCHEMA = json.loads(
@@ -283,6 +288,58 @@ def test_a_model_without_a_price_shows_cost_unknown_not_zero(tmp_path: Path) -> 
         f"{pricing.PRICE_TABLE_VERSION} (did you mean claude-haiku-4-5?), so its cost "
         "cannot be estimated; check --model (priced: claude-3-5-haiku, "
     )
+
+
+def test_rows_of_a_model_without_a_price_have_no_cost_after_a_resend(
+    db_url: str, emulator: Emulator, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A row answered by a model the price table lacks has cost_usd null (unknown), also
+    when an earlier attempt errored or expired for free: not 0.0, which sums as free. And
+    once some rows' cost is unknown, `status`, `status --json`, `report` and the end of
+    `run` say the job's cost is unknown, even after a re-run moved it to a priced model."""
+    upgrade(db_url)  # a PostgreSQL database is migrated before its first use
+    emulator.configure(processing_seconds=0.1, errored_rate=0.3, expired_rate=0.1, seed=5)
+    src = tmp_path / "docs.jsonl"
+    write_docs(src, 30)
+    out = tmp_path / "u.parquet"
+    common = ["--max-tokens", "16", "--labels", "a,b", "--poll-interval", "0.1"]
+    ran = run_batchpipe(
+        db_url, cli_env, "run", str(src), "--prompt", "C: {{ body }}", "--id-column", "doc_id",
+        "--model", "claude-mythos-preview", "-o", str(out), "--job", "u", *common,
+    )  # fmt: skip
+    assert "cost unknown: model 'claude-mythos-preview'" in ran.stderr, ran.stderr
+    rows = pq.read_table(out).to_pylist()
+    answered = [r for r in rows if r["result_status"] == "succeeded"]
+    assert {r["attempts"] > 1 for r in answered} == {True, False}  # both kinds are there
+    assert [r["cost_usd"] for r in answered] == [None] * len(answered)
+    # A row that never got an answer was never billed: $0, known.
+    assert {r["cost_usd"] for r in rows if r["result_status"] != "succeeded"} <= {0.0}
+
+    # The same job re-run with a priced model: each row's earlier, unpriced answer was paid
+    # for too, so those rows stay unknown, and so does the job's total.
+    emulator.configure(errored_rate=0.0, expired_rate=0.0)
+    rerun = run_batchpipe(
+        db_url, cli_env, "run", "--job", "u", "--model", "claude-haiku-4-5", "--yes", *common
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    unknown = "cost unknown: some answers came from a model not in the price table "
+    unknown += pricing.PRICE_TABLE_VERSION
+    assert f"  {unknown}" in rerun.stderr
+    after = {r["doc_id"]: r for r in pq.read_table(out).to_pylist()}
+    for row in answered:
+        assert after[row["doc_id"]]["cost_usd"] is None
+    never_answered = [r for r in rows if r["result_status"] != "succeeded"]
+    for row in never_answered:
+        assert after[row["doc_id"]]["cost_usd"] > 0  # free tries, then a priced answer
+    status = run_batchpipe(db_url, cli_env, "status", "u")
+    assert f"  {unknown}; truncated at max_tokens:" in status.stdout, status.stdout
+    as_json = run_batchpipe(db_url, cli_env, "status", "u", "--json")
+    (job,) = json.loads(as_json.stdout)["jobs"]
+    assert job["cost_usd"] is None
+    jsonschema.validate(json.loads(as_json.stdout), STATUS_SCHEMA)
+    report = run_batchpipe(db_url, cli_env, "report", "u", "--sample", "0")
+    assert f"\n{unknown}\n" in report.stdout, report.stdout
+    assert "per 1,000 rows" not in report.stdout
 
 
 @pytest.mark.parametrize("batch", [True, False])

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import run_batchpipe
 from test_pipeline import Harness, spec_for
 
 from batchpipe import pipeline
 from batchpipe.cli import cli
-from batchpipe.db import JobRow
+from batchpipe.db import JobRow, upgrade
 from batchpipe.errors import UsageError
 from batchpipe.models import ItemStatus, JobSpec, JobStatus
 
@@ -99,6 +100,29 @@ def test_a_rerun_whose_last_row_fails_to_render_changes_nothing(
     assert current(harness, job.id).exported_at is not None
 
 
+def kill_rerun_half_way(harness: Harness, changed: JobSpec) -> subprocess.CompletedProcess[str]:
+    """Re-run the job with ``changed`` in a real process, killed (SIGKILL) right after the
+    first 5,000 rows were re-queued (uncommitted)."""
+    code = (
+        "import sys\n"
+        "from batchpipe import pipeline\n"
+        "from batchpipe.db import Store\n"
+        "from batchpipe.models import JobSpec\n"
+        "store = Store.open(sys.argv[1])\n"
+        "ctx = pipeline.Context(store=store, client_factory=lambda: 1 / 0)\n"
+        "spec = JobSpec.model_validate_json(sys.argv[2])\n"
+        "pipeline.prepare(ctx, 'job', spec, confirm_rerun=True)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, harness.db_url, changed.model_dump_json()],
+        env={**os.environ, "BATCHPIPE_FAILPOINT": "mid_rerun"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_a_rerun_killed_half_way_changes_nothing_and_the_same_command_completes_it(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -110,25 +134,7 @@ def test_a_rerun_killed_half_way_changes_nothing_and_the_same_command_completes_
     sent = harness.emulator.stats()["requests_received"]
     changed = first.model_copy(update={"prompt": "Summarize: {{ body }}"})
 
-    # A real process, killed right after the first 5,000 rows were re-queued (uncommitted).
-    code = (
-        "import sys\n"
-        "from batchpipe import pipeline\n"
-        "from batchpipe.db import Store\n"
-        "from batchpipe.models import JobSpec\n"
-        "store = Store.open(sys.argv[1])\n"
-        "ctx = pipeline.Context(store=store, client_factory=lambda: 1 / 0)\n"
-        "spec = JobSpec.model_validate_json(sys.argv[2])\n"
-        "pipeline.prepare(ctx, 'job', spec, confirm_rerun=True)\n"
-    )
-    killed = subprocess.run(
-        [sys.executable, "-c", code, harness.db_url, changed.model_dump_json()],
-        env={**os.environ, "BATCHPIPE_FAILPOINT": "mid_rerun"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    killed = kill_rerun_half_way(harness, changed)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert_untouched(harness, job.id, before, first)
 
@@ -474,3 +480,140 @@ def test_a_retry_by_error_type_counts_its_round_from_the_rows_it_sends(
         assert harness.emulator.stats()["requests_received"] - before == 5
     finally:
         ctx.close()
+
+
+# ------------------------------------------------------- rows invalid at validation
+
+
+def write_with_nulls(path: Path, n: int, *, no_body: set[int], no_title: set[int]) -> None:
+    """JSONL rows whose `body` is null in ``no_body`` and `title` null in ``no_title``."""
+    path.write_bytes(
+        b"".join(
+            orjson.dumps(
+                {
+                    "doc_id": i,
+                    "body": None if i in no_body else f"text {i}",
+                    "title": None if i in no_title else f"t{i}",
+                }
+            )
+            + b"\n"
+            for i in range(n)
+        )
+    )
+
+
+def run_invalid_job(db_url: str, env: dict[str, str], tmp_path: Path) -> tuple[Path, Path]:
+    """The tester's job: 10 rows, `body` null in rows 2 and 5 (and `title` in 5 and 7),
+    run with --skip-invalid, so rows 2 and 5 end invalid; returns the input and output."""
+    upgrade(db_url)  # a PostgreSQL database is migrated before its first use
+    src, out = tmp_path / "inv.jsonl", tmp_path / "inv.parquet"
+    write_with_nulls(src, 10, no_body={2, 5}, no_title={5, 7})
+    first = run_batchpipe(
+        db_url, env, "run", str(src), "--prompt", "C: {{ body }}", "--model", "claude-haiku-4-5",
+        "--id-column", "doc_id", "--max-tokens", "16", "--labels", "a,b", "-o", str(out),
+        "--job", "inv", "--skip-invalid", "--poll-interval", "0.1",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    table = pq.read_table(out).to_pylist()
+    assert [r["result_status"] for r in table].count("invalid") == 2
+    assert table[2]["error_message"] == "column 'body' is null"
+    return src, out
+
+
+def test_a_rerun_sends_the_rows_that_were_invalid_and_now_render(
+    db_url: str, emulator: Emulator, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A template that renders rows which failed validation makes them changed rows of a
+    re-run: counted (the dry run counts every row and says how many were invalid), sent,
+    and answered; the rows whose request is the same keep their answers."""
+    emulator.configure(processing_seconds=0.1)
+    _, out = run_invalid_job(db_url, cli_env, tmp_path)
+    before = pq.read_table(out).to_pylist()
+    fixed = ("--job", "inv", "--prompt", "C: {{ body or '' }}", "--poll-interval", "0.1")
+    dry = run_batchpipe(db_url, cli_env, "run", *fixed, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "changes the request of 2 of 10 row(s) (2 of them invalid before)" in dry.stderr
+    assert dry.stdout == "2\n"
+    assert emulator.stats()["requests_received"] == 8
+    ran = run_batchpipe(db_url, cli_env, "run", *fixed, "--yes")
+    assert ran.returncode == 0, ran.stderr
+    assert "rows: 10 succeeded" in ran.stderr
+    assert emulator.stats()["requests_received"] == 10  # only rows 2 and 5 were sent
+    after = pq.read_table(out).to_pylist()
+    for i, (old, new) in enumerate(zip(before, after, strict=True)):
+        assert new["result_status"] == "succeeded"
+        assert new["label"] in {"a", "b"}
+        assert new["error_message"] is None
+        assert new["attempts"] == 1
+        if i not in (2, 5):
+            assert new["custom_id"] == old["custom_id"]
+    assert run_batchpipe(db_url, cli_env, "retry", "inv", "--status", "invalid").returncode == 2
+
+
+def test_a_rerun_exports_rows_the_new_settings_cannot_render_as_invalid(
+    db_url: str, emulator: Emulator, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """With --skip-invalid, a re-run whose template does not render a row sends it no more:
+    one invalid before stays invalid with the new settings' message, one answered before
+    ends invalid with it (its earlier answer kept in the history, its cost in cost_usd)."""
+    emulator.configure(processing_seconds=0.1)
+    _, out = run_invalid_job(db_url, cli_env, tmp_path)
+    before = pq.read_table(out).to_pylist()
+    titled = ("--job", "inv", "--prompt", "{{ title }}: {{ body or '' }}")
+    dry = run_batchpipe(db_url, cli_env, "run", *titled, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "changes the request of 8 of 10 row(s) (1 of them invalid before);" in dry.stderr
+    said = "; 2 row(s) do not render with the new settings and are exported as invalid, not sent"
+    assert said in dry.stderr
+    ran = run_batchpipe(db_url, cli_env, "run", *titled, "--yes", "--poll-interval", "0.1")
+    assert ran.returncode == 0, ran.stderr
+    assert "rows: 8 succeeded, 2 invalid" in ran.stderr
+    assert emulator.stats()["requests_received"] == 16  # 8, then the 8 changed rows
+    after = pq.read_table(out).to_pylist()
+    for i in (5, 7):
+        assert after[i]["result_status"] == "invalid"
+        assert after[i]["error_message"] == (
+            "template prints a null value: title is null in this row; write {{ title or '' }} "
+            "where an empty value is fine"
+        )
+        assert (after[i]["response_text"], after[i]["label"]) == (None, None)
+    assert after[7]["cost_usd"] == before[7]["cost_usd"] > 0  # its answer was paid for
+    assert after[2]["result_status"] == "succeeded"
+    assert {after[i]["attempts"] for i in (0, 1, 3, 4, 6, 8, 9)} == {2}
+    status = run_batchpipe(db_url, cli_env, "status", "inv", "--json")
+    (job,) = orjson.loads(status.stdout)["jobs"]
+    assert (job["counts"]["invalid"], job["counts"]["succeeded"]) == (2, 8)
+
+
+def test_a_rerun_of_invalid_rows_killed_half_way_changes_nothing_and_sends_each_row_once(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The rows a re-run takes out of `invalid` change in its one transaction too: killed
+    half way, every row is as it was (invalid rows with their old message); the same
+    command again sends each changed row once, the formerly invalid ones at attempt 1."""
+    src = tmp_path / "docs.jsonl"
+    nulls = {7, 1_007, 5_007}  # one of them past the first chunk of 5,000
+    write_with_nulls(src, ROWS, no_body=nulls, no_title=set())
+    first = spec_for(tmp_path, src, max_batch_requests=5_000, skip_invalid=True)
+    job = harness.run(first)
+    before = snapshot(harness, job.id)
+    assert [s for _, s, *_ in before].count(ItemStatus.INVALID) == 3
+    sent = harness.emulator.stats()["requests_received"]
+    changed = first.model_copy(update={"prompt": "Summarize: {{ body or '' }}"})
+    killed = kill_rerun_half_way(harness, changed)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert snapshot(harness, job.id) == before
+    assert current(harness, job.id).spec["prompt"] == first.prompt
+
+    ctx = harness.context()
+    try:
+        job = pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
+        assert harness.store.count_items(job.id)[ItemStatus.PENDING] == ROWS
+        job = pipeline.run(ctx, job)
+    finally:
+        ctx.close()
+    assert job.status is JobStatus.DONE
+    assert harness.emulator.stats()["requests_received"] == sent + ROWS
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["result_status"] for r in table} == {"succeeded"}
+    assert [i for i, r in enumerate(table) if r["attempts"] == 1] == sorted(nulls)

@@ -74,6 +74,7 @@ def errored(row: int, error_type: str, status: ItemStatus, attempt: int = 1) -> 
         attempt=attempt,
         error_type=error_type,
         error_message="boom",
+        cost_usd=0.0,  # not billed: collect's refine prices every failure so
     )
 
 
@@ -582,10 +583,10 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     # A re-run whose request changed does the same for the rows it sends again.
     retry = plan(store, job, [0, 1, 2], attempt=2)
     store.apply_results(job, retry, [succeeded(r, attempt=2) for r in range(3)])
-    changed, unchanged = store.rerun_items(
-        job, [(0, True), (1, False), (2, True)], spec={"model": "m"}
+    changed, unchanged, invalid = store.rerun_items(
+        job, [(0, True, None), (1, False, None), (2, True, None)], spec={"model": "m"}
     )
-    assert (changed, unchanged) == (2, 1)
+    assert (changed, unchanged, invalid) == (2, 1, 0)
     assert history_of(store, job) == [
         *expected[:1],
         (0, 2, cid(0, 2), "succeeded", 10),
@@ -596,18 +597,42 @@ def test_a_succeeded_answer_sent_again_is_kept_in_the_history(store: Store) -> N
     assert len(history_of(store, job)) == 6
 
 
-def test_rerun_items_counts_only_the_rows_it_sends_again(store: Store) -> None:
+def test_rerun_items_requeues_renders_invalid_and_leaves_rows_in_flight(store: Store) -> None:
+    """The re-run decides per row: changed rows go back to pending (an invalid one too: it
+    renders now), rows the new settings cannot render become invalid with their message
+    (an answer they had goes to the history), and a row in flight is left alone."""
     job = new_job(store)
     store.insert_items(
-        job, [(0, "a", P, None), (1, "b", ItemStatus.INVALID, "bad"), (2, "c", P, None)]
+        job,
+        [
+            (0, "a", P, None),
+            (1, "b", ItemStatus.INVALID, "bad"),
+            (2, "c", P, None),
+            (3, "d", P, None),
+            (4, "e", ItemStatus.INVALID, "still bad"),
+        ],
     )
+    answered = plan(store, job, [3])
+    store.apply_results(job, answered, [succeeded(3, cost_usd=0.25)])
     sent = plan(store, job, [2])
-    # Row 1 is invalid and row 2 in flight: neither is sent again, whatever the caller says.
-    rows = [(0, True), (1, True), (2, True)]
-    assert store.rerun_items(job, rows, spec={"model": "m"}) == (1, 0)
+    rows = [(0, True, None), (1, True, None), (2, True, None), (3, False, "new"),
+            (4, False, "still bad")]  # fmt: skip
+    assert store.rerun_items(job, rows, spec={"model": "m"}) == (2, 0, 2)
     items = by_row(store, job)
-    assert [items[r].status for r in range(3)] == [P, ItemStatus.INVALID, S]
+    assert [items[r].status for r in range(5)] == [P, P, S, ItemStatus.INVALID, ItemStatus.INVALID]
+    assert (items[1].error_message, items[1].attempts) == (None, 0)
     assert items[2].batch_id == sent
+    assert (items[3].error_message, items[3].response_text, items[3].custom_id) == (
+        "new",
+        None,
+        None,
+    )
+    assert (items[3].cost_usd, items[3].attempts) == (0.25, 1)  # paid is paid
+    assert history_of(store, job) == [(3, 1, cid(3), "succeeded", 10)]
+    assert items[4].error_message == "still bad"
+    job_row = store.get_job(job)
+    assert job_row is not None
+    assert (job_row.invalid_count, job_row.status) == (2, JobStatus.RUNNING)
 
 
 def test_a_result_value_of_an_unexpected_type_is_stored_as_text(store: Store) -> None:
@@ -638,7 +663,7 @@ def test_insert_items_refuses_a_row_index_past_the_column(store: Store) -> None:
 def test_apply_results_counts_a_repeated_line_once_and_adds_up_costs(store: Store) -> None:
     job = with_items(store, 2)
     first = plan(store, job, [0, 1])
-    line = errored(0, "overloaded_error", P)  # unpriced (cost None): adds nothing
+    line = errored(0, "overloaded_error", P)  # not billed (cost 0): adds nothing
     # The same line twice in one call (a file read twice in one chunk) applies once.
     assert store.apply_results(job, first, [line, line, succeeded(1, cost_usd=0.25)]) == 2
     retry = plan(store, job, [0], attempt=2)
@@ -694,20 +719,80 @@ def test_plain_successes_are_stored_as_their_records_would_be(store: Store) -> N
     assert by_row(store, job)[1].cost_usd == 0.5
 
 
-def test_an_unpriced_success_keeps_what_earlier_attempts_cost(store: Store) -> None:
-    job = with_items(store, 2)
-    first = plan(store, job, [0, 1])
-    cut = succeeded(0, cost_usd=0.25, stop_reason="max_tokens")
-    cut.status = P  # a truncated answer, paid for and sent again
-    store.apply_results(job, first, [cut, succeeded(1)])  # row 1: unknown model, no price
-    retry = plan(store, job, [0], attempt=2)
-    store.apply_results(job, retry, [succeeded(0, attempt=2)])  # unpriced too
+def test_a_row_with_an_unpriced_attempt_has_no_cost(store: Store) -> None:
+    """cost_usd sums every billed attempt: one the price table could not price (an unknown
+    model) makes the row's cost unknown (null) for good, whatever came before or after it;
+    attempts the API does not bill (errored, expired) add 0. Each kind of statement
+    (kept success, plain tuple, final, transient; one COPY on PostgreSQL) is exercised."""
+    job = with_items(store, 8)
+    first = plan(store, job, list(range(7)))
+    cut_priced = succeeded(1, cost_usd=0.25, stop_reason="max_tokens")
+    cut_priced.status = P  # a truncated answer, paid for and sent again
+    cut_unpriced = succeeded(2, stop_reason="max_tokens")
+    cut_unpriced.status = P
+    schema_miss = succeeded(5, error_type="invalid_output", error_message="no label")
+    schema_miss.status = ItemStatus.INVALID_OUTPUT  # billed, unpriced, final
+    store.apply_results(
+        job,
+        first,
+        [
+            errored(0, "overloaded_error", P),  # free, sent again
+            cut_priced,
+            cut_unpriced,
+            errored(3, "overloaded_error", P),
+            schema_miss,
+            errored(6, "invalid_request_error", ItemStatus.ERRORED),  # free, final
+        ],
+        [(4, cid(4), 1, "answer 4", "end_turn", "m", 10, 2, None, None, None)],  # unpriced
+    )
+    second = plan(store, job, [0, 1, 2, 3], attempt=2)
+    store.apply_results(
+        job,
+        second,
+        [
+            succeeded(1, attempt=2),  # unpriced after a priced attempt
+            errored(2, "overloaded_error", P, attempt=2),  # free after an unpriced one
+            succeeded(3, attempt=2, cost_usd=0.5),  # priced after a free one
+        ],
+        # The tester's case: unpriced after a free attempt (was 0.0, read as free).
+        [(0, cid(0, 2), 2, "answer 0", "end_turn", "m", 10, 2, None, None, None)],
+    )
+    third = plan(store, job, [2], attempt=3)
+    store.apply_results(job, third, [succeeded(2, attempt=3, cost_usd=0.5)])
     items = by_row(store, job)
-    assert [(items[r].status, items[r].cost_usd) for r in (0, 1)] == [
-        (ItemStatus.SUCCEEDED, 0.25),
-        (ItemStatus.SUCCEEDED, None),
-    ]
-    assert (items[0].stop_reason, items[0].error_type) == (None, None)
+    assert {r: items[r].cost_usd for r in range(8)} == {
+        0: None,
+        1: None,
+        2: None,
+        3: 0.5,
+        4: None,
+        5: None,
+        6: 0.0,
+        7: None,  # never sent: nothing billed, nothing unknown
+    }
+    assert items[5].status is ItemStatus.INVALID_OUTPUT
+    # The totals say so too: 5 rows of unknown cost, not $0.50 as if the rest were free.
+    totals = store.job_totals(job)
+    assert (totals.cost_usd, totals.priced, totals.unpriced) == (0.5, 2, 5)
+    assert store.count_items_and_usage(job)[2] is None
+
+
+def test_a_row_claimed_by_an_older_batchpipe_takes_its_first_price(store: Store) -> None:
+    """Rows claimed before their cost started at 0 on the first claim (an upgrade while a
+    batch was out) have none: their first attempt's price is their cost, not unknown."""
+    job = with_items(store, 3)
+    batch = plan(store, job, [0, 1, 2])
+    with store._engine.begin() as conn:
+        conn.execute(sa.text("UPDATE items SET cost_usd = NULL"))
+    store.apply_results(
+        job,
+        batch,
+        [succeeded(0, cost_usd=0.25), errored(1, "overloaded_error", ItemStatus.ERRORED)],
+        [(2, cid(2), 1, "answer 2", "end_turn", "m", 10, 2, None, None, 0.5)],
+    )
+    items = by_row(store, job)
+    assert [items[r].cost_usd for r in range(3)] == [0.25, 0.0, 0.5]
+    assert store.job_totals(job).unpriced == 0
 
 
 def test_the_first_of_repeated_lines_wins_and_a_success_keeps_what_it_carries(
@@ -832,12 +917,20 @@ def test_job_totals_sum_tokens_cost_and_truncated_answers_in_one_pass(store: Sto
         "cache_read_input_tokens": 3,
     }
     assert totals.usage == store.count_items_and_usage(job)[1]
-    # Rows without a price (the unpriced success, the errored line) count in neither.
-    assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 2)
-    assert store.count_items_and_usage(job)[2] == 0.75  # the same sum, over status groups
+    # The unpriced success counts in neither sum; the errored line was free ($0, priced).
+    assert (totals.cost_usd, totals.priced) == store.cost_total(job) == (0.75, 3)
+    assert totals.unpriced == 1
     assert totals.truncated == 1
+    # Over status groups, the same: unknown (None) while a row's cost is.
+    assert store.count_items_and_usage(job)[2] is None
+    without_unknown = new_job(store, "priced", "fedcba9876")
+    store.insert_items(without_unknown, ((i, f"k{i}", P, None) for i in range(2)))
+    sent = plan(store, without_unknown, [0, 1])
+    priced = [succeeded(0, cost_usd=0.25), succeeded(1, cost_usd=0.5)]
+    store.apply_results(without_unknown, sent, priced)
+    assert store.count_items_and_usage(without_unknown)[2] == 0.75
     empty = store.job_totals(new_job(store, "empty", "ffffffffff"))
-    assert (empty.cost_usd, empty.priced, empty.truncated) == (0.0, 0, 0)
+    assert (empty.cost_usd, empty.priced, empty.unpriced, empty.truncated) == (0.0, 0, 0, 0)
 
 
 def test_bulk_paths_use_executemany(store: Store) -> None:

@@ -40,9 +40,10 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 def _cost_text(s: dict[str, Any]) -> str:
     # A model the price table lacks costs something, just not a known amount: $0.0000
-    # would read as free (its rows' cost_usd are null for the same reason).
-    unknown = pricing.unpriced(s["model"])
-    if unknown is not None:
+    # would read as free (its rows' cost_usd are null for the same reason). A null cost
+    # with a priced model: some rows were answered by another one (job_summary).
+    unknown = pricing.unknown_cost(s["model"], s.get("cost_usd") is None)
+    if unknown is not None or s.get("cost_usd") is None:
         return f"cost unknown: {unknown}"
     return (
         f"cost ${s.get('cost_usd', 0):.4f} (every attempt, batch prices, table "

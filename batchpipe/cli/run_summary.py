@@ -23,10 +23,11 @@ def rows_by_status(counts: Mapping[ItemStatus, int]) -> str:
     return ", ".join(parts) or "none"
 
 
-def cost_line(job: JobRow, cost_usd: float) -> str:
-    """``cost: $0.0123 (…)``, or why it is unknown (a model the price table lacks)."""
-    unknown = pricing.unpriced(job.spec.get("model"))
-    if unknown is not None:
+def cost_line(job: JobRow, cost_usd: float | None) -> str:
+    """``cost: $0.0123 (…)``, or why it is unknown (a model the price table lacks; None:
+    some rows' cost is unknown)."""
+    unknown = pricing.unknown_cost(job.spec.get("model"), cost_usd is None)
+    if unknown is not None or cost_usd is None:
         return f"cost unknown: {unknown}"
     return (
         f"cost: ${cost_usd:,.4f} (every attempt, batch prices, table {pricing.PRICE_TABLE_VERSION})"

@@ -38,6 +38,28 @@ _ITEM_KEY = sa.and_(
     item_table.c.row_index == sa.bindparam("p_row_index"),
 )
 
+# An item's cost_usd is the sum of its attempts' prices, and null once one of them could
+# not be priced (an unknown model): unknown, never a partial sum that reads as the whole.
+# So "nothing billed yet" must not be null too: an item's first claim sets it to 0 (a row
+# never sent keeps null, as it exports). Later claims leave it as the attempts made it.
+_STARTED_COST = sa.case(
+    (item_table.c.attempts == 0, sa.literal_column("0.0")), else_=item_table.c.cost_usd
+)
+
+
+def _added_cost(cost: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The item's cost after an attempt priced ``cost`` (bound per line): SQL's null
+    arithmetic does the rest, as an unpriced attempt (null) makes the sum null for good and
+    a free one adds 0. An item at its first attempt counts from 0 even when null: one an
+    older batchpipe claimed before the claim started its cost (an upgrade with a batch out).
+    """
+    before = sa.case(
+        (item_table.c.attempts <= 1, sa.func.coalesce(item_table.c.cost_usd, 0.0)),
+        else_=item_table.c.cost_usd,
+    )
+    return before + cost
+
+
 # plan_batch: claim pending items for a new batch.
 _CLAIM = (
     sa.update(item_table)
@@ -47,6 +69,7 @@ _CLAIM = (
         custom_id=sa.bindparam("p_custom_id"),
         attempts=sa.bindparam("p_attempt"),
         batch_id=sa.bindparam("p_batch_id"),
+        cost_usd=_STARTED_COST,
         updated_at=sa.bindparam("p_now", type_=item_table.c.updated_at.type),
     )
 )
@@ -58,12 +81,10 @@ def _apply_statement(*, transient: bool) -> sa.Update:
         f: sa.bindparam(f"p_{f}", type_=item_table.c[f].type) for f in RESULT_FIELDS
     }
     values["status"] = sa.bindparam("p_status")
-    # Each attempt's price adds to what the row has cost (an unpriced one leaves it as it is).
-    # An explicit CAST: PostgreSQL cannot infer a parameter's type inside `IS NULL`.
-    cost = sa.cast(sa.bindparam("p_cost_usd"), item_table.c.cost_usd.type)
-    values["cost_usd"] = sa.case(
-        (cost.is_(None), item_table.c.cost_usd),
-        else_=sa.func.coalesce(item_table.c.cost_usd, 0.0) + cost,
+    # Each attempt's price adds to what the row has cost; an unpriced one (null) makes it
+    # unknown. An explicit CAST: PostgreSQL must know the parameter's type.
+    values["cost_usd"] = _added_cost(
+        sa.cast(sa.bindparam("p_cost_usd"), item_table.c.cost_usd.type)
     )
     values["updated_at"] = sa.bindparam("p_now", type_=item_table.c.updated_at.type)
     if transient:
@@ -99,8 +120,8 @@ def _succeeded_statement() -> BulkStatement:
     Only what varies is bound, in the order of :data:`_SUCCEEDED_ROW`, so apply_results'
     tuple goes to the driver as it is: the general statement bound 16 values a line, four
     of them the same for every line, through a reshaped copy of each tuple. The status and
-    the cleared error are literals; an unpriced answer (unknown model) leaves the cost as
-    it was, a priced one adds to it, as in the general statement, with one parameter.
+    the cleared error are literals; the cost is added as in the general statement (an
+    unpriced answer, of an unknown model, makes it null), with one parameter.
     """
     cost = sa.bindparam("p_cost_usd", type_=item_table.c.cost_usd.type)
     values: list[tuple[sa.Column[Any], Any]] = [
@@ -108,13 +129,7 @@ def _succeeded_statement() -> BulkStatement:
         *((item_table.c[f], sa.bindparam(f"p_{f}")) for f in _KEPT_FIELDS),
         (item_table.c.error_type, sa.null()),
         (item_table.c.error_message, sa.null()),
-        (
-            item_table.c.cost_usd,
-            sa.func.coalesce(
-                sa.func.coalesce(item_table.c.cost_usd, sa.literal_column("0.0")) + cost,
-                item_table.c.cost_usd,
-            ),
-        ),
+        (item_table.c.cost_usd, _added_cost(cost)),
         (item_table.c.updated_at, sa.bindparam("p_now")),
     ]
     stmt = (
@@ -208,6 +223,7 @@ def _claim_range(
             + sa.cast(next_attempt, sa.String),
             attempts=next_attempt,
             batch_id=batch_id,
+            cost_usd=_STARTED_COST,
             updated_at=now,
         )
     )

@@ -48,6 +48,10 @@ EXPORT_FIELDS: tuple[str, ...] = (
     "model",
     "cost_usd",
 )
+# Rows sent whose cost is unknown: null once sent means an attempt the price table could
+# not price (a first claim sets it to 0, see batches._STARTED_COST); never sent, it is null
+# and nothing was billed.
+UNPRICED = sa.func.count(sa.case((sa.and_(items.c.cost_usd.is_(None), items.c.attempts > 0), 1)))
 _ITEM_COLUMNS = [items.c[f] for f in ItemRow.__dataclass_fields__]
 # insert_items: one tuple per row in this order, updated_at shared by the whole call.
 _INSERT_COLUMNS = ("job_id", "row_index", "row_key", "status", "error_message", "attempts")
@@ -229,19 +233,22 @@ class ItemsMixin(StoreBase):
 
     def count_items_and_usage(
         self, job_id: int
-    ) -> tuple[dict[ItemStatus, int], dict[str, int], float]:
+    ) -> tuple[dict[ItemStatus, int], dict[str, int], float | None]:
         """:meth:`count_items`, the token sums (input, output, both cache kinds) and the
-        dollars paid (:meth:`cost_total`'s) in one scan: the end of a job logs them and
-        ``run`` shows the counts and cost. Each walk over a million items costs SQLite
-        0.2-0.5 s; the sums add a third of that to one walk."""
+        dollars paid (:meth:`cost_total`'s, or None when a row's cost is unknown:
+        :data:`UNPRICED`) in one scan: the end of a job logs them and ``run`` shows the
+        counts and cost. Each walk over a million items costs SQLite 0.2-0.5 s; the sums add
+        a third of that to one walk."""
         return self._tally(job_id, TOKEN_FIELDS, cost=True)
 
     def _tally(
         self, job_id: int, sums: tuple[str, ...], *, cost: bool = False
-    ) -> tuple[dict[ItemStatus, int], dict[str, int], float]:
+    ) -> tuple[dict[ItemStatus, int], dict[str, int], float | None]:
         """Items per status (zeros included), the totals of the columns ``sums``, and with
-        ``cost`` the sum of ``cost_usd`` (else 0.0)."""
-        paid = (sa.func.coalesce(sa.func.sum(items.c.cost_usd), 0.0),) if cost else ()
+        ``cost`` the sum of ``cost_usd``, None if any row's is unknown (else 0.0)."""
+        paid: tuple[sa.ColumnElement[Any], ...] = ()
+        if cost:
+            paid = (sa.func.coalesce(sa.func.sum(items.c.cost_usd), 0.0), UNPRICED)
         stmt = (
             sa.select(
                 items.c.status,
@@ -255,14 +262,16 @@ class ItemsMixin(StoreBase):
         counts = dict.fromkeys(ItemStatus, 0)
         totals = dict.fromkeys(sums, 0)
         dollars = 0.0
+        unknown = 0
         with self._begin() as conn:
             for status, count, *values in conn.execute(stmt):
                 counts[ItemStatus(status)] = int(count)
                 for field, n in zip(sums, values[: len(sums)], strict=True):
                     totals[field] += int(n)
                 if cost:
-                    dollars += float(values[-1])
-        return counts, totals, dollars
+                    dollars += float(values[-2])
+                    unknown += int(values[-1])
+        return counts, totals, None if unknown else dollars
 
     def job_totals(self, job_id: int) -> JobTotals:
         """Tokens, cost and truncated answers over the job's items, in one scan.
@@ -275,11 +284,12 @@ class ItemsMixin(StoreBase):
             sa.func.coalesce(sa.func.sum(items.c.cost_usd), 0.0),
             sa.func.count(items.c.cost_usd),
             sa.func.count(sa.case((items.c.stop_reason == TRUNCATED_STOP_REASON, 1))),
+            UNPRICED,
         ).where(items.c.job_id == job_id)
         with self._begin() as conn:
-            *tokens, cost, priced, truncated = conn.execute(stmt).one()
+            *tokens, cost, priced, truncated, unpriced = conn.execute(stmt).one()
         usage = {f: int(n) for f, n in zip(TOKEN_FIELDS, tokens, strict=True)}
-        return JobTotals(usage, float(cost), int(priced), int(truncated))
+        return JobTotals(usage, float(cost), int(priced), int(truncated), int(unpriced))
 
     def requeue_items(
         self,

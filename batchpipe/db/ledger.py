@@ -74,41 +74,61 @@ class LedgerMixin(StoreBase):
             return {int(a): int(n) for a, n in conn.execute(stmt)}
 
     def rerun_items(
-        self, job_id: int, rows: Iterable[tuple[int, bool]], *, spec: Mapping[str, Any]
-    ) -> tuple[int, int]:
-        """Adopt a re-run's settings in one transaction; returns ``(changed, unchanged)``.
+        self,
+        job_id: int,
+        rows: Iterable[tuple[int, bool, str | None]],
+        *,
+        spec: Mapping[str, Any],
+    ) -> tuple[int, int, int]:
+        """Adopt a re-run's settings in one transaction; returns ``(changed, unchanged,
+        invalid)``.
 
-        ``rows`` yields ``(row_index, changed?)``. Changed rows go back to pending with their
-        results cleared; unchanged ones are only counted. Then the job takes ``spec`` and, if
-        any row changed, the status ``running`` (with its error and ``exported_at`` cleared:
-        the output no longer holds every answer).
+        ``rows`` yields ``(row_index, changed?, problem)`` for every row of the job. Changed
+        rows (invalid ones among them: never sent, they render now) go back to pending with
+        their results cleared; a row with a ``problem`` (the new settings cannot render it)
+        becomes ``invalid`` with that message, its results cleared; unchanged ones are only
+        counted. Then the job takes ``spec`` and its count of invalid rows, and, if any row
+        changed, the status ``running`` (with its error and ``exported_at`` cleared: the
+        output no longer holds every answer).
 
         All of it commits together or not at all: if ``rows`` raises half way (a row that
-        does not render) or the process dies, no answer is lost and the job keeps its old
-        settings, so the same command can simply be run again. ``rows`` is pulled lazily in
-        chunks, so memory does not grow with the job. Attempts keep counting (custom_ids
-        must never repeat) and ``cost_usd`` keeps what was already paid. Rows in flight or
-        invalid are left alone.
+        does not render) or the process dies, no answer is lost, no invalid row is queued
+        and the job keeps its old settings, so the same command can simply be run again.
+        ``rows`` is pulled lazily in chunks, so memory does not grow with the job. Attempts
+        keep counting (custom_ids must never repeat) and ``cost_usd`` keeps what was already
+        paid. Rows in flight are left alone.
         """
         now = self.clock()
         source = iter(rows)
-        changed = unchanged = 0
+        changed = unchanged = invalid = marked = 0
         with self._write() as conn:
             shared = {"p_job": job_id, "p_now": now}
             while chunk := list(itertools.islice(source, _CHUNK)):
-                requeue = [(row,) for row, differs in chunk if differs]
-                unchanged += len(chunk) - len(requeue)
+                requeue = [(row,) for row, differs, problem in chunk if differs and not problem]
+                refused = [(row, problem) for row, _, problem in chunk if problem is not None]
+                unchanged += len(chunk) - len(requeue) - len(refused)
+                invalid += len(refused)
                 # A succeeded answer about to be cleared goes into the history first.
-                ARCHIVE_ROWS[self.dialect].execute(conn, requeue, shared)
-                # Counted by what the statement changed: a row in flight or invalid that
-                # was passed in as changed is left alone and not counted.
+                archive = requeue + [(row,) for row, _ in refused]
+                ARCHIVE_ROWS[self.dialect].execute(conn, archive, shared)
+                # Counted by what the statement changed: a row in flight that was passed
+                # in as changed is left alone and not counted.
                 changed += _REQUEUE.execute(conn, requeue, shared)
+                if refused:
+                    # Counts only rows whose state this changes (not an invalid row that
+                    # keeps its message): the output must then be written again.
+                    marked += _MARK_INVALID.execute(conn, refused, shared)
             # Every row's request is now what ``spec`` renders (or is sent again with it).
-            values: dict[str, Any] = {"spec": dict(spec), "request_spec": None, "updated_at": now}
-            if changed:
+            values: dict[str, Any] = {
+                "spec": dict(spec),
+                "request_spec": None,
+                "invalid_count": invalid,
+                "updated_at": now,
+            }
+            if changed or marked:
                 values.update(status=JobStatus.RUNNING.value, error=None, exported_at=None)
             conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(values))
-        return changed, unchanged
+        return changed, unchanged, invalid
 
 
 def _requeue_statement() -> sa.Update:
@@ -125,9 +145,35 @@ def _requeue_statement() -> sa.Update:
         .where(
             items.c.job_id == sa.bindparam("p_job"),
             items.c.row_index == sa.bindparam("p_row"),
-            # Two inequalities, not NOT IN: executemany cannot expand a list parameter.
+            # An invalid row is requeued too: the re-run found that it renders now.
             items.c.status != ItemStatus.SUBMITTED.value,
-            items.c.status != ItemStatus.INVALID.value,
+        )
+        .values(values)
+    )
+
+
+def _mark_invalid_statement() -> sa.Update:
+    """UPDATE for a row a re-run's settings cannot render: invalid with their message,
+    results cleared (never sent as they stand); only where that changes the row."""
+    values: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    message = sa.bindparam("p_message", type_=items.c.error_message.type)
+    values.update(
+        status=ItemStatus.INVALID.value,
+        error_message=message,
+        custom_id=None,
+        batch_id=None,
+        updated_at=sa.bindparam("p_now", type_=items.c.updated_at.type),
+    )
+    return (
+        sa.update(items)
+        .where(
+            items.c.job_id == sa.bindparam("p_job"),
+            items.c.row_index == sa.bindparam("p_row"),
+            items.c.status != ItemStatus.SUBMITTED.value,
+            sa.or_(
+                items.c.status != ItemStatus.INVALID.value,
+                items.c.error_message.is_distinct_from(message),
+            ),
         )
         .values(values)
     )
@@ -136,3 +182,4 @@ def _requeue_statement() -> sa.Update:
 # Driver-level executemany of (row_index,) tuples, as the pipeline's other bulk writes
 # (db/bulk.py); p_job and p_now are shared by the whole call.
 _REQUEUE = BulkStatement(_requeue_statement(), ("p_row",))
+_MARK_INVALID = BulkStatement(_mark_invalid_statement(), ("p_row", "p_message"))

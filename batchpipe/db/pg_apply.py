@@ -7,7 +7,8 @@ temporary table (dropped at commit) and joined against ``items`` by one UPDATE; 
 history is one INSERT … SELECT of the lines that did not succeed (``history.py``). The rules
 are those of the executemany path on SQLite: an item changes only while it is submitted
 under the line's custom_id, a transient failure leaves its batch, each attempt's cost adds
-to the item's, and history rows already recorded are left alone.
+to the item's (an unpriced one makes it null: ``batches._added_cost``), and history rows
+already recorded are left alone.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ _SET_RESULTS = ", ".join(f"{f} = a.{f}" for f in RESULT_FIELDS)
 _UPDATE = f"""
 UPDATE items AS i SET
     status = a.status, {_SET_RESULTS},
-    cost_usd = CASE WHEN a.cost_usd IS NULL THEN i.cost_usd
-                    ELSE COALESCE(i.cost_usd, 0) + a.cost_usd END,
+    cost_usd = CASE WHEN i.attempts <= 1 THEN COALESCE(i.cost_usd, 0)
+                    ELSE i.cost_usd END + a.cost_usd,
     batch_id = CASE WHEN a.leaves_batch THEN NULL ELSE i.batch_id END,
     updated_at = %(now)s
 FROM {_TEMP} AS a

@@ -180,6 +180,9 @@ class JobTotals(NamedTuple):
     """Sums over a job's items, from one pass (``Store.job_totals``)."""
 
     usage: dict[str, int]  # tokens: input, output and both cache kinds
-    cost_usd: float  # dollars paid so far, every attempt, at batch prices
+    cost_usd: float  # dollars paid so far, every attempt, at batch prices, of priced rows
     priced: int  # rows with a price
     truncated: int  # rows whose latest answer stopped at max_tokens
+    # Rows sent whose cost is unknown (an attempt the price table could not price): while
+    # there are any, cost_usd is only part of what was paid.
+    unpriced: int = 0

@@ -445,6 +445,9 @@ def _fail_unanswered(
                     row_index=item.row_index,
                     attempt=item.attempts,
                     status=ItemStatus.ERRORED,
+                    # Adds nothing to the row's cost, as these lines always have: their
+                    # usage is unreadable, and None would make the row's cost unknown.
+                    cost_usd=0.0,
                 )
             )
     applied = ctx.store.apply_results(job.id, batch.id, updates) if updates else 0

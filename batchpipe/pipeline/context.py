@@ -120,7 +120,9 @@ class Context:
     # The items by status and the dollars paid of the job this context last finished,
     # counted as it finished (see pipeline.runner.finished_totals): the end of `run` shows
     # them without walking the job's rows once more.
-    finished_totals: dict[int, tuple[dict[ItemStatus, int], float]] = field(default_factory=dict)
+    finished_totals: dict[int, tuple[dict[ItemStatus, int], float | None]] = field(
+        default_factory=dict
+    )
 
     @property
     def client(self) -> BatchClient:

@@ -126,8 +126,9 @@ def build_report(ctx: Context, job: JobRow, *, sample: int = 10, seed: int = 0) 
                 "cost_usd": item.cost_usd,
             }
         )
-    # Rows of a model the price table lacks have no cost_usd: a total of $0 would read as free.
-    unknown = pricing.unpriced(spec.model)
+    # Rows of a model the price table lacks have no cost_usd: a total of the others (or $0)
+    # would read as all that was paid.
+    unknown = pricing.unknown_cost(spec.model, totals.unpriced > 0)
     return Report(
         job_id=job.id,
         job_name=job.name,

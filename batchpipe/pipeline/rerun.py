@@ -8,6 +8,13 @@ only rows whose request differs go back to ``pending``. The others keep their an
 cost nothing more. (A settings change that leaves a row's request as it was, such as a
 column the template does not use, sends nothing.)
 
+Rows ``invalid`` at validation (a ``--skip-invalid`` job) are checked again too: one the new
+settings render is a changed row, sent like the others; one they still cannot render stays
+invalid with their message. A row the new settings cannot render is, with ``skip_invalid``
+(the job's, or the command's), exported as invalid and not sent, its earlier answer kept in
+the history as a re-sent row's is; without it the whole re-run is refused, as validation
+refuses such a job.
+
 The count comes first: :func:`plan_rerun` reads and renders, writes nothing; applying needs
 an explicit confirmation (``--yes`` on the command line) and is all or nothing: the new
 settings and the re-queued rows commit in one transaction. Attempts keep counting across
@@ -29,7 +36,7 @@ from batchpipe.models import BatchStatus, ItemStatus, JobSpec
 from batchpipe.pipeline.carry import carried_settings
 from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
 from batchpipe.pipeline.fingerprint import check_fingerprint
-from batchpipe.requests import RequestRenderer, RowProblem
+from batchpipe.requests import RequestRenderer, RowProblem, check_row_key
 
 # The store writes 5,000 rows per executemany: at this row the first chunk is written (not
 # yet committed), which is where the crash test wants to die.
@@ -51,15 +58,25 @@ class RerunPlan:
     # one applied); cost_unknown says why there is no figure (a model without a price).
     max_cost_usd: float | None = None
     cost_unknown: str | None = None
+    # Of the changed rows, those that were invalid (never sent) and now render; and the rows
+    # the new settings cannot render (exported invalid, not sent).
+    were_invalid: int = 0
+    invalid: int = 0
 
     def describe(self) -> str:
         """One line for the terminal."""
+        before = f" ({self.were_invalid} of them invalid before)" if self.were_invalid else ""
         said = (
             f"job {self.job_id} ({self.job_name}) already exists with different "
             f"{', '.join(self.fields)}: that changes the request of {self.changed} of "
-            f"{self.changed + self.unchanged} row(s); only those are sent again, the others "
-            "keep their results"
+            f"{self.changed + self.unchanged + self.invalid} row(s){before}; only those are "
+            "sent again, the others keep their results"
         )
+        if self.invalid:
+            said += (
+                f"; {self.invalid} row(s) do not render with the new settings and are "
+                "exported as invalid, not sent"
+            )
         if self.cost_unknown is not None and self.changed:
             return f"{said}; what that costs is unknown: {self.cost_unknown}"
         if self.max_cost_usd is not None and self.changed:
@@ -86,17 +103,22 @@ def _resend_cost(spec: JobSpec, requests: int, request_bytes: int) -> float | No
 
 
 @dataclass
-class _Bytes:
-    """A running total (not a list: memory must not grow with the rows)."""
+class _Tally:
+    """Running totals for a plan (not lists: memory must not grow with the rows)."""
 
-    total: int = 0
+    sent_bytes: int = 0  # the changed rows' new requests' sizes (for the cost)
+    were_invalid: int = 0  # changed rows that were invalid before
+
+
+# What a re-run does with a row: (row_index, send it again?, why it is invalid now or None).
+Change = tuple[int, bool, str | None]
 
 
 def _changes(
-    ctx: Context, job: JobRow, spec: JobSpec, sent_bytes: _Bytes | None = None
-) -> Iterator[tuple[int, bool]]:
-    """``(row_index, changed?)`` for every sendable row, in row order; with ``sent_bytes``,
-    the changed rows' new requests' sizes are added to it (for the cost)."""
+    ctx: Context, job: JobRow, spec: JobSpec, *, skip_invalid: bool, tally: _Tally | None = None
+) -> Iterator[Change]:
+    """A :data:`Change` for every row, in row order. A row the new settings cannot render is
+    invalid with their message when ``skip_invalid``, else refused (UsageError)."""
     dataset = Dataset(spec.input, spec.input_format)
     check_fingerprint(dataset, job)
     renderer = RequestRenderer(spec)
@@ -111,29 +133,44 @@ def _changes(
             item = next(items, None)
             if item is None:
                 raise InputChangedError(f"job {job.id}: the input has more rows than its items")
-            if item.status is ItemStatus.INVALID:
-                continue  # failed pre-flight: never sent, not re-run
-            params = renderer.render(row, item.row_index)
+            was_invalid = item.status is ItemStatus.INVALID
+            # An invalid row may be so for its id (null, blank …), which no setting changes:
+            # checked as validation checks it, before the template.
+            key = check_row_key(row, spec.id_column, item.row_index) if was_invalid else None
+            params = key if isinstance(key, RowProblem) else renderer.render(row, item.row_index)
             if isinstance(params, RowProblem):
-                raise UsageError(
-                    f"job {job.id}: with the new settings row {item.row_index + 1} does not "
-                    f"render ({params.message}); nothing was changed"
-                )
-            before = sent_with.render(row, item.row_index)
+                if not skip_invalid:
+                    raise UsageError(
+                        f"job {job.id}: with the new settings row {item.row_index + 1} does "
+                        f"not render ({params.message}); nothing was changed (with "
+                        "--skip-invalid, such rows are exported as invalid, not sent)"
+                    )
+                yield item.row_index, False, params.message
+                continue
             new = renderer.canonical_request(params)
-            # Compared with keys sorted: the same request whatever order the code built it in.
-            differs = isinstance(before, RowProblem) or new != sent_with.canonical_request(before)
-            if differs and sent_bytes is not None:
-                sent_bytes.total += len(new)
-            yield item.row_index, differs
+            if was_invalid:
+                differs = True  # never sent: its request is new
+            else:
+                before = sent_with.render(row, item.row_index)
+                # Compared with keys sorted: the same request whatever order built it.
+                differs = isinstance(before, RowProblem) or (
+                    new != sent_with.canonical_request(before)
+                )
+            if differs and tally is not None:
+                tally.sent_bytes += len(new)
+                tally.were_invalid += was_invalid
+            yield item.row_index, differs, None
 
 
 def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> RerunPlan:
     """Count the rows whose request the new settings change (reads only)."""
-    changed = unchanged = 0
-    sent_bytes = _Bytes()
-    for _, differs in _changes(ctx, job, spec, sent_bytes):
-        if differs:
+    changed = unchanged = invalid = 0
+    tally = _Tally()
+    skip_invalid = carried_settings(job_spec(job), spec)["skip_invalid"]
+    for _, differs, problem in _changes(ctx, job, spec, skip_invalid=skip_invalid, tally=tally):
+        if problem is not None:
+            invalid += 1
+        elif differs:
             changed += 1
         else:
             unchanged += 1
@@ -143,8 +180,10 @@ def plan_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> R
         fields,
         changed,
         unchanged,
-        max_cost_usd=_resend_cost(spec, changed, sent_bytes.total),
+        max_cost_usd=_resend_cost(spec, changed, tally.sent_bytes),
         cost_unknown=pricing.unpriced(spec.model),
+        were_invalid=tally.were_invalid,
+        invalid=invalid,
     )
 
 
@@ -174,14 +213,17 @@ def apply_rerun(ctx: Context, job: JobRow, spec: JobSpec, fields: list[str]) -> 
             "max_attempts": highest + spec.max_attempts,
         }
     )
-    changed, unchanged = ctx.store.rerun_items(
-        job.id, _with_failpoint(_changes(ctx, job, spec)), spec=new_spec.model_dump()
+    rows = _changes(ctx, job, spec, skip_invalid=new_spec.skip_invalid)
+    changed, unchanged, invalid = ctx.store.rerun_items(
+        job.id, _with_failpoint(rows), spec=new_spec.model_dump()
     )
-    bind(job, log).info("job.rerun", fields=fields, changed=changed, unchanged=unchanged)
-    return RerunPlan(job.id, job.name, fields, changed, unchanged)
+    bind(job, log).info(
+        "job.rerun", fields=fields, changed=changed, unchanged=unchanged, invalid=invalid
+    )
+    return RerunPlan(job.id, job.name, fields, changed, unchanged, invalid=invalid)
 
 
-def _with_failpoint(rows: Iterator[tuple[int, bool]]) -> Iterator[tuple[int, bool]]:
+def _with_failpoint(rows: Iterator[Change]) -> Iterator[Change]:
     """``rows``, with the crash tests' ``mid_rerun`` failpoint after the first few thousand."""
     for n, row in enumerate(rows):
         if n == _FAILPOINT_AFTER:

@@ -189,16 +189,16 @@ def _finish_if_done(ctx: Context, job: JobRow) -> JobRow:
             status=final.value,
             **{k.value: v for k, v in counts.items()},
             **usage,
-            cost_usd=round(cost, 6),
+            cost_usd=None if cost is None else round(cost, 6),
         )
         # The latest job's only: a long-lived process finishing many jobs keeps one.
         ctx.finished_totals = {job.id: (counts, cost)}
     return reload_job(ctx, job)
 
 
-def finished_totals(ctx: Context, job: JobRow) -> tuple[dict[ItemStatus, int], float]:
+def finished_totals(ctx: Context, job: JobRow) -> tuple[dict[ItemStatus, int], float | None]:
     """The items of a job that :func:`run` just ran to its end, by status, and the dollars
-    paid for them.
+    paid for them (None when some rows' cost is unknown).
 
     Those taken as this run finished the job when it did (under the job's lease, with
     nothing left in flight: a finished job's items stay as they are until a `retry`), else

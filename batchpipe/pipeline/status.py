@@ -107,8 +107,11 @@ def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict
         "requests_sent": attempts_total,
         "usage": totals.usage,
         # Dollars paid so far at batch prices (every attempt, cache tokens included); null
-        # for a model the price table lacks: its rows have no cost, and 0.0 would read as free.
-        "cost_usd": None if pricing.unpriced(job.spec.get("model")) else totals.cost_usd,
+        # for a model the price table lacks, or rows with an answer it could not price:
+        # their cost is unknown, and the others' sum would read as all that was paid.
+        "cost_usd": None
+        if pricing.unknown_cost(job.spec.get("model"), totals.unpriced > 0)
+        else totals.cost_usd,
         "price_table": pricing.PRICE_TABLE_VERSION,
         "truncated": totals.truncated,
         "age_seconds": int((now - job.created_at).total_seconds()),
