@@ -688,14 +688,18 @@ def test_next_action_to_export_asks_for_a_path_only_without_one(tmp_path: Path) 
     assert jobs["b"]["next_action"] == "`batchpipe export b -o PATH`"
 
 
-def test_tick_without_an_api_key_is_a_usage_error_like_run(tmp_path: Path) -> None:
+def test_tick_without_an_api_key_is_a_usage_error_like_run(
+    tmp_path: Path, emulator_server: EmulatorServer
+) -> None:
+    emulator_server.emulator.configure(processing_seconds=3600)  # the job stays unfinished
+    api = {"ANTHROPIC_BASE_URL": emulator_server.url}
     src = write_jsonl(tmp_path / "in.jsonl", rows(3))
-    args = [*run_args(src, tmp_path / "out.parquet"), "--job", "j"]
-    assert invoke(tmp_path, "submit", *args[1:]).exit_code == 0
-    result = invoke(tmp_path, "tick")  # not --emulate, and ANTHROPIC_API_KEY is empty
+    args = [a for a in run_args(src, tmp_path / "out.parquet", "--job", "j") if a != "--emulate"]
+    submitted = invoke(tmp_path, "submit", *args[1:], env={**api, "ANTHROPIC_API_KEY": "sk-x"})
+    assert submitted.exit_code == 0, submitted.output
+    result = invoke(tmp_path, "tick", env=api)  # ANTHROPIC_API_KEY is empty
     assert result.exit_code == 2, result.output
     assert "ANTHROPIC_API_KEY is not set" in result.stderr
-    assert invoke(tmp_path, "tick", "--emulate").exit_code == 0
 
 
 def test_estimate_checks_the_columns_as_the_run_would(tmp_path: Path) -> None:
@@ -1189,3 +1193,57 @@ def test_run_summary_is_the_same_from_the_finishing_run_and_a_later_one(tmp_path
     summary = first.stderr[first.stderr.index("finished job 1 (j)") :]
     assert "  rows: 40 succeeded\n  cost: $" in summary
     assert again.stderr[again.stderr.index("finished job 1 (j)") :] == summary
+
+
+def test_an_emulated_job_is_never_taken_for_the_real_one(
+    tmp_path: Path, emulator_server: EmulatorServer
+) -> None:
+    """`run --emulate` to try a job, then the same command for real (a job file fixes the
+    name): the real run used to find the job done, send nothing, and export the emulator's
+    stand-in answers as the model's. `emulator_server` stands in for the real API here."""
+    api = emulator_server.emulator
+    real = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-ant-test"}
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    out = tmp_path / "out.parquet"
+    tried = run_args(src, out, "--job", "fixed")
+    assert invoke(tmp_path, *tried).exit_code == 0
+    for_real = [a for a in tried if a != "--emulate"]
+
+    refused = invoke(tmp_path, *for_real, env=real)
+    assert refused.exit_code == 2, refused.output
+    assert "job 1 (fixed) was run on the built-in emulator (--emulate)" in refused.stderr
+    assert "give the real run another --job name" in refused.stderr
+    assert api.stats()["batches_created"] == 0
+
+    # Without --job the names differ: the real run is a job of its own, and sends every row.
+    default = run_args(src, tmp_path / "tried.parquet")
+    assert invoke(tmp_path, *default).exit_code == 0
+    sent = invoke(tmp_path, *[a for a in default if a != "--emulate"], env=real)
+    assert sent.exit_code == 0, sent.output
+    assert api.stats()["requests_received"] == 5
+    jobs = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert len(jobs) == 3
+
+
+def test_emulate_never_steps_a_job_sent_to_the_api(
+    tmp_path: Path, emulator_server: EmulatorServer
+) -> None:
+    """The reverse: `tick --emulate` in a folder of real jobs asked the emulator for their
+    batches, found none, and stopped each job as needs_attention (blaming the API key)."""
+    emulator_server.emulator.configure(processing_seconds=3600)
+    real = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-ant-test"}
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    args = [a for a in run_args(src, tmp_path / "out.parquet", "--job", "j") if a != "--emulate"]
+    assert invoke(tmp_path, "submit", *args[1:], env=real).exit_code == 0
+
+    ticked = invoke(tmp_path, "tick", "--emulate")
+    assert ticked.exit_code == 0, ticked.output
+    assert "no unfinished jobs; nothing to do" in ticked.stderr
+    asked = invoke(tmp_path, "tick", "--emulate", "--job", "j")
+    assert asked.exit_code == 2, asked.output
+    assert "job 1 (j) was sent to the API: the built-in emulator has none of its batches" in (
+        asked.stderr
+    )
+    (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
+    assert job["status"] == "running"
+    assert batches_created(tmp_path) == 0  # the built-in emulator was never sent anything

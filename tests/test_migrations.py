@@ -65,8 +65,8 @@ def schema_diff(url: str) -> list[object]:
 
 def test_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0008"]
-    assert head_revision() == "0008"
+    assert script.get_heads() == ["0009"]
+    assert head_revision() == "0009"
     assert MIGRATIONS_DIR == REPO / "migrations"
 
 
@@ -82,10 +82,10 @@ def test_upgrade_matches_models_then_down_and_up_again(db_url: str) -> None:
     assert table_names(db_url) == {"alembic_version"}
 
     upgrade(db_url)
-    assert current_revision(db_url) == "0008"
+    assert current_revision(db_url) == "0009"
     assert schema_diff(db_url) == []
     upgrade(db_url)  # already at head: a no-op, not an error
-    assert current_revision(db_url) == "0008"
+    assert current_revision(db_url) == "0009"
 
 
 def test_store_open_migrates_a_blank_sqlite_file(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_store_open_refuses_an_unmigrated_database(db_url: str) -> None:
     with pytest.raises(StoreError, match=r"batchpipe db upgrade") as err:
         Store.open(db_url, auto_migrate=False)
     assert "revision none" in str(err.value)
-    assert "needs 0008" in str(err.value)
+    assert "needs 0009" in str(err.value)
     assert current_revision(db_url) is None  # refused without touching it
 
 
@@ -192,9 +192,9 @@ def test_store_open_refuses_an_outdated_sqlite_file(sqlite_url: str) -> None:
     upgrade(sqlite_url)
     engine = sa.create_engine(sqlite_url)
     with engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0007'")
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0008'")
     engine.dispose()
-    with pytest.raises(StoreError, match=r"at revision 0007, batchpipe needs 0008"):
+    with pytest.raises(StoreError, match=r"at revision 0008, batchpipe needs 0009"):
         Store.open(sqlite_url)  # auto_migrate applies to blank files only
 
 
@@ -208,7 +208,7 @@ def test_a_database_a_newer_batchpipe_migrated_says_to_upgrade_batchpipe(
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     engine.dispose()
     said = (
-        r"is at revision 0099, which batchpipe \S+ does not know \(it knows up to 0008\): a "
+        r"is at revision 0099, which batchpipe \S+ does not know \(it knows up to 0009\): a "
         r"newer batchpipe migrated it\. Upgrade batchpipe to use it"
     )
     with pytest.raises(StoreError, match=said):
@@ -308,7 +308,7 @@ def test_alembic_command_line_uses_the_environment_url(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert current_revision(url) == "0008"
+    assert current_revision(url) == "0009"
 
 
 NOW = "2026-01-01 00:00:00"
@@ -371,3 +371,15 @@ def test_0007_drops_request_hash_and_keeps_every_item(db_url: str) -> None:
             ("a", ItemStatus.SUCCEEDED, "yes", 0.5),
             ("b", ItemStatus.PENDING, None, None),
         ]
+
+
+def test_0009_counts_every_earlier_job_as_sent_to_the_api(db_url: str) -> None:
+    """Which jobs of an older database were emulated is recorded nowhere: all count as real,
+    so a real command goes on with them as it did before the upgrade."""
+    _job_one_at(db_url, "0008", rows=0).dispose()
+    upgrade(db_url)
+    assert schema_diff(db_url) == []
+    with Store.open(db_url, auto_migrate=False) as store:
+        job = store.get_job(1)
+        assert job is not None
+        assert job.emulated is False

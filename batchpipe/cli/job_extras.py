@@ -90,7 +90,7 @@ def job_name_for(ctx: pipeline.Context, name: str | None, spec: JobSpec) -> str:
     """
     if name is not None:
         return name
-    name = pipeline.default_job_name(spec)
+    name = pipeline.default_job_name(spec, emulated=ctx.emulated)
     earlier = pipeline.earlier_job(ctx, name, spec)
     if earlier is not None:
         job, fields = earlier

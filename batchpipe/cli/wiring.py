@@ -166,6 +166,7 @@ def pipeline_context(state: State, *, emulate: bool = False) -> Iterator[Context
         client_factory=factory,
         progress=bar or NullProgress(),
         orphan_grace_seconds=grace,
+        emulated=emulate,
     )
     try:
         yield ctx

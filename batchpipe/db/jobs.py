@@ -33,6 +33,7 @@ class JobsMixin(StoreBase):
         input_fingerprint: str | None,
         lease_owner: str | None = None,
         lease_ttl_seconds: float = 0.0,
+        emulated: bool = False,
     ) -> JobRow:
         """Insert a new job (status running). A name already in use raises JobNameTaken.
 
@@ -55,6 +56,7 @@ class JobsMixin(StoreBase):
             "updated_at": now,
             "lease_owner": lease_owner,
             "lease_until": leased_until,
+            "emulated": emulated,
         }
         try:
             with self._write() as conn:

@@ -37,6 +37,7 @@ class JobRow:
     lease_until: datetime | None
     exported_at: datetime | None
     request_spec: dict[str, Any] | None = None
+    emulated: bool = False  # sent to the built-in emulator (--emulate), not the API
 
     @property
     def ingested(self) -> bool:
@@ -64,6 +65,7 @@ class JobRow:
             lease_until=m["lease_until"],
             exported_at=m["exported_at"],
             request_spec=None if m["request_spec"] is None else dict(m["request_spec"]),
+            emulated=bool(m["emulated"]),
         )
 
 

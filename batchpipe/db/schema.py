@@ -82,6 +82,9 @@ jobs = sa.Table(
     # when that is the spec itself. A re-run compares each row's request under these with
     # its request under the new settings.
     sa.Column("request_spec", sa.JSON, nullable=True),
+    # Sent to the built-in emulator (--emulate), whose answers are stand-ins: a command
+    # against the real API never steps such a job, nor an --emulate one a real job.
+    sa.Column("emulated", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index(None, "status"),
 )
 

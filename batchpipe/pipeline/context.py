@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from batchpipe.db import JobRow, Store
-from batchpipe.errors import JobLocked
+from batchpipe.errors import JobLocked, UsageError
 from batchpipe.log import get_logger
 from batchpipe.models import ItemStatus, JobSpec
 from batchpipe.procs import pid_gone, pid_home
@@ -113,6 +113,8 @@ class Context:
     progress: Progress = field(default_factory=NullProgress)
     orphan_grace_seconds: float = DEFAULT_ORPHAN_GRACE_SECONDS
     lease_ttl_seconds: float = LEASE_TTL_SECONDS
+    # The client talks to the built-in emulator (--emulate): only emulated jobs are its own.
+    emulated: bool = False
     _client: BatchClient | None = None
     _renewed: dict[int, float] = field(default_factory=dict)
     # Jobs whose lease `lease()` keeps past its block, inside `keeping_leases()`.
@@ -219,6 +221,24 @@ class Context:
                 return
             self.sleep(min(slice_, left))
             left -= slice_
+
+
+def check_same_api(ctx: Context, job: JobRow) -> None:
+    """UsageError unless ``job`` was sent where this command's client talks: the built-in
+    emulator (``--emulate``) or the API. An emulated job's answers are stand-ins; a real
+    job's batches are not at the emulator (each would look deleted and stop the job)."""
+    if job.emulated == ctx.emulated:
+        return
+    if job.emulated:
+        raise UsageError(
+            f"job {job.id} ({job.name}) was run on the built-in emulator (--emulate): its "
+            "answers are stand-ins, not the model's. Add --emulate to go on with it; for "
+            "real answers, give the real run another --job name (or its own -o, or --db)"
+        )
+    raise UsageError(
+        f"job {job.id} ({job.name}) was sent to the API: the built-in emulator has none of its "
+        "batches. Run it without --emulate"
+    )
 
 
 def api_now(ctx: Context) -> datetime:

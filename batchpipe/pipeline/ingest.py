@@ -22,7 +22,7 @@ from batchpipe.log import get_logger
 from batchpipe.memory import release_free_memory
 from batchpipe.models import RESULT_COLUMNS, ItemStatus, JobSpec, JobStatus
 from batchpipe.pipeline.carry import ROUND_FIELDS, SETTINGS_FIELDS, carried_settings
-from batchpipe.pipeline.context import Context, bind, failpoint, job_spec
+from batchpipe.pipeline.context import Context, bind, check_same_api, failpoint, job_spec
 from batchpipe.pipeline.fingerprint import check_fingerprint
 from batchpipe.pipeline.problems import ProblemTally, row_location
 from batchpipe.requests import (
@@ -63,15 +63,18 @@ _NAME_NEUTRAL_DEFAULTS = {"output_schema": None, "output_mode": "tool", "cache_s
 log = get_logger(__name__)
 
 
-def default_job_name(spec: JobSpec) -> str:
+def default_job_name(spec: JobSpec, *, emulated: bool = False) -> str:
     """A stable name for a spec: the input's stem plus a hash of everything that shapes requests.
 
-    Running the same command again therefore resumes the same job.
+    Running the same command again therefore resumes the same job. With ``--emulate``
+    (``emulated``) the hash differs: the same command for real is another job.
     """
     identity = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)
     for key, default in _NAME_NEUTRAL_DEFAULTS.items():
         if identity.get(key) == default:
             del identity[key]
+    if emulated:  # only then: real jobs keep the names they had before this existed
+        identity["emulated"] = True
     digest = hashlib.blake2b(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS), digest_size=4)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", PurePosixPath(spec.input.split("?")[0]).stem)[:40]
     return f"{stem or 'job'}-{digest.hexdigest()}"
@@ -91,10 +94,12 @@ def open_job(ctx: Context, name: str, spec: JobSpec) -> JobRow:
                 input_fingerprint=None,
                 lease_owner=ctx.owner,
                 lease_ttl_seconds=ctx.lease_ttl_seconds,
+                emulated=ctx.emulated,
             )
         except JobNameTaken:  # another worker created it a moment ago
             job = ctx.store.get_job(name)
             assert job is not None
+    check_same_api(ctx, job)  # a job file's fixed name: `--emulate` first, then for real
     existing = job_spec(job)
     old = existing.model_dump(exclude=_NON_IDENTITY_FIELDS)
     new = spec.model_dump(exclude=_NON_IDENTITY_FIELDS)

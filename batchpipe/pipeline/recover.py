@@ -19,7 +19,7 @@ from batchpipe.errors import (
 from batchpipe.log import get_logger
 from batchpipe.models import BatchStatus, JobStatus
 from batchpipe.pipeline.collect import results_overdue, settle_batch
-from batchpipe.pipeline.context import Context, bind, job_spec, reload_job
+from batchpipe.pipeline.context import Context, bind, check_same_api, job_spec, reload_job
 from batchpipe.pipeline.preflight import check_output_writable
 from batchpipe.pipeline.submit import resend_planned
 
@@ -50,6 +50,7 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
     """
     if adopt and resend:
         raise UsageError("--adopt and --resend exclude each other")
+    check_same_api(ctx, job)
     with ctx.lease(job):
         job = reload_job(ctx, job)
         if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:

@@ -24,6 +24,7 @@ from batchpipe.pipeline.context import (
     Context,
     NullProgress,
     bind,
+    check_same_api,
     failpoint,
     job_spec,
     reload_job,
@@ -131,6 +132,8 @@ def earlier_job(ctx: Context, name: str, spec: JobSpec) -> tuple[JobRow, list[st
         old = job_spec(job).model_dump()
         if not job.ingested or job.row_count == 0:
             continue  # refused before anything was stored or sent: nothing to keep
+        if job.emulated and not ctx.emulated:
+            continue  # stand-in answers: the real run is meant to replace its output
         if old["input"] == new["input"] and old["output"] == new["output"]:
             compared = (*sorted(REQUEST_FIELDS), "id_column", "input_format")
             return job, [k for k in compared if old.get(k) != new.get(k)]
@@ -145,6 +148,7 @@ def step(ctx: Context, job: JobRow) -> JobRow:
     job = reload_job(ctx, job)
     if not job.status.is_active():
         return job
+    check_same_api(ctx, job)
     if not job.ingested and job.status == JobStatus.RUNNING:
         # Its rows were never validated: the command that started it failed or died first
         # (a killed submit, a locked database), or `resume` put back a job whose input had
@@ -314,6 +318,7 @@ def cancel(ctx: Context, job: JobRow) -> JobRow:
     The job drains (its canceled batches are collected) on the next `tick`/`run` and ends as
     `canceled`, with every item's final status recorded.
     """
+    check_same_api(ctx, job)
     with ctx.lease(job):
         job = reload_job(ctx, job)
         if job.status.is_terminal():

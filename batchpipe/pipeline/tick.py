@@ -63,6 +63,8 @@ def tick(ctx: Context, jobs: Collection[JobRow] | None = None) -> TickReport:
     if jobs is None:
         candidates = ctx.store.list_jobs({JobStatus.RUNNING, JobStatus.CANCELING})
         candidates += [j for j in ctx.store.list_jobs({JobStatus.DONE}) if _needs_export(j)]
+        # Jobs of the other side (--emulate, or not) are not this tick's: each would fail.
+        candidates = [j for j in candidates if j.emulated == ctx.emulated]
     else:
         candidates = list(jobs)
     for candidate in candidates:
