@@ -1268,3 +1268,20 @@ def test_emulate_never_steps_a_job_sent_to_the_api(
     (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
     assert job["status"] == "running"
     assert batches_created(tmp_path) == 0  # the built-in emulator was never sent anything
+
+
+def test_a_template_that_prints_no_column_is_warned_about(tmp_path: Path) -> None:
+    """`{body}` (Python's braces) for `{{ body }}`: every row got the same prompt, and was
+    paid for, without a word."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    result = invoke(tmp_path, *with_prompt(run_args(src, tmp_path / "o.parquet"), "C: {body}"))
+    assert result.exit_code == 0, result.output
+    (warned,) = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if '"job.same_prompt_for_every_row"' in line
+    ]
+    assert warned["level"] == "warning"
+    assert warned["hint"] == "the templates print no column; a column is written {{ column }}"
+    good = invoke(tmp_path, *run_args(src, tmp_path / "p.parquet", "--job", "other"))
+    assert "same_prompt_for_every_row" not in good.stderr
