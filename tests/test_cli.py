@@ -1103,8 +1103,8 @@ def test_run_with_only_the_job_name_continues_a_known_job(
     unknown = invoke(tmp_path, "run", "--job", "nosuch", env=env)
     assert unknown.exit_code == 2
     assert unknown.stderr == (
-        "error: missing INPUT, --prompt, --model, --max-tokens (give them as flags, in "
-        "--config or as BATCHPIPE_* variables); there is no job 'nosuch' to continue "
+        "error: missing INPUT, --prompt, --model, --max-tokens (give them on the command "
+        "line, in --config or as BATCHPIPE_* variables); there is no job 'nosuch' to continue "
         "(`batchpipe jobs` lists them)\n"
     )
 
@@ -1285,3 +1285,18 @@ def test_a_template_that_prints_no_column_is_warned_about(tmp_path: Path) -> Non
     assert warned["hint"] == "the templates print no column; a column is written {{ column }}"
     good = invoke(tmp_path, *run_args(src, tmp_path / "p.parquet", "--job", "other"))
     assert "same_prompt_for_every_row" not in good.stderr
+
+
+def test_a_misspelt_job_file_setting_is_named_with_the_likely_one(tmp_path: Path) -> None:
+    """`modle = ...` was reported only as "missing --model"."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(
+        f'input = "{src}"\nprompt = "C: {{{{ body }}}}"\nmodle = "claude-haiku-4-5"\n'
+        "max_tokens = 8\n"
+    )
+    result = invoke(tmp_path, "run", "--config", str(job_file), "--emulate")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: job file {job_file}: unknown setting 'modle'; did you mean 'model'?\n"
+    )
