@@ -6,6 +6,7 @@ job file, never stored with a job and never printed (``SecretStr`` hides them in
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -123,6 +124,12 @@ def read_job_file(path: Path) -> dict[str, Any]:
         )
     data.pop("name", None)  # a job file may name its job; the CLI reads that separately
     data.pop("database_url", None)
+    known = {*JobSpec.model_fields, "labels"}
+    for key in sorted(set(data) - known):
+        # Said first: a misspelt `modle` was only reported as a missing --model.
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"job file {path}: unknown setting {key!r}{hint}")
     return data
 
 
@@ -175,8 +182,9 @@ def job_spec_from(settings: Mapping[str, Any]) -> JobSpec:
         flags_needed = ", ".join(
             "INPUT" if k == "input" else "--" + k.replace("_", "-") for k in missing
         )
+        where = "on the command line, in --config or as BATCHPIPE_* variables"
         raise MissingSettings(
-            f"missing {flags_needed} (give them as flags, in --config or as BATCHPIPE_* variables)"
+            f"missing {flags_needed} (give {'them' if len(missing) > 1 else 'it'} {where})"
         )
     try:
         return JobSpec.model_validate(settings)

@@ -1103,8 +1103,8 @@ def test_run_with_only_the_job_name_continues_a_known_job(
     unknown = invoke(tmp_path, "run", "--job", "nosuch", env=env)
     assert unknown.exit_code == 2
     assert unknown.stderr == (
-        "error: missing INPUT, --prompt, --model, --max-tokens (give them as flags, in "
-        "--config or as BATCHPIPE_* variables); there is no job 'nosuch' to continue "
+        "error: missing INPUT, --prompt, --model, --max-tokens (give them on the command "
+        "line, in --config or as BATCHPIPE_* variables); there is no job 'nosuch' to continue "
         "(`batchpipe jobs` lists them)\n"
     )
 
@@ -1150,11 +1150,12 @@ def test_run_ends_with_the_cost_and_how_to_retry_failed_rows(
     env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
     # Which rows fail depends on the job's random token: at 0.2 of 40 rows, some (P of none
     # ~1e-4) and under half (P of 20 or more ~1e-5). At 0.3 of 20, 10 or more failed in
-    # about one run of twenty, and the run stopped over --max-failed.
-    emulator.configure(invalid_rate=0.2, processing_seconds=0, seed=4)
+    # about one run of twenty, and the run stopped over --max-failed. Overloaded and API
+    # errors, one try each: errors that sending again may fix.
+    emulator.configure(errored_rate=0.2, processing_seconds=0, seed=4)
     src = write_jsonl(tmp_path / "in.jsonl", rows(40))
     args = [a for a in run_args(src, tmp_path / "o.parquet") if a != "--emulate"]
-    args += ["--job", "j", "--max-failed", "50%", "--poll-interval", "0.05"]
+    args += ["--job", "j", "--max-failed", "50%", "--poll-interval", "0.05", "--max-attempts", "1"]
     ran = invoke(tmp_path, *args, env=env)
     assert ran.exit_code == 0, ran.output
     (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
@@ -1170,6 +1171,26 @@ def test_run_ends_with_the_cost_and_how_to_retry_failed_rows(
     retried = invoke(tmp_path, "retry", "j", env=env)
     assert retried.exit_code == 0, retried.output
     assert f"job 1 (j): {errored} row(s) queued again" in retried.stderr
+
+
+def test_run_summary_does_not_offer_retry_for_errors_a_retry_cannot_fix(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """Every row refused as an invalid request (a bad --param, say): the summary used to
+    suggest `retry`, which sends the same requests to fail again after another wait."""
+    env = {"ANTHROPIC_BASE_URL": emulator_server.url, "ANTHROPIC_API_KEY": "sk-test"}
+    emulator.configure(invalid_rate=1.0, processing_seconds=0, seed=4)
+    src = write_jsonl(tmp_path / "in.jsonl", rows(5))
+    args = [a for a in run_args(src, tmp_path / "o.parquet") if a != "--emulate"]
+    ran = invoke(tmp_path, *args, "--job", "j", "--poll-interval", "0.05", env=env)
+    assert ran.exit_code == 1, ran.output  # no row answered
+    assert (
+        "  failed: 5 row(s) without an answer (5 errored); 5 errored for good (5 "
+        "invalid_request_error): sending them again cannot help; `batchpipe report j` shows "
+        "why, then change what is wrong (the model, a --param, the input) and re-run with "
+        "`batchpipe run --job j ... --yes`\n"
+    ) in ran.stderr
+    assert "batchpipe retry" not in ran.stderr
 
 
 def test_run_summary_of_a_model_without_a_price_says_cost_unknown(tmp_path: Path) -> None:
@@ -1247,3 +1268,35 @@ def test_emulate_never_steps_a_job_sent_to_the_api(
     (job,) = json.loads(invoke(tmp_path, "status", "--json").stdout)["jobs"]
     assert job["status"] == "running"
     assert batches_created(tmp_path) == 0  # the built-in emulator was never sent anything
+
+
+def test_a_template_that_prints_no_column_is_warned_about(tmp_path: Path) -> None:
+    """`{body}` (Python's braces) for `{{ body }}`: every row got the same prompt, and was
+    paid for, without a word."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(3))
+    result = invoke(tmp_path, *with_prompt(run_args(src, tmp_path / "o.parquet"), "C: {body}"))
+    assert result.exit_code == 0, result.output
+    (warned,) = [
+        json.loads(line)
+        for line in result.stderr.splitlines()
+        if '"job.same_prompt_for_every_row"' in line
+    ]
+    assert warned["level"] == "warning"
+    assert warned["hint"] == "the templates print no column; a column is written {{ column }}"
+    good = invoke(tmp_path, *run_args(src, tmp_path / "p.parquet", "--job", "other"))
+    assert "same_prompt_for_every_row" not in good.stderr
+
+
+def test_a_misspelt_job_file_setting_is_named_with_the_likely_one(tmp_path: Path) -> None:
+    """`modle = ...` was reported only as "missing --model"."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows(2))
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(
+        f'input = "{src}"\nprompt = "C: {{{{ body }}}}"\nmodle = "claude-haiku-4-5"\n'
+        "max_tokens = 8\n"
+    )
+    result = invoke(tmp_path, "run", "--config", str(job_file), "--emulate")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: job file {job_file}: unknown setting 'modle'; did you mean 'model'?\n"
+    )

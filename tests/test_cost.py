@@ -176,7 +176,7 @@ def test_budget_stops_further_batches(harness: Harness, tmp_path: Path) -> None:
     assert f"; {40 - sent} row(s) were not sent" in (job.error or "")
     # The bound it was held to, and what budget would have let the next batch go.
     assert "the next batch (10 rows) could cost up to $" in (job.error or "")
-    needed = float((job.error or "").split("Raise --max-cost to $")[1].split()[0])
+    needed = float((job.error or "").split("A --max-cost of $")[1].split()[0])
     assert needed > cap
     s = summary(harness, job)
     assert s["cost_usd"] <= cap

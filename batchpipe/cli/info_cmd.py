@@ -97,7 +97,7 @@ def _render_job(summary: dict[str, Any]) -> str:
     "--json",
     "as_json",
     is_flag=True,
-    help="Machine-readable output on stdout (schema in the README).",
+    help="Machine-readable output on stdout (schema: docs/status.schema.json).",
 )
 @click.pass_obj
 @handle_errors

@@ -187,10 +187,16 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
         # Counts and cost as the run finished the job, not job_summary (which walks the
         # rows more times).
         by_status, cost = pipeline.finished_totals(ctx, job)
+        # By error type only when some rows errored: one more walk of the job's rows.
+        error_types = (
+            {e: n for s, e, n in ctx.store.status_breakdown(job.id) if s == "errored"}
+            if by_status.get(ItemStatus.ERRORED)
+            else None
+        )
     _echo_job(job, "finished")
     click.echo(f"  rows: {rows_by_status(by_status)}", err=True)
     click.echo(f"  {cost_line(job, cost)}", err=True)
-    failed = failed_line(job, by_status)
+    failed = failed_line(job, by_status, error_types)
     if failed:
         click.echo(f"  {failed}", err=True)
     # The job's own output (`run --job NAME` without -o writes the one the job holds); run

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from batchpipe import pricing
 from batchpipe.db import JobRow
-from batchpipe.models import ItemStatus
+from batchpipe.models import ItemStatus, is_transient_error
 
 # What `batchpipe retry` sends again by default; invalid and invalid_output rows need a
 # changed input or schema, not another try.
@@ -34,19 +34,40 @@ def cost_line(job: JobRow, cost_usd: float | None) -> str:
     )
 
 
-def failed_line(job: JobRow, counts: Mapping[ItemStatus, int]) -> str | None:
-    """How many rows ended without an answer and the command that sends them again; None
-    when every row was answered (or canceled by the user)."""
+def failed_line(
+    job: JobRow,
+    counts: Mapping[ItemStatus, int],
+    error_types: Mapping[str | None, int] | None = None,
+) -> str | None:
+    """How many rows ended without an answer and what to do about them; None when every
+    row was answered (or canceled by the user).
+
+    ``error_types`` counts the errored rows by error type. Those of a type sending again
+    cannot fix (an invalid request, an unknown model) are not offered to `retry`, which
+    would only fail them again after another wait: a setting must change first.
+    """
     failed = {s: n for s, n in counts.items() if s.is_failure() and n}
     if not failed:
         return None
     total = sum(failed.values())
     which = ", ".join(f"{n:,} {s.value}" for s, n in failed.items())
     said = f"failed: {total:,} row(s) without an answer ({which})"
-    retryable = sum(failed.get(s, 0) for s in RETRYABLE)
-    if retryable:
-        return (
-            f"{said}; to send the {retryable:,} errored/expired again: `batchpipe retry "
-            f"{job.name}`, then `batchpipe run --job {job.name}`"
+    final = {t: n for t, n in (error_types or {}).items() if n and not is_transient_error(t)}
+    retryable = sum(failed.get(s, 0) for s in RETRYABLE) - sum(final.values())
+    advice = []
+    if retryable > 0:
+        advice.append(
+            f"to send the {retryable:,} errored/expired again: `batchpipe retry {job.name}`, "
+            f"then `batchpipe run --job {job.name}`"
         )
-    return f"{said}; `batchpipe report {job.name}` groups the errors"
+    if final:
+        kinds = ", ".join(f"{n:,} {t or 'without a type'}" for t, n in sorted(final.items()))
+        advice.append(
+            f"{sum(final.values()):,} errored for good ({kinds}): sending them again cannot "
+            f"help; `batchpipe report {job.name}` shows why, then change what is wrong (the "
+            f"model, a --param, the input) and re-run with `batchpipe run --job {job.name} "
+            "... --yes`"
+        )
+    if not advice:
+        advice.append(f"`batchpipe report {job.name}` groups the errors")
+    return f"{said}; " + "; ".join(advice)

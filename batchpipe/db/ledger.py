@@ -131,52 +131,44 @@ class LedgerMixin(StoreBase):
         return changed, unchanged, invalid
 
 
-def _requeue_statement() -> sa.Update:
-    """UPDATE for one changed row of a re-run: pending again, results cleared."""
-    values: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
-    values.update(
-        status=ItemStatus.PENDING.value,
+def _reset_statement(status: ItemStatus, *extra: Any, **values: Any) -> sa.Update:
+    """UPDATE of one row of a re-run (never one in flight) to ``status``: results cleared,
+    out of any batch, ``values`` set, where ``extra`` holds too."""
+    reset: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    reset.update(
+        status=status.value,
         custom_id=None,
         batch_id=None,
         updated_at=sa.bindparam("p_now", type_=items.c.updated_at.type),
+        **values,
     )
     return (
         sa.update(items)
         .where(
             items.c.job_id == sa.bindparam("p_job"),
             items.c.row_index == sa.bindparam("p_row"),
-            # An invalid row is requeued too: the re-run found that it renders now.
             items.c.status != ItemStatus.SUBMITTED.value,
+            *extra,
         )
-        .values(values)
+        .values(reset)
     )
+
+
+def _requeue_statement() -> sa.Update:
+    """UPDATE for one changed row of a re-run: pending again (an invalid row too: the
+    re-run found that it renders now)."""
+    return _reset_statement(ItemStatus.PENDING)
 
 
 def _mark_invalid_statement() -> sa.Update:
-    """UPDATE for a row a re-run's settings cannot render: invalid with their message,
-    results cleared (never sent as they stand); only where that changes the row."""
-    values: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    """UPDATE for a row a re-run's settings cannot render: invalid with their message (never
+    sent as they stand); only where that changes the row."""
     message = sa.bindparam("p_message", type_=items.c.error_message.type)
-    values.update(
-        status=ItemStatus.INVALID.value,
-        error_message=message,
-        custom_id=None,
-        batch_id=None,
-        updated_at=sa.bindparam("p_now", type_=items.c.updated_at.type),
+    changes = sa.or_(
+        items.c.status != ItemStatus.INVALID.value,
+        items.c.error_message.is_distinct_from(message),
     )
-    return (
-        sa.update(items)
-        .where(
-            items.c.job_id == sa.bindparam("p_job"),
-            items.c.row_index == sa.bindparam("p_row"),
-            items.c.status != ItemStatus.SUBMITTED.value,
-            sa.or_(
-                items.c.status != ItemStatus.INVALID.value,
-                items.c.error_message.is_distinct_from(message),
-            ),
-        )
-        .values(values)
-    )
+    return _reset_statement(ItemStatus.INVALID, changes, error_message=message)
 
 
 # Driver-level executemany of (row_index,) tuples, as the pipeline's other bulk writes

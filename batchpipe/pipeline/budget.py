@@ -109,7 +109,8 @@ class BudgetGuard:
             f"${self._spec.max_cost:.4f} would be passed: ${paid:.4f} spent so far, and the "
             f"next batch ({requests} rows) could cost up to ${bound:.4f} (its worst case: "
             "each request byte priced as an input token, each answer --max-tokens long; "
-            f"real costs are usually far lower); {pending} row(s) were not sent. Raise "
-            f"--max-cost to ${needed:.4f} or more (or send smaller batches with "
-            "--max-batch-requests) and run the same command again to send them",
+            f"real costs are usually far lower); {pending} row(s) were not sent. A --max-cost "
+            f"of ${needed:.4f} lets that batch go (each later batch needs room of its own; "
+            "smaller batches, --max-batch-requests, need less at a time); raise it and run "
+            "the same command again to send them",
         )

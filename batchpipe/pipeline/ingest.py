@@ -265,6 +265,14 @@ def ingest(ctx: Context, job: JobRow) -> JobRow:
     logger.info("job.ingested", rows=inserted, invalid=counts["invalid"])
     if not counts["rows"]:
         logger.warning("job.empty_input", input=dataset.uri)  # done: nothing to send
+    elif counts["rows"] > 1 and renderer.columns_to_read() == set():
+        # Legal (n answers to one question), but far more often `{body}` for `{{ body }}`:
+        # said before the first batch is paid for.
+        logger.warning(
+            "job.same_prompt_for_every_row",
+            rows=counts["rows"],
+            hint="the templates print no column; a column is written {{ column }}",
+        )
     release_free_memory()
     refreshed = ctx.store.get_job(job.id)
     assert refreshed is not None

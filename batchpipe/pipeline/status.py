@@ -89,7 +89,8 @@ def _batch_summary(batch: BatchRow, now: Any) -> dict[str, Any]:
 
 
 def job_summary(ctx: Context, job: JobRow, *, with_batches: bool = True) -> dict[str, Any]:
-    """Everything `status` shows about a job, as JSON-ready data (schema in the README)."""
+    """Everything `status` shows about a job, as JSON-ready data (its schema:
+    docs/status.schema.json)."""
     counts = ctx.store.count_items(job.id)
     batches = ctx.store.list_batches(job.id)
     now = ctx.clock()
