@@ -50,7 +50,8 @@ def resume(ctx: Context, job: JobRow, *, adopt: str | None = None, resend: bool 
     """
     if adopt and resend:
         raise UsageError("--adopt and --resend exclude each other")
-    check_same_api(ctx, job)
+    if adopt or resend:  # these ask the API; a plain resume only puts the job back
+        check_same_api(ctx, job)
     with ctx.lease(job):
         job = reload_job(ctx, job)
         if job.status not in {JobStatus.NEEDS_ATTENTION, JobStatus.FAILED}:
