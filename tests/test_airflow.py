@@ -97,6 +97,22 @@ def _run_env(
     return env, out_dir
 
 
+def _wrapper(tmp_path: Path, command: str, body: str) -> str:
+    """A stand-in for the batchpipe executable that runs ``body`` (sh) the first time it is
+    called for ``command`` (its third argument, after --log-format json), else batchpipe."""
+    marker = tmp_path / f"{command}-wrapped"
+    wrapper = tmp_path / "batchpipe"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$3" = {command} ] && [ ! -e "{marker}" ]; then\n'
+        f'  touch "{marker}"; {body}\n'
+        "fi\n"
+        f'exec "{BATCHPIPE}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 def _only_parquet(out_dir: Path) -> Path:
     files = list(out_dir.glob("*.parquet"))
     assert len(files) == 1, files
@@ -156,17 +172,10 @@ def test_submit_killed_after_create_is_retried_without_a_second_submission(
     env, out_dir = _run_env(airflow_env, tmp_path, url)
     env["BATCHPIPE_MAX_BATCH_REQUESTS"] = "200"  # 3 batches: the kill lands after the first
     # A stand-in for the batchpipe executable that arms the failpoint for the first submit only.
-    marker = tmp_path / "failpoint-fired"
-    wrapper = tmp_path / "batchpipe"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$3" = submit ] && [ ! -e "{marker}" ]; then\n'
-        f'  touch "{marker}"; export BATCHPIPE_FAILPOINT=after_mark_created\n'
-        "fi\n"
-        f'exec "{BATCHPIPE}" "$@"\n'
+    env["BATCHPIPE_BIN"] = _wrapper(
+        tmp_path, "submit", "export BATCHPIPE_FAILPOINT=after_mark_created"
     )
-    wrapper.chmod(0o755)
-    env["BATCHPIPE_BIN"] = str(wrapper)
+    marker = tmp_path / "submit-wrapped"
 
     rc, logs = _dags_test(airflow_bin, env, tmp_path / "airflow.log")
 
@@ -210,22 +219,6 @@ def test_an_output_folder_that_cannot_be_written_fails_the_submit_before_any_bat
     assert logs.count("[DAG TEST] starting task_id=submit") == 1
     assert "starting task_id=export" not in logs
     assert emulator.stats()["batches_created"] == 0
-
-
-def _wrapper(tmp_path: Path, command: str, body: str) -> str:
-    """A stand-in for the batchpipe executable that runs ``body`` (sh) the first time it is
-    called for ``command`` (its third argument, after --log-format json), else batchpipe."""
-    marker = tmp_path / f"{command}-wrapped"
-    wrapper = tmp_path / "batchpipe"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$3" = {command} ] && [ ! -e "{marker}" ]; then\n'
-        f'  touch "{marker}"; {body}\n'
-        "fi\n"
-        f'exec "{BATCHPIPE}" "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    return str(wrapper)
 
 
 def test_a_status_that_cannot_reach_the_database_is_looked_at_again_not_retried(

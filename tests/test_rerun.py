@@ -123,6 +123,18 @@ def kill_rerun_half_way(harness: Harness, changed: JobSpec) -> subprocess.Comple
     )
 
 
+def rerun_to_the_end(harness: Harness, changed: JobSpec) -> JobRow:
+    """The same command again after a killed re-run: every row pending, then run to the end."""
+    ctx = harness.context()
+    try:
+        job = pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
+        assert job.status is JobStatus.RUNNING
+        assert harness.store.count_items(job.id)[ItemStatus.PENDING] == ROWS
+        return pipeline.run(ctx, job)
+    finally:
+        ctx.close()
+
+
 def test_a_rerun_killed_half_way_changes_nothing_and_the_same_command_completes_it(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -139,14 +151,7 @@ def test_a_rerun_killed_half_way_changes_nothing_and_the_same_command_completes_
     assert_untouched(harness, job.id, before, first)
 
     # The same command again (the dead process's lease is taken over) does the whole re-run.
-    ctx = harness.context()
-    try:
-        job = pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
-        assert job.status is JobStatus.RUNNING
-        assert harness.store.count_items(job.id)[ItemStatus.PENDING] == ROWS
-        job = pipeline.run(ctx, job)
-    finally:
-        ctx.close()
+    job = rerun_to_the_end(harness, changed)
     assert job.status is JobStatus.DONE
     assert harness.emulator.stats()["requests_received"] == sent + ROWS
     table = pq.read_table(tmp_path / "out.parquet").to_pylist()
@@ -605,13 +610,7 @@ def test_a_rerun_of_invalid_rows_killed_half_way_changes_nothing_and_sends_each_
     assert snapshot(harness, job.id) == before
     assert current(harness, job.id).spec["prompt"] == first.prompt
 
-    ctx = harness.context()
-    try:
-        job = pipeline.prepare(ctx, "job", changed, confirm_rerun=True)
-        assert harness.store.count_items(job.id)[ItemStatus.PENDING] == ROWS
-        job = pipeline.run(ctx, job)
-    finally:
-        ctx.close()
+    job = rerun_to_the_end(harness, changed)
     assert job.status is JobStatus.DONE
     assert harness.emulator.stats()["requests_received"] == sent + ROWS
     table = pq.read_table(tmp_path / "out.parquet").to_pylist()

@@ -189,7 +189,7 @@ def run(state: State, /, emulate: bool, yes: bool, dry_run: bool, **kwargs: Any)
         by_status, cost = pipeline.finished_totals(ctx, job)
         # By error type only when some rows errored: one more walk of the job's rows.
         error_types = (
-            {e: n for s, e, n in ctx.store.status_breakdown(job.id) if s == "errored"}
+            {e: n for s, e, n in ctx.store.status_breakdown(job.id) if s == ItemStatus.ERRORED}
             if by_status.get(ItemStatus.ERRORED)
             else None
         )
